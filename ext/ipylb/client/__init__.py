@@ -1,0 +1,1 @@
+"""The client side: Client, LoadBalancedView, AsyncResult and friends."""

@@ -1,0 +1,282 @@
+"""Handles on submitted tasks: AsyncResult, AsyncMapResult, AsyncHubResult.
+
+A result arrives on the client's receiving thread, which only files it
+(:meth:`AsyncResult._deliver`): checking the payload's MAC and unpickling happen
+on first use, in the thread that asks for the value.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from ..error import SCHEDULER_ERRORS, CompositeError, RemoteError, SerializationError
+from ..serialize import loads
+
+if TYPE_CHECKING:
+    from .client import Client
+
+
+class Metadata(dict):
+    """A task's metadata: a dict whose keys are also attributes."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+_PENDING = object()
+
+
+class Outcome:
+    """What came back for one task: status, timings, output, error, payload."""
+
+    __slots__ = ("meta", "bufs", "mac", "_value")
+
+    def __init__(self, meta: tuple, bufs: list[Any], mac: bytes) -> None:
+        # (msg_id, engine_id, status, started, completed, stdout, stderr, error)
+        self.meta = meta
+        self.bufs = bufs
+        self.mac = mac
+        self._value: Any = _PENDING
+
+    @property
+    def ok(self) -> bool:
+        return self.meta[2] == "ok"
+
+    def error(self) -> RemoteError:
+        """The task's error as an exception object."""
+        msg_id, engine_id, status = self.meta[:3]
+        ename, evalue, tb = self.meta[7] or ("RemoteError", f"task ended with status {status}", "")
+        info = {"engine_id": engine_id, "msg_id": msg_id}
+        cls = SCHEDULER_ERRORS.get(ename)
+        if cls is not None:
+            return cls(evalue, tb, info)
+        return RemoteError(ename, evalue, tb, info)
+
+    def value(self, client: Client) -> Any:
+        """The task's return value (checked and unpickled once)."""
+        if self._value is _PENDING:
+            client._signer.check_bufs(self.bufs, self.mac)
+            try:
+                self._value = loads(self.bufs)
+            except Exception as e:
+                raise SerializationError(
+                    f"the result of task {self.meta[0]} could not be unpickled here: "
+                    f"{type(e).__name__}: {e}. Is the module that defines it importable in the client?"
+                ) from e
+            self.bufs = []
+        return self._value
+
+    def metadata(self, submitted: float | None) -> Metadata:
+        msg_id, engine_id, status, started, completed, stdout, stderr, error = self.meta
+        return Metadata(
+            msg_id=msg_id, engine_id=engine_id, status=status,
+            submitted=_dt(submitted), started=_dt(started), completed=_dt(completed),
+            stdout=stdout, stderr=stderr, error=self.error() if status != "ok" else None,
+        )
+
+
+def _dt(t: float | None) -> datetime | None:
+    return None if t is None else datetime.fromtimestamp(t)
+
+
+class AsyncResult:
+    """The eventual result of one task (or several, see subclasses)."""
+
+    def __init__(self, client: Client, msg_ids: list[str], fname: str = "") -> None:
+        self._client = client
+        self.msg_ids = msg_ids
+        self._fname = fname
+        self._outcomes: list[Outcome | None] = [None] * len(msg_ids)
+        self._remaining = len(msg_ids)
+        self._arrivals: list[int] = []  # indices in the order results came
+        self._cond = threading.Condition(threading.Lock())
+        self._submitted = time.time()
+
+    def __repr__(self) -> str:
+        state = "finished" if self.ready() else "pending"
+        return f"<{type(self).__name__}({self._fname}): {state}>"
+
+    # -- filled in by the client's receiving thread -----------------------------
+
+    def _deliver(self, index: int, outcome: Outcome) -> None:
+        with self._cond:
+            if self._outcomes[index] is None:
+                self._remaining -= 1
+            self._outcomes[index] = outcome
+            self._arrivals.append(index)
+            self._cond.notify_all()
+
+    # -- waiting -----------------------------------------------------------------
+
+    def ready(self) -> bool:
+        """Whether every task has finished."""
+        return self._remaining == 0
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until finished or ``timeout`` seconds pass; return ready()."""
+        with self._cond:
+            return self._cond.wait_for(self.ready, timeout)
+
+    def successful(self) -> bool:
+        """Whether every task succeeded; raises if not finished yet."""
+        if not self.ready():
+            raise ValueError(f"{self!r} is not finished yet: wait() for it first")
+        return all(o is not None and o.ok for o in self._outcomes)
+
+    def get(self, timeout: float | None = None) -> Any:
+        """The result, waiting at most ``timeout`` seconds (builtin TimeoutError after)."""
+        if not self.wait(timeout):
+            done = len(self.msg_ids) - self._remaining
+            raise TimeoutError(
+                f"{self!r}: {done} of {len(self.msg_ids)} task(s) finished within {timeout} s"
+            )
+        return self._collect()
+
+    def _collect(self) -> Any:
+        outcome = self._outcomes[0]
+        assert outcome is not None
+        if not outcome.ok:
+            raise outcome.error()
+        return outcome.value(self._client)
+
+    def __len__(self) -> int:
+        return len(self.msg_ids)
+
+    # -- what came back ----------------------------------------------------------
+
+    def _each(self, name: str) -> list[Any]:
+        out = []
+        for o in self._outcomes:
+            out.append(None if o is None else o.metadata(self._submitted)[name])
+        return out
+
+    @property
+    def metadata(self) -> Any:
+        """Per-task metadata (engine_id, submitted, started, completed, stdout, stderr, status)."""
+        md = [
+            o.metadata(self._submitted) if o is not None
+            else Metadata(msg_id=m, status="pending", submitted=_dt(self._submitted))
+            for m, o in zip(self.msg_ids, self._outcomes)
+        ]
+        return md[0] if self._single else md
+
+    _single = True
+
+    def _one_or_list(self, name: str) -> Any:
+        values = self._each(name)
+        return values[0] if self._single else values
+
+    @property
+    def stdout(self) -> Any:
+        """What the task printed to stdout (a list for several tasks)."""
+        return self._one_or_list("stdout")
+
+    @property
+    def stderr(self) -> Any:
+        """What the task printed to stderr (a list for several tasks)."""
+        return self._one_or_list("stderr")
+
+    @property
+    def engine_id(self) -> Any:
+        """Which engine ran the task (a list for several tasks)."""
+        return self._one_or_list("engine_id")
+
+    def wait_interactive(self, interval: float = 0.1, timeout: float | None = None) -> None:
+        """Wait with a progress bar: a widget in a notebook, text in a terminal."""
+        from .progress import wait_with_progress
+
+        wait_with_progress(self, interval, timeout)
+
+    def progress(self) -> int:
+        """How many tasks have finished."""
+        return len(self.msg_ids) - self._remaining
+
+    def abort(self) -> None:
+        """Abort the tasks that have not started yet."""
+        self._client.abort(self)
+
+    def _errors(self) -> list[RemoteError]:
+        return [o.error() for o in self._outcomes if o is not None and not o.ok]
+
+
+class AsyncMapResult(AsyncResult):
+    """The eventual result of a map: one task per chunk, iterable as results arrive."""
+
+    _single = False
+
+    def __init__(
+        self, client: Client, msg_ids: list[str], chunk_sizes: list[int], ordered: bool = True,
+        fname: str = "",
+    ) -> None:
+        super().__init__(client, msg_ids, fname)
+        self._chunk_sizes = chunk_sizes
+        self._chunked = any(n != 1 for n in chunk_sizes)
+        self.ordered = ordered
+
+    def __len__(self) -> int:
+        return sum(self._chunk_sizes)
+
+    def _chunk_values(self, index: int) -> list[Any]:
+        outcome = self._outcomes[index]
+        assert outcome is not None
+        if not outcome.ok:
+            raise outcome.error()
+        value = outcome.value(self._client)
+        return value if self._chunked else [value]
+
+    def _collect(self) -> list[Any]:
+        errors = self._errors()
+        if errors:
+            raise _composite(errors, len(self))
+        out: list[Any] = []
+        for i in range(len(self.msg_ids)):
+            out.extend(self._chunk_values(i))
+        return out
+
+    def __iter__(self) -> Iterator[Any]:
+        """Yield items as they arrive (in submission order unless ``ordered=False``)."""
+        n = len(self.msg_ids)
+        for k in range(n):
+            with self._cond:
+                if self.ordered:
+                    self._cond.wait_for(lambda k=k: self._outcomes[k] is not None)
+                    index = k
+                else:
+                    self._cond.wait_for(lambda k=k: len(self._arrivals) > k)
+                    index = self._arrivals[k]
+            yield from self._chunk_values(index)
+
+
+class AsyncHubResult(AsyncMapResult):
+    """Results fetched by msg_id from the controller (get_result, resubmit)."""
+
+    def __init__(self, client: Client, msg_ids: list[str], single: bool = False) -> None:
+        super().__init__(client, msg_ids, [1] * len(msg_ids), True, "hub")
+        self._single = single
+
+    def _collect(self) -> Any:
+        if self._single:
+            return AsyncResult._collect(self)
+        return super()._collect()
+
+
+def _composite(errors: list[RemoteError], total: int) -> CompositeError:
+    elist = [(e.ename, e.evalue, e.traceback, e.engine_info) for e in errors]
+    return CompositeError(f"{len(errors)} of {total} task(s) raised an exception", elist)
+
+
+def print_stdout(ar: AsyncResult) -> None:
+    """Echo what the tasks printed (used by the magics)."""
+    for name, stream in (("stdout", sys.stdout), ("stderr", sys.stderr)):
+        texts = getattr(ar, name)
+        for text in texts if isinstance(texts, list) else [texts]:
+            if text:
+                stream.write(text)

@@ -1,0 +1,322 @@
+"""The Client: a connection to an ipylb cluster (or a private one it starts).
+
+Two DEALER sockets to the controller: one to send (submissions and requests,
+from whichever user thread, under a lock) and one to receive, owned by a
+background thread that files results into their AsyncResults.  Sockets are not
+thread-safe, so each has one owner.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import threading
+import time
+import uuid
+import weakref
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from .. import connection, wire
+from ..error import NoCluster
+from .asyncresult import AsyncHubResult, AsyncResult, Outcome
+from .local import LocalCluster
+
+# How long a client waits for a controller to answer its hello.
+CONNECT_TIMEOUT_S = 5.0
+# How long Client(engines=N) waits for its engines to register.
+ENGINE_START_TIMEOUT_S = 60.0
+
+
+class Client:
+    """Connect to a cluster (``Client()``, ``Client(file_or_url)``, ``Client(profile=)``)
+    or start a private one on this machine (``Client(engines=N)``)."""
+
+    def __init__(
+        self,
+        url_or_file: str | Path | None = None,
+        profile: str | None = None,
+        engines: int | None = None,
+        scheme: str = "leastload",
+        hwm: int = 1,
+        timeout: float = CONNECT_TIMEOUT_S,
+    ) -> None:
+        self._local: LocalCluster | None = None
+        if engines is not None:
+            self._local = LocalCluster(engines, scheme, hwm)
+            info = self._local.info
+        else:
+            info = connection.read(_find_connection_file(url_or_file, profile))
+        self._info = info
+        self._closed = False
+        try:
+            self._connect(info, timeout)
+            if engines is not None:
+                self.wait_for_engines(engines, ENGINE_START_TIMEOUT_S)
+        except BaseException:
+            self.shutdown() if self._local else self.close()
+            raise
+        _live_clients.add(self)
+
+    # -- connection --------------------------------------------------------------
+
+    def _connect(self, info: dict[str, Any], timeout: float) -> None:
+        key = info["key"].encode()
+        self.session = uuid.uuid4().hex[:16]
+        cid = f"client-{self.session}-".encode()
+        self._signer = wire.Signer(key, cid + b"s")
+        self._ctx = zmq.Context()
+        self._send_sock = self._ctx.socket(zmq.DEALER)
+        self._send_sock.setsockopt(zmq.IDENTITY, cid + b"s")
+        self._send_sock.setsockopt(zmq.LINGER, 1000)
+        self._send_sock.setsockopt(zmq.SNDHWM, 0)
+        self._send_sock.connect(info["client_url"])
+        self._send_lock = threading.Lock()
+        self._ids = itertools.count()
+        self._pending: dict[str, tuple[AsyncResult, int]] = {}
+        self._outcomes: dict[str, Outcome] = {}
+        self._replies: dict[int, Future] = {}
+        self._engine_ids: list[int] = []
+        self._engine_failures: list[str] = []
+        self._state = threading.Condition()
+        self._welcome = threading.Event()
+        self._receiver = threading.Thread(
+            target=self._receive, args=(key, cid + b"r", info["client_url"]),
+            daemon=True, name="ipylb-client-receiver",
+        )
+        self._receiver.start()
+        if not self._welcome.wait(timeout):
+            raise NoCluster(
+                f"no ipylb controller answered at {info['client_url']} within {timeout} s: "
+                "the cluster is not running (stale connection file?). Start one with "
+                "`ipylb cluster start -n 4`, or use ipylb.Client(engines=4)."
+            )
+
+    def _receive(self, key: bytes, ident: bytes, url: str) -> None:
+        """The receiving thread: file results, replies and engine events as they come."""
+        signer = wire.Signer(key, ident)
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, ident)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.connect(url)
+        sock.send_multipart(signer.pack(wire.HELLO, None))
+        recv = sock.recv_multipart
+        pending = self._pending
+        outcomes = self._outcomes
+        while not self._closed:
+            if not sock.poll(200):
+                continue
+            while True:
+                try:
+                    frames = recv(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                try:
+                    kind, _s, meta, bufs, mac = signer.unpack(frames)
+                except wire.WireError:
+                    continue
+                if kind == wire.RESULT:
+                    outcome = Outcome(meta, bufs, mac)
+                    outcomes[meta[0]] = outcome
+                    waiting = pending.pop(meta[0], None)
+                    if waiting is not None:
+                        waiting[0]._deliver(waiting[1], outcome)
+                        if not pending:
+                            with self._state:
+                                self._state.notify_all()
+                elif kind == wire.REPLY:
+                    fut = self._replies.pop(meta[0], None)
+                    if fut is not None:
+                        fut.set_result(meta[1:])
+                elif kind == wire.EVENT:
+                    self._on_event(meta)
+                elif kind == wire.WELCOME:
+                    with self._state:
+                        self._engine_ids = meta["engines"]
+                    self._welcome.set()
+        sock.close(0)
+
+    def _on_event(self, event: tuple) -> None:
+        with self._state:
+            if event[0] == "engines":
+                self._engine_ids = event[1]
+            elif event[0] == "engine_failed":
+                self._engine_failures.append(event[1])
+            self._state.notify_all()
+
+    # -- engines -----------------------------------------------------------------
+
+    @property
+    def ids(self) -> list[int]:
+        """Sorted ids of the engines registered now."""
+        return list(self._engine_ids)
+
+    def wait_for_engines(self, n: int, timeout: float | None = None) -> None:
+        """Wait until at least ``n`` engines are registered."""
+        def enough() -> bool:
+            return len(self._engine_ids) >= n or bool(self._engine_failures)
+
+        with self._state:
+            ok = self._state.wait_for(enough, timeout)
+        if self._engine_failures:
+            raise RuntimeError("; ".join(self._engine_failures))
+        if not ok:
+            raise TimeoutError(f"{len(self._engine_ids)} of {n} engines registered within {timeout} s")
+
+    # -- submitting --------------------------------------------------------------
+
+    def _new_msg_id(self) -> str:
+        return f"{self.session}-{next(self._ids)}"
+
+    def _submit(self, msg_id: str, flags: dict[str, Any] | None, bufs: list[Any],
+                ar: AsyncResult, index: int) -> None:
+        self._check_open()
+        self._pending[msg_id] = (ar, index)
+        with self._send_lock:
+            self._send_sock.send_multipart(
+                self._signer.pack(wire.SUBMIT, (msg_id, flags), bufs), copy=False
+            )
+
+    def _request(self, op: str, arg: Any = None, timeout: float | None = 30.0) -> Any:
+        """Ask the controller something and wait for its answer."""
+        self._check_open()
+        fut: Future = Future()
+        req_id = next(self._ids)
+        self._replies[req_id] = fut
+        with self._send_lock:
+            self._send_sock.send_multipart(self._signer.pack(wire.REQUEST, (req_id, op, arg)))
+        try:
+            ok, value = fut.result(timeout)
+        except TimeoutError:
+            self._replies.pop(req_id, None)
+            raise TimeoutError(f"the controller did not answer {op!r} within {timeout} s") from None
+        if not ok:
+            ename, evalue = value
+            raise _REQUEST_ERRORS.get(ename, RuntimeError)(evalue)
+        return value
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this ipylb Client is closed; create a new one")
+
+    def load_balanced_view(self) -> Any:
+        """A new LoadBalancedView on this client's cluster."""
+        from .view import LoadBalancedView
+
+        return LoadBalancedView(self)
+
+    # -- waiting and results -----------------------------------------------------
+
+    def wait(self, jobs: Any = None, timeout: float | None = None) -> bool:
+        """Wait for ``jobs`` (AsyncResults or msg_ids; default all pending); True if all done."""
+        if jobs is None:
+            with self._state:
+                return self._state.wait_for(lambda: not self._pending, timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for job in _as_list(jobs):
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if isinstance(job, AsyncResult):
+                if not job.wait(left):
+                    return False
+            else:
+                msg_id = str(job)
+                if msg_id not in self._outcomes:
+                    waiting = self._pending.get(msg_id)
+                    if waiting is None:
+                        raise KeyError(f"no such task: {msg_id!r}")
+                    if not waiting[0].wait(left):
+                        return False
+        return True
+
+    def queue_status(self) -> dict[Any, Any]:
+        """``{engine_id: {"queue", "completed", "tasks"}, ..., "unassigned": n}``."""
+        return self._request("queue_status")
+
+    def abort(self, jobs: Any) -> None:
+        """Tasks in ``jobs`` that have not started never run; they fail with TaskAborted."""
+        self._request("abort", _msg_ids(jobs))
+
+    # -- shutdown ----------------------------------------------------------------
+
+    def close(self) -> None:
+        """Disconnect; a cluster this client started keeps running only until shutdown()."""
+        if self._closed:
+            return
+        self._closed = True
+        receiver = getattr(self, "_receiver", None)
+        if receiver is not None and receiver is not threading.current_thread():
+            receiver.join(1)
+        ctx = getattr(self, "_ctx", None)
+        if ctx is not None:
+            self._send_sock.close(0)
+            ctx.term()
+        _live_clients.discard(self)
+
+    def shutdown(self) -> None:
+        """Stop the private cluster this client started (every process of it), then close."""
+        local, self._local = self._local, None
+        self.close()
+        if local is not None:
+            local.stop()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+    def __del__(self) -> None:
+        if getattr(self, "_local", None) is not None:
+            self.shutdown()
+
+
+_REQUEST_ERRORS = {"KeyError": KeyError, "ValueError": ValueError, "TypeError": TypeError}
+_live_clients: weakref.WeakSet[Client] = weakref.WeakSet()
+
+
+@atexit.register
+def _shutdown_all() -> None:
+    for c in list(_live_clients):
+        c.shutdown()
+
+
+def _as_list(jobs: Any) -> list[Any]:
+    if isinstance(jobs, (str, AsyncResult)):
+        return [jobs]
+    return list(jobs)
+
+
+def _msg_ids(jobs: Any) -> list[str]:
+    """msg_ids of AsyncResults and/or msg_id strings."""
+    out: list[str] = []
+    for job in _as_list(jobs):
+        if isinstance(job, AsyncResult):
+            out.extend(job.msg_ids)
+        elif isinstance(job, str):
+            out.append(job)
+        else:
+            raise TypeError(f"expected an AsyncResult or a msg_id string, got {type(job).__name__}")
+    return out
+
+
+def _find_connection_file(url_or_file: str | Path | None, profile: str | None) -> Path:
+    if url_or_file is None:
+        return connection.profile_file(profile or "default")
+    text = str(url_or_file)
+    if text.startswith("tcp://"):
+        for path in sorted(connection.runtime_dir().glob("ipylb-*.json")):
+            try:
+                if connection.read(path)["client_url"] == text:
+                    return path
+            except NoCluster:
+                continue
+        raise NoCluster(
+            f"no connection file in {connection.runtime_dir()} is for {text}: the key is needed "
+            "too; pass the cluster's connection file (ipylb-<profile>.json) instead of its url"
+        )
+    return Path(text)
+

@@ -1,0 +1,200 @@
+"""LoadBalancedView: submit functions to whichever engine the scheduler picks."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from ..dependency import to_spec
+from ..serialize import dumps_args, dumps_function
+from .asyncresult import AsyncMapResult, AsyncResult
+
+if TYPE_CHECKING:
+    from .client import Client
+
+_FLAGS = ("block", "retries", "timeout", "after", "follow")
+
+
+class _Chunk:
+    """Runs ``f`` over one chunk of a map: ``[f(*item) for item in items]``."""
+
+    def __init__(self, f: Callable) -> None:
+        self.f = f
+
+    def __call__(self, items: list[tuple]) -> list[Any]:
+        f = self.f
+        return [f(*item) for item in items]
+
+    def _ipylb_rebind(self, bind: Callable[[Any], Any]) -> _Chunk:
+        return _Chunk(bind(self.f))
+
+
+class LoadBalancedView:
+    """Runs tasks on the engine the cluster's scheduler chooses.
+
+    Flags (attributes): ``block`` (apply/map wait for results), ``retries``,
+    ``timeout`` (seconds a task may wait to be assigned; 0/None: forever),
+    ``after`` (run when these tasks are done), ``follow`` (run where they ran).
+    """
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.block = False
+        self.retries = 0
+        self.timeout: float | None = 0
+        self.after: Any = []
+        self.follow: Any = []
+
+    def __repr__(self) -> str:
+        return f"<LoadBalancedView scheme={self.client._info.get('scheme', '?')}>"
+
+    # -- flags -------------------------------------------------------------------
+
+    def set_flags(self, **flags: Any) -> None:
+        """Set several flags at once, validating each."""
+        for name, value in flags.items():
+            if name not in _FLAGS:
+                raise KeyError(f"unknown flag {name!r}; LoadBalancedView flags are {', '.join(_FLAGS)}")
+            _validate(name, value)
+        for name, value in flags.items():
+            setattr(self, name, value)
+
+    @contextlib.contextmanager
+    def temp_flags(self, **flags: Any) -> Iterator[LoadBalancedView]:
+        """Set flags for the duration of a ``with`` block, restoring them on exit."""
+        saved = {name: getattr(self, name) for name in _FLAGS}
+        self.set_flags(**flags)
+        try:
+            yield self
+        finally:
+            for name, value in saved.items():
+                setattr(self, name, value)
+
+    def _task_flags(self) -> dict[str, Any] | None:
+        """The scheduling flags for the core, or None when all are defaults (the fast path)."""
+        if not (self.after or self.follow or self.retries or self.timeout):
+            return None
+        _validate("retries", self.retries)
+        _validate("timeout", self.timeout)
+        return {
+            "after": to_spec(self.after) if self.after else None,
+            "follow": to_spec(self.follow) if self.follow else None,
+            "retries": self.retries,
+            "timeout": self.timeout or None,
+        }
+
+    # -- apply -------------------------------------------------------------------
+
+    def apply(self, f: Callable, *args: Any, **kwargs: Any) -> Any:
+        """Run ``f(*args, **kwargs)`` on an engine; the result if ``block``, else an AsyncResult."""
+        ar = self.apply_async(f, *args, **kwargs)
+        return ar.get() if self.block else ar
+
+    def apply_sync(self, f: Callable, *args: Any, **kwargs: Any) -> Any:
+        """Run ``f(*args, **kwargs)`` on an engine and return its result."""
+        return self.apply_async(f, *args, **kwargs).get()
+
+    def apply_async(self, f: Callable, *args: Any, **kwargs: Any) -> AsyncResult:
+        """Submit ``f(*args, **kwargs)``; return an AsyncResult at once."""
+        if not callable(f):
+            raise TypeError(f"apply needs a callable, got {type(f).__name__}")
+        flags = self._task_flags()
+        fbuf = dumps_function(f)
+        bufs = [fbuf, *dumps_args(args, kwargs)]
+        client = self.client
+        msg_id = client._new_msg_id()
+        ar = AsyncResult(client, [msg_id], _name(f))
+        client._submit(msg_id, flags, bufs, ar, 0)
+        return ar
+
+    # -- map ---------------------------------------------------------------------
+
+    def map(self, f: Callable, *sequences: Any, block: bool | None = None, chunksize: int = 1,
+            ordered: bool = True) -> Any:
+        """Parallel, load-balanced ``map(f, *sequences)``: a list if blocking, else an
+        AsyncMapResult (iterable as results arrive)."""
+        ar = self.map_async(f, *sequences, chunksize=chunksize, ordered=ordered)
+        block = self.block if block is None else block
+        return ar.get() if block else ar
+
+    def map_sync(self, f: Callable, *sequences: Any, chunksize: int = 1, ordered: bool = True) -> list[Any]:
+        """``map`` that waits and returns the list."""
+        return self.map_async(f, *sequences, chunksize=chunksize, ordered=ordered).get()
+
+    def map_async(self, f: Callable, *sequences: Any, chunksize: int = 1,
+                  ordered: bool = True) -> AsyncMapResult:
+        """``map`` that returns an AsyncMapResult at once."""
+        if not callable(f):
+            raise TypeError(f"map needs a callable, got {type(f).__name__}")
+        if not sequences:
+            raise TypeError("map() needs at least one sequence")
+        if not isinstance(chunksize, int) or chunksize < 1:
+            raise ValueError(f"chunksize must be an int >= 1, got {chunksize!r}")
+        items = list(zip(*sequences))
+        flags = self._task_flags()
+        chunks = [items[i:i + chunksize] for i in range(0, len(items), chunksize)]
+        if chunksize == 1:
+            fbuf = dumps_function(f)
+            payloads = items
+        else:
+            fbuf = dumps_function(_Chunk(f))
+            payloads = [(chunk,) for chunk in chunks]
+        arg_bufs = [dumps_args(p, {}) for p in payloads]  # all pickled before anything is sent
+        client = self.client
+        msg_ids = [client._new_msg_id() for _ in payloads]
+        ar = AsyncMapResult(client, msg_ids, [len(c) for c in chunks], ordered, _name(f))
+        submit = client._submit
+        for i, (msg_id, bufs) in enumerate(zip(msg_ids, arg_bufs)):
+            submit(msg_id, flags, [fbuf, *bufs], ar, i)
+        return ar
+
+    # -- decorator ---------------------------------------------------------------
+
+    def parallel(self, block: bool | None = None, chunksize: int = 1,
+                 ordered: bool = True) -> Callable[[Callable], ParallelFunction]:
+        """Decorator: ``f.map(seq)`` maps in parallel, ``f(x)`` runs one task."""
+        return lambda f: ParallelFunction(self, f, block, chunksize, ordered)
+
+
+class ParallelFunction:
+    """A function made parallel by ``@view.parallel()``."""
+
+    def __init__(self, view: LoadBalancedView, f: Callable, block: bool | None, chunksize: int,
+                 ordered: bool) -> None:
+        self.view, self.func = view, f
+        self.block, self.chunksize, self.ordered = block, chunksize, ordered
+        self.__name__ = getattr(f, "__name__", "parallel")
+        self.__doc__ = getattr(f, "__doc__", None)
+
+    def _block(self) -> bool:
+        return self.view.block if self.block is None else self.block
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        ar = self.view.apply_async(self.func, *args, **kwargs)
+        return ar.get() if self._block() else ar
+
+    def map(self, *sequences: Any) -> Any:
+        """Map the function over ``sequences`` in parallel."""
+        return self.view.map(self.func, *sequences, block=self._block(),
+                             chunksize=self.chunksize, ordered=self.ordered)
+
+
+def _validate(name: str, value: Any) -> None:
+    if name == "block":
+        if not isinstance(value, bool):
+            raise TypeError(f"block must be True or False, got {value!r}")
+    elif name == "retries":
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"retries must be an int >= 0, got {value!r}")
+    elif name == "timeout":
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+            raise TypeError(f"timeout must be a number of seconds or None, got {value!r}")
+        if value is not None and value < 0:
+            raise ValueError(f"timeout must be >= 0 seconds (0 or None: never), got {value!r}")
+    elif name in ("after", "follow"):
+        to_spec(value)  # raises TypeError for anything that is not ids/results/Dependency
+
+
+def _name(f: Any) -> str:
+    return getattr(f, "__name__", type(f).__name__)

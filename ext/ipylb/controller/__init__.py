@@ -1,0 +1,1 @@
+"""The controller: the I/O shell around the scheduler core, and the engines it launches."""

@@ -1,0 +1,292 @@
+"""The controller's I/O shell: sockets in, scheduler core, sockets out.
+
+Two ROUTER sockets: one for clients (each client connects two DEALERs: ``<id>s``
+to submit and ask, ``<id>r`` to receive), one for engines.  Every message is
+checked (:mod:`ipylb.wire`), turned into an event for the pure scheduler core
+(:mod:`ipylb.core`), and the core's commands are carried out here.  The
+controller never unpickles task payloads: it forwards the producer's buffers and
+their MAC untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from .. import wire
+from ..core import events as ev
+from ..core.scheduler import Scheduler
+from .launcher import EngineLauncher
+from .records import Record, TaskStore
+
+log = logging.getLogger("ipylb.controller")
+
+# Housekeeping (engine liveness, parent watch) runs at least this often.
+HOUSEKEEPING_S = 0.25
+
+
+class Controller:
+    """Runs one cluster: scheduler core, task records, engine and client sockets."""
+
+    def __init__(
+        self,
+        key: bytes,
+        ip: str = "127.0.0.1",
+        scheme: str = "leastload",
+        hwm: int = 1,
+        launcher: EngineLauncher | None = None,
+        parent_pid: int | None = None,
+    ) -> None:
+        self.ctx = zmq.Context.instance()
+        self.signer = wire.Signer(key, b"controller")
+        self.core = Scheduler(scheme=scheme, hwm=hwm)
+        self.scheme, self.hwm = scheme, hwm
+        self.store = TaskStore()
+        self.launcher = launcher
+        self.parent_pid = parent_pid
+        self.clients = self._router(ip)
+        self.engines = self._router(ip)
+        self.engines.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.client_url = self.clients.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.engine_url = self.engines.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.engine_ident: dict[int, bytes] = {}
+        self.engine_of: dict[bytes, int] = {}
+        self.engine_info: dict[int, dict[str, Any]] = {}
+        self.listeners: set[bytes] = set()  # client receive sockets that said hello
+        self._next_engine = 0
+        self._running = False
+        self._requests: dict[str, Callable[[bytes, Any], Any]] = {
+            "queue_status": self._req_queue_status,
+            "engines": lambda _c, _a: self._engine_list(),
+            "abort": self._req_abort,
+            "shutdown": self._req_shutdown,
+            "story": lambda _c, task_id: self.core.story(task_id),
+        }
+
+    def _router(self, ip: str) -> zmq.Socket:
+        s = self.ctx.socket(zmq.ROUTER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.SNDHWM, 0)
+        s.setsockopt(zmq.RCVHWM, 0)
+        s.bind(f"tcp://{ip}:0")
+        return s
+
+    # -- main loop ---------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve until asked to shut down (or the parent process is gone)."""
+        self._running = True
+        poller = zmq.Poller()
+        poller.register(self.clients, zmq.POLLIN)
+        poller.register(self.engines, zmq.POLLIN)
+        next_housekeeping = 0.0
+        while self._running:
+            now = time.monotonic()
+            if now >= next_housekeeping:
+                self._housekeeping(now)
+                next_housekeeping = now + HOUSEKEEPING_S
+            wake = next_housekeeping
+            deadline = self.core.next_deadline()
+            if deadline is not None:
+                if deadline <= now:
+                    self._execute(self.core.handle(ev.Tick(now)))
+                    continue
+                wake = min(wake, deadline)
+            ready = dict(poller.poll(max(0.0, wake - now) * 1000))
+            if self.engines in ready:
+                self._drain(self.engines, self._on_engine)
+            if self.clients in ready:
+                self._drain(self.clients, self._on_client)
+        self.close()
+
+    def _drain(self, sock: zmq.Socket, handler: Callable[[list[Any]], None]) -> None:
+        recv = sock.recv_multipart
+        for _ in range(1000):  # then let the other socket have a turn
+            try:
+                frames = recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                handler(frames)
+            except wire.WireError as e:
+                log.warning("dropped a message from %r: %s", bytes(frames[0]), e)
+            except Exception:
+                log.exception("error handling a message from %r", bytes(frames[0]))
+
+    def _housekeeping(self, now: float) -> None:
+        if self.parent_pid is not None and os.getppid() != self.parent_pid:
+            log.warning("parent process %s is gone: shutting down", self.parent_pid)
+            self._running = False
+            return
+        if self.launcher is not None:
+            for engine_id, reason in self.launcher.poll_dead():
+                if engine_id is None:
+                    self._broadcast(("engine_failed", reason))
+                else:
+                    self._engine_gone(engine_id, reason, now)
+
+    # -- engines -----------------------------------------------------------------
+
+    def _on_engine(self, frames: list[Any]) -> None:
+        ident = frames[0].bytes
+        kind, _sender, meta, bufs, bufs_mac = self.signer.unpack(frames[1:])
+        if kind == wire.DONE:
+            self._on_done(ident, meta, bufs, bufs_mac)
+        elif kind == wire.REGISTER:
+            self._on_register(ident, meta)
+
+    def _on_register(self, ident: bytes, meta: dict[str, Any]) -> None:
+        engine_id = self._next_engine
+        self._next_engine += 1
+        self.engine_ident[engine_id] = ident
+        self.engine_of[ident] = engine_id
+        self.engine_info[engine_id] = meta
+        if self.launcher is not None:
+            self.launcher.registered(meta.get("tag", ""), engine_id)
+        self.engines.send_multipart([ident, *self.signer.pack(wire.REGISTERED, engine_id)])
+        log.info("engine %d registered (pid %s)", engine_id, meta.get("pid"))
+        self._broadcast(("engines", self._engine_list()))
+        self._execute(self.core.handle(ev.EngineAdded(engine_id, time.monotonic())))
+
+    def _engine_gone(self, engine_id: int, reason: str, now: float) -> None:
+        ident = self.engine_ident.pop(engine_id, None)
+        if ident is None:
+            return
+        del self.engine_of[ident]
+        self.engine_info.pop(engine_id, None)
+        log.warning("engine %d is gone: %s", engine_id, reason)
+        self._broadcast(("engines", self._engine_list()))
+        self._execute(self.core.handle(ev.EngineRemoved(engine_id, reason, now)))
+
+    def _on_done(self, ident: bytes, meta: tuple, bufs: list[Any], bufs_mac: bytes) -> None:
+        engine_id = self.engine_of.get(ident)
+        if engine_id is None:
+            raise wire.WireError(f"a result from an unregistered engine {ident!r}")
+        msg_id, status = meta[0], meta[1]
+        rec = self.store.get(msg_id)
+        if rec is None:
+            raise wire.WireError(f"a result for unknown task {msg_id!r}")
+        now = time.monotonic()
+        if status == "unmet":
+            self._execute(self.core.handle(ev.TaskUnmet(msg_id, engine_id, now)))
+            return
+        rec.result = (engine_id, *meta[1:])
+        rec.result_bufs, rec.result_mac = bufs, bufs_mac
+        self._execute(self.core.handle(ev.TaskDone(msg_id, engine_id, status == "ok", now)))
+
+    # -- clients -----------------------------------------------------------------
+
+    def _on_client(self, frames: list[Any]) -> None:
+        ident = frames[0].bytes
+        kind, _sender, meta, bufs, bufs_mac = self.signer.unpack(frames[1:])
+        if kind == wire.SUBMIT:
+            self._on_submit(ident, meta, bufs, bufs_mac)
+        elif kind == wire.REQUEST:
+            req_id, op, arg = meta
+            reply_to = ident[:-1] + b"r"
+            try:
+                value, ok = self._requests[op](reply_to, arg), True
+            except Exception as e:
+                value, ok = (type(e).__name__, str(e)), False
+            self._send_client(reply_to, wire.REPLY, (req_id, ok, value))
+        elif kind == wire.HELLO:
+            self.listeners.add(ident)
+            info = {"engines": self._engine_list(), "scheme": self.scheme, "hwm": self.hwm}
+            self._send_client(ident, wire.WELCOME, info)
+
+    def _on_submit(self, ident: bytes, meta: tuple, bufs: list[Any], bufs_mac: bytes) -> None:
+        msg_id, flags = meta
+        if msg_id in self.store:
+            raise wire.WireError(f"duplicate msg_id {msg_id!r}")
+        self.store.add(Record(msg_id, ident[:-1] + b"r", bufs, bufs_mac))
+        now = time.monotonic()
+        if flags is None:
+            event = ev.TaskSubmitted(msg_id, now)
+        else:
+            event = ev.TaskSubmitted(msg_id, now, **flags)
+        self._execute(self.core.handle(event))
+
+    def _send_client(self, ident: bytes, kind: int, meta: Any, bufs: list[Any] = (), mac: bytes | None = None) -> None:
+        self.clients.send_multipart([ident, *self.signer.pack(kind, meta, bufs, mac)], copy=False)
+
+    def _broadcast(self, event: Any) -> None:
+        for ident in self.listeners:
+            self._send_client(ident, wire.EVENT, event)
+
+    def _engine_list(self) -> list[int]:
+        return sorted(self.engine_ident)
+
+    # -- requests ----------------------------------------------------------------
+
+    def _req_queue_status(self, _client: bytes, _arg: Any) -> dict[Any, Any]:
+        return self.core.queue_status()
+
+    def _req_abort(self, _client: bytes, msg_ids: list[str]) -> None:
+        unknown = [m for m in msg_ids if m not in self.store]
+        if unknown:
+            raise KeyError(f"no such task(s): {', '.join(unknown)}")
+        now = time.monotonic()
+        for m in msg_ids:
+            self._execute(self.core.handle(ev.AbortRequested(m, now)))
+
+    def _req_shutdown(self, _client: bytes, _arg: Any) -> None:
+        self._running = False
+
+    # -- carrying out the core's decisions --------------------------------------
+
+    def _execute(self, commands: list[Any]) -> None:
+        for c in commands:
+            t = type(c)
+            if t is ev.Assign:
+                rec = self.store[c.task_id]
+                self.engines.send_multipart(
+                    [self.engine_ident[c.engine_id],
+                     *self.signer.pack(wire.TASK, (c.task_id,), rec.bufs, rec.bufs_mac)],
+                    copy=False,
+                )
+            elif t is ev.Deliver:
+                self._deliver(self.store[c.task_id])
+            elif t is ev.Fail:
+                rec = self.store[c.task_id]
+                now = time.time()
+                rec.result = (c.engine_id, "error", None, now, "", "", (c.error, c.message, ""))
+                rec.result_bufs, rec.result_mac = [], b""
+                self._deliver(rec)
+            elif t is ev.Cancel:
+                self.engines.send_multipart(
+                    [self.engine_ident[c.engine_id], *self.signer.pack(wire.CANCEL, c.task_id)]
+                )
+
+    def _deliver(self, rec: Record) -> None:
+        meta = (rec.msg_id, *rec.result)
+        self._send_client(rec.client, wire.RESULT, meta, rec.result_bufs, rec.result_mac)
+
+    # -- shutdown ----------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop every engine this controller launched and close the sockets."""
+        if self.launcher is not None:
+            self.launcher.stop_all()
+        for ident in list(self.engine_ident.values()):
+            try:
+                self.engines.send_multipart([ident, *self.signer.pack(wire.STOP, None)])
+            except zmq.ZMQError:
+                pass
+        self.clients.close(0)
+        self.engines.close(0)
+
+
+def stop_on_signals(controller: Controller) -> None:
+    """SIGTERM/SIGINT end the main loop cleanly, so engines are stopped too."""
+
+    def handler(signum: int, _frame: Any) -> None:
+        controller._running = False
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)

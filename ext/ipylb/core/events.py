@@ -1,0 +1,175 @@
+"""Events the scheduler core accepts and commands it returns.
+
+The core is sans-I/O: the controller shell turns socket traffic and timers into
+these events, feeds them to :meth:`ipylb.core.scheduler.Scheduler.handle`, and
+carries out the commands that come back.  Every event carries the time it
+happened (seconds on a monotonic clock chosen by the shell); the core never
+reads a clock itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# ---------------------------------------------------------------------------
+# Values
+
+
+@dataclass(frozen=True, slots=True)
+class DepSpec:
+    """A graph dependency as the core sees it: msg_ids plus the three switches.
+
+    ``all``: met when all (True) or any (False) of ``ids`` are done.
+    ``success`` / ``failure``: which outcomes of a dependency count as done.
+    """
+
+    ids: frozenset[str]
+    all: bool = True
+    success: bool = True
+    failure: bool = False
+
+
+# Names of the scheduler-decided errors (classes in ipylb.error).
+IMPOSSIBLE = "ImpossibleDependency"
+INVALID = "InvalidDependency"
+TIMEOUT = "DependencyTimeout"
+ABORTED = "TaskAborted"
+ENGINE_ERROR = "EngineError"
+
+# ---------------------------------------------------------------------------
+# Events (stimuli)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineAdded:
+    """An engine registered and can take tasks."""
+
+    engine_id: int
+    time: float
+
+
+@dataclass(frozen=True, slots=True)
+class EngineRemoved:
+    """An engine died or left; ``reason`` is a human sentence (exit code, signal...)."""
+
+    engine_id: int
+    reason: str
+    time: float
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSubmitted:
+    """A client submitted a task.
+
+    ``after``: when it may run; ``follow``: where (engines that ran those tasks).
+    ``timeout``: seconds it may wait to be assigned (None or 0: forever).
+    ``retries``: further attempts after a failure or an engine death.
+    """
+
+    task_id: str
+    time: float
+    after: DepSpec | None = None
+    follow: DepSpec | None = None
+    timeout: float | None = None
+    retries: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class TaskDone:
+    """An engine finished a task: ``success`` False means the task raised."""
+
+    task_id: str
+    engine_id: int
+    success: bool
+    time: float
+
+
+@dataclass(frozen=True, slots=True)
+class TaskUnmet:
+    """An engine refused a task: a functional dependency was unmet there."""
+
+    task_id: str
+    engine_id: int
+    time: float
+
+
+@dataclass(frozen=True, slots=True)
+class AbortRequested:
+    """A client asked that a task not run."""
+
+    task_id: str
+    time: float
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """Time passed: deadlines up to ``time`` expire."""
+
+    time: float
+
+
+@dataclass(frozen=True, slots=True)
+class TaskForgotten:
+    """The record of a finished task was purged; it is unknown from now on."""
+
+    task_id: str
+    time: float
+
+
+Event = (
+    EngineAdded
+    | EngineRemoved
+    | TaskSubmitted
+    | TaskDone
+    | TaskUnmet
+    | AbortRequested
+    | Tick
+    | TaskForgotten
+)
+
+# ---------------------------------------------------------------------------
+# Commands (decisions)
+
+
+@dataclass(frozen=True, slots=True)
+class Assign:
+    """Send task ``task_id`` to engine ``engine_id`` now."""
+
+    task_id: str
+    engine_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Deliver:
+    """The engine's result for ``task_id`` is final: pass it to its client."""
+
+    task_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Fail:
+    """The scheduler fails ``task_id`` itself with error class ``error`` (see names above).
+
+    ``message`` says which task and why (root cause, rule, chain for cascades).
+    ``engine_id`` is the engine involved, if any.
+    """
+
+    task_id: str
+    error: str
+    message: str
+    engine_id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    """Tell ``engine_id`` to skip ``task_id``, queued there but not started.
+
+    The engine answers with an aborted result, which comes back as TaskDone(success=False)
+    and is delivered.
+    """
+
+    task_id: str
+    engine_id: int
+
+
+Command = Assign | Deliver | Fail | Cancel

@@ -1,0 +1,45 @@
+"""The engine's kernel class: IPythonKernel plus a task channel."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+
+from ipykernel.ipkernel import IPythonKernel
+
+from .taskchannel import TaskChannel
+
+# How often an engine checks that the process that launched it is still there.
+PARENT_POLL_S = 0.5
+
+
+def _exit_when_orphaned(parent: int) -> None:
+    """Exit once the launching process is gone, so a killed client leaves no engine behind."""
+    while True:
+        time.sleep(PARENT_POLL_S)
+        if os.getppid() != parent:
+            os._exit(1)
+
+
+class EngineKernel(IPythonKernel):
+    """An IPython kernel that also takes ipylb tasks from the controller."""
+
+    implementation = "ipylb-engine"
+
+    def start(self) -> None:  # type: ignore[override]
+        super().start()
+        path = os.environ.get("IPYLB_CLUSTER_FILE")
+        if not path:
+            print("ipylb engine: IPYLB_CLUSTER_FILE is not set; serving cells only", file=sys.__stderr__)
+            return
+        with open(path) as f:
+            cluster = json.load(f)
+        threading.Thread(
+            target=_exit_when_orphaned, args=(os.getppid(),), daemon=True, name="ipylb-parent-watch"
+        ).start()
+        connection_file = getattr(self.parent, "abs_connection_file", "")
+        self.task_channel = TaskChannel(self, cluster, connection_file)
+        self.task_channel.start(self.io_loop.asyncio_loop)

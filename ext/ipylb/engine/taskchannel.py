@@ -1,0 +1,180 @@
+"""The engine's task channel: receive a task, run it on the main thread, send the result.
+
+One DEALER socket to the controller, read from the kernel's main-thread asyncio
+loop (``add_reader`` on the socket's FD).  Tasks run like cells, on the main
+thread, one at a time, in the order they arrive (the scheduler relies on that
+order to know which of an engine's tasks is running).  While a task runs, SIGINT
+raises KeyboardInterrupt in it, so ``interrupt_kernel`` stops it, ``time.sleep``
+included.  Each task's stdout and stderr are captured on their own.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import sys
+import traceback
+import types
+import uuid
+from collections import deque
+from time import time as _now
+from typing import Any
+
+import zmq
+
+from .. import wire
+from ..error import SerializationError, UnmetDependency
+from ..serialize import dumps, loads
+
+
+def _remote_traceback(e: BaseException) -> str:
+    """The traceback of ``e`` without the engine's own frame on top."""
+    tb = e.__traceback__
+    tb = tb.tb_next if tb is not None and tb.tb_next is not None else tb
+    return "".join(traceback.format_exception(type(e), e, tb))
+
+
+class TaskChannel:
+    """Serves tasks for one engine kernel."""
+
+    def __init__(self, kernel: Any, cluster: dict[str, Any], connection_file: str) -> None:
+        self.kernel = kernel
+        self.user_ns: dict[str, Any] = kernel.shell.user_ns
+        ident = f"engine-{uuid.uuid4().hex[:12]}".encode()
+        self.signer = wire.Signer(cluster["key"].encode(), ident)
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.IDENTITY, ident)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(cluster["engine_url"])
+        self.connection_file = connection_file
+        self.engine_id: int | None = None
+        self.inbox: deque[tuple[int, Any, list[Any], bytes]] = deque()
+        self.cancelled: set[str] = set()
+        # The last function frame and what it unpickled to: a map sends the same one each time.
+        self._fn_key: bytes = b""
+        self._fn: Any = None
+
+    def start(self, loop: Any) -> None:
+        """Register with the controller and start serving from ``loop``."""
+        meta = {
+            "connection_file": self.connection_file,
+            "pid": os.getpid(),
+            "hostname": socket.gethostname(),
+            "tag": os.environ.get("IPYLB_ENGINE_TAG", ""),
+        }
+        self.sock.send_multipart(self.signer.pack(wire.REGISTER, meta))
+        loop.add_reader(self.sock.FD, self._on_readable)
+        loop.call_soon(self._on_readable)
+
+    # -- receiving ---------------------------------------------------------------
+
+    def _drain(self) -> None:
+        """Move every message waiting on the socket into the inbox (cancels act at once)."""
+        while True:
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                kind, _sender, meta, bufs, bufs_mac = self.signer.unpack(frames)
+            except wire.WireError as e:
+                print(f"ipylb engine: dropped a message: {e}", file=sys.__stderr__)
+                continue
+            if kind == wire.CANCEL:
+                self.cancelled.add(meta)
+            elif kind == wire.TASK:
+                self.inbox.append((kind, meta, bufs, bufs_mac))
+            elif kind == wire.REGISTERED:
+                self.engine_id = meta
+                self.user_ns.setdefault("ipylb_engine_id", meta)
+            elif kind == wire.STOP:
+                self.kernel.io_loop.add_callback(self.kernel.io_loop.stop)
+
+    def _on_readable(self) -> None:
+        # The FD is edge-triggered: keep going until the socket has nothing left,
+        # checking again after every send (a send can swallow the edge).
+        try:
+            while True:
+                self._drain()
+                if not self.inbox:
+                    if not self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                        return
+                    continue
+                _kind, meta, bufs, bufs_mac = self.inbox.popleft()
+                self.sock.send_multipart(self._run(meta, bufs, bufs_mac), copy=False)
+        except KeyboardInterrupt:  # an interrupt that landed between tasks: nothing to stop
+            self.kernel.io_loop.add_callback(self._on_readable)
+
+    # -- running -----------------------------------------------------------------
+
+    def _function(self, frame: Any) -> Any:
+        key = bytes(frame.buffer if isinstance(frame, zmq.Frame) else frame)
+        if key != self._fn_key:
+            self._fn = self._bind_interactive(loads([key]))
+            self._fn_key = key
+        return self._fn
+
+    def _bind_interactive(self, f: Any) -> Any:
+        """A function from ``__main__`` runs with the engine's user namespace as globals."""
+        rebind = getattr(f, "_ipylb_rebind", None)
+        if rebind is not None:  # wrappers (dependent, map chunks) bind what they wrap
+            return rebind(self._bind_interactive)
+        if not isinstance(f, types.FunctionType) or f.__module__ != "__main__":
+            return f
+        ns = self.user_ns
+        if f.__globals__ is not ns:
+            ns.update((k, v) for k, v in f.__globals__.items() if not k.startswith("__"))
+        g = types.FunctionType(f.__code__, ns, f.__name__, f.__defaults__, f.__closure__)
+        g.__kwdefaults__ = f.__kwdefaults__
+        g.__dict__.update(f.__dict__)
+        g.__qualname__ = f.__qualname__
+        return g
+
+    def _run(self, meta: tuple, bufs: list[Any], bufs_mac: bytes) -> list[Any]:
+        """Run one task; return the frames of its DONE message."""
+        msg_id = meta[0]
+        started = _now()
+        out, err = io.StringIO(), io.StringIO()
+        result: list[Any] = []
+        error = None
+        if msg_id in self.cancelled:
+            self.cancelled.discard(msg_id)
+            status = "aborted"
+            error = ("TaskAborted", f"task {msg_id} was aborted before it started", "")
+            return self._done(msg_id, status, started, out, err, error, result)
+        saved = sys.stdout, sys.stderr
+        try:
+            self.signer.check_bufs(bufs, bufs_mac)
+            f = self._function(bufs[0])
+            args, kwargs = loads(bufs[1:])
+            sys.stdout, sys.stderr = out, err
+            previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+            try:
+                value = f(*args, **kwargs)
+            finally:
+                signal.signal(signal.SIGINT, previous)
+                sys.stdout, sys.stderr = saved
+            try:
+                result = dumps(value)
+            except Exception as e:
+                raise SerializationError(
+                    f"the result of task {msg_id} ({type(value).__name__} object) could not be "
+                    f"pickled: {type(e).__name__}: {e}. Return a picklable value."
+                ) from None
+            status = "ok"
+        except UnmetDependency:
+            status = "unmet"
+        except BaseException as e:  # noqa: B036 - SystemExit/KeyboardInterrupt are task errors too
+            sys.stdout, sys.stderr = saved
+            status = "error"
+            error = (type(e).__name__, str(e), _remote_traceback(e))
+        return self._done(msg_id, status, started, out, err, error, result)
+
+    def _done(
+        self, msg_id: str, status: str, started: float, out: io.StringIO, err: io.StringIO,
+        error: tuple[str, str, str] | None, result: list[Any],
+    ) -> list[Any]:
+        meta = (msg_id, status, started, _now(), out.getvalue(), err.getvalue(), error)
+        return self.signer.pack(wire.DONE, meta, result)

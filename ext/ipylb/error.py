@@ -1,0 +1,116 @@
+"""Exceptions users see: errors raised by task code and errors the scheduler decides."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class IpylbError(Exception):
+    """Base class of ipylb's own errors."""
+
+
+class SerializationError(IpylbError, TypeError):
+    """A function, argument or result could not be pickled or unpickled."""
+
+
+class NoCluster(IpylbError, OSError):
+    """No running cluster could be reached."""
+
+
+class RemoteError(IpylbError):
+    """An exception raised by task code on an engine (or decided by the scheduler).
+
+    ``ename``/``evalue`` name the original exception; ``traceback`` is the remote
+    traceback as text; ``engine_info`` says where it happened (``engine_id``...).
+    """
+
+    def __init__(
+        self,
+        ename: str,
+        evalue: str,
+        traceback: str = "",
+        engine_info: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(ename, evalue)
+        self.ename = ename
+        self.evalue = evalue
+        self.traceback = traceback
+        self.engine_info = engine_info or {}
+
+    def __str__(self) -> str:
+        where = self.engine_info.get("engine_id")
+        on = f" (on engine {where})" if where is not None else ""
+        return f"{self.ename}: {self.evalue}{on}"
+
+    def render_traceback(self) -> list[str]:
+        """IPython calls this to show the remote traceback instead of a local one."""
+        return [f"[engine {self.engine_info.get('engine_id', '?')}] {self.ename}: {self.evalue}",
+                *(self.traceback.splitlines() or [])]
+
+    def __reduce__(self) -> Any:
+        return type(self), (self.ename, self.evalue, self.traceback, self.engine_info)
+
+
+class CompositeError(RemoteError):
+    """Several remote errors at once, e.g. from the failed items of a map.
+
+    ``elist`` holds ``(ename, evalue, traceback, engine_info)`` for each.
+    """
+
+    def __init__(self, message: str, elist: list[tuple[str, str, str, dict[str, Any]]]) -> None:
+        first = elist[0] if elist else ("CompositeError", message, "", {})
+        super().__init__(first[0], first[1], first[2], first[3])
+        self.message = message
+        self.elist = elist
+
+    def __str__(self) -> str:
+        lines = [self.message]
+        lines += [f"  [{i}] {e[0]}: {e[1]}" for i, e in enumerate(self.elist)]
+        return "\n".join(lines)
+
+    def raise_exception(self, excid: int = 0) -> None:
+        """Re-raise the ``excid``-th error as a RemoteError."""
+        raise RemoteError(*self.elist[excid])
+
+    def __reduce__(self) -> Any:
+        return type(self), (self.message, self.elist)
+
+
+class _SchedulerError(RemoteError):
+    """Failures the scheduler decides; ``ename`` is the class name."""
+
+    def __init__(self, evalue: str = "", traceback: str = "", engine_info: dict | None = None):
+        super().__init__(type(self).__name__, evalue, traceback, engine_info)
+
+    def __reduce__(self) -> Any:
+        return type(self), (self.evalue, self.traceback, self.engine_info)
+
+
+class ImpossibleDependency(_SchedulerError):
+    """A task's dependencies can never be met."""
+
+
+class InvalidDependency(ImpossibleDependency):
+    """A task depends on msg_ids the cluster does not know."""
+
+
+class DependencyTimeout(_SchedulerError):
+    """A task waited longer than its ``timeout`` to be assigned."""
+
+
+class TaskAborted(_SchedulerError):
+    """A task was aborted before it started."""
+
+
+class EngineError(_SchedulerError):
+    """The engine running a task died."""
+
+
+class UnmetDependency(IpylbError):
+    """Raised by task code: "not on this engine", so the scheduler tries another."""
+
+
+SCHEDULER_ERRORS: dict[str, type[_SchedulerError]] = {
+    c.__name__: c
+    for c in (ImpossibleDependency, InvalidDependency, DependencyTimeout, TaskAborted, EngineError)
+}

@@ -1,0 +1,87 @@
+"""Turning functions, arguments and results into frames and back.
+
+cloudpickle with pickle protocol 5: large contiguous buffers (numpy arrays,
+bytes-like objects) travel as their own frames, out of band, never joined into
+one big bytes object.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Sequence
+from typing import Any
+
+import cloudpickle
+import zmq
+
+from .error import SerializationError
+
+# Buffers smaller than this stay inside the pickle: one frame beats many tiny ones.
+OOB_MIN = 64 * 1024
+
+
+def dumps(obj: Any) -> list[Any]:
+    """Pickle ``obj`` into ``[pickle, *out_of_band_buffers]`` (buffers are not copied)."""
+    oob: list[memoryview] = []
+
+    def keep(pb: pickle.PickleBuffer) -> bool:
+        try:
+            raw = pb.raw()
+        except BufferError:  # not contiguous: let the pickle carry it
+            return True
+        if raw.nbytes < OOB_MIN:
+            return True
+        oob.append(raw)
+        return False
+
+    return [cloudpickle.dumps(obj, protocol=5, buffer_callback=keep), *oob]
+
+
+def loads(frames: Sequence[Any]) -> Any:
+    """Inverse of :func:`dumps`.
+
+    Out-of-band buffers are copied once into writable memory, so an array that
+    arrives here can be modified in place like one made locally.
+    """
+    first = frames[0]
+    if isinstance(first, zmq.Frame):
+        first = first.buffer
+    bufs = [bytearray(f.buffer if isinstance(f, zmq.Frame) else f) for f in frames[1:]]
+    return pickle.loads(first, buffers=bufs)
+
+
+def _culprit(args: tuple, kwargs: dict) -> str:
+    """Name the first argument that does not pickle, for an error message."""
+    for i, a in enumerate(args):
+        try:
+            cloudpickle.dumps(a, protocol=5)
+        except Exception:
+            return f"positional argument {i} ({type(a).__name__} object)"
+    for k, v in kwargs.items():
+        try:
+            cloudpickle.dumps(v, protocol=5)
+        except Exception:
+            return f"keyword argument {k!r} ({type(v).__name__} object)"
+    return "the arguments"
+
+
+def dumps_function(f: Any) -> bytes:
+    """Pickle a task's function, or raise SerializationError naming it."""
+    try:
+        return cloudpickle.dumps(f, protocol=5)
+    except Exception as e:
+        raise SerializationError(
+            f"could not pickle the function {getattr(f, '__qualname__', f)!r}: "
+            f"{type(e).__name__}: {e}. Define it at module level or close over picklable values only."
+        ) from e
+
+
+def dumps_args(args: tuple, kwargs: dict) -> list[Any]:
+    """Pickle a task's arguments, or raise SerializationError naming the bad one."""
+    try:
+        return dumps((args, kwargs))
+    except Exception as e:
+        raise SerializationError(
+            f"could not pickle {_culprit(args, kwargs)}: {type(e).__name__}: {e}. "
+            "Task arguments must be picklable (cloudpickle); nothing was sent."
+        ) from e

@@ -1,0 +1,128 @@
+"""The one module that knows ipylb's frame layout and its HMAC.
+
+Every message on ipylb's own sockets (client <-> controller <-> engine) is::
+
+    [signature, head, *bufs]
+
+``head`` is a pickle of ``(kind, sender, seq, meta, bufs_mac)`` and ``signature``
+is HMAC-SHA256(key, head).  ``bufs_mac`` is HMAC-SHA256 over the length-prefixed
+``bufs`` (empty when there are none), so every frame, pickled buffers included, is
+authenticated under the cluster key.
+
+Why the buffers get a MAC of their own, carried inside the head: a relay (the
+controller) checks the head of each message it acts on, and forwards the task's
+buffers untouched with the producer's ``bufs_mac`` in its own signed head.  The
+consumer (engine or client) checks the buffers against it before unpickling.  A
+large payload is so hashed twice end to end (by its producer and its consumer)
+instead of once per hop, and never copied.
+
+Replay: ``seq`` grows strictly for each ``sender``; a receiver drops a message
+whose seq is not above the last one it accepted from that sender.  Nothing is
+unpickled before its signature checks out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import pickle
+from collections.abc import Sequence
+from typing import Any
+
+import zmq
+
+# Message kinds. Client -> controller.
+HELLO, SUBMIT, REQUEST = 1, 2, 3
+# Controller -> client.
+WELCOME, RESULT, REPLY, EVENT = 11, 12, 13, 14
+# Controller -> engine.
+REGISTERED, TASK, CANCEL, STOP = 21, 22, 23, 24
+# Engine -> controller.
+REGISTER, DONE = 31, 32
+
+_SHA256 = hashlib.sha256
+_DIGEST = 32
+_LEN = 8
+
+
+class WireError(ValueError):
+    """A message that failed authentication or could not be parsed."""
+
+
+def new_key() -> bytes:
+    """A fresh random cluster key (32 bytes, hex-encoded so it fits in JSON)."""
+    return os.urandom(32).hex().encode()
+
+
+def _view(frame: Any) -> Any:
+    return frame.buffer if isinstance(frame, zmq.Frame) else frame
+
+
+def _nbytes(buf: Any) -> int:
+    return buf.nbytes if isinstance(buf, memoryview) else len(buf)
+
+
+class Signer:
+    """Signs and checks messages under one cluster key, for one sender."""
+
+    def __init__(self, key: bytes, sender: bytes) -> None:
+        if not key:
+            raise ValueError("ipylb needs a non-empty cluster key")
+        self._key = key
+        self._proto = hmac.new(key, digestmod=_SHA256)
+        self.sender = sender
+        self._seq = 0
+        self._last_seen: dict[bytes, int] = {}
+
+    # -- producing -------------------------------------------------------------
+
+    def bufs_mac(self, bufs: Sequence[Any]) -> bytes:
+        """HMAC over the buffers, each prefixed by its length (so frames cannot shift)."""
+        if not bufs:
+            return b""
+        h = self._proto.copy()
+        for b in bufs:
+            v = _view(b)
+            h.update(_nbytes(v).to_bytes(_LEN, "little"))
+            h.update(v)
+        return h.digest()
+
+    def pack(
+        self, kind: int, meta: Any, bufs: Sequence[Any] = (), bufs_mac: bytes | None = None
+    ) -> list[Any]:
+        """Frames for one message; pass ``bufs_mac`` to forward another producer's buffers."""
+        self._seq += 1
+        if bufs_mac is None:
+            bufs_mac = self.bufs_mac(bufs)
+        head = pickle.dumps((kind, self.sender, self._seq, meta, bufs_mac), 5)
+        return [hmac.digest(self._key, head, "sha256"), head, *bufs]
+
+    # -- consuming -------------------------------------------------------------
+
+    def unpack(self, frames: Sequence[Any]) -> tuple[int, bytes, Any, list[Any], bytes]:
+        """Check a message's signature and freshness; return (kind, sender, meta, bufs, bufs_mac).
+
+        The buffers are not checked here (see :meth:`check_bufs`): a relay forwards
+        them untouched, the consumer checks them before it unpickles anything.
+        """
+        if len(frames) < 2:
+            raise WireError(f"a message needs at least 2 frames, got {len(frames)}")
+        sig, head = bytes(_view(frames[0])), _view(frames[1])
+        if len(sig) != _DIGEST or not hmac.compare_digest(
+            sig, hmac.digest(self._key, head, "sha256")
+        ):
+            raise WireError("bad or missing signature: message dropped (wrong cluster key?)")
+        try:
+            kind, sender, seq, meta, bufs_mac = pickle.loads(head)
+        except Exception as e:  # signed but malformed: a peer bug, not an attack
+            raise WireError(f"unreadable message head: {e!r}") from None
+        if seq <= self._last_seen.get(sender, 0):
+            raise WireError(f"replayed or out-of-order message from {sender!r} (seq {seq})")
+        self._last_seen[sender] = seq
+        return kind, sender, meta, list(frames[2:]), bufs_mac
+
+    def check_bufs(self, bufs: Sequence[Any], bufs_mac: bytes) -> None:
+        """Raise WireError unless ``bufs`` are exactly what their producer signed."""
+        if not hmac.compare_digest(self.bufs_mac(bufs), bufs_mac):
+            raise WireError("payload buffers fail authentication: altered or forged in transit")
