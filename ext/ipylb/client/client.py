@@ -236,6 +236,16 @@ class Client:
         """``{engine_id: {"queue", "completed", "tasks"}, ..., "unassigned": n}``."""
         return self._request("queue_status")
 
+    def engine_info(self) -> dict[int, dict[str, Any]]:
+        """Per engine: pid, hostname and the kernel connection file
+        (``jupyter console --existing FILE`` attaches to it)."""
+        return self._request("engine_info")
+
+    def interrupt(self, engine_ids: list[int] | None = None) -> list[int]:
+        """Interrupt engines (default: all) like Jupyter's Kernel > Interrupt: a running
+        task raises KeyboardInterrupt and fails; the engine serves on."""
+        return self._request("interrupt", engine_ids)
+
     def abort(self, jobs: Any) -> None:
         """Tasks in ``jobs`` that have not started never run; they fail with TaskAborted."""
         self._request("abort", _msg_ids(jobs))

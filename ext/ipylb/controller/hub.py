@@ -67,6 +67,8 @@ class Controller:
             "abort": self._req_abort,
             "shutdown": self._req_shutdown,
             "story": lambda _c, task_id: self.core.story(task_id),
+            "engine_info": lambda _c, _a: dict(self.engine_info),
+            "interrupt": self._req_interrupt,
         }
 
     def _router(self, ip: str) -> zmq.Socket:
@@ -234,6 +236,18 @@ class Controller:
         now = time.monotonic()
         for m in msg_ids:
             self._execute(self.core.handle(ev.AbortRequested(m, now)))
+
+    def _req_interrupt(self, _client: bytes, engine_ids: list[int]) -> list[int]:
+        """Interrupt engines through jupyter_client (SIGINT to the kernel: the running task stops)."""
+        done = []
+        for engine_id in engine_ids or self._engine_list():
+            km = self.launcher.manager(engine_id) if self.launcher is not None else None
+            if km is None:
+                raise KeyError(f"engine {engine_id} was not started by this controller: "
+                               "interrupt it through its own kernel manager")
+            km.interrupt_kernel()
+            done.append(engine_id)
+        return done
 
     def _req_shutdown(self, _client: bytes, _arg: Any) -> None:
         self._running = False

@@ -1,0 +1,32 @@
+"""``ipylb bench``: measured figures, side by side with a reference run."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the benchmarks named on the command line (default: the core farm figures)."""
+    p = argparse.ArgumentParser(prog="ipylb bench", description=__doc__)
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds; medians are reported")
+    p.add_argument("--engines", type=int, default=2)
+    p.add_argument("--workloads", default="latency,submit,map,payload",
+                   help="comma-separated: latency, submit, map, payload")
+    p.add_argument("--no-reference", action="store_true", help="skip ipyparallel")
+    p.add_argument("--core", action="store_true", help="the scheduler core alone, no I/O")
+    args = p.parse_args(argv)
+    if args.core:
+        from .core_micro import main as core_main
+
+        core_main([])
+        return
+    from .farm import Ipylb, Ipyparallel, compare
+
+    farms = [Ipylb()]
+    if not args.no_reference:
+        try:
+            import ipyparallel  # noqa: F401
+        except ImportError:
+            p.error("the reference run needs ipyparallel: pip install 'ipylb[bench]' (or --no-reference)")
+        farms.append(Ipyparallel())
+    compare(farms, args.rounds, args.engines, [w for w in args.workloads.split(",") if w])

@@ -1,0 +1,176 @@
+"""``ipylb bench``: the task farm's core costs, side by side with ipyparallel.
+
+Each round starts a fresh two-engine cluster of each kind in this process tree,
+runs the same workloads on both, and shuts it down; rounds alternate between the
+two so drift on a noisy machine hits both alike.  Figures are medians over the
+rounds; ratios compare the medians.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+
+from .workloads import echo, noop
+
+MB = 1024 * 1024
+
+
+class Farm:
+    """One kind of cluster, seen through the API both projects share."""
+
+    name = "?"
+
+    def start(self, n: int) -> Any: ...
+    def stop(self) -> None: ...
+    def view(self) -> Any: ...
+
+
+class Ipylb(Farm):
+    name = "ipylb"
+
+    def __init__(self, scheme: str = "leastload", hwm: int = 1) -> None:
+        self.scheme, self.hwm = scheme, hwm
+
+    def start(self, n: int) -> None:
+        import ipylb
+
+        self.rc = ipylb.Client(engines=n, scheme=self.scheme, hwm=self.hwm)
+
+    def stop(self) -> None:
+        self.rc.shutdown()
+
+    def view(self) -> Any:
+        return self.rc.load_balanced_view()
+
+
+class Ipyparallel(Farm):
+    name = "ipyparallel"
+
+    def start(self, n: int) -> None:
+        import ipyparallel as ipp
+
+        self.cluster = ipp.Cluster(n=n, log_level=40)
+        self.rc = self.cluster.start_and_connect_sync()
+        self.rc.wait_for_engines(n, timeout=120)
+
+    def stop(self) -> None:
+        self.rc.close()
+        self.cluster.stop_cluster_sync()
+
+    def view(self) -> Any:
+        return self.rc.load_balanced_view()
+
+
+# -- workloads (each returns {metric: value}) -----------------------------------------
+
+
+def startup(farm: Farm, engines: int) -> dict[str, float]:
+    t0 = time.perf_counter()
+    farm.start(engines)
+    view = farm.view()
+    view.apply_sync(noop)  # ready means: runs a task
+    return {"startup_s": time.perf_counter() - t0}
+
+
+def latency(view: Any, n: int = 500) -> dict[str, float]:
+    for _ in range(20):
+        view.apply_sync(noop)
+    samples = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        view.apply_sync(noop)
+        samples.append(time.perf_counter() - t0)
+    samples.sort()
+    return {"latency_p50_ms": 1e3 * samples[n // 2], "latency_p99_ms": 1e3 * samples[int(n * 0.99)]}
+
+
+def submit(view: Any, n: int = 5000) -> dict[str, float]:
+    t0 = time.perf_counter()
+    ars = [view.apply_async(noop) for _ in range(n)]
+    for ar in ars:
+        ar.get()
+    return {"submit_tasks_per_s": n / (time.perf_counter() - t0)}
+
+
+def map_(view: Any, n: int = 20000) -> dict[str, float]:
+    t0 = time.perf_counter()
+    out = view.map_async(echo, range(n), chunksize=1).get()
+    assert len(out) == n
+    return {"map_tasks_per_s": n / (time.perf_counter() - t0)}
+
+
+def payload(view: Any, mb: int = 8, n: int = 10) -> dict[str, float]:
+    arr = np.ones(mb * MB, dtype="u1")
+    view.apply_sync(echo, arr)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        out = view.apply_sync(echo, arr)
+    assert out.nbytes == arr.nbytes
+    # MB of array per round trip (the array goes there and back).
+    return {"payload_MB_per_s": n * mb / (time.perf_counter() - t0)}
+
+
+WORKLOADS: dict[str, Callable[[Any], dict[str, float]]] = {
+    "latency": latency, "submit": submit, "map": map_, "payload": payload,
+}
+
+# Which direction is better, for the ratio column.
+HIGHER_IS_BETTER = {"submit_tasks_per_s", "map_tasks_per_s", "payload_MB_per_s", "dag_tasks_per_s"}
+
+
+def run_round(farm: Farm, engines: int, workloads: list[str]) -> dict[str, float]:
+    figures = startup(farm, engines)
+    try:
+        view = farm.view()
+        for name in workloads:
+            gc.collect()
+            figures.update(WORKLOADS[name](view))
+    finally:
+        farm.stop()
+    return figures
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    import logging
+
+    logging.getLogger().setLevel(logging.ERROR)
+    yield
+
+
+def compare(farms: list[Farm], rounds: int, engines: int, workloads: list[str],
+            out: Callable[[str], None] = print) -> dict[str, dict[str, float]]:
+    """Run ``rounds`` alternating rounds; print and return the median figures per farm."""
+    samples: dict[str, dict[str, list[float]]] = {f.name: {} for f in farms}
+    with quiet():
+        for r in range(rounds):
+            for farm in farms:
+                figs = run_round(farm, engines, workloads)
+                out(f"round {r + 1}/{rounds} {farm.name}: " +
+                    ", ".join(f"{k}={v:.4g}" for k, v in figs.items()))
+                for k, v in figs.items():
+                    samples[farm.name].setdefault(k, []).append(v)
+    medians = {name: {k: statistics.median(v) for k, v in figs.items()} for name, figs in samples.items()}
+    out("")
+    names = [f.name for f in farms]
+    metrics = list(medians[names[0]])
+    header = f"{'metric (median of ' + str(rounds) + ')':<28}" + "".join(f"{n:>14}" for n in names)
+    if len(names) == 2:
+        header += f"{'ratio':>10}  better"
+    out(header)
+    for m in metrics:
+        row = f"{m:<28}" + "".join(f"{medians[n].get(m, float('nan')):>14.4g}" for n in names)
+        if len(names) == 2 and m in medians[names[1]]:
+            a, b = medians[names[0]][m], medians[names[1]][m]
+            ratio = a / b if b else float("inf")
+            good = "higher" if m in HIGHER_IS_BETTER else "lower"
+            row += f"{ratio:>10.2f}  ({good})"
+        out(row)
+    return medians

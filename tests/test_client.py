@@ -1,0 +1,332 @@
+"""The client API against real engine kernels (session-scoped two-engine cluster)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from datetime import datetime
+
+import numpy as np
+import pytest
+
+import ipylb
+from ipylb.error import CompositeError, RemoteError, SerializationError
+
+
+def square(x):
+    return x * x
+
+
+def slow_identity(x, delay):
+    time.sleep(delay)
+    return x
+
+
+def whoami():
+    return os.getpid()
+
+
+# -- the specification's examples -------------------------------------------------
+
+
+def test_parallel_map_equals_serial_map(view):
+    view.block = True
+    serial = list(map(lambda x: x**10, range(32)))
+    parallel = view.map(lambda x: x**10, range(32))
+    assert parallel == serial
+
+
+def test_parallel_decorator(view):
+    @view.parallel(block=True)
+    def f(x):
+        return 10.0 * x**4
+
+    assert f.map(range(32)) == [10.0 * x**4 for x in range(32)]
+    assert f(3) == 810.0
+
+
+def test_map_results_iterate_as_they_arrive_in_order(view):
+    delays = [0.3, 0.0, 0.0, 0.0]
+    amr = view.map_async(slow_identity, range(4), delays)
+    t0 = time.monotonic()
+    seen = []
+    for x in amr:
+        seen.append((x, amr.ready()))
+    assert [x for x, _ in seen] == [0, 1, 2, 3]
+    assert time.monotonic() - t0 >= 0.25
+
+
+def test_unordered_iteration_yields_fast_items_first(view):
+    amr = view.map_async(slow_identity, ["slow", "fast"], [1.0, 0.0], ordered=False)
+    first = next(iter(amr))
+    assert first == "fast"
+    assert sorted(amr) == ["fast", "slow"]
+    assert amr.get() == ["slow", "fast"]  # get() is always in submission order
+
+
+def test_tasks_use_both_engines(rc, view):
+    amr = view.map_async(slow_identity, range(6), [0.1] * 6)
+    assert amr.get(30) == list(range(6))
+    assert set(amr.engine_id) == set(rc.ids) == {0, 1}
+
+
+# -- map details ------------------------------------------------------------------
+
+
+def test_map_several_sequences_shortest_wins(view):
+    assert view.map_sync(lambda a, b: a + b, [1, 2, 3], [10, 20]) == [11, 22]
+
+
+def test_map_accepts_generators_and_empty_input(view):
+    assert view.map_sync(square, (i for i in range(5))) == [0, 1, 4, 9, 16]
+    empty = view.map_async(square, [])
+    assert empty.get(1) == [] and empty.ready() and len(empty) == 0
+
+
+@pytest.mark.parametrize("chunksize", [1, 3, 100])
+def test_map_chunksize(view, chunksize):
+    amr = view.map_async(square, range(10), chunksize=chunksize)
+    assert amr.get(30) == [x * x for x in range(10)]
+    assert len(amr.msg_ids) == -(-10 // chunksize)
+    assert len(amr) == 10
+    assert list(amr) == [x * x for x in range(10)]
+
+
+def test_map_failures_raise_composite_error(view):
+    amr = view.map_async(lambda x: 1 // x, [1, 0, 2, 0])
+    with pytest.raises(CompositeError) as info:
+        amr.get(30)
+    assert len(info.value.elist) == 2
+    assert all(e[0] == "ZeroDivisionError" for e in info.value.elist)
+    with pytest.raises(RemoteError):
+        list(amr)  # iteration raises at the first failing item
+    assert not amr.successful()
+
+
+# -- AsyncResult ------------------------------------------------------------------
+
+
+def test_async_result_api(view):
+    ar = view.apply_async(slow_identity, 7, 0.3)
+    assert not ar.ready()
+    with pytest.raises(ValueError):
+        ar.successful()
+    with pytest.raises(TimeoutError):
+        ar.get(0.01)
+    assert ar.wait(30) is True
+    assert ar.get() == 7 and ar.get(0) == 7  # repeatable
+    assert ar.successful()
+    assert len(ar.msg_ids) == 1 and isinstance(ar.msg_ids[0], str)
+
+
+def test_metadata_and_stdout(view):
+    def chatty(x):
+        import sys
+
+        print("hello", x)
+        print("oops", file=sys.stderr)
+        return x
+
+    ar = view.apply_async(chatty, 5)
+    assert ar.get(30) == 5
+    md = ar.metadata
+    assert md["status"] == md.status == "ok"
+    assert md.engine_id in (0, 1)
+    assert isinstance(md.submitted, datetime) and isinstance(md.completed, datetime)
+    assert md.submitted <= md.started <= md.completed
+    assert ar.stdout == "hello 5\n" and md.stdout == "hello 5\n"
+    assert ar.stderr == "oops\n"
+
+
+def test_stdout_is_captured_per_task(view):
+    amr = view.map_async(lambda i: print(f"item {i}") or i, range(6))
+    amr.get(30)
+    assert amr.stdout == [f"item {i}\n" for i in range(6)]
+
+
+def test_msg_ids_are_unique(view):
+    amr = view.map_async(square, range(50))
+    ar = view.apply_async(square, 1)
+    ids = amr.msg_ids + ar.msg_ids
+    assert len(set(ids)) == 51
+    amr.get(30)
+
+
+def test_remote_error_carries_remote_traceback(view):
+    def boom():
+        raise ValueError("bad value here")
+
+    ar = view.apply_async(boom)
+    with pytest.raises(RemoteError) as info:
+        ar.get(30)
+    err = info.value
+    assert err.ename == "ValueError" and err.evalue == "bad value here"
+    assert "bad value here" in str(err) and "ValueError" in str(err)
+    assert "in boom" in err.traceback
+    assert err.engine_info["engine_id"] in (0, 1)
+    with pytest.raises(RemoteError):
+        ar.get()  # re-raised each time
+
+
+@pytest.mark.parametrize("exc", [SystemExit, KeyboardInterrupt])
+def test_system_exit_and_keyboard_interrupt_are_task_errors(view, exc):
+    def leave():
+        raise exc(3)
+
+    with pytest.raises(RemoteError) as info:
+        view.apply_sync(leave)
+    assert info.value.ename == exc.__name__
+    assert view.apply_sync(square, 4) == 16  # the engines survived
+
+
+# -- flags ------------------------------------------------------------------------
+
+
+def test_block_flag_and_sync_async_variants(view):
+    view.block = True
+    assert view.apply(square, 3) == 9
+    assert isinstance(view.apply_async(square, 3), ipylb.AsyncResult)
+    view.block = False
+    ar = view.apply(square, 3)
+    assert isinstance(ar, ipylb.AsyncResult) and ar.get(30) == 9
+    assert view.apply_sync(square, 3) == 9
+
+
+def test_temp_flags_restores_even_on_error(view):
+    with view.temp_flags(block=True, retries=2, timeout=5):
+        assert view.block and view.retries == 2 and view.timeout == 5
+    assert (view.block, view.retries, view.timeout) == (False, 0, 0)
+    with pytest.raises(RuntimeError), view.temp_flags(block=True):
+        raise RuntimeError
+    assert view.block is False
+
+
+@pytest.mark.parametrize(
+    "flags, error",
+    [({"nonsense": 1}, (TypeError, KeyError, ValueError)), ({"timeout": -1}, ValueError),
+     ({"retries": -2}, ValueError), ({"after": 3.5}, TypeError), ({"follow": object()}, TypeError)],
+)
+def test_bad_flags_raise(view, flags, error):
+    with pytest.raises(error), view.temp_flags(**flags):
+        pass
+    assert view.retries == 0 and view.timeout == 0
+
+
+def test_views_are_independent(rc):
+    a, b = rc.load_balanced_view(), rc.load_balanced_view()
+    assert a is not b
+    a.block = True
+    assert b.block is False
+
+
+# -- bad input --------------------------------------------------------------------
+
+
+def test_unpicklable_argument_is_named_and_nothing_is_sent(rc, view):
+    before = rc.queue_status()
+    with pytest.raises(SerializationError, match="positional argument 1 .*lock"):
+        view.apply_async(square, 1, threading.Lock())
+    with pytest.raises(SerializationError, match="keyword argument 'k'"):
+        view.apply_async(square, k=threading.Lock())
+    after = rc.queue_status()
+    assert sum(v["completed"] for k, v in after.items() if k != "unassigned") == sum(
+        v["completed"] for k, v in before.items() if k != "unassigned"
+    )
+
+
+def test_unpicklable_function_is_named(view):
+    lock = threading.Lock()
+
+    def holds_lock():
+        return lock
+
+    with pytest.raises(SerializationError, match="holds_lock"):
+        view.apply_async(holds_lock)
+
+
+def test_unpicklable_result_fails_the_task_only(view):
+    ar = view.apply_async(lambda: threading.Lock())
+    with pytest.raises(RemoteError, match="could not be pickled") as info:
+        ar.get(30)
+    assert info.value.ename == "SerializationError"
+    assert view.apply_sync(square, 5) == 25
+
+
+def test_apply_needs_a_callable(view):
+    with pytest.raises(TypeError):
+        view.apply_async(42)
+
+
+# -- data -------------------------------------------------------------------------
+
+
+def test_large_numpy_round_trip(view):
+    arr = np.random.default_rng(0).random(100 * 1024 * 1024 // 8)  # 100 MB
+    out = view.apply_sync(lambda a: a * 2, arr)
+    assert out.shape == arr.shape and np.array_equal(out, arr * 2)
+    out[0] = 1.0  # results are ordinary writable arrays
+
+
+def test_arrays_arrive_writable_on_the_engine(view):
+    def bump(a):
+        a += 1
+        return a
+
+    assert np.array_equal(view.apply_sync(bump, np.zeros(100_000)), np.ones(100_000))
+
+
+# -- interactive functions ----------------------------------------------------------
+
+
+def test_main_functions_see_the_engine_namespace(view):
+    ns = {"__name__": "__main__", "K": 5}
+    exec(
+        "def probe(x):\n"
+        "    global G\n"
+        "    G = x\n"
+        "    ip = get_ipython()\n"
+        "    return globals() is ip.user_ns and ip.user_ns['G'] == x\n"
+        "def addk(x):\n"
+        "    return x + K\n",
+        ns,
+    )
+    assert view.apply_sync(ns["probe"], 3) is True
+    assert view.apply_sync(ns["addk"], 1) == 6  # captured globals travel with the function
+
+
+# -- client ---------------------------------------------------------------------------
+
+
+def test_ids_queue_status_and_wait(rc, view):
+    assert rc.ids == [0, 1]
+    amr = view.map_async(slow_identity, range(6), [0.05] * 6)
+    assert rc.wait(timeout=30) is True
+    assert rc.wait([amr]) and rc.wait(amr.msg_ids)
+    qs = rc.queue_status()
+    assert set(qs) == {0, 1, "unassigned"}
+    assert qs["unassigned"] == 0
+    assert all(set(v) == {"queue", "completed", "tasks"} for k, v in qs.items() if k != "unassigned")
+
+
+def test_queue_status_counts_unassigned(rc, view):
+    amr = view.map_async(slow_identity, range(8), [0.3] * 8)
+    qs = rc.queue_status()
+    assert qs["unassigned"] >= 4  # hwm=1: two running, the rest waiting in the controller
+    amr.get(30)
+
+
+def test_wait_for_unknown_msg_id_raises(rc):
+    with pytest.raises(KeyError):
+        rc.wait(["no-such-task"], timeout=1)
+
+
+@pytest.mark.parametrize("n", [0, -1])
+def test_engine_count_must_be_positive(n):
+    with pytest.raises(ValueError):
+        ipylb.Client(engines=n)
+
+
+def test_unknown_scheme_is_a_value_error():
+    with pytest.raises(ValueError, match="scheme"):
+        ipylb.Client(engines=1, scheme="fastest")

@@ -1,0 +1,61 @@
+"""Engines are real Jupyter kernels: their standard channels work while they serve tasks,
+and a kernel interrupt stops the running task."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from jupyter_client import BlockingKernelClient
+
+from ipylb.error import RemoteError
+
+
+def sleeper(seconds):
+    import time
+
+    time.sleep(seconds)
+    return "slept"
+
+
+def test_engine_info_names_a_kernel_connection_file(rc):
+    info = rc.engine_info()
+    assert set(info) == set(rc.ids)
+    for meta in info.values():
+        assert meta["connection_file"].endswith(".json") and meta["pid"] > 0
+
+
+def test_console_can_attach_while_tasks_run(rc, view):
+    """What `jupyter console --existing FILE` does: execute a cell on the engine's shell channel."""
+    amr = view.map_async(sleeper, [0.05] * 40)
+    path = rc.engine_info()[0]["connection_file"]
+    kc = BlockingKernelClient(connection_file=path)
+    kc.load_connection_file()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=30)
+        reply = kc.execute_interactive("x = 6 * 7\nprint(x)", timeout=30)
+        assert reply["content"]["status"] == "ok"
+        assert kc.execute_interactive("ipylb_engine_id", timeout=30)["content"]["status"] == "ok"
+    finally:
+        kc.stop_channels()
+    assert amr.get(60) == ["slept"] * 40  # the engine kept serving
+    # the console's namespace is the engine's user namespace
+    assert view.apply_sync(lambda: 1) == 1
+
+
+def test_interrupt_stops_a_sleeping_task(rc, view):
+    ars = [view.apply_async(sleeper, 60) for _ in rc.ids]
+    deadline = time.monotonic() + 30
+    while any(qs["tasks"] == 0 for k, qs in rc.queue_status().items() if k != "unassigned"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)  # polling a remote status; no event exists for "task started"
+    time.sleep(0.3)  # let the tasks enter time.sleep
+    t0 = time.monotonic()
+    assert sorted(rc.interrupt()) == rc.ids
+    for ar in ars:
+        with pytest.raises(RemoteError) as info:
+            ar.get(20)
+        assert info.value.ename == "KeyboardInterrupt"
+    assert time.monotonic() - t0 < 10
+    assert view.apply_sync(sleeper, 0) == "slept"  # engines serve on

@@ -1,0 +1,103 @@
+"""The frame layout and its HMAC: forged, altered, replayed and malformed messages."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+
+from ipylb import wire
+from ipylb.serialize import dumps, loads
+
+
+def pair(key: bytes = b"k" * 64):
+    return wire.Signer(key, b"alice"), wire.Signer(key, b"bob")
+
+
+def test_round_trip_with_buffers():
+    a, b = pair()
+    arr = np.arange(100_000, dtype="f8")
+    frames = a.pack(wire.SUBMIT, ("m1", None), dumps(arr))
+    kind, sender, meta, bufs, mac = b.unpack(frames)
+    assert (kind, sender, meta) == (wire.SUBMIT, b"alice", ("m1", None))
+    b.check_bufs(bufs, mac)
+    out = loads(bufs)
+    assert np.array_equal(out, arr) and out.flags.writeable
+
+
+def test_large_arrays_travel_out_of_band():
+    arr = np.ones(1 << 20, dtype="u1")
+    frames = dumps(arr)
+    assert len(frames) == 2 and len(frames[0]) < 1000  # pickle head + one raw buffer
+
+
+def test_wrong_key_is_rejected():
+    a, _ = pair(b"a" * 64)
+    _, b = pair(b"b" * 64)
+    with pytest.raises(wire.WireError, match="signature"):
+        b.unpack(a.pack(wire.HELLO, None))
+
+
+@pytest.mark.parametrize("which", [1, 2])
+def test_altered_frames_are_rejected(which):
+    a, b = pair()
+    frames = a.pack(wire.SUBMIT, ("m", None), [b"payload-one", b"payload-two"])
+    frames[which] = bytes(frames[which])[:-1] + b"X"
+    with pytest.raises(wire.WireError):
+        kind, s, meta, bufs, mac = b.unpack(frames)
+        b.check_bufs(bufs, mac)
+
+
+def test_altered_buffer_is_rejected():
+    a, b = pair()
+    frames = a.pack(wire.SUBMIT, ("m", None), [b"payload-one", b"payload-two"])
+    frames[3] = b"payload-tw0"
+    *_, bufs, mac = b.unpack(frames)
+    with pytest.raises(wire.WireError, match="payload"):
+        b.check_bufs(bufs, mac)
+
+
+def test_frames_cannot_shift_between_buffers():
+    a, b = pair()
+    frames = a.pack(wire.SUBMIT, ("m", None), [b"ab", b"cd"])
+    *_, bufs, mac = b.unpack(frames)
+    with pytest.raises(wire.WireError):
+        b.check_bufs([b"a", b"bcd"], mac)
+
+
+def test_replay_is_rejected():
+    a, b = pair()
+    frames = a.pack(wire.HELLO, None)
+    b.unpack(frames)
+    with pytest.raises(wire.WireError, match="replayed"):
+        b.unpack(frames)
+
+
+@pytest.mark.parametrize(
+    "frames",
+    [[], [b"x"], [b"\0" * 32, b"garbage"], [b"short", b"head"], [b"\0" * 32, b"", b""]],
+)
+def test_malformed_messages_raise_wire_error(frames):
+    _, b = pair()
+    with pytest.raises(wire.WireError):
+        b.unpack(frames)
+
+
+def test_signed_but_unreadable_head_is_a_wire_error():
+    key = b"k" * 64
+    import hmac as _hmac
+
+    head = b"not a pickle"
+    sig = _hmac.digest(key, head, "sha256")
+    with pytest.raises(wire.WireError, match="unreadable"):
+        wire.Signer(key, b"b").unpack([sig, head])
+
+
+def test_nothing_is_unpickled_before_the_signature_checks(monkeypatch):
+    calls = []
+    monkeypatch.setattr(pickle, "loads", lambda *a, **k: calls.append(a))
+    _, b = pair()
+    with pytest.raises(wire.WireError):
+        b.unpack([b"\0" * 32, pickle.dumps((1, b"x", 1, None, b""))])
+    assert calls == []
