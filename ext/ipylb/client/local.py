@@ -39,6 +39,13 @@ def check_kernelspec() -> None:
         ) from None
 
 
+def _engine_env() -> dict[str, str]:
+    """This process's environment, with its sys.path as PYTHONPATH: what imports here
+    (a test module, a path appended in a notebook) imports on the engines too."""
+    paths = [p or os.getcwd() for p in sys.path]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}
+
+
 class LocalCluster:
     """A controller child process plus its engines, owned by one client."""
 
@@ -59,7 +66,8 @@ class LocalCluster:
             "--engines", str(engines), "--scheme", scheme, "--hwm", str(hwm),
             "--parent-pid", str(os.getpid()),
         ]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                     text=True, env=_engine_env())
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline().strip()
         self.proc.stdout.close()

@@ -92,8 +92,8 @@ from .events import (
     Assign,
     Cancel,
     Command,
-    DepSpec,
     Deliver,
+    DepSpec,
     EngineAdded,
     EngineRemoved,
     Fail,
@@ -374,12 +374,13 @@ class Scheduler:
                 x.f_engines = set()
         self._story.append((t.id, None, WAITING, "submitted", self._now))
         why = None
+        cause = None
         for did in sorted(wanted):
             d = tasks[did]
             if d.state is DONE or d.state is FAILED:
                 w = self._count(t, d)
                 if w is not None and why is None:
-                    why = w
+                    why, cause = w, d
             else:
                 if d.dependents is None:
                     d.dependents = []
@@ -387,7 +388,7 @@ class Scheduler:
         if why is None:
             why = self._when_dead(t)
         if why is not None:
-            self._fail_impossible(t, why, out)
+            self._fail_impossible(t, why, out, cause)
         elif self._met(t):
             self._ready(t, out)
 
@@ -428,8 +429,9 @@ class Scheduler:
                 t.engine = None  # skipped by its engine: it ran nowhere
             self._story.append((t.id, ASSIGNED, DONE, "error", self._now))
             out.append(Deliver(t.id))
-        if t.deadline is not None:
-            t.deadline = None
+        t.deadline = None
+        if x is not None:
+            self._drop_follow_links(t)
         self._fill(e, out)
         if t.dependents:
             self._finished(t, out)
@@ -522,14 +524,14 @@ class Scheduler:
         # Tasks whose follow deps ran on the dead engine, and ready tasks with
         # exclusions (whose candidates may have shrunk, or widened back to the
         # engines they failed on), are re-examined.
-        for t in e.followers:
+        followers, e.followers = sorted(e.followers, key=_by_seq), set()
+        for t in followers:
             if t.state is WAITING:
                 why = self._when_dead(t)
                 if why is not None:
                     self._fail_impossible(t, why, out)
             elif t.state is READY:
                 replace.append(t)
-        e.followers = set()
         replace.extend(self._ready_excl)
         seen: set[_Task] = set()
         for t in sorted(replace, key=_by_seq):
@@ -823,8 +825,8 @@ class Scheduler:
             return None
         if not engines:
             return (f"none of its follow dependencies ({_ids(f.spec.ids)}) "
-                    f"{'counted' if f.spec.success and f.spec.failure else 'did ' + wants(f.spec)[:-1] if False else self._past(f.spec)} "
-                    f"on an engine, and follow({rule(f.spec)}) needs one that did")
+                    f"{self._past(f.spec)} on an engine, and follow({rule(f.spec)}) "
+                    "needs one that did")
         gone = sorted(e.id for e in engines if not e.alive)
         refused = sorted(e.id for e in engines if e.alive)
         parts = []
@@ -907,33 +909,22 @@ class Scheduler:
         x = _extra(t)
         self._ready_excl.discard(t)
         x.why = why or message
-        x.root = x.why
+        cx = cause.x if cause is not None and cause.state is FAILED else None
+        if cx is not None:
+            x.depth, x.root = cx.depth + 1, cx.root
+        else:
+            x.depth, x.root = 1, x.why
         self._drop_follow_links(t)
         self._story.append((t.id, prev, FAILED, error, self._now))
         out.append(Fail(t.id, error, message, engine_id))
         if t.dependents:
             self._finished(t, out)
 
-    def _fail_impossible(self, t: _Task, why: str, out: list[Command]) -> None:
-        """Fail ``t`` with ImpossibleDependency; keep the chain of causes for dependents."""
+    def _fail_impossible(self, t: _Task, why: str, out: list[Command],
+                         cause: _Task | None = None) -> None:
+        """Fail ``t`` with ImpossibleDependency because ``why`` (``cause``: the dependency)."""
         self._fail(t, IMPOSSIBLE, f"task {t.id} cannot run: {why}", out,
-                   why=f"{t.id} was impossible because {why}")
-        x: _Extra = t.x  # type: ignore[assignment]
-        # depth/root for long cascades: inherit from the deepest failed dependency named.
-        depth, root = 1, x.why
-        for dep_id in self._named_failed(why):
-            d = self._tasks.get(dep_id)
-            if d is not None and d.x is not None and d.state is FAILED and d.x.depth + 1 > depth:
-                depth, root = d.x.depth + 1, d.x.root
-        x.depth, x.root = depth, root
-
-    def _named_failed(self, why: str) -> list[str]:
-        # The dependency a cascade message names comes right after "dependency ".
-        marker = "dependency "
-        i = why.find(marker)
-        if i < 0:
-            return []
-        return [why[i + len(marker):].split(" ", 1)[0].rstrip(",")]
+                   why=f"{t.id} was impossible because {why}", cause=cause)
 
     def _fail_timeout(self, t: _Task, out: list[Command]) -> None:
         x: _Extra = t.x  # type: ignore[assignment]
@@ -995,19 +986,18 @@ class Scheduler:
                     state = dep.state
                     if state is not WAITING and state is not READY:
                         continue
+                    fe = dep.x.f_engines  # type: ignore[union-attr]
+                    before = len(fe) if fe is not None else 0
                     why = self._count(dep, d)
                     if why is not None:
-                        self._fail_impossible(dep, why, out)  # queues dep's own dependents
+                        self._fail_impossible(dep, why, out, d)  # queues dep's own dependents
                     elif state is WAITING:
                         if self._met(dep):
                             self._ready(dep, out)
-                    elif dep.x.follow is not None and not dep.x.follow.spec.all:  # type: ignore[union-attr]
-                        self._place(dep, out)  # a ready follow-any task may have a new engine
+                    elif fe is not None and len(fe) > before and d.engine.alive:  # type: ignore[union-attr]
+                        self._place(dep, out)  # a ready follow-any task gained an engine
         finally:
             self._draining = False
-        # Dependents that finished keep their own follow links tidy.
-        if t.state is DONE or t.state is FAILED:
-            self._drop_follow_links(t)
 
     def _push_deadline(self, t: _Task) -> None:
         self._dl_count += 1
@@ -1031,8 +1021,7 @@ class Scheduler:
                 raise AssertionError(what)
 
         cap = self._cap
-        need(list(self._lru) and set(self._lru) == set(self._engines) or not self._engines,
-             "LRU order lists exactly the registered engines")
+        need(set(self._lru) == set(self._engines), "LRU order lists exactly the registered engines")
         nfree = 0
         assigned = 0
         for e in self._engines.values():
@@ -1054,13 +1043,14 @@ class Scheduler:
             if s is WAITING or s is READY:
                 unassigned += 1
                 need(t.engine is None, f"{t} unassigned but has an engine")
+                need(t.deadline is None or t.deadline > self._now,
+                     f"{t} is past its deadline but still unassigned")
             if s is ASSIGNED:
                 n_assigned += 1
                 need(t.engine is not None and t.engine.alive and t in t.engine.queue,
                      f"{t} assigned but not on a live engine's queue")
             if s is WAITING:
-                need(not self._met(t) or self._when_dead(t) is not None,
-                     f"{t} waits although its dependencies are met")
+                need(not self._met(t), f"{t} waits although its dependencies are met")
                 self._check_deps_live(t, need)
             if s is READY:
                 x = t.x
@@ -1081,8 +1071,7 @@ class Scheduler:
                         need(t in self._ready_excl, f"{t} ready with exclusions but not tracked")
                     if not cands:
                         need(self._stuck(t) is None, f"{t} has no candidate engine and should have failed")
-                if t.deadline is not None:
-                    need(t.deadline > self._now, f"{t} is past its deadline but still unassigned")
+
         need(unassigned == self._unassigned, f"unassigned count {self._unassigned} != {unassigned}")
         need(n_assigned == assigned, f"{n_assigned} assigned tasks but engines hold {assigned}")
         for t in self._ready_excl:
