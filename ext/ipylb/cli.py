@@ -10,10 +10,15 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: ipylb {bench,cluster,engine} ...\n\n"
+              "  demo      run the task interface's examples on local engines\n"
               "  bench     measure ipylb beside ipyparallel (ipylb bench --help)\n")
         return
     cmd, rest = argv[0], argv[1:]
-    if cmd == "bench":
+    if cmd == "demo":
+        from .demo import main as demo_main
+
+        demo_main(rest)
+    elif cmd == "bench":
         from .bench import main as bench_main
 
         bench_main(rest)

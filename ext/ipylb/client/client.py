@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 import weakref
+from collections import deque
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -22,11 +23,13 @@ import zmq
 
 from .. import connection, wire
 from ..error import NoCluster
-from .asyncresult import AsyncHubResult, AsyncResult, Outcome
+from .asyncresult import AsyncHubResult, AsyncResult, Metadata, Outcome
 from .local import LocalCluster
 
 # How long a client waits for a controller to answer its hello.
 CONNECT_TIMEOUT_S = 5.0
+# How many recent task failures ``Client.failures`` keeps (the dashboard lists them).
+FAILURES_KEPT = 1000
 # How long Client(engines=N) waits for its engines to register.
 ENGINE_START_TIMEOUT_S = 60.0
 
@@ -81,6 +84,7 @@ class Client:
         self._replies: dict[int, Future] = {}
         self._engine_ids: list[int] = []
         self._engine_failures: list[str] = []
+        self.failures: deque[Metadata] = deque(maxlen=FAILURES_KEPT)
         self._state = threading.Condition()
         self._welcome = threading.Event()
         self._receiver = threading.Thread(
@@ -122,6 +126,8 @@ class Client:
                 if kind == wire.RESULT:
                     outcome = Outcome(meta, bufs, mac)
                     outcomes[meta[0]] = outcome
+                    if meta[2] != "ok":
+                        self.failures.append(outcome.metadata(None))
                     waiting = pending.pop(meta[0], None)
                     if waiting is not None:
                         waiting[0]._deliver(waiting[1], outcome)

@@ -10,6 +10,8 @@ from typing import Any
 
 from jupyter_client import KernelManager
 
+from ..connection import runtime_dir
+
 log = logging.getLogger("ipylb.controller")
 
 KERNEL_NAME = "ipylb-engine"
@@ -43,7 +45,11 @@ class EngineLauncher:
         """Start ``n`` engines; they boot in parallel and register themselves."""
         for _ in range(n):
             tag = uuid.uuid4().hex[:12]
-            km = KernelManager(kernel_name=self.kernel_name)
+            # Local engines talk to Jupyter frontends over unix sockets in the private runtime
+            # dir, next to their connection files (`jupyter console --existing` finds them).
+            base = runtime_dir() / f"kernel-ipylb-{tag}"
+            km = KernelManager(kernel_name=self.kernel_name, transport="ipc", ip=str(base),
+                               connection_file=f"{base}.json")
             env = {**os.environ, "IPYLB_CLUSTER_FILE": self.cluster_file, "IPYLB_ENGINE_TAG": tag}
             km.start_kernel(env=env, cwd=self.cwd)
             self.pending[tag] = km

@@ -128,11 +128,12 @@ def _ids(items: Any) -> str:
 class _Engine:
     """One registered engine: its FIFO of outstanding tasks and its private queue."""
 
-    __slots__ = ("id", "alive", "load", "completed", "queue", "heap", "followers")
+    __slots__ = ("id", "alive", "used", "load", "completed", "queue", "heap", "followers")
 
     def __init__(self, engine_id: int) -> None:
         self.id = engine_id
         self.alive = True
+        self.used = False  # has been assigned a task
         self.load = 0  # outstanding tasks == len(queue)
         self.completed = 0  # TaskDone results received from it
         self.queue: deque[_Task] = deque()  # assigned tasks; [0] is running
@@ -188,7 +189,7 @@ class _Task:
         self.seq = seq  # submission order: lower runs first
         self.state = WAITING
         self.engine: _Engine | None = None  # assigned to / ran on (None if failed by us)
-        self.retries = retries  # attempts left after a failure
+        self.retries = retries if retries > 0 else 0  # attempts left after a failure
         self.ok = False  # when done: the engine reported success
         self.deadline: float | None = None
         self.dependents: list[_Task] | None = None
@@ -329,19 +330,33 @@ class Scheduler:
         tasks = self._tasks
         if tid in tasks:
             raise ValueError(f"task {tid!r} was already submitted")
-        self._seq += 1
-        t = _Task(tid, self._seq, ev.retries if ev.retries > 0 else 0)
-        tasks[tid] = t
-        self._unassigned += 1
         if ev.after is None and ev.follow is None and not ev.timeout:
-            # The hot path: nothing to wait for, no constraint.
-            t.state = READY
-            self._story.append((tid, None, READY, "submitted", self._now))
+            # The hot path: nothing to wait for, no constraint; _assign inlined.
+            seq = self._seq = self._seq + 1
+            t = tasks[tid] = _Task(tid, seq, ev.retries)
             if self._nfree:
-                self._assign(t, self._pick_plain(), out)
+                e = self._pick_plain()
+                t.state = ASSIGNED
+                t.engine = e
+                e.queue.append(t)
+                e.load += 1
+                if e.load == self._cap:
+                    self._nfree -= 1
+                self._lru.move_to_end(e.id)
+                e.used = True
+                self._story.append((tid, None, ASSIGNED, e.id, self._now))
+                out.append(Assign(tid, e.id))
             else:
+                t.state = READY
+                self._unassigned += 1
+                self._story.append((tid, None, READY, "submitted", self._now))
                 self._push_plain(t)
             return
+        if ev.timeout is not None and ev.timeout < 0:
+            raise ValueError(f"task {tid!r}: negative timeout {ev.timeout!r}")
+        seq = self._seq = self._seq + 1
+        t = tasks[tid] = _Task(tid, seq, ev.retries)
+        self._unassigned += 1
         self._submit_slow(t, ev, out)
 
     def _submit_slow(self, t: _Task, ev: TaskSubmitted, out: list[Command]) -> None:
@@ -361,8 +376,6 @@ class Scheduler:
                        why=f"{t.id} depended on unknown task(s) {_ids(unknown)}")
             return
         if ev.timeout:
-            if ev.timeout < 0:
-                raise ValueError(f"task {t.id}: negative timeout {ev.timeout!r}")
             x.timeout = ev.timeout
             t.deadline = ev.time + ev.timeout
             self._push_deadline(t)
@@ -394,9 +407,11 @@ class Scheduler:
 
     def _on_done(self, ev: TaskDone, out: list[Command]) -> None:
         t = self._tasks.get(ev.task_id)
-        if t is None or t.state is not ASSIGNED or t.engine.id != ev.engine_id:  # type: ignore[union-attr]
+        if t is None or t.state is not ASSIGNED:
             return  # stale: the task moved on (its engine was removed, ...)
         e: _Engine = t.engine  # type: ignore[assignment]
+        if e.id != ev.engine_id:
+            return
         q = e.queue
         if q[0] is t:
             q.popleft()
@@ -429,10 +444,11 @@ class Scheduler:
                 t.engine = None  # skipped by its engine: it ran nowhere
             self._story.append((t.id, ASSIGNED, DONE, "error", self._now))
             out.append(Deliver(t.id))
-        t.deadline = None
         if x is not None:
+            t.deadline = None
             self._drop_follow_links(t)
-        self._fill(e, out)
+        if self._plain or self._plain_late or e.heap:
+            self._fill(e, out)
         if t.dependents:
             self._finished(t, out)
 
@@ -466,8 +482,11 @@ class Scheduler:
             raise ValueError(f"engine {eid} is already registered")
         e = _Engine(eid)
         self._engines[eid] = e
-        self._lru[eid] = e
-        self._lru.move_to_end(eid, last=False)  # never used: least recently used
+        # Never used counts as least recently used: after the other unused engines
+        # (in registration order), before every engine that has had a task.
+        unused = [u for u in self._lru.values() if not u.used]
+        used = [u for u in self._lru.values() if u.used]
+        self._lru = OrderedDict((u.id, u) for u in (*unused, e, *used))
         self._nfree += 1
         self._story.append((None, None, None, f"engine {eid} added", self._now))
         if self._ready_excl:
@@ -605,6 +624,7 @@ class Scheduler:
         if e.load == self._cap:
             self._nfree -= 1
         self._lru.move_to_end(e.id)
+        e.used = True
         self._unassigned -= 1
         if t.x is not None:
             self._ready_excl.discard(t)
@@ -769,7 +789,7 @@ class Scheduler:
                         x.f_engine = e
                     elif x.f_engine is not e and why is None:
                         why = (f"its follow dependencies ran on different engines "
-                               f"({self._where_ran(x.f_engine, spec)}; {d.id} on engine {e.id}) "
+                               f"({self._where_ran(x.f_engine, spec)}, but {d.id} on engine {e.id}) "
                                "and follow with all=True needs them all on one engine")
                     if not e.alive and why is None:
                         why = f"its follow dependency {d.id} ran on engine {e.id}, which is gone"
@@ -835,7 +855,7 @@ class Scheduler:
         if refused:
             parts.append(f"engine(s) {', '.join(map(str, refused))} refused it")
         return (f"every engine its follow dependencies ran on is unavailable "
-                f"({'; '.join(parts)}) and all of them have finished")
+                f"({' and '.join(parts)}) and all of them have finished")
 
     @staticmethod
     def _past(spec: DepSpec) -> str:
@@ -887,13 +907,17 @@ class Scheduler:
         return f"failed ({x.why.split(' because ', 1)[0]} because of a chain of {x.depth} failures starting with: {x.root})"
 
     def _bad_dep_why(self, kind: str, tally: Tally, d: _Task) -> str:
-        """Explain an after/follow dependency made unreachable by ``d``'s outcome."""
+        """Explain an after/follow dependency made unreachable by ``d``'s outcome.
+
+        The rule comes after a "; " so that cascades can quote only the reason.
+        """
         spec = tally.spec
         if spec.all:
-            return (f"its {kind} dependency {d.id} {self._outcome(d)}, and "
-                    f"{kind}({rule(spec)}) needs every dependency to {wants(spec)}")
-        return (f"all of its {kind} dependencies finished and none did {wants(spec)} "
-                f"(the last, {d.id}, {self._outcome(d)}); {kind}({rule(spec)}) needs one that did")
+            return (f"its {kind} dependency {d.id} {self._outcome(d)}; "
+                    f"{kind}({rule(spec)}) needs every one to {wants(spec)}")
+        return (f"none of its {kind} dependencies did {wants(spec)} "
+                f"(the last to finish, {d.id}, {self._outcome(d)}); "
+                f"{kind}({rule(spec)}) needs one that did")
 
     # ----------------------------------------------------------------- endings
 
@@ -924,14 +948,14 @@ class Scheduler:
                          cause: _Task | None = None) -> None:
         """Fail ``t`` with ImpossibleDependency because ``why`` (``cause``: the dependency)."""
         self._fail(t, IMPOSSIBLE, f"task {t.id} cannot run: {why}", out,
-                   why=f"{t.id} was impossible because {why}", cause=cause)
+                   why=f"{t.id} was impossible because {why.split('; ', 1)[0]}", cause=cause)
 
     def _fail_timeout(self, t: _Task, out: list[Command]) -> None:
         x: _Extra = t.x  # type: ignore[assignment]
         waited = self._now - x.submitted
         self._fail(t, TIMEOUT,
                    f"task {t.id} timed out: it waited {waited:g}s (timeout {x.timeout:g}s) "
-                   f"for {self._waiting_for(t)} and was never assigned", out,
+                   f"for {self._waiting_for(t)} without starting", out,
                    why=f"{t.id} timed out waiting for {self._waiting_for(t)}")
 
     def _waiting_for(self, t: _Task) -> str:
