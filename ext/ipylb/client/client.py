@@ -256,6 +256,13 @@ class Client:
         """Tasks in ``jobs`` that have not started never run; they fail with TaskAborted."""
         self._request("abort", _msg_ids(jobs))
 
+    def dashboard(self) -> Any:
+        """A live ipywidgets panel of this cluster (queue depth, engines, throughput,
+        failures), updated from a background thread; display it in a notebook."""
+        from ..dashboard import Dashboard
+
+        return Dashboard(self)
+
     # -- shutdown ----------------------------------------------------------------
 
     def close(self) -> None:
