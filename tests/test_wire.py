@@ -101,3 +101,14 @@ def test_nothing_is_unpickled_before_the_signature_checks(monkeypatch):
     with pytest.raises(wire.WireError):
         b.unpack([b"\0" * 32, pickle.dumps((1, b"x", 1, None, b""))])
     assert calls == []
+
+
+def test_large_buffers_are_authenticated_chunk_by_chunk():
+    a, b = pair()
+    big = bytearray(3 * wire.CHUNK + 17)
+    frames = a.pack(wire.SUBMIT, ("m", None), [big])
+    *_, bufs, mac = b.unpack(frames)
+    b.check_bufs(bufs, mac)
+    big[2 * wire.CHUNK + 5] = 1  # one byte in the third chunk
+    with pytest.raises(wire.WireError, match="payload"):
+        b.check_bufs([big], mac)

@@ -37,17 +37,24 @@ def dumps(obj: Any) -> list[Any]:
     return [cloudpickle.dumps(obj, protocol=5, buffer_callback=keep), *oob]
 
 
+def _writable(frame: Any) -> Any:
+    # A received zmq.Frame owns its memory and exposes it writable: no copy needed.
+    if isinstance(frame, zmq.Frame):
+        return frame.buffer
+    return bytearray(frame)
+
+
 def loads(frames: Sequence[Any]) -> Any:
     """Inverse of :func:`dumps`.
 
-    Out-of-band buffers are copied once into writable memory, so an array that
-    arrives here can be modified in place like one made locally.
+    Out-of-band buffers become writable memory (a received frame's own, else a
+    copy), so an array that arrives here can be modified in place like one made
+    locally.
     """
     first = frames[0]
     if isinstance(first, zmq.Frame):
         first = first.buffer
-    bufs = [bytearray(f.buffer if isinstance(f, zmq.Frame) else f) for f in frames[1:]]
-    return pickle.loads(first, buffers=bufs)
+    return pickle.loads(first, buffers=[_writable(f) for f in frames[1:]])
 
 
 def _culprit(args: tuple, kwargs: dict) -> str:
