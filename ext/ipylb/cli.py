@@ -1,17 +1,46 @@
-"""The ``ipylb`` command: ``ipylb bench``, ``ipylb cluster ...``, ``ipylb engine ...``."""
+"""The ``ipylb`` command: ``ipylb demo``, ``ipylb bench``, ``ipylb cluster ...``, ``ipylb engine ...``.
+
+A standalone cluster is a ``python -m ipylb.controller`` process with no parent to
+watch, found through its profile's connection file in the Jupyter runtime
+directory.  Every command that talks to it goes through an ordinary authenticated
+Client, so the CLI needs nothing the key does not already grant.
+"""
 
 from __future__ import annotations
 
+import argparse
+import os
+import signal
+import subprocess
 import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import connection
+from .error import NoCluster
+
+# How long a running controller has to answer before its connection file counts as stale.
+PING_TIMEOUT_S = 3.0
+# How long `cluster start` and `engine add` wait for engines to register.
+ENGINE_START_TIMEOUT_S = 120.0
+# How long `cluster stop` waits for the controller (and so its engines) to be gone.
+STOP_TIMEOUT_S = 30.0
+
+USAGE = """usage: ipylb {demo,bench,cluster,engine} ...
+
+  demo      run the task interface's examples on local engines
+  bench     measure ipylb beside ipyparallel (ipylb bench --help)
+  cluster   start, stop or inspect a standalone cluster (ipylb cluster --help)
+  engine    add engines to a running cluster (ipylb engine add -n K)
+"""
 
 
 def main(argv: list[str] | None = None) -> None:
     """Dispatch to a subcommand."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: ipylb {bench,cluster,engine} ...\n\n"
-              "  demo      run the task interface's examples on local engines\n"
-              "  bench     measure ipylb beside ipyparallel (ipylb bench --help)\n")
+        print(USAGE)
         return
     cmd, rest = argv[0], argv[1:]
     if cmd == "demo":
@@ -22,5 +51,285 @@ def main(argv: list[str] | None = None) -> None:
         from .bench import main as bench_main
 
         bench_main(rest)
+    elif cmd in ("cluster", "engine"):
+        args = _parser().parse_args(argv)
+        try:
+            sys.exit(args.func(args))
+        except ValueError as e:  # a bad profile name
+            sys.exit(f"ipylb: {e}")
     else:
         sys.exit(f"ipylb: unknown command {cmd!r}; try `ipylb --help`")
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .client.local import SCHEMES
+
+    p = argparse.ArgumentParser(prog="ipylb")
+    top = p.add_subparsers(dest="cmd", required=True)
+
+    def profile(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--profile", default="default",
+                        help="which cluster (default: %(default)s); its connection file is "
+                             "ipylb-PROFILE.json in the Jupyter runtime directory")
+
+    cluster = top.add_parser("cluster", help="a standalone cluster").add_subparsers(
+        dest="action", required=True)
+    start = cluster.add_parser("start", help="start a controller and its engines")
+    start.add_argument("-n", "--engines", type=int, default=os.cpu_count() or 1,
+                       help="engines to start (default: one per CPU, %(default)s)")
+    start.add_argument("--scheme", default="leastload", choices=SCHEMES)
+    start.add_argument("--hwm", type=int, default=1,
+                       help="at most this many tasks outstanding per engine (0: no limit)")
+    start.add_argument("--ip", default="127.0.0.1",
+                       help="address the controller listens on (default: %(default)s, "
+                            "this machine only)")
+    start.add_argument("--daemon", action="store_true",
+                       help="run in the background: return once the engines are up")
+    start.add_argument("--log-level", default="WARNING",
+                       choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    profile(start)
+    start.set_defaults(func=cluster_start)
+    stop = cluster.add_parser("stop", help="stop a running cluster and its engines")
+    profile(stop)
+    stop.set_defaults(func=cluster_stop)
+    status = cluster.add_parser("status", help="engines, queue and tasks done")
+    profile(status)
+    status.set_defaults(func=cluster_status)
+
+    engine = top.add_parser("engine", help="engines of a running cluster").add_subparsers(
+        dest="action", required=True)
+    add = engine.add_parser("add", help="start more engines for a running cluster")
+    add.add_argument("-n", "--engines", type=int, default=1, help="how many (default: 1)")
+    profile(add)
+    add.set_defaults(func=engine_add)
+    return p
+
+
+def _say(text: str) -> None:
+    print(f"ipylb: {text}", file=sys.stderr, flush=True)
+
+
+def _connect(path: Path) -> Any:
+    """A Client of the cluster whose connection file is ``path``, or None if it is not
+    running (no file, its pid is gone, or its controller does not answer)."""
+    from .client.client import Client
+
+    try:
+        info = connection.read(path)
+    except NoCluster:
+        return None
+    if not connection.pid_alive(info.get("pid")):
+        return None
+    try:
+        return Client(path, timeout=PING_TIMEOUT_S)
+    except NoCluster:
+        return None
+
+
+def _not_running(profile: str) -> int:
+    _say(f"no cluster is running for profile {profile!r}; start one with "
+         f"`ipylb cluster start -n 4 --profile {profile}`")
+    return 1
+
+
+# -- cluster start -------------------------------------------------------------------
+
+
+def cluster_start(args: argparse.Namespace) -> int:
+    """Start a controller and its engines, in the foreground or as a daemon."""
+    if args.engines < 0 or args.hwm < 0:
+        _say("-n and --hwm must be >= 0")
+        return 1
+    path = connection.profile_file(args.profile)
+    rc = _connect(path)
+    if rc is not None:
+        pid, n = rc._info.get("pid"), len(rc.ids)
+        rc.close()
+        _say(f"a cluster is already running for profile {args.profile!r} (controller pid {pid}, "
+             f"{n} engines, {path}); it is left as it is. Stop it first with "
+             f"`ipylb cluster stop --profile {args.profile}`, or pick another --profile.")
+        return 1
+    if path.exists():
+        _say(f"replacing the stale connection file {path} (its cluster is gone)")
+        path.unlink(missing_ok=True)
+    cmd = [
+        sys.executable, "-m", "ipylb.controller", "--connection-file", str(path),
+        "--engines", str(args.engines), "--scheme", args.scheme, "--hwm", str(args.hwm),
+        "--ip", args.ip, "--log-level", args.log_level,
+    ]
+    if args.daemon:
+        log = connection.log_file(args.profile)
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        # A session of its own: the shell's Ctrl-C and hang-up do not reach it.
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=fd, text=True, start_new_session=True)
+        os.close(fd)
+        rc = _wait_ready(proc, path, args.engines)
+        if rc is None:
+            _say(f"the controller's log: {log}")
+            return 1
+        rc.close()
+        _say(f"cluster {args.profile!r} started: {args.engines} engines, scheme {args.scheme} "
+             f"(controller pid {proc.pid}, log {log}). Stop it with "
+             f"`ipylb cluster stop --profile {args.profile}`.")
+        print(path, flush=True)
+        return 0
+    # Foreground: the controller is our child and watches us, so whatever ends this
+    # command (Ctrl-C, SIGTERM, a closed terminal) ends the cluster too.
+    cmd += ["--parent-pid", str(os.getpid())]
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+    signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
+    try:
+        rc = _wait_ready(proc, path, args.engines)
+        if rc is None:
+            return 1
+        rc.close()
+        _say(f"cluster {args.profile!r} running: {args.engines} engines, scheme {args.scheme}, "
+             f"connection file {path}. Connect with ipylb.Client(profile={args.profile!r}); "
+             "Ctrl-C stops it.")
+        proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        proc.wait()
+    _say(f"cluster {args.profile!r} stopped")
+    return 0
+
+
+def _wait_ready(proc: subprocess.Popen, path: Path, engines: int) -> Any:
+    """Wait for the controller's "ready" line, then for its engines to register.
+    Returns a connected Client, or None (said why, and the controller is stopped)."""
+    from .client.client import Client
+
+    assert proc.stdout is not None
+    line = proc.stdout.readline().strip()
+    proc.stdout.close()
+    if line != "ready":
+        proc.wait()
+        _say(f"the controller failed to start: {line or 'no output'}")
+        return None
+    try:
+        rc = Client(path, timeout=PING_TIMEOUT_S)
+    except NoCluster as e:
+        _stop_process(proc.pid)
+        _say(str(e))
+        return None
+    try:
+        rc.wait_for_engines(engines, ENGINE_START_TIMEOUT_S)
+    except (RuntimeError, TimeoutError) as e:
+        rc.close()
+        _stop_process(proc.pid)
+        _say(f"engines failed to start, cluster stopped: {e}")
+        return None
+    return rc
+
+
+# -- cluster stop ------------------------------------------------------------------
+
+
+def cluster_stop(args: argparse.Namespace) -> int:
+    """Ask the controller to shut down (it stops its engines); wait until it is gone."""
+    path = connection.profile_file(args.profile)
+    try:
+        info = connection.read(path)
+    except NoCluster:
+        return _not_running(args.profile)
+    pid = info.get("pid")
+    if not connection.pid_alive(pid) or not _is_controller(pid):
+        path.unlink(missing_ok=True)
+        _say(f"removed the stale connection file {path}")
+        return _not_running(args.profile)
+    rc = _connect(path)
+    asked = False
+    if rc is not None:
+        try:
+            rc._request("shutdown", timeout=PING_TIMEOUT_S)
+            asked = True
+        except TimeoutError:
+            pass
+        rc.close()
+    if not asked:  # a controller that does not answer: the signal it handles the same way
+        _say(f"the controller (pid {pid}) does not answer; sending it SIGTERM")
+        _stop_process(pid, wait=False)
+    if not _wait_gone(pid, STOP_TIMEOUT_S):
+        _say(f"the controller (pid {pid}) is still running after {STOP_TIMEOUT_S:.0f} s")
+        return 1
+    _say(f"cluster {args.profile!r} stopped")
+    return 0
+
+
+def _is_controller(pid: int) -> bool:
+    """Whether ``pid`` runs an ipylb controller (a recycled pid must not be signalled)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"ipylb.controller" in f.read()
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc (macOS): trust the connection file
+        return True
+
+
+def _stop_process(pid: int, wait: bool = True) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        return
+    if wait:
+        _wait_gone(pid, STOP_TIMEOUT_S)
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    """Poll until ``pid`` is gone: it is not our child, so there is nothing to wait() on."""
+    deadline = time.monotonic() + timeout
+    while connection.pid_alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+# -- cluster status, engine add ------------------------------------------------------
+
+
+def cluster_status(args: argparse.Namespace) -> int:
+    """Print the cluster's engines, queues and tasks done."""
+    path = connection.profile_file(args.profile)
+    rc = _connect(path)
+    if rc is None:
+        return _not_running(args.profile)
+    try:
+        qs, ids, info = rc.queue_status(), rc.ids, rc._info
+    finally:
+        rc.close()
+    engines = {k: v for k, v in qs.items() if k != "unassigned"}
+    print(f"cluster {args.profile!r}: controller pid {info.get('pid')}, "
+          f"scheme {info.get('scheme')}, hwm {info.get('hwm')}")
+    print(f"connection file: {path}")
+    print(f"engines: {len(ids)}")
+    for e in sorted(engines):
+        s = engines[e]
+        print(f"  engine {e}: queue {s['queue']}, tasks {s['tasks']}, completed {s['completed']}")
+    print(f"unassigned: {qs.get('unassigned', 0)}")
+    print(f"tasks done: {sum(s['completed'] for s in engines.values())}")
+    return 0
+
+
+def engine_add(args: argparse.Namespace) -> int:
+    """Start more engines for a running cluster and wait until they have registered."""
+    if args.engines < 1:
+        _say("-n must be at least 1")
+        return 1
+    rc = _connect(connection.profile_file(args.profile))
+    if rc is None:
+        return _not_running(args.profile)
+    try:
+        before = len(rc.ids)
+        rc._request("add_engines", args.engines)
+        rc.wait_for_engines(before + args.engines, ENGINE_START_TIMEOUT_S)
+        _say(f"added {args.engines} engines to cluster {args.profile!r}: "
+             f"{len(rc.ids)} engines now")
+        return 0
+    except (RuntimeError, TimeoutError, ValueError) as e:
+        _say(f"adding engines failed: {e}")
+        return 1
+    finally:
+        rc.close()

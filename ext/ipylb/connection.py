@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,16 @@ def runtime_dir() -> Path:
 
 def profile_file(profile: str = "default") -> Path:
     """Where the standalone cluster of ``profile`` keeps its connection file."""
+    check_profile(profile)
     return runtime_dir() / f"ipylb-{profile}.json"
+
+
+def check_profile(profile: str) -> None:
+    """Raise ValueError unless ``profile`` is a plain name (it becomes part of file names)."""
+    if not isinstance(profile, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", profile):
+        raise ValueError(
+            f"a profile name is letters, digits, '_', '.' and '-' (not first), got {profile!r}"
+        )
 
 
 def write(path: Path | str, info: dict[str, Any]) -> None:
@@ -55,3 +65,26 @@ def read(path: Path | str) -> dict[str, Any]:
         if field not in info:
             raise NoCluster(f"{path} is not an ipylb connection file (no {field!r})")
     return info
+
+
+def log_file(profile: str = "default") -> Path:
+    """Where a daemonized cluster of ``profile`` writes its controller's and engines' logs."""
+    check_profile(profile)
+    return runtime_dir() / f"ipylb-{profile}.log"
+
+
+def pid_alive(pid: Any) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (a connection file may outlive it)."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive, but not our cluster's
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:  # no /proc (macOS): kill(0) is all we have
+        return True

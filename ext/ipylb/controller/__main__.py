@@ -1,6 +1,9 @@
 """``python -m ipylb.controller``: run a controller and the engines it launches.
 
 The embedded ``Client(engines=N)`` and ``ipylb cluster start`` both run this.
+With ``--parent-pid`` it lives only as long as that process (a private cluster);
+without, it serves until asked to stop (a standalone cluster).  Either way it
+stops its engines when it stops.
 """
 
 from __future__ import annotations
@@ -10,7 +13,10 @@ import logging
 import os
 import sys
 
+import zmq
+
 from .. import connection, wire
+from ..error import NoCluster
 from .hub import Controller, stop_on_signals
 from .launcher import EngineLauncher
 
@@ -30,8 +36,12 @@ def main(argv: list[str] | None = None) -> None:
 
     key = wire.new_key()
     launcher = EngineLauncher(args.connection_file)
-    ctl = Controller(key, ip=args.ip, scheme=args.scheme, hwm=args.hwm,
-                     launcher=launcher, parent_pid=args.parent_pid)
+    try:
+        ctl = Controller(key, ip=args.ip, scheme=args.scheme, hwm=args.hwm,
+                         launcher=launcher, parent_pid=args.parent_pid)
+    except (ValueError, zmq.ZMQError) as e:  # unknown scheme, an --ip not on this machine
+        print(f"error: {e}", flush=True)
+        sys.exit(1)
     info = {
         "key": key.decode(), "client_url": ctl.client_url, "engine_url": ctl.engine_url,
         "pid": os.getpid(), "scheme": args.scheme, "hwm": args.hwm,
@@ -50,10 +60,16 @@ def main(argv: list[str] | None = None) -> None:
     try:
         ctl.run()
     finally:
-        try:
-            os.unlink(args.connection_file)
-        except FileNotFoundError:
-            pass
+        _remove_if_ours(args.connection_file)
+
+
+def _remove_if_ours(path: str) -> None:
+    """Remove our connection file, unless a newer cluster has already replaced it."""
+    try:
+        if connection.read(path).get("pid") == os.getpid():
+            os.unlink(path)
+    except (NoCluster, FileNotFoundError):
+        pass
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import uuid
 from typing import Any
 
@@ -51,7 +52,9 @@ class EngineLauncher:
             km = KernelManager(kernel_name=self.kernel_name, transport="ipc", ip=str(base),
                                connection_file=f"{base}.json")
             env = {**os.environ, "IPYLB_CLUSTER_FILE": self.cluster_file, "IPYLB_ENGINE_TAG": tag}
-            km.start_kernel(env=env, cwd=self.cwd)
+            # The engine's own stdout goes where our log goes: our stdout is a pipe that
+            # the process which started us closes once we are ready.
+            km.start_kernel(env=env, cwd=self.cwd, stdout=sys.stderr.fileno())
             self.pending[tag] = km
 
     def registered(self, tag: str, engine_id: int) -> None:
