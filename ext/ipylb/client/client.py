@@ -28,6 +28,8 @@ from .local import LocalCluster
 
 # How long a client waits for a controller to answer its hello.
 CONNECT_TIMEOUT_S = 5.0
+# Tasks per submission message (a map sends its items in batches).
+SUBMIT_BATCH = 256
 # How many recent task failures ``Client.failures`` keeps (the dashboard lists them).
 FAILURES_KEPT = 1000
 # How long Client(engines=N) waits for its engines to register.
@@ -178,14 +180,27 @@ class Client:
     def _new_msg_id(self) -> str:
         return f"{self.session}-{next(self._ids)}"
 
-    def _submit(self, msg_id: str, flags: dict[str, Any] | None, bufs: list[Any],
-                ar: AsyncResult, index: int) -> None:
+    def _submit(self, fbuf: Any, flags: dict[str, Any] | None, ar: AsyncResult,
+                tasks: list[tuple[str, list[Any]]]) -> None:
+        """Send tasks that share one function frame, in as few messages as possible.
+
+        Each task is ``(msg_id, arg_frames)``, filed as item ``i`` of ``ar``.  Its MAC
+        covers its own frames (the function's and its arguments'), so the controller
+        can forward each task to a different engine untouched.
+        """
         self._check_open()
-        self._pending[msg_id] = (ar, index)
-        with self._send_lock:
-            self._send_sock.send_multipart(
-                self._signer.pack(wire.SUBMIT, (msg_id, flags), bufs), copy=False
-            )
+        mac = self._signer.bufs_mac
+        for start in range(0, len(tasks), SUBMIT_BATCH):
+            batch = tasks[start:start + SUBMIT_BATCH]
+            metas, bufs = [], [fbuf]
+            for i, (msg_id, args) in enumerate(batch, start):
+                metas.append((msg_id, len(args), mac([fbuf, *args])))
+                bufs.extend(args)
+                self._pending[msg_id] = (ar, i)
+            with self._send_lock:
+                self._send_sock.send_multipart(
+                    self._signer.pack(wire.SUBMIT, (flags, metas), bufs, b""), copy=False
+                )
 
     def _request(self, op: str, arg: Any = None, timeout: float | None = 30.0) -> Any:
         """Ask the controller something and wait for its answer."""

@@ -101,11 +101,11 @@ class LoadBalancedView:
             raise TypeError(f"apply needs a callable, got {type(f).__name__}")
         flags = self._task_flags()
         fbuf = dumps_function(f)
-        bufs = [fbuf, *dumps_args(args, kwargs)]
+        arg_bufs = dumps_args(args, kwargs)
         client = self.client
         msg_id = client._new_msg_id()
         ar = AsyncResult(client, [msg_id], _name(f))
-        client._submit(msg_id, flags, bufs, ar, 0)
+        client._submit(fbuf, flags, ar, [(msg_id, arg_bufs)])
         return ar
 
     # -- map ---------------------------------------------------------------------
@@ -144,9 +144,7 @@ class LoadBalancedView:
         client = self.client
         msg_ids = [client._new_msg_id() for _ in payloads]
         ar = AsyncMapResult(client, msg_ids, [len(c) for c in chunks], ordered, _name(f))
-        submit = client._submit
-        for i, (msg_id, bufs) in enumerate(zip(msg_ids, arg_bufs)):
-            submit(msg_id, flags, [fbuf, *bufs], ar, i)
+        client._submit(fbuf, flags, ar, list(zip(msg_ids, arg_bufs)))
         return ar
 
     # -- decorator ---------------------------------------------------------------

@@ -205,17 +205,24 @@ class Controller:
             info = {"engines": self._engine_list(), "scheme": self.scheme, "hwm": self.hwm}
             self._send_client(ident, wire.WELCOME, info)
 
-    def _on_submit(self, ident: bytes, meta: tuple, bufs: list[Any], bufs_mac: bytes) -> None:
-        msg_id, flags = meta
-        if msg_id in self.store:
-            raise wire.WireError(f"duplicate msg_id {msg_id!r}")
-        self.store.add(Record(msg_id, ident[:-1] + b"r", bufs, bufs_mac))
+    def _on_submit(self, ident: bytes, meta: tuple, bufs: list[Any], _mac: bytes) -> None:
+        """One or more tasks sharing a function frame; each carries its own MAC."""
+        flags, tasks = meta
+        client = ident[:-1] + b"r"
+        fbuf, pos = bufs[0], 1
         now = time.monotonic()
-        if flags is None:
-            event = ev.TaskSubmitted(msg_id, now)
-        else:
-            event = ev.TaskSubmitted(msg_id, now, **flags)
-        self._execute(self.core.handle(event))
+        for msg_id, nargs, task_mac in tasks:
+            task_bufs = [fbuf, *bufs[pos:pos + nargs]]
+            pos += nargs
+            if msg_id in self.store:
+                log.warning("dropped a task with a duplicate msg_id %r", msg_id)
+                continue
+            self.store.add(Record(msg_id, client, task_bufs, task_mac))
+            if flags is None:
+                event = ev.TaskSubmitted(msg_id, now)
+            else:
+                event = ev.TaskSubmitted(msg_id, now, **flags)
+            self._execute(self.core.handle(event))
 
     def _send_client(self, ident: bytes, kind: int, meta: Any, bufs: list[Any] = (), mac: bytes | None = None) -> None:
         self.clients.send_multipart([ident, *self.signer.pack(kind, meta, bufs, mac)], copy=False)
