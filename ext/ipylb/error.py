@@ -47,6 +47,8 @@ class RemoteError(IpylbError):
         return [f"[engine {self.engine_info.get('engine_id', '?')}] {self.ename}: {self.evalue}",
                 *(self.traceback.splitlines() or [])]
 
+    _render_traceback_ = render_traceback  # the name IPython's shell looks for
+
     def __reduce__(self) -> Any:
         return type(self), (self.ename, self.evalue, self.traceback, self.engine_info)
 

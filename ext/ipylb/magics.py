@@ -1,0 +1,322 @@
+"""IPython magics: ``%load_ext ipylb``, then ``%lb_start``, ``%%lb``, ``%lbmap``, ``%lb_dashboard``.
+
+The magics keep one client per shell.  ``%lb_start`` starts a private cluster
+that the kernel owns: ``%lb_stop``, ``%unload_ext ipylb`` and the kernel's exit
+(shutdown or restart: an ``atexit`` hook) stop it, and the controller itself
+exits if the kernel is killed outright, so no engine outlives its notebook.
+``%lb_use rc`` adopts a client made with ``ipylb.Client(...)`` instead; the
+magics never shut down a client they did not start.
+
+``%%lb`` ships the cell's source, not a function: the engine runs it in its own
+user namespace, like a cell typed there, and sends back the value of the last
+expression (see :func:`run_source`).
+"""
+
+from __future__ import annotations
+
+import ast
+import atexit
+import linecache
+import sys
+import warnings
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class, needs_local_scope
+from IPython.core.magic_arguments import argument, kwds, magic_arguments, parse_argstring
+
+from .client.asyncresult import AsyncResult, print_stdout
+from .client.client import Client
+from .dependency import Dependency
+from .error import TaskAborted
+
+NO_CLUSTER = (
+    "no ipylb cluster yet: run `%lb_start -n 4` to start one for this kernel "
+    "(or make one with `rc = ipylb.Client(engines=4)` and adopt it with `%lb_use rc`)"
+)
+# After an interrupt and an abort request, how long to wait for the task's fate.
+ABORT_GRACE_S = 1.0
+
+
+def run_source(source: str, filename: str) -> Any:
+    """Run cell source in this process's IPython user namespace (the engine's); return the
+    value of the last expression, or None if the cell ends with a statement or a ``;``.
+
+    Runs on the engine.  The source is put in ``linecache`` so that a traceback shows the
+    lines of the cell, as it would for a cell typed into the engine.
+    """
+    from IPython import get_ipython
+
+    shell = get_ipython()
+    ns = shell.user_ns if shell is not None else sys.modules["__main__"].__dict__
+    linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
+    tree = ast.parse(source, filename)
+    last = None
+    if tree.body and isinstance(tree.body[-1], ast.Expr) and not source.rstrip().endswith(";"):
+        last = ast.Expression(tree.body.pop().value)
+    exec(compile(tree, filename, "exec"), ns)
+    return None if last is None else eval(compile(last, filename, "eval"), ns)
+
+
+@magics_class
+class LbMagics(Magics):
+    """The ipylb magics and the one client they share."""
+
+    def __init__(self, shell: Any) -> None:
+        super().__init__(shell)
+        self.client: Client | None = None
+        self.owned = False
+        self.view: Any = None
+
+    # -- the cluster ---------------------------------------------------------------
+
+    @magic_arguments()
+    @argument("-n", "--engines", type=int, default=4, help="how many engine kernels to start")
+    @argument("--scheme", default="leastload",
+              help="load-balancing scheme: leastload, lru, plainrandom, twobin, weighted, pure")
+    @line_magic
+    def lb_start(self, line: str) -> None:
+        """Start a private ipylb cluster (a controller and N engine kernels) owned by this
+        kernel; it stops with %lb_stop, %unload_ext ipylb, or when the kernel exits."""
+        args = parse_argstring(self.lb_start, line)
+        if self.client is not None:
+            print(f"ipylb: a cluster is already in use here ({self._describe()}); "
+                  "nothing changed. `%lb_stop` it first to start another.")
+            return
+        if args.engines < 1:
+            raise UsageError(f"-n must be at least 1, got {args.engines}")
+        try:
+            client = Client(engines=args.engines, scheme=args.scheme)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        self._adopt(client, owned=True)
+        atexit.register(self._stop_at_exit)
+        print(f"ipylb: started a cluster ({self._describe()})")
+
+    @magic_arguments()
+    @argument("name", help="a name in the namespace bound to an ipylb.Client")
+    @line_magic
+    def lb_use(self, line: str) -> None:
+        """Use an existing ipylb.Client for the magics (it is never shut down by them)."""
+        args = parse_argstring(self.lb_use, line)
+        client = self._lookup(args.name)
+        if not isinstance(client, Client):
+            raise UsageError(f"{args.name} is a {type(client).__name__}, not an ipylb.Client")
+        if self.client is not None:
+            print(f"ipylb: a cluster is already in use here ({self._describe()}); "
+                  "nothing changed. `%lb_stop` it first.")
+            return
+        self._adopt(client, owned=False)
+        print(f"ipylb: using the client's cluster ({self._describe()})")
+
+    @line_magic
+    def lb_stop(self, line: str = "") -> None:
+        """Stop the cluster %lb_start started (or let go of the client %lb_use adopted)."""
+        if self.client is None:
+            print("ipylb: no cluster to stop")
+            return
+        what = self._describe()
+        owned = self.stop()
+        print(f"ipylb: stopped the cluster ({what})" if owned
+              else f"ipylb: no longer using the client's cluster ({what}); it keeps running")
+
+    def stop(self) -> bool:
+        """Let go of the client, shutting it down if %lb_start started it; True if it did."""
+        client, owned = self.client, self.owned
+        self.client, self.view, self.owned = None, None, False
+        atexit.unregister(self._stop_at_exit)
+        if client is not None and owned:
+            client.shutdown()
+        return owned
+
+    def _stop_at_exit(self) -> None:
+        if self.client is not None and self.owned:
+            self.client.shutdown()
+
+    def _adopt(self, client: Client, owned: bool) -> None:
+        self.client, self.owned = client, owned
+        self.view = client.load_balanced_view()
+
+    def _describe(self) -> str:
+        assert self.client is not None
+        n = len(self.client.ids)
+        scheme = self.client._info.get("scheme", "?")
+        return f"{n} engine{'s' if n != 1 else ''}, scheme {scheme}"
+
+    def _need_client(self) -> Client:
+        if self.client is None or self.client._closed:
+            self.client = self.view = None
+            raise UsageError(NO_CLUSTER)
+        return self.client
+
+    def _lookup(self, name: str) -> Any:
+        try:
+            return self.shell.user_ns[name]
+        except KeyError:
+            raise UsageError(f"no variable named {name!r} in the notebook's namespace") from None
+
+    # -- the dashboard -------------------------------------------------------------
+
+    @line_magic
+    def lb_dashboard(self, line: str = "") -> Any:
+        """A live panel of the cluster: queue depth, engines, throughput, failures."""
+        from .dashboard import Dashboard
+
+        return Dashboard(self._need_client())
+
+    # -- running cells -------------------------------------------------------------
+
+    @magic_arguments()
+    @argument("--after", action="extend", nargs="+", default=[], metavar="NAME",
+              help="run once these tasks are done: names of AsyncResults or msg_id strings")
+    @argument("--follow", action="extend", nargs="+", default=[], metavar="NAME",
+              help="run on the engine where these tasks ran (names, as for --after)")
+    @argument("--timeout", type=float, default=0,
+              help="seconds the task may wait for its dependencies (0: forever)")
+    @argument("--retries", type=int, default=0, help="attempts after a failure")
+    @argument("-b", "--block", dest="block", action="store_true", default=True,
+              help="wait and show the result (the default)")
+    @argument("-a", "--noblock", dest="block", action="store_false",
+              help="return the AsyncResult at once")
+    @argument("-o", "--out", metavar="NAME", help="bind the AsyncResult to NAME")
+    @cell_magic
+    def lb(self, line: str, cell: str) -> Any:
+        """Run this cell on an engine chosen by the load balancer, in the engine's
+        namespace; blocking, the cell's result is the value of its last expression and
+        the engine's stdout/stderr appear below it."""
+        args = parse_argstring(self.lb, line)
+        client = self._need_client()
+        source = self.shell.transform_cell(cell)
+        try:
+            tree = ast.parse(source)
+        except SyntaxError as e:
+            raise UsageError(f"the cell does not parse: line {e.lineno}: {e.msg}") from None
+        if not tree.body:
+            raise UsageError("%%lb needs code in the cell: it is empty")
+        after = self._dependency(args.after, "--after")
+        follow = self._dependency(args.follow, "--follow")
+        filename = f"<lb-cell {self.shell.execution_count}>"
+        try:
+            with self.view.temp_flags(after=after, follow=follow, timeout=args.timeout,
+                                      retries=args.retries):
+                ar = self.view.apply_async(run_source, source, filename)
+        except (TypeError, ValueError) as e:
+            raise UsageError(str(e)) from None
+        if args.out:
+            self.shell.user_ns[args.out] = ar
+        if not args.block:
+            return ar
+        self._wait(client, ar)
+        print_stdout(ar)
+        return ar.get()
+
+    def _dependency(self, names: list[str], option: str) -> list[Any]:
+        """Resolve NAMEs to AsyncResults / msg_ids; any unknown name is a UsageError."""
+        deps: list[Any] = []
+        for name in names:
+            value = self._lookup(name)
+            items = value if isinstance(value, (list, tuple)) else [value]
+            for item in items:
+                if not isinstance(item, (AsyncResult, Dependency, str)):
+                    raise UsageError(
+                        f"{option} {name}: expected an AsyncResult or a msg_id string, "
+                        f"got a {type(item).__name__}"
+                    )
+                deps.append(item)
+        return deps
+
+    def _wait(self, client: Client, ar: AsyncResult) -> None:
+        """Wait for ``ar``; on an interrupt, abort what has not started and say what happened."""
+        try:
+            ar.wait()
+        except KeyboardInterrupt:
+            client.abort(ar)
+            ar.wait(ABORT_GRACE_S)
+            aborted = sum(isinstance(e, TaskAborted) for e in ar._errors())
+            pending = len(ar.msg_ids) - ar.progress()
+            parts = []
+            if aborted:
+                parts.append(f"aborted {aborted} task(s) that had not started")
+            if pending:
+                parts.append(f"{pending} task(s) already running go on "
+                             "(rc.interrupt() stops them; -o NAME keeps a handle)")
+            print("interrupted: " + ("; ".join(parts) or "every task had already finished"),
+                  file=sys.stderr)
+            raise
+
+    # -- map -----------------------------------------------------------------------
+
+    @magic_arguments()
+    @kwds(usage="%(prog)s [-o NAME] FUNC ITERABLE")
+    @argument("-o", "--out", metavar="NAME", help="bind the AsyncMapResult to NAME")
+    @argument("exprs", nargs="+", metavar="FUNC ITERABLE",
+              help="two Python expressions: a callable and an iterable, e.g. "
+                   "`lambda x: x**2 range(8)`")
+    @needs_local_scope
+    @line_magic
+    def lbmap(self, line: str, local_ns: dict[str, Any] | None = None) -> list[Any]:
+        """list(map(FUNC, ITERABLE)), computed by the load balancer; FUNC and ITERABLE are
+        evaluated in the notebook's namespace."""
+        args = parse_argstring(self.lbmap, line)
+        client = self._need_client()
+        func_src, iterable_src = _two_expressions(" ".join(args.exprs))
+        func = self._evaluate(func_src, "FUNC", local_ns)
+        if not callable(func):
+            raise UsageError(f"FUNC {func_src!r} is a {type(func).__name__}, not callable")
+        iterable = self._evaluate(iterable_src, "ITERABLE", local_ns)
+        try:
+            items = list(iterable)
+        except TypeError:
+            raise UsageError(
+                f"ITERABLE {iterable_src!r} is a {type(iterable).__name__}, not iterable"
+            ) from None
+        amr = self.view.map_async(func, items)
+        if args.out:
+            self.shell.user_ns[args.out] = amr
+        self._wait(client, amr)
+        return amr.get()
+
+    def _evaluate(self, expr: str, what: str, local_ns: dict[str, Any] | None) -> Any:
+        try:
+            return eval(expr, self.shell.user_ns, local_ns)
+        except Exception as e:
+            raise UsageError(f"{what} {expr!r} could not be evaluated: "
+                             f"{type(e).__name__}: {e}") from None
+
+
+def _two_expressions(text: str) -> tuple[str, str]:
+    """Split ``text`` at the last space where both sides are Python expressions, so that
+    ``%lbmap lambda x: x + 1 range(8)`` needs no quotes (a lambda's body would swallow
+    the iterable were the first such space taken)."""
+    for i in range(len(text) - 1, 0, -1):
+        if text[i] == " " and _is_expression(text[:i]) and _is_expression(text[i + 1:]):
+            return text[:i].strip(), text[i + 1:].strip()
+    raise UsageError(f"%lbmap needs two expressions, FUNC and ITERABLE "
+                     f"(e.g. `%lbmap str range(5)`), got {text!r}")
+
+
+def _is_expression(text: str) -> bool:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SyntaxWarning)
+            ast.parse(text.strip(), mode="eval")
+    except SyntaxError:
+        return False
+    return bool(text.strip())
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """Register the magics with ``ipython`` (``%load_ext ipylb``)."""
+    ipython.register_magics(LbMagics(ipython))
+
+
+def unload_ipython_extension(ipython: Any) -> None:
+    """Stop the cluster the magics started and remove the magics (``%unload_ext ipylb``)."""
+    manager = ipython.magics_manager
+    magics = manager.registry.pop("LbMagics", None)
+    if magics is None:
+        return
+    magics.stop()
+    for table in manager.magics.values():
+        for name in [n for n, f in table.items() if getattr(f, "__self__", None) is magics]:
+            del table[name]
