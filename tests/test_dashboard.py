@@ -1,0 +1,113 @@
+"""The dashboard's widgets follow a real cluster, updated by their own thread."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+
+import pytest
+
+import ipylb
+from ipylb.dashboard import Dashboard
+
+
+def sleep_then(x, delay):
+    time.sleep(delay)
+    return x
+
+
+def fail():
+    raise ValueError("dashboard test failure")
+
+
+def until(predicate, timeout=10.0, what="condition"):
+    """Poll ``predicate`` (a widget's value, say) until it holds, or fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def queue_depth(dash):
+    return int(re.search(r'class="ipylb-queue-depth">(\d+)<', dash.summary.value).group(1))
+
+
+def engine_states(dash):
+    return re.findall(r'data-engine="(\d+)"><td>\d+</td><td class="ipylb-(\w+)"', dash.engines.value)
+
+
+@pytest.fixture
+def dash(rc):
+    d = rc.dashboard()
+    yield d
+    d.close()
+
+
+def test_one_row_per_engine(dash, rc):
+    assert dash.engines.value.count('<tr class="ipylb-engine"') == len(rc.ids) == 2
+    assert [int(e) for e, _ in engine_states(dash)] == rc.ids
+    assert dash.interval <= 0.5  # at least twice a second
+
+
+def test_queue_depth_and_busy_engines_update_live(dash, view):
+    view.map_async(sleep_then, range(2), [1.0, 1.0])
+    amr = view.map_async(sleep_then, range(3), [0.0] * 3)
+    until(lambda: queue_depth(dash) == 3, what="queue depth 3")
+    assert [s for _, s in engine_states(dash)] == ["busy", "busy"]
+    until(lambda: queue_depth(dash) == 0 and amr.ready(), what="the queue to drain")
+    until(lambda: [s for _, s in engine_states(dash)] == ["idle", "idle"], what="idle engines")
+    done = [int(d) for d in re.findall(r"<td>(\d+)</td></tr>", dash.engines.value)]
+    assert sum(done) >= 5
+    until(lambda: dash.throughput is not None and dash.throughput > 0, what="a throughput")
+    assert "tasks/s (last minute)" in dash.summary.value
+
+
+def test_failures_list_reasons(dash, view, rc):
+    bad = view.apply_async(fail)
+    with view.temp_flags(after=[bad]):
+        impossible = view.apply_async(sleep_then, 1, 0)
+    blocker = view.apply_async(sleep_then, 1, 1.0)
+    with view.temp_flags(after=[blocker], timeout=0.1):
+        timed_out = view.apply_async(sleep_then, 2, 0)
+    for ar in (bad, impossible, timed_out):
+        ar.wait(10)
+
+    def row(ar):
+        m = re.search(rf'<tr class="ipylb-failure[^"]*" data-ename="(\w+)"><td>{ar.msg_ids[0]}</td>'
+                      r"<td>[^<]*</td><td[^>]*>\w+</td><td>([^<]*)</td>", dash.failures.value)
+        return m and m.groups()
+
+    until(lambda: row(bad) and row(impossible) and row(timed_out), what="three failure rows")
+    assert row(bad) == ("ValueError", "dashboard test failure")
+    ename, reason = row(impossible)
+    assert ename == "ImpossibleDependency" and bad.msg_ids[0] in reason
+    assert row(timed_out)[0] == "DependencyTimeout"
+    blocker.get(10)
+
+
+def test_several_dashboards_update_independently(rc, view):
+    one, two = rc.dashboard(), rc.dashboard()
+    try:
+        one.close()
+        assert not one.running and two.running
+        frozen = one.engines.value
+        view.map_sync(sleep_then, range(4), [0.0] * 4)
+        until(lambda: two.engines.value != frozen, what="the open dashboard to move on")
+        assert one.engines.value == frozen
+    finally:
+        two.close()
+
+
+def test_dead_engine_shown_and_thread_ends_with_the_client():
+    with ipylb.Client(engines=2) as rc:
+        dash = Dashboard(rc)
+        pid = rc.engine_info()[1]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        until(lambda: ("1", "dead") in engine_states(dash), what="engine 1 shown dead")
+        assert ("0", "idle") in engine_states(dash)
+        assert '<span class="ipylb-live">1</span>' in dash.summary.value
+    until(lambda: not dash.running, what="the dashboard thread to stop")
+    assert "stopped: the client was shut down" in dash.summary.value
