@@ -118,8 +118,14 @@ class dependent:
         functools.update_wrapper(self, _wrapped_f, updated=())
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.df(*self.dargs, **self.dkwargs) is False:
-            raise UnmetDependency(f"{self.__name__}: {getattr(self.df, '__name__', self.df)} is False here")
+        check = getattr(self.df, "__name__", repr(self.df))
+        try:
+            met = self.df(*self.dargs, **self.dkwargs)
+        except Exception as e:
+            e.add_note(f"(raised by the dependency check {check}(), so {self.__name__}() did not run)")
+            raise
+        if met is False:
+            raise UnmetDependency(f"{self.__name__}: {check}() is False here")
         return self.f(*args, **kwargs)
 
     def _ipylb_rebind(self, bind: Callable[[Any], Any]) -> dependent:

@@ -108,8 +108,9 @@ class AsyncResult:
 
     def _deliver(self, index: int, outcome: Outcome) -> None:
         with self._cond:
-            if self._outcomes[index] is None:
-                self._remaining -= 1
+            if self._outcomes[index] is not None:  # also fetched by get_result: once is enough
+                return
+            self._remaining -= 1
             self._outcomes[index] = outcome
             self._arrivals.append(index)
             self._cond.notify_all()

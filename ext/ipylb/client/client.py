@@ -82,6 +82,8 @@ class Client:
         self._send_lock = threading.Lock()
         self._ids = itertools.count()
         self._pending: dict[str, tuple[AsyncResult, int]] = {}
+        # Extra AsyncResults waiting for a msg_id (get_result of a task already pending).
+        self._watchers: dict[str, list[tuple[AsyncResult, int]]] = {}
         self._outcomes: dict[str, Outcome] = {}
         self._replies: dict[int, Future] = {}
         self._engine_ids: list[int] = []
@@ -136,6 +138,9 @@ class Client:
                         if not pending:
                             with self._state:
                                 self._state.notify_all()
+                    if self._watchers:
+                        for ar, i in self._watchers.pop(meta[0], ()):
+                            ar._deliver(i, outcome)
                 elif kind == wire.REPLY:
                     fut = self._replies.pop(meta[0], None)
                     if fut is not None:
@@ -266,6 +271,51 @@ class Client:
         """Interrupt engines (default: all) like Jupyter's Kernel > Interrupt: a running
         task raises KeyboardInterrupt and fails; the engine serves on."""
         return self._request("interrupt", engine_ids)
+
+    def get_result(self, indices_or_msg_ids: Any, block: bool | None = None) -> AsyncHubResult:
+        """An AsyncHubResult for tasks by msg_id (or AsyncResult), pending ones included,
+        submitted by any client of this cluster.  Unknown ids raise KeyError."""
+        single = isinstance(indices_or_msg_ids, str)
+        msg_ids = _msg_ids(indices_or_msg_ids)
+        ar = AsyncHubResult(self, msg_ids, single=single)
+        ask = []
+        for i, msg_id in enumerate(msg_ids):
+            outcome = self._outcomes.get(msg_id)
+            if outcome is not None:
+                ar._deliver(i, outcome)
+                continue
+            self._watchers.setdefault(msg_id, []).append((ar, i))
+            if msg_id not in self._pending:
+                ask.append(msg_id)
+            outcome = self._outcomes.get(msg_id)  # it may have arrived meanwhile
+            if outcome is not None:
+                ar._deliver(i, outcome)
+        if ask:
+            try:
+                self._request("get_result", ask)
+            except KeyError:
+                for msg_id in msg_ids:
+                    self._watchers.pop(msg_id, None)
+                raise
+        if block:
+            ar.wait()
+        return ar
+
+    def resubmit(self, indices_or_msg_ids: Any) -> AsyncHubResult:
+        """Run finished tasks again under new msg_ids; ``get()`` gives their results in
+        the given order.  Unknown or pending ids raise."""
+        old = _msg_ids(indices_or_msg_ids)
+        new = [self._new_msg_id() for _ in old]
+        ar = AsyncHubResult(self, new)
+        for i, msg_id in enumerate(new):
+            self._pending[msg_id] = (ar, i)
+        try:
+            self._request("resubmit", list(zip(old, new)))
+        except BaseException:
+            for msg_id in new:
+                self._pending.pop(msg_id, None)
+            raise
+        return ar
 
     def abort(self, jobs: Any) -> None:
         """Tasks in ``jobs`` that have not started never run; they fail with TaskAborted."""

@@ -22,6 +22,7 @@ import zmq
 from .. import wire
 from ..core import events as ev
 from ..core.scheduler import Scheduler
+from .heartbeat import Heartbeats
 from .launcher import EngineLauncher
 from .records import Record, TaskStore
 
@@ -42,6 +43,7 @@ class Controller:
         hwm: int = 1,
         launcher: EngineLauncher | None = None,
         parent_pid: int | None = None,
+        heartbeat_timeout: float = 10.0,
     ) -> None:
         self.ctx = zmq.Context.instance()
         self.signer = wire.Signer(key, b"controller")
@@ -55,6 +57,8 @@ class Controller:
         self.engines.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.client_url = self.clients.getsockopt_string(zmq.LAST_ENDPOINT)
         self.engine_url = self.engines.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.poller = zmq.Poller()
+        self.heartbeats = Heartbeats(self.ctx, timeout=heartbeat_timeout)
         self.engine_ident: dict[int, bytes] = {}
         self.engine_of: dict[bytes, int] = {}
         self.engine_info: dict[int, dict[str, Any]] = {}
@@ -70,6 +74,8 @@ class Controller:
             "engine_info": lambda _c, _a: dict(self.engine_info),
             "interrupt": self._req_interrupt,
             "add_engines": self._req_add_engines,
+            "get_result": self._req_get_result,
+            "resubmit": self._req_resubmit,
         }
 
     def _router(self, ip: str) -> zmq.Socket:
@@ -87,7 +93,7 @@ class Controller:
     def run(self) -> None:
         """Serve until asked to shut down (or the parent process is gone)."""
         self._running = True
-        poller = zmq.Poller()
+        poller = self.poller
         poller.register(self.clients, zmq.POLLIN)
         poller.register(self.engines, zmq.POLLIN)
         next_housekeeping = 0.0
@@ -108,6 +114,10 @@ class Controller:
                 self._drain(self.engines, self._on_engine)
             if self.clients in ready:
                 self._drain(self.clients, self._on_client)
+            if len(ready) > (self.engines in ready) + (self.clients in ready):
+                for sock in self.heartbeats.sockets():
+                    if sock in ready:
+                        self.heartbeats.answered(sock, now)
         self.close()
 
     def _drain(self, sock: zmq.Socket, handler: Callable[[list[Any]], None]) -> None:
@@ -135,6 +145,11 @@ class Controller:
                     self._broadcast(("engine_failed", reason))
                 else:
                     self._engine_gone(engine_id, reason, now)
+        for engine_id, reason in self.heartbeats.tick(now):
+            self._engine_gone(engine_id, reason, now)
+            km = self.launcher.manager(engine_id) if self.launcher is not None else None
+            if km is not None:  # ours but hung: make sure it is really gone
+                km.shutdown_kernel(now=True)
 
     # -- engines -----------------------------------------------------------------
 
@@ -155,6 +170,9 @@ class Controller:
         if self.launcher is not None:
             self.launcher.registered(meta.get("tag", ""), engine_id)
         self.engines.send_multipart([ident, *self.signer.pack(wire.REGISTERED, engine_id)])
+        if meta.get("heartbeat"):
+            self.poller.register(
+                self.heartbeats.add(engine_id, meta["heartbeat"], time.monotonic()), zmq.POLLIN)
         log.info("engine %d registered (pid %s)", engine_id, meta.get("pid"))
         self._broadcast(("engines", self._engine_list()))
         self._execute(self.core.handle(ev.EngineAdded(engine_id, time.monotonic())))
@@ -165,6 +183,9 @@ class Controller:
             return
         del self.engine_of[ident]
         self.engine_info.pop(engine_id, None)
+        hb = self.heartbeats.remove(engine_id)
+        if hb is not None:
+            self.poller.unregister(hb)
         log.warning("engine %d is gone: %s", engine_id, reason)
         self._broadcast(("engines", self._engine_list()))
         self._execute(self.core.handle(ev.EngineRemoved(engine_id, reason, now)))
@@ -217,12 +238,16 @@ class Controller:
             if msg_id in self.store:
                 log.warning("dropped a task with a duplicate msg_id %r", msg_id)
                 continue
-            self.store.add(Record(msg_id, client, task_bufs, task_mac))
-            if flags is None:
-                event = ev.TaskSubmitted(msg_id, now)
-            else:
-                event = ev.TaskSubmitted(msg_id, now, **flags)
-            self._execute(self.core.handle(event))
+            self._new_task(Record(msg_id, client, task_bufs, task_mac, flags), now)
+
+    def _new_task(self, rec: Record, now: float) -> None:
+        self.store.add(rec)
+        flags = rec.flags
+        if flags is None:
+            event = ev.TaskSubmitted(rec.msg_id, now)
+        else:
+            event = ev.TaskSubmitted(rec.msg_id, now, **flags)
+        self._execute(self.core.handle(event))
 
     def _send_client(self, ident: bytes, kind: int, meta: Any, bufs: list[Any] = (), mac: bytes | None = None) -> None:
         self.clients.send_multipart([ident, *self.signer.pack(kind, meta, bufs, mac)], copy=False)
@@ -239,10 +264,43 @@ class Controller:
     def _req_queue_status(self, _client: bytes, _arg: Any) -> dict[Any, Any]:
         return self.core.queue_status()
 
-    def _req_abort(self, _client: bytes, msg_ids: list[str]) -> None:
+    def _known(self, msg_ids: list[str]) -> list[Record]:
         unknown = [m for m in msg_ids if m not in self.store]
         if unknown:
-            raise KeyError(f"no such task(s): {', '.join(unknown)}")
+            raise KeyError(f"no such task(s): {', '.join(map(repr, unknown))} "
+                           "(never submitted to this cluster, or purged)")
+        return [self.store[m] for m in msg_ids]
+
+    def _req_get_result(self, client: bytes, msg_ids: list[str]) -> list[str]:
+        """Send the results of ``msg_ids`` to ``client``: now if finished, else when they are.
+
+        Returns the ids still pending."""
+        pending = []
+        for rec in self._known(msg_ids):
+            if rec.result is None:
+                rec.watchers.append(client)
+                pending.append(rec.msg_id)
+            else:
+                self._send_result(client, rec)
+        return pending
+
+    def _req_resubmit(self, client: bytes, pairs: list[tuple[str, str]]) -> None:
+        """Run finished tasks again under new msg_ids (chosen by the client)."""
+        recs = self._known([old for old, _new in pairs])
+        pending = [r.msg_id for r in recs if r.result is None]
+        if pending:
+            raise ValueError(f"cannot resubmit pending task(s) {', '.join(map(repr, pending))}: "
+                             "only finished tasks (succeeded or failed) can run again")
+        clash = [new for _old, new in pairs if new in self.store]
+        if clash:
+            raise ValueError(f"msg_id(s) already in use: {', '.join(clash)}")
+        now = time.monotonic()
+        for rec, (_old, new) in zip(recs, pairs):
+            flags = rec.flags and {"retries": rec.flags.get("retries", 0)}
+            self._new_task(Record(new, client, rec.bufs, rec.bufs_mac, flags or None), now)
+
+    def _req_abort(self, _client: bytes, msg_ids: list[str]) -> None:
+        self._known(msg_ids)
         now = time.monotonic()
         for m in msg_ids:
             self._execute(self.core.handle(ev.AbortRequested(m, now)))
@@ -298,8 +356,15 @@ class Controller:
                 )
 
     def _deliver(self, rec: Record) -> None:
+        self._send_result(rec.client, rec)
+        if rec.watchers:
+            for client in rec.watchers:
+                self._send_result(client, rec)
+            rec.watchers = []
+
+    def _send_result(self, client: bytes, rec: Record) -> None:
         meta = (rec.msg_id, *rec.result)
-        self._send_client(rec.client, wire.RESULT, meta, rec.result_bufs, rec.result_mac)
+        self._send_client(client, wire.RESULT, meta, rec.result_bufs, rec.result_mac)
 
     # -- shutdown ----------------------------------------------------------------
 

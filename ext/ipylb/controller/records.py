@@ -9,13 +9,17 @@ from typing import Any
 class Record:
     """One task as the controller knows it."""
 
-    __slots__ = ("msg_id", "client", "bufs", "bufs_mac", "result", "result_bufs", "result_mac")
+    __slots__ = ("msg_id", "client", "bufs", "bufs_mac", "flags", "watchers", "result",
+                 "result_bufs", "result_mac")
 
-    def __init__(self, msg_id: str, client: bytes, bufs: list[Any], bufs_mac: bytes) -> None:
+    def __init__(self, msg_id: str, client: bytes, bufs: list[Any], bufs_mac: bytes,
+                 flags: dict[str, Any] | None = None) -> None:
         self.msg_id = msg_id
         self.client = client  # the receive socket of the client that submitted it
         self.bufs = bufs
         self.bufs_mac = bufs_mac
+        self.flags = flags
+        self.watchers: list[bytes] = []  # other clients waiting for it (get_result)
         # (engine_id, status, started, completed, stdout, stderr, error) once finished
         self.result: tuple | None = None
         self.result_bufs: list[Any] = []

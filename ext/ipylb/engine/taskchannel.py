@@ -63,10 +63,22 @@ class TaskChannel:
             "pid": os.getpid(),
             "hostname": socket.gethostname(),
             "tag": os.environ.get("IPYLB_ENGINE_TAG", ""),
+            "heartbeat": self._heartbeat_url(),
         }
         self.sock.send_multipart(self.signer.pack(wire.REGISTER, meta))
         loop.add_reader(self.sock.FD, self._on_readable)
         loop.call_soon(self._on_readable)
+
+    def _heartbeat_url(self) -> str:
+        """Where the kernel's standard heartbeat channel answers (the controller pings it)."""
+        app = self.kernel.parent
+        port = getattr(app, "hb_port", 0)
+        if not port:
+            return ""
+        if app.transport == "ipc":
+            return f"ipc://{app.ip}-{port}"
+        ip = "127.0.0.1" if app.ip in ("0.0.0.0", "") else app.ip
+        return f"tcp://{ip}:{port}"
 
     # -- receiving ---------------------------------------------------------------
 
@@ -169,7 +181,8 @@ class TaskChannel:
         except BaseException as e:  # noqa: B036 - SystemExit/KeyboardInterrupt are task errors too
             sys.stdout, sys.stderr = saved
             status = "error"
-            error = (type(e).__name__, str(e), _remote_traceback(e))
+            notes = "".join(f" {n}" for n in getattr(e, "__notes__", ()))
+            error = (type(e).__name__, f"{e}{notes}", _remote_traceback(e))
         return self._done(msg_id, status, started, out, err, error, result)
 
     def _done(
