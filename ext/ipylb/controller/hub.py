@@ -160,8 +160,12 @@ class Controller:
             self._on_done(ident, meta, bufs, bufs_mac)
         elif kind == wire.REGISTER:
             self._on_register(ident, meta)
+        else:
+            raise wire.WireError(f"unexpected message kind {kind!r} on the engine socket")
 
     def _on_register(self, ident: bytes, meta: dict[str, Any]) -> None:
+        if not isinstance(meta, dict):  # checked before any state changes: no ghost engine
+            raise wire.WireError(f"a registration without engine info ({type(meta).__name__})")
         engine_id = self._next_engine
         self._next_engine += 1
         self.engine_ident[engine_id] = ident
@@ -225,10 +229,13 @@ class Controller:
             self.listeners.add(ident)
             info = {"engines": self._engine_list(), "scheme": self.scheme, "hwm": self.hwm}
             self._send_client(ident, wire.WELCOME, info)
+        else:
+            raise wire.WireError(f"unexpected message kind {kind!r} on the client socket")
 
     def _on_submit(self, ident: bytes, meta: tuple, bufs: list[Any], _mac: bytes) -> None:
         """One or more tasks sharing a function frame; each carries its own MAC."""
         flags, tasks = meta
+        _check_flags(flags)
         client = ident[:-1] + b"r"
         fbuf, pos = bufs[0], 1
         now = time.monotonic()
@@ -379,6 +386,29 @@ class Controller:
                 pass
         self.clients.close(0)
         self.engines.close(0)
+
+
+def _check_flags(flags: Any) -> None:
+    """Raise WireError unless ``flags`` are what a client sends.  Checked here because the
+    core trusts its events' types: a wrong one would fail halfway through an event and
+    leave the scheduler inconsistent (a signed but malformed submission, a peer bug)."""
+    if flags is None:
+        return
+    if not isinstance(flags, dict) or not flags.keys() <= {"after", "follow", "timeout", "retries"}:
+        raise wire.WireError("malformed task flags")
+    for name in ("after", "follow"):
+        spec = flags.get(name)
+        if spec is not None and not (
+            isinstance(spec, ev.DepSpec) and isinstance(spec.ids, frozenset)
+            and all(isinstance(i, str) for i in spec.ids)
+            and all(type(b) is bool for b in (spec.all, spec.success, spec.failure))
+        ):
+            raise wire.WireError(f"malformed {name!r} dependency in task flags")
+    timeout, retries = flags.get("timeout"), flags.get("retries", 0)
+    if timeout is not None and (type(timeout) not in (int, float) or not timeout >= 0):
+        raise wire.WireError("malformed timeout in task flags")
+    if type(retries) is not int or retries < 0:
+        raise wire.WireError("malformed retries in task flags")
 
 
 def stop_on_signals(controller: Controller) -> None:
