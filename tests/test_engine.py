@@ -44,13 +44,21 @@ def test_console_can_attach_while_tasks_run(rc, view):
     assert view.apply_sync(lambda: 1) == 1
 
 
-def test_interrupt_stops_a_sleeping_task(rc, view):
-    ars = [view.apply_async(sleeper, 60) for _ in rc.ids]
+def marked_sleeper(marker_dir, seconds):
+    import os
+    import time
+    import uuid
+
+    open(os.path.join(marker_dir, uuid.uuid4().hex), "w").close()
+    time.sleep(seconds)
+
+
+def test_interrupt_stops_a_sleeping_task(rc, view, tmp_path):
+    ars = [view.apply_async(marked_sleeper, str(tmp_path), 60) for _ in rc.ids]
     deadline = time.monotonic() + 30
-    while any(qs["tasks"] == 0 for k, qs in rc.queue_status().items() if k != "unassigned"):
+    while len(list(tmp_path.iterdir())) < len(rc.ids):  # both tasks are inside time.sleep
         assert time.monotonic() < deadline
-        time.sleep(0.05)  # polling a remote status; no event exists for "task started"
-    time.sleep(0.3)  # let the tasks enter time.sleep
+        time.sleep(0.02)
     t0 = time.monotonic()
     assert sorted(rc.interrupt()) == rc.ids
     for ar in ars:

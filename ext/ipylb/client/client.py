@@ -48,10 +48,11 @@ class Client:
         scheme: str = "leastload",
         hwm: int = 1,
         timeout: float = CONNECT_TIMEOUT_S,
+        heartbeat_timeout: float = 10.0,
     ) -> None:
         self._local: LocalCluster | None = None
         if engines is not None:
-            self._local = LocalCluster(engines, scheme, hwm)
+            self._local = LocalCluster(engines, scheme, hwm, heartbeat_timeout)
             info = self._local.info
         else:
             info = connection.read(_find_connection_file(url_or_file, profile))

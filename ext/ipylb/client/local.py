@@ -49,7 +49,8 @@ def _engine_env() -> dict[str, str]:
 class LocalCluster:
     """A controller child process plus its engines, owned by one client."""
 
-    def __init__(self, engines: int, scheme: str = "leastload", hwm: int = 1) -> None:
+    def __init__(self, engines: int, scheme: str = "leastload", hwm: int = 1,
+                 heartbeat_timeout: float = 10.0) -> None:
         if not isinstance(engines, int) or isinstance(engines, bool) or engines < 1:
             raise ValueError(f"engines must be a positive int, got {engines!r}")
         if scheme not in SCHEMES:
@@ -65,6 +66,7 @@ class LocalCluster:
             "--connection-file", str(self.connection_file),
             "--engines", str(engines), "--scheme", scheme, "--hwm", str(hwm),
             "--parent-pid", str(os.getpid()),
+            "--heartbeat-timeout", str(heartbeat_timeout),
         ]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
                                      text=True, env=_engine_env())

@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ip", default="127.0.0.1")
     p.add_argument("--parent-pid", type=int, default=None)
     p.add_argument("--log-level", default="WARNING")
+    p.add_argument("--heartbeat-timeout", type=float, default=10.0,
+                   help="seconds of heartbeat silence after which an engine counts as dead")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="[ipylb controller %(levelname)s] %(message)s")
 
@@ -38,7 +40,8 @@ def main(argv: list[str] | None = None) -> None:
     launcher = EngineLauncher(args.connection_file)
     try:
         ctl = Controller(key, ip=args.ip, scheme=args.scheme, hwm=args.hwm,
-                         launcher=launcher, parent_pid=args.parent_pid)
+                         launcher=launcher, parent_pid=args.parent_pid,
+                         heartbeat_timeout=args.heartbeat_timeout)
     except (ValueError, zmq.ZMQError) as e:  # unknown scheme, an --ip not on this machine
         print(f"error: {e}", flush=True)
         sys.exit(1)
