@@ -10,8 +10,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="ipylb bench", description=__doc__)
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds; medians are reported")
     p.add_argument("--engines", type=int, default=2)
-    p.add_argument("--workloads", default="latency,submit,map,payload",
-                   help="comma-separated: latency, submit, map, payload")
+    p.add_argument("--workloads", default="latency,submit,map,payload,dag",
+                   help="comma-separated: latency, submit, map, payload, dag")
     p.add_argument("--no-reference", action="store_true", help="skip ipyparallel")
     p.add_argument("--core", action="store_true", help="the scheduler core alone, no I/O")
     args = p.parse_args(argv)

@@ -117,8 +117,28 @@ def payload(view: Any, mb: int = 8, n: int = 10) -> dict[str, float]:
     return {"payload_MB_per_s": n * mb / (time.perf_counter() - t0)}
 
 
+def dag(view: Any, n: int = 1000, window: int = 32, seed: int = 7) -> dict[str, float]:
+    """n tasks, each ``after`` 1 to 3 earlier ones within ``window`` (seeded): a shallow DAG."""
+    import random
+
+    rng = random.Random(seed)
+    t0 = time.perf_counter()
+    ars: list[Any] = []
+    for i in range(n):
+        if i:
+            lo = max(0, i - window)
+            deps = rng.sample(ars[lo:i], min(i - lo, rng.randint(1, 3)))
+            with view.temp_flags(after=deps):
+                ars.append(view.apply_async(noop))
+        else:
+            ars.append(view.apply_async(noop))
+    for ar in ars:
+        ar.get()
+    return {"dag_tasks_per_s": n / (time.perf_counter() - t0)}
+
+
 WORKLOADS: dict[str, Callable[[Any], dict[str, float]]] = {
-    "latency": latency, "submit": submit, "map": map_, "payload": payload,
+    "latency": latency, "submit": submit, "map": map_, "payload": payload, "dag": dag,
 }
 
 # Which direction is better, for the ratio column.
