@@ -23,11 +23,10 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import ipylb
 import psutil
 import pytest
 import zmq
-
-import ipylb
 from ipylb import wire
 
 HUGE = 64 << 20
