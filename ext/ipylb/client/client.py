@@ -46,7 +46,7 @@ class Client:
         profile: str | None = None,
         engines: int | None = None,
         scheme: str = "leastload",
-        hwm: int = 1,
+        hwm: int | None = None,
         timeout: float = CONNECT_TIMEOUT_S,
         heartbeat_timeout: float = 10.0,
     ) -> None:
@@ -151,6 +151,7 @@ class Client:
                 elif kind == wire.WELCOME:
                     with self._state:
                         self._engine_ids = meta["engines"]
+                        self.scheme = meta["scheme"]
                     self._welcome.set()
         sock.close(0)
 

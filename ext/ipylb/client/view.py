@@ -6,7 +6,8 @@ import contextlib
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from ..dependency import to_spec
+from ..dependency import dependent, to_spec
+from ..error import PURE_REFUSES
 from ..serialize import dumps_args, dumps_function
 from .asyncresult import AsyncMapResult, AsyncResult
 
@@ -71,10 +72,14 @@ class LoadBalancedView:
             for name, value in saved.items():
                 setattr(self, name, value)
 
-    def _task_flags(self) -> dict[str, Any] | None:
+    def _task_flags(self, f: Any) -> dict[str, Any] | None:
         """The scheduling flags for the core, or None when all are defaults (the fast path)."""
+        if self.client.scheme == "pure" and isinstance(f, dependent):
+            raise ValueError(f"{_name(f)} has functional dependencies: {PURE_REFUSES}")
         if not (self.after or self.follow or self.retries or self.timeout):
             return None
+        if self.client.scheme == "pure":
+            raise ValueError(f"after/follow/retries/timeout are set: {PURE_REFUSES}")
         _validate("retries", self.retries)
         _validate("timeout", self.timeout)
         return {
@@ -99,7 +104,7 @@ class LoadBalancedView:
         """Submit ``f(*args, **kwargs)``; return an AsyncResult at once."""
         if not callable(f):
             raise TypeError(f"apply needs a callable, got {type(f).__name__}")
-        flags = self._task_flags()
+        flags = self._task_flags(f)
         fbuf = dumps_function(f)
         arg_bufs = dumps_args(args, kwargs)
         client = self.client
@@ -132,7 +137,7 @@ class LoadBalancedView:
         if not isinstance(chunksize, int) or chunksize < 1:
             raise ValueError(f"chunksize must be an int >= 1, got {chunksize!r}")
         items = list(zip(*sequences))
-        flags = self._task_flags()
+        flags = self._task_flags(f)
         chunks = [items[i:i + chunksize] for i in range(0, len(items), chunksize)]
         if chunksize == 1:
             fbuf = dumps_function(f)

@@ -20,6 +20,7 @@ from typing import Any
 import zmq
 
 from .. import wire
+from ..error import PURE_REFUSES
 from ..core import events as ev
 from ..core.scheduler import Scheduler
 from .heartbeat import Heartbeats
@@ -40,14 +41,18 @@ class Controller:
         key: bytes,
         ip: str = "127.0.0.1",
         scheme: str = "leastload",
-        hwm: int = 1,
+        hwm: int | None = None,
         launcher: EngineLauncher | None = None,
         parent_pid: int | None = None,
         heartbeat_timeout: float = 10.0,
     ) -> None:
         self.ctx = zmq.Context.instance()
         self.signer = wire.Signer(key, b"controller")
-        self.core = Scheduler(scheme=scheme, hwm=hwm)
+        if hwm is None:  # pure pipelines without limit unless told otherwise
+            hwm = 0 if scheme == "pure" else 1
+        # "pure" is plain least-load with nothing per task but the routing: no dependencies,
+        # retries or timeouts (refused at submission), and no limit on each engine's pipeline.
+        self.core = Scheduler(scheme="leastload" if scheme == "pure" else scheme, hwm=hwm)
         self.scheme, self.hwm = scheme, hwm
         self.store = TaskStore()
         self.launcher = launcher
@@ -64,7 +69,7 @@ class Controller:
         self.engine_info: dict[int, dict[str, Any]] = {}
         self.listeners: set[bytes] = set()  # client receive sockets that said hello
         self._next_engine = 0
-        self._running = False
+        self._running = True  # until asked to stop, which may happen before run()
         self._requests: dict[str, Callable[[bytes, Any], Any]] = {
             "queue_status": self._req_queue_status,
             "engines": lambda _c, _a: self._engine_list(),
@@ -250,6 +255,9 @@ class Controller:
     def _new_task(self, rec: Record, now: float) -> None:
         self.store.add(rec)
         flags = rec.flags
+        if flags is not None and self.scheme == "pure":
+            self._execute([ev.Fail(rec.msg_id, "ImpossibleDependency", PURE_REFUSES)])
+            return
         if flags is None:
             event = ev.TaskSubmitted(rec.msg_id, now)
         else:
