@@ -167,3 +167,18 @@ def test_foreground_cluster_stale_file_and_ip(runtime):
             proc.kill()
     assert gone(pids)
     assert not path.exists()
+
+
+def test_ctrl_c_while_engines_start_stops_the_cluster(runtime):
+    path = runtime / "ipylb-early.json"
+    proc = subprocess.Popen([IPYLB, "cluster", "start", "-n", "2", "--profile", "early"],
+                            stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while not path.exists():  # written before the engines are launched
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.01)
+    controller = json.loads(path.read_text())["pid"]
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(15) == 0
+    assert gone([controller])
+    assert not path.exists()

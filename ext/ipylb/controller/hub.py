@@ -97,7 +97,6 @@ class Controller:
 
     def run(self) -> None:
         """Serve until asked to shut down (or the parent process is gone)."""
-        self._running = True
         poller = self.poller
         poller.register(self.clients, zmq.POLLIN)
         poller.register(self.engines, zmq.POLLIN)
