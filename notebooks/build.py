@@ -256,17 +256,17 @@ def flaky():
     raise RuntimeError("this task fails on purpose")
 
 
-random.seed(5)
-durations = [random.choice([0.05, 0.1, 0.3, 0.6]) for _ in range(24)]
-amr = view.map_async(work, durations)
-
 bad = view.apply_async(flaky)
 with view.temp_flags(after=[bad]):
     doomed = view.apply_async(work, 0.1)      # ImpossibleDependency: bad fails
+
+random.seed(5)
+durations = [random.choice([0.05, 0.1, 0.3, 0.6]) for _ in range(24)]
+amr = view.map_async(work, durations)
 with view.temp_flags(after=[amr], timeout=0.5):
     impatient = view.apply_async(work, 0.1)   # DependencyTimeout: the map takes longer""",
     md("While the tasks run, the notebook answers at once:"),
-    """print(f"{len(dash.rows)} engines, {dash.unassigned} tasks waiting for one")""",
+    """print(f"{len(dash.rows)} engines, {rc.queue_status()['unassigned']} tasks waiting for one")""",
     """amr.wait_interactive()
 assert amr.get() == durations
 for ar in (bad, doomed, impatient):

@@ -46,7 +46,8 @@ _STYLE = """<style>
 .ipylb-dash .ipylb-busy {color: #1565c0; font-weight: 600}
 .ipylb-dash .ipylb-idle {color: #666}
 .ipylb-dash .ipylb-dead {color: #b71c1c; font-weight: 600}
-.ipylb-dash .ipylb-failures td {text-align: left; vertical-align: top}
+.ipylb-dash .ipylb-failures td, .ipylb-dash .ipylb-failures th {text-align: left; vertical-align: top}
+.ipylb-dash .ipylb-failures td:first-child {white-space: nowrap}
 .ipylb-dash .ipylb-sched td.ipylb-ename {color: #b71c1c}
 </style>"""
 
@@ -98,10 +99,12 @@ class Dashboard:
         return self._thread.is_alive()
 
     def close(self) -> None:
-        """Stop updating (the panel keeps its last state)."""
+        """Stop updating (the panel keeps its last figures and says it stopped)."""
         self._stop.set()
         if self._thread is not threading.current_thread():
             self._thread.join()
+        if not self.client._closed:
+            self._render_summary("stopped: closed")
 
     # -- the updating thread -------------------------------------------------------
 

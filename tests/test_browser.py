@@ -1,0 +1,161 @@
+"""A real browser: 03-dashboard.ipynb in JupyterLab, in headless Chromium, driven by Playwright.
+
+The server binds 127.0.0.1 with a random token and a temporary root, settings and
+workspace directory.  The test runs the notebook up to (not including) its last
+cell, watches the rendered dashboard while the tasks run, saves screenshots to
+``artifacts/``, then runs the last cell (``dash.close(); rc.shutdown()``).
+
+Debian's ``chromium`` and Playwright from PyPI are needed: without them the test
+is skipped locally and fails under CI=true.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def _missing() -> str | None:
+    if not os.access(CHROMIUM, os.X_OK):
+        return f"{CHROMIUM} not found: apt-get install chromium"
+    for module, package in (("playwright", "playwright"), ("jupyterlab", "jupyterlab")):
+        try:
+            __import__(module)
+        except ImportError:
+            return f"{package} is not installed: pip install -e '.[test]'"
+    return None
+
+
+@pytest.fixture(scope="module")
+def browser_ready():
+    reason = _missing()
+    if reason:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"the browser test must run in CI: {reason}")
+        pytest.skip(reason)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def lab(tmp_path, browser_ready):
+    """A JupyterLab server on 127.0.0.1 serving a copy of the notebook; yields its base url
+    and token."""
+    root = tmp_path / "root"
+    root.mkdir()
+    shutil.copy(ROOT / "notebooks" / "03-dashboard.ipynb", root)
+    settings = tmp_path / "settings"
+    tracker = settings / "@jupyterlab" / "notebook-extension" / "tracker.jupyterlab-settings"
+    tracker.parent.mkdir(parents=True)
+    tracker.write_text(json.dumps({"windowingMode": "none"}))  # every cell in the DOM
+    news = settings / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
+    news.parent.mkdir(parents=True)
+    news.write_text(json.dumps({"fetchNews": "false"}))  # no "get notified?" toast
+    port, token = _free_port(), secrets.token_hex(16)
+    env = {**os.environ, "JUPYTER_CONFIG_DIR": str(tmp_path / "config"),
+           "JUPYTERLAB_SETTINGS_DIR": str(settings),
+           "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "workspaces"),
+           "IPYLB_PROGRESS": "1"}
+    log = (tmp_path / "lab.log").open("w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root",
+         "--ServerApp.ip=127.0.0.1",
+         f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
+         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
+         "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+         "--LabApp.extension_manager=readonly"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=2)
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail("JupyterLab did not start:\n" + (tmp_path / "lab.log").read_text())
+                time.sleep(0.2)
+        yield base, token
+    finally:
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()
+
+
+def test_dashboard_renders_and_updates_in_jupyterlab(lab, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    base, token = lab
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(
+            str(tmp_path / "chromium-profile"), executable_path=CHROMIUM, headless=True,
+            args=CHROMIUM_FLAGS, viewport={"width": 1280, "height": 1600},
+        )
+        try:
+            page = context.new_page()
+            page.set_default_timeout(60_000)
+            page.goto(f"{base}/lab/tree/03-dashboard.ipynb?token={token}")
+            page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']")
+            cells = page.locator(".jp-NotebookPanel .jp-Cell")
+            cells.last.click()
+            page.locator(".lm-MenuBar-item", has_text="Run").click()
+            page.locator(".lm-Menu-item[data-command='notebook:run-all-above']").click()
+
+            # Watch the panel while the tasks run, until the cell that waits for them prints.
+            depth = page.locator(".ipylb-queue-depth").first
+            waiter = cells.filter(has_text="amr.wait_interactive()")
+            failures = page.locator("tr.ipylb-failure")
+            depths: list[int] = []
+            live_shot = ARTIFACTS / "dashboard-live.png"
+            live_shot.unlink(missing_ok=True)
+            deadline = time.monotonic() + 90
+            while "DependencyTimeout" not in waiter.locator(".jp-OutputArea").inner_text():
+                assert time.monotonic() < deadline, "the notebook did not finish in 90 s"
+                if depth.count():
+                    depths.append(int(depth.inner_text()))
+                    if depths[-1] > 4 and failures.count() == 3 and not live_shot.exists():
+                        # mid-run: busy engines, a queue and the failures (docs/dashboard.png)
+                        page.locator(".ipylb-dash").first.screenshot(path=str(live_shot))
+                page.wait_for_timeout(100)
+
+            assert page.locator("tr.ipylb-engine").count() == 2
+            assert max(depths) > 0 and len(set(depths)) >= 3, depths  # it moved, live
+            enames = {failures.nth(i).get_attribute("data-ename") for i in range(failures.count())}
+            assert enames == {"RuntimeError", "ImpossibleDependency", "DependencyTimeout"}
+            assert "cannot run" in page.locator("tr.ipylb-failure[data-ename='ImpossibleDependency']").inner_text()
+            page.screenshot(path=str(ARTIFACTS / "browser-03-dashboard.png"), full_page=True)
+            page.locator(".ipylb-dash").first.screenshot(path=str(ARTIFACTS / "dashboard.png"))
+
+            cells.last.click()
+            page.locator(".lm-MenuBar-item", has_text="Run").click()
+            page.locator(".lm-Menu-item[data-command='notebook:run-cell']").click()
+            page.locator(".ipylb-summary", has_text="stopped").wait_for()
+        finally:
+            context.close()
