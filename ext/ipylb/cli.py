@@ -109,6 +109,10 @@ def _say(text: str) -> None:
     print(f"ipylb: {text}", file=sys.stderr, flush=True)
 
 
+def _engines(n: int) -> str:
+    return f"{n} engine" if n == 1 else f"{n} engines"
+
+
 def _connect(path: Path) -> Any:
     """A Client of the cluster whose connection file is ``path``, or None if it is not
     running (no file, its pid is gone, or its controller does not answer)."""
@@ -146,7 +150,7 @@ def cluster_start(args: argparse.Namespace) -> int:
         pid, n = rc._info.get("pid"), len(rc.ids)
         rc.close()
         _say(f"a cluster is already running for profile {args.profile!r} (controller pid {pid}, "
-             f"{n} engines, {path}); it is left as it is. Stop it first with "
+             f"{_engines(n)}, {path}); it is left as it is. Stop it first with "
              f"`ipylb cluster stop --profile {args.profile}`, or pick another --profile.")
         return 1
     if path.exists():
@@ -169,7 +173,7 @@ def cluster_start(args: argparse.Namespace) -> int:
             _say(f"the controller's log: {log}")
             return 1
         rc.close()
-        _say(f"cluster {args.profile!r} started: {args.engines} engines, scheme {args.scheme} "
+        _say(f"cluster {args.profile!r} started: {_engines(args.engines)}, scheme {args.scheme} "
              f"(controller pid {proc.pid}, log {log}). Stop it with "
              f"`ipylb cluster stop --profile {args.profile}`.")
         print(path, flush=True)
@@ -184,7 +188,7 @@ def cluster_start(args: argparse.Namespace) -> int:
         if rc is None:
             return 1
         rc.close()
-        _say(f"cluster {args.profile!r} running: {args.engines} engines, scheme {args.scheme}, "
+        _say(f"cluster {args.profile!r} running: {_engines(args.engines)}, scheme {args.scheme}, "
              f"connection file {path}. Connect with ipylb.Client(profile={args.profile!r}); "
              "Ctrl-C stops it.")
         proc.wait()
@@ -205,7 +209,7 @@ def _wait_ready(proc: subprocess.Popen, path: Path, engines: int) -> Any:
     proc.stdout.close()
     if line != "ready":
         proc.wait()
-        _say(f"the controller failed to start: {line or 'no output'}")
+        _say(f"the controller failed to start: {line.removeprefix('error: ') or 'no output'}")
         return None
     try:
         rc = Client(path, timeout=PING_TIMEOUT_S)
@@ -325,8 +329,8 @@ def engine_add(args: argparse.Namespace) -> int:
         before = len(rc.ids)
         rc._request("add_engines", args.engines)
         rc.wait_for_engines(before + args.engines, ENGINE_START_TIMEOUT_S)
-        _say(f"added {args.engines} engines to cluster {args.profile!r}: "
-             f"{len(rc.ids)} engines now")
+        _say(f"added {_engines(args.engines)} to cluster {args.profile!r}: "
+             f"{_engines(len(rc.ids))} now")
         return 0
     except (RuntimeError, TimeoutError, ValueError) as e:
         _say(f"adding engines failed: {e}")
