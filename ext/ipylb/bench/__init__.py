@@ -14,11 +14,19 @@ def main(argv: list[str] | None = None) -> None:
                    help="comma-separated: latency, submit, map, payload, dag")
     p.add_argument("--no-reference", action="store_true", help="skip ipyparallel")
     p.add_argument("--core", action="store_true", help="the scheduler core alone, no I/O")
+    p.add_argument("--schemes", action="store_true",
+                   help="every scheme on a heterogeneous workload and a no-op run, with a chart")
+    p.add_argument("--chart", default="schemes.png", help="where --schemes writes its PNG chart")
     args = p.parse_args(argv)
     if args.core:
         from .core_micro import main as core_main
 
         core_main([])
+        return
+    if args.schemes:
+        from .schemes import main as schemes_main
+
+        schemes_main(args.rounds, args.engines, not args.no_reference, args.chart)
         return
     from .farm import Ipylb, Ipyparallel, compare
 

@@ -35,7 +35,7 @@ class Farm:
 class Ipylb(Farm):
     name = "ipylb"
 
-    def __init__(self, scheme: str = "leastload", hwm: int = 1) -> None:
+    def __init__(self, scheme: str = "leastload", hwm: int | None = None) -> None:
         self.scheme, self.hwm = scheme, hwm
 
     def start(self, n: int) -> None:
