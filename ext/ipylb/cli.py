@@ -255,7 +255,8 @@ def cluster_stop(args: argparse.Namespace) -> int:
         _say(f"the controller (pid {pid}) does not answer; sending it SIGTERM")
         _stop_process(pid, wait=False)
     if not _wait_gone(pid, STOP_TIMEOUT_S):
-        _say(f"the controller (pid {pid}) is still running after {STOP_TIMEOUT_S:.0f} s")
+        _say(f"the controller (pid {pid}) is still running after {STOP_TIMEOUT_S:.0f} s; "
+             f"`kill -9 {pid}` ends it (its engines exit when it is gone)")
         return 1
     _say(f"cluster {args.profile!r} stopped")
     return 0
