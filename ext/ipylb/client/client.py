@@ -255,7 +255,7 @@ class Client:
                 if msg_id not in self._outcomes:
                     waiting = self._pending.get(msg_id)
                     if waiting is None:
-                        raise KeyError(f"no such task: {msg_id!r}")
+                        raise KeyError(f"no such task: {msg_id!r} (never submitted, or purged)")
                     if not waiting[0].wait(left):
                         return False
         return True
@@ -318,6 +318,15 @@ class Client:
                 self._pending.pop(msg_id, None)
             raise
         return ar
+
+    def purge_results(self, jobs: Any = "all") -> None:
+        """Forget finished tasks here and on the controller (``"all"``, or AsyncResults/msg_ids).
+
+        Their results can no longer be fetched; waiting for them raises KeyError."""
+        msg_ids = None if isinstance(jobs, str) and jobs == "all" else _msg_ids(jobs)
+        forgotten = self._request("purge", msg_ids)
+        for msg_id in forgotten:
+            self._outcomes.pop(msg_id, None)
 
     def abort(self, jobs: Any) -> None:
         """Tasks in ``jobs`` that have not started never run; they fail with TaskAborted."""

@@ -19,6 +19,7 @@ from .. import connection, wire
 from ..error import NoCluster
 from .hub import Controller, stop_on_signals
 from .launcher import EngineLauncher
+from .records import TaskDB, TaskStore
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -32,17 +33,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ip", default="127.0.0.1")
     p.add_argument("--parent-pid", type=int, default=None)
     p.add_argument("--log-level", default="WARNING")
+    p.add_argument("--db-file", default=None,
+                   help="keep finished task records in this SQLite file (they survive restarts)")
+    p.add_argument("--store-limit-mb", type=int, default=1024,
+                   help="memory for finished task records before the oldest are dropped")
     p.add_argument("--heartbeat-timeout", type=float, default=10.0,
                    help="seconds of heartbeat silence after which an engine counts as dead")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="[ipylb controller %(levelname)s] %(message)s")
 
-    key = wire.new_key()
+    db = TaskDB(args.db_file) if args.db_file else None
+    key = db.key(wire.new_key()) if db is not None else wire.new_key()
     launcher = EngineLauncher(args.connection_file)
     try:
         ctl = Controller(key, ip=args.ip, scheme=args.scheme, hwm=args.hwm,
                          launcher=launcher, parent_pid=args.parent_pid,
-                         heartbeat_timeout=args.heartbeat_timeout)
+                         heartbeat_timeout=args.heartbeat_timeout,
+                         store=TaskStore(args.store_limit_mb << 20, db))
     except (ValueError, zmq.ZMQError) as e:  # unknown scheme, an --ip not on this machine
         print(f"error: {e}", flush=True)
         sys.exit(1)

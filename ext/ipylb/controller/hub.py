@@ -45,6 +45,7 @@ class Controller:
         launcher: EngineLauncher | None = None,
         parent_pid: int | None = None,
         heartbeat_timeout: float = 10.0,
+        store: TaskStore | None = None,
     ) -> None:
         self.ctx = zmq.Context.instance()
         self.signer = wire.Signer(key, b"controller")
@@ -54,7 +55,7 @@ class Controller:
         # retries or timeouts (refused at submission), and no limit on each engine's pipeline.
         self.core = Scheduler(scheme="leastload" if scheme == "pure" else scheme, hwm=hwm)
         self.scheme, self.hwm = scheme, hwm
-        self.store = TaskStore()
+        self.store = store if store is not None else TaskStore()
         self.launcher = launcher
         self.parent_pid = parent_pid
         self.clients = self._router(ip)
@@ -81,6 +82,7 @@ class Controller:
             "add_engines": self._req_add_engines,
             "get_result": self._req_get_result,
             "resubmit": self._req_resubmit,
+            "purge": self._req_purge,
         }
 
     def _router(self, ip: str) -> zmq.Socket:
@@ -246,7 +248,7 @@ class Controller:
         for msg_id, nargs, task_mac in tasks:
             task_bufs = [fbuf, *bufs[pos:pos + nargs]]
             pos += nargs
-            if msg_id in self.store:
+            if msg_id in self.store.records:
                 log.warning("dropped a task with a duplicate msg_id %r", msg_id)
                 continue
             self._new_task(Record(msg_id, client, task_bufs, task_mac, flags), now)
@@ -313,6 +315,22 @@ class Controller:
             flags = rec.flags and {"retries": rec.flags.get("retries", 0)}
             self._new_task(Record(new, client, rec.bufs, rec.bufs_mac, flags or None), now)
 
+    def _req_purge(self, _client: bytes, msg_ids: list[str] | None) -> list[str]:
+        """Forget finished tasks (None: all of them); pending ones cannot be purged."""
+        if msg_ids is not None:
+            pending = [r.msg_id for r in self._known(msg_ids) if r.result is None]
+            if pending:
+                raise ValueError(f"cannot purge pending task(s) {', '.join(map(repr, pending))}: "
+                                 "wait for them or abort them first")
+        forgotten = self.store.purge(msg_ids)
+        self._forget(forgotten)
+        return forgotten
+
+    def _forget(self, msg_ids: list[str]) -> None:
+        now = time.monotonic()
+        for msg_id in msg_ids:
+            self.core.handle(ev.TaskForgotten(msg_id, now))
+
     def _req_abort(self, _client: bytes, msg_ids: list[str]) -> None:
         self._known(msg_ids)
         now = time.monotonic()
@@ -375,6 +393,9 @@ class Controller:
             for client in rec.watchers:
                 self._send_result(client, rec)
             rec.watchers = []
+        evicted = self.store.finished(rec)
+        if evicted:
+            self._forget(evicted)
 
     def _send_result(self, client: bytes, rec: Record) -> None:
         meta = (rec.msg_id, *rec.result)
@@ -393,6 +414,8 @@ class Controller:
                 pass
         self.clients.close(0)
         self.engines.close(0)
+        if self.store.db is not None:
+            self.store.db.close()
 
 
 def _check_flags(flags: Any) -> None:
