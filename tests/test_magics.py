@@ -354,3 +354,13 @@ def test_kernel_restart_and_shutdown_leave_no_engines(tmp_path):
         kc.stop_channels()
         km.shutdown_kernel(now=False)
     assert wait_gone(pids, 15), [p for p in pids if alive(p)]
+
+
+def test_a_client_closed_elsewhere_is_forgotten(shell, rc, capsys):
+    other = ipylb.Client(rc._local.connection_file)  # a second client of the session's cluster
+    shell.user_ns["other"] = other
+    ok(shell, "%lb_use other")
+    other.close()
+    assert "%lb_start -n 4" in usage_error(shell, "%%lb\n1", capsys)
+    ok(shell, "%lb_stop")
+    assert "no cluster to stop" in capsys.readouterr().out

@@ -110,8 +110,11 @@ class Dashboard:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            if not self.refresh():
-                break
+            try:
+                if not self.refresh():
+                    break
+            except Exception as e:  # shown, and the next tick tries again: a panel must not die
+                self._render_summary(f"could not refresh: {type(e).__name__}: {e}")
 
     def refresh(self) -> bool:
         """Poll the controller once and re-render; False once the client is closed."""

@@ -79,7 +79,7 @@ class LbMagics(Magics):
         """Start a private ipylb cluster (a controller and N engine kernels) owned by this
         kernel; it stops with %lb_stop, %unload_ext ipylb, or when the kernel exits."""
         args = parse_argstring(self.lb_start, line)
-        if self.client is not None:
+        if self._current() is not None:
             print(f"ipylb: a cluster is already in use here ({self._describe()}); "
                   "nothing changed. `%lb_stop` it first to start another.")
             return
@@ -102,7 +102,7 @@ class LbMagics(Magics):
         client = self._lookup(args.name)
         if not isinstance(client, Client):
             raise UsageError(f"{args.name} is a {type(client).__name__}, not an ipylb.Client")
-        if self.client is not None:
+        if self._current() is not None:
             print(f"ipylb: a cluster is already in use here ({self._describe()}); "
                   "nothing changed. `%lb_stop` it first.")
             return
@@ -112,7 +112,7 @@ class LbMagics(Magics):
     @line_magic
     def lb_stop(self, line: str = "") -> None:
         """Stop the cluster %lb_start started (or let go of the client %lb_use adopted)."""
-        if self.client is None:
+        if self._current() is None:
             print("ipylb: no cluster to stop")
             return
         what = self._describe()
@@ -143,11 +143,17 @@ class LbMagics(Magics):
         scheme = self.client._info.get("scheme", "?")
         return f"{n} engine{'s' if n != 1 else ''}, scheme {scheme}"
 
-    def _need_client(self) -> Client:
-        if self.client is None or self.client._closed:
-            self.client = self.view = None
-            raise UsageError(NO_CLUSTER)
+    def _current(self) -> Client | None:
+        """The client in use, forgetting one that was closed behind the magics' back."""
+        if self.client is not None and self.client._closed:
+            self.stop()
         return self.client
+
+    def _need_client(self) -> Client:
+        client = self._current()
+        if client is None:
+            raise UsageError(NO_CLUSTER)
+        return client
 
     def _lookup(self, name: str) -> Any:
         try:
