@@ -28,6 +28,7 @@ def runtime(tmp_path, monkeypatch):
     """A private runtime directory, for this process and the commands it runs.  A daemon
     a failed test left running is stopped (it watches no parent)."""
     monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path))
+    monkeypatch.setenv("JUPYTER_DATA_DIR", str(tmp_path / "data"))
     yield tmp_path
     for path in tmp_path.glob("ipylb-*.json"):
         ipylb_cmd("cluster", "stop", "--profile", path.stem.removeprefix("ipylb-"))
@@ -182,3 +183,23 @@ def test_ctrl_c_while_engines_start_stops_the_cluster(runtime):
     assert proc.wait(15) == 0
     assert gone([controller])
     assert not path.exists()
+
+
+def test_sqlite_records_survive_a_restart(runtime):
+    start = ("cluster", "start", "-n", "1", "--daemon", "--db", "sqlite", "--profile", "db")
+    assert ipylb_cmd(*start).returncode == 0
+    rc = ipylb.Client(profile="db")
+    ar = rc.load_balanced_view().apply_async(pow, 7, 2)
+    assert ar.get(timeout=30) == 49
+    rc.close()
+    assert ipylb_cmd("cluster", "stop", "--profile", "db").returncode == 0
+    db = runtime / "data" / "ipylb" / "db" / "tasks.sqlite"
+    assert oct(db.stat().st_mode & 0o777) == "0o600"
+
+    assert ipylb_cmd(*start).returncode == 0
+    rc = ipylb.Client(profile="db")
+    try:
+        assert rc.get_result(ar.msg_ids[0]).get(timeout=10) == 49
+    finally:
+        rc.close()
+        assert ipylb_cmd("cluster", "stop", "--profile", "db").returncode == 0

@@ -83,6 +83,9 @@ def _parser() -> argparse.ArgumentParser:
     start.add_argument("--ip", default="127.0.0.1",
                        help="address the controller listens on (default: %(default)s, "
                             "this machine only)")
+    start.add_argument("--db", default="memory", choices=["memory", "sqlite"],
+                       help="where finished task records live: sqlite keeps them (and the "
+                            "key) in the profile's directory, so a restart reloads them")
     start.add_argument("--daemon", action="store_true",
                        help="run in the background: return once the engines are up")
     start.add_argument("--log-level", default="WARNING",
@@ -161,6 +164,8 @@ def cluster_start(args: argparse.Namespace) -> int:
         "--engines", str(args.engines), "--scheme", args.scheme, "--hwm", str(args.hwm),
         "--ip", args.ip, "--log-level", args.log_level,
     ]
+    if args.db == "sqlite":
+        cmd += ["--db-file", str(connection.profile_dir(args.profile) / "tasks.sqlite")]
     if args.daemon:
         log = connection.log_file(args.profile)
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

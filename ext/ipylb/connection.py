@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from jupyter_core.paths import jupyter_runtime_dir
+from jupyter_core.paths import jupyter_data_dir, jupyter_runtime_dir
 
 from .error import NoCluster
 
@@ -65,6 +65,15 @@ def read(path: Path | str) -> dict[str, Any]:
         if field not in info:
             raise NoCluster(f"{path} is not an ipylb connection file (no {field!r})")
     return info
+
+
+def profile_dir(profile: str = "default") -> Path:
+    """A private directory for what a profile keeps across restarts (its task database),
+    in the Jupyter data directory: the runtime directory may be emptied at logout."""
+    check_profile(profile)
+    path = Path(jupyter_data_dir()) / "ipylb" / profile
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path
 
 
 def log_file(profile: str = "default") -> Path:
