@@ -1,9 +1,10 @@
 """Does an open dashboard slow the task path?  ``python docs/bench_dashboard.py``
 
-Runs ``ipylb bench``'s submit and map workloads on one two-engine cluster,
-alternating rounds without and with dashboards polling (the order flips each
-round so drift hits both alike), and prints the medians and the ratio; and what
-one refresh costs, which bounds the overhead whatever the noise.
+Runs ``ipylb bench``'s submit and map workloads on one two-engine cluster, in
+pairs of runs without and with dashboards polling (the order flips each round),
+and prints the median of the per-pair ratios: adjacent runs share whatever else
+the machine is doing, so the ratio of a pair is steadier than either figure.  It
+also prints what one refresh costs, which bounds the overhead whatever the noise.
 """
 
 from __future__ import annotations
@@ -18,41 +19,6 @@ from ipylb.bench.farm import map_, submit
 from ipylb.dashboard import INTERVAL_S, Dashboard
 
 
-def main() -> None:
-    """Measure and print throughput with and without dashboards."""
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--dashboards", type=int, default=1, help="how many panels poll at once")
-    p.add_argument("--interval", type=float, default=INTERVAL_S, help="seconds between polls")
-    args = p.parse_args()
-    figures: dict[str, dict[str, list[float]]] = {"without": {}, "with": {}}
-    with ipylb.Client(engines=2) as rc:
-        view = rc.load_balanced_view()
-        submit(view, 500)  # warm up
-        refresh_ms = cost_of_a_refresh(rc)
-        for r in range(args.rounds):
-            modes = ["without", "with"] if r % 2 == 0 else ["with", "without"]
-            for mode in modes:
-                dashes = [Dashboard(rc, args.interval) for _ in range(args.dashboards)
-                          ] if mode == "with" else []
-                gc.collect()
-                for workload in (submit, map_):
-                    for k, v in workload(view).items():
-                        figures[mode].setdefault(k, []).append(v)
-                for d in dashes:
-                    d.close()
-                print(f"round {r + 1} {mode:>7} dashboard: " + ", ".join(
-                    f"{k}={v[-1]:.0f}" for k, v in figures[mode].items()))
-    print(f"\none refresh (a queue_status round trip and re-rendering) costs {refresh_ms:.2f} ms "
-          f"of wall time: {100 * refresh_ms / 1e3 / args.interval * args.dashboards:.2f}% of "
-          "one core at this polling rate")
-    print(f"medians of {args.rounds} rounds ({args.dashboards} dashboard(s) polling every "
-          f"{args.interval} s):")
-    for k in figures["without"]:
-        a, b = statistics.median(figures["without"][k]), statistics.median(figures["with"][k])
-        print(f"  {k:<20} without {a:8.0f}   with {b:8.0f}   ratio {b / a:.3f}")
-
-
 def cost_of_a_refresh(rc: ipylb.Client, n: int = 200) -> float:
     """Milliseconds one dashboard refresh takes (its thread stopped, so only ours run)."""
     dash = Dashboard(rc)
@@ -61,6 +27,52 @@ def cost_of_a_refresh(rc: ipylb.Client, n: int = 200) -> float:
     for _ in range(n):
         dash.refresh()
     return 1e3 * (time.perf_counter() - t0) / n
+
+
+def run(view: ipylb.LoadBalancedView, rc: ipylb.Client, dashboards: int, interval: float,
+        tasks: int) -> dict[str, float]:
+    """One measurement of both workloads with ``dashboards`` panels polling."""
+    dashes = [Dashboard(rc, interval) for _ in range(dashboards)]
+    gc.collect()
+    try:
+        return {**submit(view, tasks), **map_(view, tasks)}
+    finally:
+        for d in dashes:
+            d.close()
+
+
+def main() -> None:
+    """Measure and print throughput with and without dashboards."""
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--tasks", type=int, default=4000, help="tasks per workload and run")
+    p.add_argument("--dashboards", type=int, default=1, help="how many panels poll at once")
+    p.add_argument("--interval", type=float, default=INTERVAL_S, help="seconds between polls")
+    args = p.parse_args()
+    ratios: dict[str, list[float]] = {}
+    figures: dict[str, dict[str, list[float]]] = {"without": {}, "with": {}}
+    with ipylb.Client(engines=2) as rc:
+        view = rc.load_balanced_view()
+        submit(view, 500)  # warm up
+        refresh_ms = cost_of_a_refresh(rc)
+        for r in range(args.rounds):
+            modes = ["without", "with"] if r % 2 == 0 else ["with", "without"]
+            pair = {m: run(view, rc, args.dashboards if m == "with" else 0, args.interval,
+                           args.tasks) for m in modes}
+            for k in pair["with"]:
+                ratios.setdefault(k, []).append(pair["with"][k] / pair["without"][k])
+                for m in modes:
+                    figures[m].setdefault(k, []).append(pair[m][k])
+            print(f"round {r + 1:2d}: " + "; ".join(
+                f"{k} without {pair['without'][k]:.0f}, with {pair['with'][k]:.0f}" for k in pair["with"]))
+    share = 100 * refresh_ms / 1e3 / args.interval * args.dashboards
+    print(f"\none refresh (a queue_status round trip and re-rendering) takes {refresh_ms:.2f} ms: "
+          f"{share:.2f}% of one core for {args.dashboards} panel(s) polling every {args.interval} s")
+    print(f"{args.rounds} pairs of runs, {args.tasks} tasks per workload:")
+    for k, rs in ratios.items():
+        print(f"  {k:<20} median without {statistics.median(figures['without'][k]):6.0f}, "
+              f"with {statistics.median(figures['with'][k]):6.0f}; "
+              f"median ratio with/without {statistics.median(rs):.3f}")
 
 
 if __name__ == "__main__":
