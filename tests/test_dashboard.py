@@ -7,9 +7,8 @@ import re
 import signal
 import time
 
-import pytest
-
 import ipylb
+import pytest
 from ipylb.dashboard import Dashboard
 
 

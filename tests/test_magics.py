@@ -14,12 +14,10 @@ import sys
 import threading
 import time
 
-import pytest
-from IPython.core.interactiveshell import InteractiveShell
-
 import ipylb
+import pytest
 from ipylb.error import ImpossibleDependency, RemoteError, TaskAborted
-
+from IPython.core.interactiveshell import InteractiveShell
 
 
 def alive(pid):
