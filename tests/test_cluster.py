@@ -135,7 +135,8 @@ def test_foreground_cluster_stale_file_and_ip(runtime):
     path = runtime / "ipylb-fg.json"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True).stdout.strip()
-    path.write_text(json.dumps({"key": "00", "client_url": "tcp://127.0.0.1:9",
+    path.write_text(json.dumps({"key": "00", "controller_id": "controller-x",
+                                "client_url": "tcp://127.0.0.1:9",
                                 "engine_url": "tcp://127.0.0.1:9", "pid": int(dead)}))
     t0 = time.monotonic()
     with pytest.raises(NoCluster, match="ipylb cluster start"):

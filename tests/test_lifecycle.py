@@ -86,7 +86,7 @@ def test_no_running_cluster_is_a_clear_error(tmp_path, monkeypatch):
 
 def test_stale_connection_file_is_a_clear_error(tmp_path):
     path = tmp_path / "ipylb-stale.json"
-    path.write_text(json.dumps({"key": "00", "client_url": "tcp://127.0.0.1:9", "engine_url": "tcp://127.0.0.1:9"}))
+    path.write_text(json.dumps({"key": "00", "controller_id": "controller-x", "client_url": "tcp://127.0.0.1:9", "engine_url": "tcp://127.0.0.1:9"}))
     t0 = time.monotonic()
     with pytest.raises(ipylb.error.NoCluster, match="not running"):
         ipylb.Client(str(path), timeout=2)

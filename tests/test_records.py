@@ -6,9 +6,10 @@ import subprocess
 import sys
 
 import pytest
+import zmq
 
 import ipylb
-from ipylb import connection
+from ipylb import connection, wire
 from ipylb.controller.records import Record, TaskDB, TaskStore
 
 
@@ -84,6 +85,9 @@ def test_results_survive_a_controller_restart(tmp_path, monkeypatch):
         rc.wait_for_engines(1, 60)
         ar = rc.load_balanced_view().apply_async(lambda: "kept")
         assert ar.get(30) == "kept"
+        # A signed request as an eavesdropper would record it in this run, never sent here.
+        recorded = rc._signer.pack(wire.REQUEST, (10**6, "shutdown", None))
+        recorded_from = rc._signer.sender
         rc.close()
     finally:
         proc.terminate()
@@ -93,6 +97,15 @@ def test_results_survive_a_controller_restart(tmp_path, monkeypatch):
         rc = ipylb.Client(str(path))
         assert rc.get_result(ar.msg_ids[0]).get(30) == "kept"
         assert rc.resubmit(ar.msg_ids).get(60) == ["kept"]
+        # Replayed into the next run (same key, kept for the records): refused.
+        replay = zmq.Context.instance().socket(zmq.DEALER)
+        replay.setsockopt(zmq.IDENTITY, recorded_from)
+        replay.connect(connection.read(path)["client_url"])
+        replay.send_multipart(recorded)
+        replay.close(linger=1000)
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(1.5)  # a shutdown it obeyed would end it well within this
+        assert rc.queue_status()["unassigned"] == 0
         rc.close()
     finally:
         proc.terminate()

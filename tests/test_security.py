@@ -73,7 +73,7 @@ class Mallory:
     def recv(self, key: bytes, timeout: float = 15.0) -> tuple[int, Any]:
         """The next authentic message sent to us: (kind, meta)."""
         assert self.sock.poll(timeout * 1000), "the controller sent nothing back"
-        kind, _sender, meta, _bufs, _mac = wire.Signer(key, b"reader").unpack(
+        kind, _sender, meta, _bufs, _mac = wire.Signer(key, self.ident).unpack(
             self.sock.recv_multipart())
         return kind, meta
 
@@ -117,10 +117,10 @@ def sign(key: bytes, head: bytes) -> bytes:
     return hmac.digest(key, head, "sha256")
 
 
-def signed(key: bytes, kind: Any, meta: Any, sender: bytes = b"mallory", seq: int = 1,
+def signed(key: bytes, to: bytes, kind: Any, meta: Any, sender: bytes = b"mallory", seq: int = 1,
            bufs: list[bytes] = (), mac: bytes = b"") -> list[bytes]:
-    """A message with a valid signature over a head of mallory's choosing."""
-    head = pickle.dumps((kind, sender, seq, meta, mac))
+    """A message with a valid signature over a head of mallory's choosing, addressed ``to``."""
+    head = pickle.dumps((kind, sender, to, seq, meta, mac))
     return [sign(key, head), head, *bufs]
 
 
@@ -208,17 +208,18 @@ def test_signed_but_malformed_messages_do_not_crash_the_controller(cluster):
     """Only a key holder can send these (a peer bug, not an attack): each is dropped
     and logged, or answered with an error, and the controller serves on."""
     key = cluster.key
+    to = cluster.info["controller_id"].encode()
     m = Mallory(cluster.info["client_url"], "malformed")
     seq = iter(range(1, 1000))
 
     def msg(kind: Any, meta: Any, bufs: list[bytes] = ()) -> list[bytes]:
-        return signed(key, kind, meta, sender=m.ident, seq=next(seq), bufs=bufs)
+        return signed(key, to, kind, meta, sender=m.ident, seq=next(seq), bufs=bufs)
 
     dropped = [
         [sign(key, pickle.dumps("not a head")), pickle.dumps("not a head")],
         [sign(key, b"\x80\x05garbage"), b"\x80\x05garbage"],
-        signed(key, wire.REQUEST, None, sender=["unhashable"]),
-        signed(key, wire.REQUEST, None, sender=b"m2", seq="1"),
+        signed(key, to, wire.REQUEST, None, sender=["unhashable"]),
+        signed(key, to, wire.REQUEST, None, sender=b"m2", seq="1"),
         msg(wire.SUBMIT, "not a tuple"),
         msg(wire.SUBMIT, (None, "xyz"), [b"f"]),
         msg(wire.SUBMIT, (None, [("forged-nobufs", 1, b"")])),
@@ -258,13 +259,14 @@ def test_bad_messages_on_the_engine_socket(cluster):
     """Forged registrations and results: none is believed, and a task running meanwhile
     gets its own result (a forged DONE would have told the client 666)."""
     key = cluster.key
+    to = cluster.info["controller_id"].encode()
     view = cluster.rc.load_balanced_view()
     running = view.apply_async(time.sleep, 1.0)
     fake_result = pickle.dumps(666)
     wrong = wire.new_key()
     m = Mallory(cluster.info["engine_url"], "engine")
     done = (running.msg_ids[0], "ok", time.time(), time.time(), "", "", None)
-    genuine = signed(key, wire.DONE, done, sender=b"e1", bufs=[fake_result],
+    genuine = signed(key, to, wire.DONE, done, sender=b"e1", bufs=[fake_result],
                      mac=wire.Signer(key, b"x").bufs_mac([fake_result]))
     bad = [
         [b"", *genuine[1:]],                                   # unsigned
@@ -274,10 +276,10 @@ def test_bad_messages_on_the_engine_socket(cluster):
         [os.urandom(32), os.urandom(1000)],                    # garbage
         [b"\0" * 32, b"\0" * HUGE],                            # huge
         genuine,                                 # signed, but mallory never registered
-        signed(key, wire.REGISTER, "not a dict", sender=b"e2"),  # would be a ghost engine
-        signed(key, wire.REGISTER, ["x"], sender=b"e3"),
-        signed(key, 99, None, sender=b"e4"),
-        signed(key, wire.SUBMIT, ("x", None), sender=b"e5"),
+        signed(key, to, wire.REGISTER, "not a dict", sender=b"e2"),  # would be a ghost engine
+        signed(key, to, wire.REGISTER, ["x"], sender=b"e3"),
+        signed(key, to, 99, None, sender=b"e4"),
+        signed(key, to, wire.SUBMIT, ("x", None), sender=b"e5"),
     ]
     try:
         for frames in bad:

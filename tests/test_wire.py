@@ -12,7 +12,7 @@ from ipylb.serialize import dumps, loads
 
 
 def pair(key: bytes = b"k" * 64):
-    return wire.Signer(key, b"alice"), wire.Signer(key, b"bob")
+    return wire.Signer(key, b"alice", b"bob"), wire.Signer(key, b"bob", b"alice")
 
 
 def test_round_trip_with_buffers():
@@ -94,12 +94,20 @@ def test_signed_but_unreadable_head_is_a_wire_error():
         wire.Signer(key, b"b").unpack([sig, head])
 
 
+def test_a_message_for_someone_else_is_refused():
+    key = b"k" * 64
+    a = wire.Signer(key, b"alice", b"bob")
+    carol = wire.Signer(key, b"carol")
+    with pytest.raises(wire.WireError, match="reached"):
+        carol.unpack(a.pack(wire.HELLO, None))
+
+
 def test_nothing_is_unpickled_before_the_signature_checks(monkeypatch):
     calls = []
     monkeypatch.setattr(pickle, "loads", lambda *a, **k: calls.append(a))
     _, b = pair()
     with pytest.raises(wire.WireError):
-        b.unpack([b"\0" * 32, pickle.dumps((1, b"x", 1, None, b""))])
+        b.unpack([b"\0" * 32, pickle.dumps((1, b"x", b"bob", 1, None, b""))])
     assert calls == []
 
 

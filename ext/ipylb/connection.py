@@ -61,7 +61,7 @@ def read(path: Path | str) -> dict[str, Any]:
         ) from None
     except (OSError, ValueError) as e:
         raise NoCluster(f"cannot read the ipylb connection file {path}: {e}") from None
-    for field in ("key", "client_url", "engine_url"):
+    for field in ("key", "controller_id", "client_url", "engine_url"):
         if field not in info:
             raise NoCluster(f"{path} is not an ipylb connection file (no {field!r})")
     return info

@@ -4,7 +4,7 @@ Every message on ipylb's own sockets (client <-> controller <-> engine) is::
 
     [signature, head, *bufs]
 
-``head`` is a pickle of ``(kind, sender, seq, meta, bufs_mac)`` and ``signature``
+``head`` is a pickle of ``(kind, sender, to, seq, meta, bufs_mac)`` and ``signature``
 is HMAC-SHA256(key, head).  ``bufs_mac`` is HMAC-SHA256 over the length-prefixed
 ``bufs`` (empty when there are none), so every frame, pickled buffers included, is
 authenticated under the cluster key.
@@ -22,8 +22,11 @@ collision-resistant digests authenticates the same bytes, and an 8 MB array is
 hashed on every core instead of one.
 
 Replay: ``seq`` grows strictly for each ``sender``; a receiver drops a message
-whose seq is not above the last one it accepted from that sender.  Nothing is
-unpickled before its signature checks out.
+whose seq is not above the last one it accepted from that sender, and one not
+addressed ``to`` it.  The controller's name carries a fresh nonce each run, so a
+message recorded in one run is refused by the next (even one that reuses the key
+to read stored results), and one meant for engine A is refused by engine B.
+Nothing is unpickled before its signature checks out.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from typing import Any
 import zmq
 
 # Message kinds. Client -> controller.
-HELLO, SUBMIT, REQUEST = 1, 2, 3
+HELLO, SUBMIT, REQUEST, BYE = 1, 2, 3, 4
 # Controller -> client.
 WELCOME, RESULT, REPLY, EVENT = 11, 12, 13, 14
 # Controller -> engine.
@@ -85,12 +88,14 @@ def _nbytes(buf: Any) -> int:
 class Signer:
     """Signs and checks messages under one cluster key, for one sender."""
 
-    def __init__(self, key: bytes, sender: bytes) -> None:
+    def __init__(self, key: bytes, sender: bytes, peer: bytes = b"") -> None:
+        """Sign as ``sender``; ``peer`` is where messages go unless ``pack(to=...)`` says."""
         if not key:
             raise ValueError("ipylb needs a non-empty cluster key")
         self._key = key
         self._proto = hmac.new(key, digestmod=_SHA256)
         self.sender = sender
+        self.peer = peer
         self._seq = 0
         self._last_seen: dict[bytes, int] = {}
 
@@ -109,13 +114,16 @@ class Signer:
         return h.digest()
 
     def pack(
-        self, kind: int, meta: Any, bufs: Sequence[Any] = (), bufs_mac: bytes | None = None
+        self, kind: int, meta: Any, bufs: Sequence[Any] = (), bufs_mac: bytes | None = None,
+        to: bytes | None = None,
     ) -> list[Any]:
-        """Frames for one message; pass ``bufs_mac`` to forward another producer's buffers."""
+        """Frames for one message to ``to`` (default: the peer); pass ``bufs_mac`` to
+        forward another producer's buffers."""
         self._seq += 1
         if bufs_mac is None:
             bufs_mac = self.bufs_mac(bufs)
-        head = pickle.dumps((kind, self.sender, self._seq, meta, bufs_mac), 5)
+        head = pickle.dumps((kind, self.sender, self.peer if to is None else to, self._seq, meta,
+                             bufs_mac), 5)
         return [hmac.digest(self._key, head, "sha256"), head, *bufs]
 
     # -- consuming -------------------------------------------------------------
@@ -134,9 +142,11 @@ class Signer:
         ):
             raise WireError("bad or missing signature: message dropped (wrong cluster key?)")
         try:
-            kind, sender, seq, meta, bufs_mac = pickle.loads(head)
+            kind, sender, to, seq, meta, bufs_mac = pickle.loads(head)
         except Exception as e:  # signed but malformed: a peer bug, not an attack
             raise WireError(f"unreadable message head: {e!r}") from None
+        if to != self.sender:
+            raise WireError(f"a message for {to!r} reached {self.sender!r}: replayed or misrouted")
         if seq <= self._last_seen.get(sender, 0):
             raise WireError(f"replayed or out-of-order message from {sender!r} (seq {seq})")
         self._last_seen[sender] = seq

@@ -7,7 +7,6 @@ import itertools
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
 from ipylb.core.deps import Tally, check, counts, rule, unreachable, wants
 from ipylb.core.events import DepSpec
 
@@ -83,8 +82,8 @@ def test_tally_agrees_with_sets_for_every_outcome_assignment(all_, switches):
     d = spec(ids, all_, *switches)
     # each id: pending, succeeded or failed
     for outcome in itertools.product((None, True, False), repeat=len(ids)):
-        ok = {i for i, o in zip(ids, outcome) if o is True}
-        bad = {i for i, o in zip(ids, outcome) if o is False}
+        ok = {i for i, o in zip(ids, outcome, strict=True) if o is True}
+        bad = {i for i, o in zip(ids, outcome, strict=True) if o is False}
         tally = Tally(d)
         for o in outcome:
             if o is not None:
@@ -109,7 +108,7 @@ def test_met_and_unreachable_are_exclusive_and_final(n, all_, switches, data):
     ok: set[str] = set()
     bad: set[str] = set()
     was_met = was_dead = False
-    for i, o in zip(order, outcomes):
+    for i, o in zip(order, outcomes, strict=True):
         (ok if o else bad).add(i)
         met, dead = check(d, ok, bad), unreachable(d, ok, bad)
         assert not (met and dead)

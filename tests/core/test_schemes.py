@@ -6,7 +6,6 @@ import random
 from collections import Counter
 
 import pytest
-
 from ipylb.core import schemes
 
 

@@ -12,6 +12,7 @@ import atexit
 import itertools
 import threading
 import time
+import traceback
 import uuid
 import weakref
 from collections import deque
@@ -55,7 +56,15 @@ class Client:
             self._local = LocalCluster(engines, scheme, hwm, heartbeat_timeout)
             info = self._local.info
         else:
-            info = connection.read(_find_connection_file(url_or_file, profile))
+            path = _find_connection_file(url_or_file, profile)
+            info = connection.read(path)
+            pid = info.get("pid")
+            local = info["client_url"].startswith(("tcp://127.", "tcp://localhost", "ipc://"))
+            if local and isinstance(pid, int) and not connection.pid_alive(pid):
+                raise NoCluster(
+                    f"the cluster of {path} is not running (its controller, pid {pid}, is gone): "
+                    "start one with `ipylb cluster start -n 4`, or use ipylb.Client(engines=4)"
+                )
         self._info = info
         self._closed = False
         try:
@@ -73,7 +82,8 @@ class Client:
         key = info["key"].encode()
         self.session = uuid.uuid4().hex[:16]
         cid = f"client-{self.session}-".encode()
-        self._signer = wire.Signer(key, cid + b"s")
+        controller = info["controller_id"].encode()
+        self._signer = wire.Signer(key, cid + b"s", controller)
         self._ctx = zmq.Context()
         self._send_sock = self._ctx.socket(zmq.DEALER)
         self._send_sock.setsockopt(zmq.IDENTITY, cid + b"s")
@@ -93,7 +103,7 @@ class Client:
         self._state = threading.Condition()
         self._welcome = threading.Event()
         self._receiver = threading.Thread(
-            target=self._receive, args=(key, cid + b"r", info["client_url"]),
+            target=self._receive, args=(wire.Signer(key, cid + b"r", controller), info["client_url"]),
             daemon=True, name="ipylb-client-receiver",
         )
         self._receiver.start()
@@ -104,56 +114,61 @@ class Client:
                 "`ipylb cluster start -n 4`, or use ipylb.Client(engines=4)."
             )
 
-    def _receive(self, key: bytes, ident: bytes, url: str) -> None:
+    def _receive(self, signer: wire.Signer, url: str) -> None:
         """The receiving thread: file results, replies and engine events as they come."""
-        signer = wire.Signer(key, ident)
         sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.IDENTITY, ident)
+        sock.setsockopt(zmq.IDENTITY, signer.sender)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
         sock.connect(url)
-        sock.send_multipart(signer.pack(wire.HELLO, None))
-        recv = sock.recv_multipart
-        pending = self._pending
-        outcomes = self._outcomes
-        while not self._closed:
-            if not sock.poll(200):
-                continue
-            while True:
-                try:
-                    frames = recv(zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    break
-                try:
-                    kind, _s, meta, bufs, mac = signer.unpack(frames)
-                except wire.WireError:
+        try:
+            sock.send_multipart(signer.pack(wire.HELLO, None))
+            recv, unpack, handle = sock.recv_multipart, signer.unpack, self._on_message
+            while not self._closed:
+                if not sock.poll(200):
                     continue
-                if kind == wire.RESULT:
-                    outcome = Outcome(meta, bufs, mac)
-                    outcomes[meta[0]] = outcome
-                    if meta[2] != "ok":
-                        self.failures.append(outcome.metadata(None))
-                    waiting = pending.pop(meta[0], None)
-                    if waiting is not None:
-                        waiting[0]._deliver(waiting[1], outcome)
-                        if not pending:
-                            with self._state:
-                                self._state.notify_all()
-                    if self._watchers:
-                        for ar, i in self._watchers.pop(meta[0], ()):
-                            ar._deliver(i, outcome)
-                elif kind == wire.REPLY:
-                    fut = self._replies.pop(meta[0], None)
-                    if fut is not None:
-                        fut.set_result(meta[1:])
-                elif kind == wire.EVENT:
-                    self._on_event(meta)
-                elif kind == wire.WELCOME:
+                while True:
+                    try:
+                        frames = recv(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    try:
+                        handle(*unpack(frames))
+                    except wire.WireError:
+                        continue
+                    except Exception:  # a bug here must not stop results arriving
+                        traceback.print_exc()
+            sock.send_multipart(signer.pack(wire.BYE, None))
+        finally:
+            sock.close(linger=200)
+
+    def _on_message(self, kind: int, _sender: bytes, meta: Any, bufs: list[Any], mac: bytes) -> None:
+        if kind == wire.RESULT:
+            outcome = Outcome(meta, bufs, mac)
+            self._outcomes[meta[0]] = outcome
+            if meta[2] != "ok":
+                self.failures.append(outcome.metadata(None))
+            pending = self._pending
+            waiting = pending.pop(meta[0], None)
+            if waiting is not None:
+                waiting[0]._deliver(waiting[1], outcome)
+                if not pending:
                     with self._state:
-                        self._engine_ids = meta["engines"]
-                        self.scheme = meta["scheme"]
-                    self._welcome.set()
-        sock.close(0)
+                        self._state.notify_all()
+            if self._watchers:
+                for ar, i in self._watchers.pop(meta[0], ()):
+                    ar._deliver(i, outcome)
+        elif kind == wire.REPLY:
+            fut = self._replies.pop(meta[0], None)
+            if fut is not None:
+                fut.set_result(meta[1:])
+        elif kind == wire.EVENT:
+            self._on_event(meta)
+        elif kind == wire.WELCOME:
+            with self._state:
+                self._engine_ids = meta["engines"]
+                self.scheme = meta["scheme"]
+            self._welcome.set()
 
     def _on_event(self, event: tuple) -> None:
         with self._state:
@@ -172,13 +187,15 @@ class Client:
 
     def wait_for_engines(self, n: int, timeout: float | None = None) -> None:
         """Wait until at least ``n`` engines are registered."""
+        seen = len(self._engine_failures)  # only failures from now on count
+
         def enough() -> bool:
-            return len(self._engine_ids) >= n or bool(self._engine_failures)
+            return len(self._engine_ids) >= n or len(self._engine_failures) > seen
 
         with self._state:
             ok = self._state.wait_for(enough, timeout)
-        if self._engine_failures:
-            raise RuntimeError("; ".join(self._engine_failures))
+        if len(self._engine_failures) > seen:
+            raise RuntimeError("; ".join(self._engine_failures[seen:]))
         if not ok:
             raise TimeoutError(f"{len(self._engine_ids)} of {n} engines registered within {timeout} s")
 
@@ -348,11 +365,11 @@ class Client:
         self._closed = True
         receiver = getattr(self, "_receiver", None)
         if receiver is not None and receiver is not threading.current_thread():
-            receiver.join(1)
+            receiver.join(2)
         ctx = getattr(self, "_ctx", None)
         if ctx is not None:
             self._send_sock.close(0)
-            ctx.term()
+            ctx.destroy(linger=0)  # closes what a stuck receiver still holds, never hangs
         _live_clients.discard(self)
 
     def shutdown(self) -> None:

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {e}", flush=True)
         sys.exit(1)
     info = {
-        "key": key.decode(), "client_url": ctl.client_url, "engine_url": ctl.engine_url,
+        "key": key.decode(), "controller_id": ctl.ident.decode(), "client_url": ctl.client_url, "engine_url": ctl.engine_url,
         "pid": os.getpid(), "scheme": args.scheme, "hwm": ctl.hwm,
     }
     connection.write(args.connection_file, info)

@@ -48,7 +48,9 @@ class Controller:
         store: TaskStore | None = None,
     ) -> None:
         self.ctx = zmq.Context.instance()
-        self.signer = wire.Signer(key, b"controller")
+        # A fresh name each run: messages recorded in an earlier run are not for us.
+        self.ident = f"controller-{os.urandom(8).hex()}".encode()
+        self.signer = wire.Signer(key, self.ident)
         if hwm is None:  # pure pipelines without limit unless told otherwise
             hwm = 0 if scheme == "pure" else 1
         # "pure" is plain least-load with nothing per task but the routing: no dependencies,
@@ -179,7 +181,7 @@ class Controller:
         self.engine_info[engine_id] = meta
         if self.launcher is not None:
             self.launcher.registered(meta.get("tag", ""), engine_id)
-        self.engines.send_multipart([ident, *self.signer.pack(wire.REGISTERED, engine_id)])
+        self.engines.send_multipart([ident, *self.signer.pack(wire.REGISTERED, engine_id, to=ident)])
         if meta.get("heartbeat"):
             self.poller.register(
                 self.heartbeats.add(engine_id, meta["heartbeat"], time.monotonic()), zmq.POLLIN)
@@ -235,6 +237,8 @@ class Controller:
             self.listeners.add(ident)
             info = {"engines": self._engine_list(), "scheme": self.scheme, "hwm": self.hwm}
             self._send_client(ident, wire.WELCOME, info)
+        elif kind == wire.BYE:  # a client closed: stop telling it about engines
+            self.listeners.discard(ident)
         else:
             raise wire.WireError(f"unexpected message kind {kind!r} on the client socket")
 
@@ -266,7 +270,8 @@ class Controller:
         self._execute(self.core.handle(event))
 
     def _send_client(self, ident: bytes, kind: int, meta: Any, bufs: list[Any] = (), mac: bytes | None = None) -> None:
-        self.clients.send_multipart([ident, *self.signer.pack(kind, meta, bufs, mac)], copy=False)
+        self.clients.send_multipart([ident, *self.signer.pack(kind, meta, bufs, mac, ident)],
+                                   copy=False)
 
     def _broadcast(self, event: Any) -> None:
         for ident in self.listeners:
@@ -365,15 +370,15 @@ class Controller:
     # -- carrying out the core's decisions --------------------------------------
 
     def _execute(self, commands: list[Any]) -> None:
+        unreachable: list[int] = []
         for c in commands:
             t = type(c)
             if t is ev.Assign:
                 rec = self.store[c.task_id]
-                self.engines.send_multipart(
-                    [self.engine_ident[c.engine_id],
-                     *self.signer.pack(wire.TASK, (c.task_id,), rec.bufs, rec.bufs_mac)],
-                    copy=False,
-                )
+                ident = self.engine_ident[c.engine_id]
+                frames = self.signer.pack(wire.TASK, (c.task_id,), rec.bufs, rec.bufs_mac, ident)
+                if not self._to_engine(ident, frames):
+                    unreachable.append(c.engine_id)
             elif t is ev.Deliver:
                 self._deliver(self.store[c.task_id])
             elif t is ev.Fail:
@@ -383,9 +388,22 @@ class Controller:
                 rec.result_bufs, rec.result_mac = [], b""
                 self._deliver(rec)
             elif t is ev.Cancel:
-                self.engines.send_multipart(
-                    [self.engine_ident[c.engine_id], *self.signer.pack(wire.CANCEL, c.task_id)]
-                )
+                ident = self.engine_ident[c.engine_id]
+                if not self._to_engine(ident, self.signer.pack(wire.CANCEL, c.task_id, to=ident)):
+                    unreachable.append(c.engine_id)
+        for engine_id in unreachable:
+            self._engine_gone(engine_id, "its connection to the controller is gone",
+                              time.monotonic())
+
+    def _to_engine(self, ident: bytes, frames: list[Any]) -> bool:
+        """Send to an engine; False if it has disconnected (it is then treated as dead)."""
+        try:
+            self.engines.send_multipart([ident, *frames], copy=False)
+        except zmq.ZMQError as e:
+            if e.errno != zmq.EHOSTUNREACH:
+                raise
+            return False
+        return True
 
     def _deliver(self, rec: Record) -> None:
         self._send_result(rec.client, rec)
@@ -409,7 +427,7 @@ class Controller:
             self.launcher.stop_all()
         for ident in list(self.engine_ident.values()):
             try:
-                self.engines.send_multipart([ident, *self.signer.pack(wire.STOP, None)])
+                self.engines.send_multipart([ident, *self.signer.pack(wire.STOP, None, to=ident)])
             except zmq.ZMQError:
                 pass
         self.clients.close(0)

@@ -22,7 +22,7 @@ from typing import Any
 
 from .events import DepSpec
 
-__all__ = ["check", "unreachable", "counts", "rule", "Tally"]
+__all__ = ["check", "unreachable", "counts", "rule", "wants", "Tally"]
 
 
 def _parts(spec: Any) -> tuple[Iterable[str], bool, bool, bool]:

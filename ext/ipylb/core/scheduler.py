@@ -49,10 +49,18 @@ When an engine gets a free slot it takes the ready task with the smallest
 submission number among the heads of the global queue and its own heap.  Entries
 are never searched for or removed in place: a stale entry (the task moved on, or
 was re-queued under a new generation number) is dropped when it reaches a head.
-So every decision costs O(log n) at worst, never a scan of the queue.  The one
-invariant that makes this work ("work conservation"): no engine with a free slot
-has an eligible ready task.  Every event that frees a slot first refills it from
-the queues, then places the tasks the event made ready.
+So every decision costs O(log n) at worst, never a scan of the queue.
+
+The invariant that makes this work ("work conservation"): between events, no
+engine with a free slot has an eligible ready task.  An event can break it in
+two ways, by freeing slots and by making tasks ready, so each handler only
+records those (``_freed``, ``_fresh``) and :meth:`Scheduler._settle` restores
+it at the end: it queues the new tasks, fills the freed slots from the queues
+(oldest first, new tasks included), then gives the new tasks still waiting to
+free engines chosen by the scheme.  Hence a Deliver or Fail always comes before
+the Assigns it enables, and a slot always goes to the oldest task that may use
+it.  A plain submission with a free engine skips all this and
+is assigned on the spot (the hot path, a few microseconds).
 
 Exclusions.  An engine that refused a task (TaskUnmet) is excluded for it
 forever; once every registered engine has refused it, it is impossible.  An
@@ -64,8 +72,10 @@ engine.
 Deadlines.  A task with a timeout gets an entry in a heap of deadlines.  Entries
 are checked lazily: one whose task is no longer waiting or ready is dropped.  Due
 deadlines expire at the start of every event (so the shell's Ticks need not be
-exact), and when a task first runs its deadline is cleared: a timeout limits the
-wait, never the execution.
+exact).  A timeout limits the wait before a task runs, never the execution: an
+assigned task cannot expire, and once an attempt has run (failed and is retried,
+or died with its engine) the deadline is gone.  A task refused by an engine, or
+queued behind another on an engine that died, has not run: its deadline holds.
 
 Bookkeeping for debugging: every state transition is appended to a bounded log,
 ``story(task_id)`` replays one task's; ``validate=True`` checks the invariants
@@ -248,6 +258,8 @@ class Scheduler:
         self._ready_excl: set[_Task] = set()  # ready, with exclusions but no follow
         self._deadlines: list[tuple[float, int, _Task]] = []
         self._dl_count = 0
+        self._fresh: list[_Task] = []  # made ready by this event, to place in _settle
+        self._freed: list[_Engine] = []  # got a free slot in this event, to fill in _settle
         self._work: list[_Task] = []  # finished tasks whose dependents still need telling
         self._draining = False
         self._story: deque[tuple[Any, ...]] = deque(maxlen=story_size)
@@ -281,7 +293,11 @@ class Scheduler:
         dl = self._deadlines
         if dl and dl[0][0] <= now:
             self._expire(now, out)
+            if self._fresh:  # place what the expiries freed before this event acts
+                self._settle(out)
         handler(event, out)
+        if self._fresh or self._freed:
+            self._settle(out)
         if self._validate:
             self.validate()
         return out
@@ -334,8 +350,7 @@ class Scheduler:
             # The hot path: nothing to wait for, no constraint; _assign inlined.
             seq = self._seq = self._seq + 1
             t = tasks[tid] = _Task(tid, seq, ev.retries)
-            if self._nfree:
-                e = self._pick_plain()
+            if self._nfree and (e := self._pick_plain()) is not None:
                 t.state = ASSIGNED
                 t.engine = e
                 e.queue.append(t)
@@ -435,8 +450,7 @@ class Scheduler:
             x.failed_on.add(e)
             t.deadline = None  # it ran: the timeout no longer applies
             self._requeue(t, f"failed on engine {e.id}, retrying ({t.retries} left)")
-            self._fill(e, out)
-            self._place(t, out)
+            self._freed.append(e)
             return
         else:
             t.state = DONE
@@ -447,10 +461,12 @@ class Scheduler:
         if x is not None:
             t.deadline = None
             self._drop_follow_links(t)
-        if self._plain or self._plain_late or e.heap:
-            self._fill(e, out)
         if t.dependents:
             self._finished(t, out)
+        if self._fresh:
+            self._freed.append(e)  # _settle fills it once the new tasks are queued
+        elif self._plain or self._plain_late or e.heap:
+            self._fill(e, out)
 
     def _on_unmet(self, ev: TaskUnmet, out: list[Command]) -> None:
         t = self._tasks.get(ev.task_id)
@@ -462,19 +478,14 @@ class Scheduler:
         if x.refused is None:
             x.refused = set()
         x.refused.add(e)
+        self._freed.append(e)
         if x.aborted:
-            self._fill(e, out)
             self._fail(t, ABORTED, f"task {t.id} was aborted before it ran", out,
                        why=f"{t.id} was aborted")
             return
         self._requeue(t, f"refused by engine {e.id}")
         if t.deadline is not None:
             self._push_deadline(t)
-        self._fill(e, out)
-        if t.deadline is not None and t.deadline <= self._now:
-            self._fail_timeout(t, out)
-        else:
-            self._place(t, out)
 
     def _on_engine_added(self, ev: EngineAdded, out: list[Command]) -> None:
         eid = ev.engine_id
@@ -495,7 +506,7 @@ class Scheduler:
             for t in sorted(self._ready_excl, key=_by_seq):
                 if self._eligible(t, e):
                     heapq.heappush(e.heap, (t.seq, t.gen, t))
-        self._fill(e, out)
+        self._freed.append(e)
 
     def _on_engine_removed(self, ev: EngineRemoved, out: list[Command]) -> None:
         e = self._engines.pop(ev.engine_id, None)
@@ -510,7 +521,6 @@ class Scheduler:
         outstanding = list(e.queue)
         e.queue.clear()
         e.load = 0
-        replace: list[_Task] = []
         for i, t in enumerate(outstanding):
             x = t.x
             aborted = x is not None and x.aborted
@@ -523,7 +533,6 @@ class Scheduler:
                     x.failed_on.add(e)
                     t.deadline = None
                     self._requeue(t, f"engine {e.id} died while it ran, retrying ({t.retries} left)")
-                    replace.append(t)
                 else:
                     t.engine = None
                     self._fail(
@@ -539,7 +548,6 @@ class Scheduler:
                 self._requeue(t, f"engine {e.id} died before it started")
                 if t.deadline is not None:
                     self._push_deadline(t)
-                replace.append(t)
         # Tasks whose follow deps ran on the dead engine, and ready tasks with
         # exclusions (whose candidates may have shrunk, or widened back to the
         # engines they failed on), are re-examined.
@@ -550,16 +558,8 @@ class Scheduler:
                 if why is not None:
                     self._fail_impossible(t, why, out)
             elif t.state is READY:
-                replace.append(t)
-        replace.extend(self._ready_excl)
-        seen: set[_Task] = set()
-        for t in sorted(replace, key=_by_seq):
-            if t.state is READY and t not in seen:
-                seen.add(t)
-                if t.deadline is not None and t.deadline <= self._now:
-                    self._fail_timeout(t, out)
-                else:
-                    self._place(t, out)
+                self._fresh.append(t)
+        self._fresh.extend(self._ready_excl)
 
     def _on_abort(self, ev: AbortRequested, out: list[Command]) -> None:
         t = self._tasks.get(ev.task_id)
@@ -595,14 +595,16 @@ class Scheduler:
 
     # ------------------------------------------------------------- placement
 
-    def _pick_plain(self) -> _Engine:
-        """A free engine for an unconstrained task (there is one: _nfree > 0)."""
+    def _pick_plain(self) -> _Engine | None:
+        """A free engine for an unconstrained task, by the scheme; None if there is none."""
         cap = self._cap
         if self._first_free:
             for e in self._lru.values():
                 if e.load < cap:
                     return e
-        return self._choose([e for e in self._lru.values() if e.load < cap])
+            return None
+        free = [e for e in self._lru.values() if e.load < cap]
+        return self._choose(free) if free else None
 
     def _choose(self, cands: list[_Engine]) -> _Engine:
         if len(cands) == 1:
@@ -632,17 +634,95 @@ class Scheduler:
         out.append(Assign(t.id, e.id))
 
     def _ready(self, t: _Task, out: list[Command]) -> None:
-        """A waiting task's dependencies are met: place it."""
+        """A waiting task's dependencies are met: it is placed when the event settles."""
         t.state = READY
         self._story.append((t.id, WAITING, READY, "dependencies met", self._now))
-        self._place(t, out)
+        self._fresh.append(t)
+
+    def _settle(self, out: list[Command]) -> None:
+        """Place the tasks this event made ready and refill the slots it freed.
+
+        In three steps, so that every freed slot goes to the oldest task eligible
+        for it, whether it was queued before or became ready just now: queue the
+        new tasks (oldest first; some may turn out impossible, which can make
+        more tasks ready: repeat), fill the freed engines from the queues, then
+        give the new tasks still unassigned to free engines chosen by the scheme.
+        Failures and deliveries therefore always precede the assignments they
+        enable.
+        """
+        fresh, freed = self._fresh, self._freed
+        if not freed and len(fresh) == 1:  # the usual case: one new task, no freed slot
+            t = fresh.pop()
+            if t.state is READY:
+                if t.deadline is not None and t.deadline <= self._now:
+                    self._fail_timeout(t, out)
+                else:
+                    self._place(t, out)
+            if not fresh:
+                return
+        queued: list[_Task] = []
+        while fresh:
+            batch = sorted(set(fresh), key=_by_seq)
+            fresh.clear()
+            for t in batch:
+                if t.state is not READY:
+                    continue
+                if t.deadline is not None and t.deadline <= self._now:
+                    self._fail_timeout(t, out)
+                elif self._enqueue(t, out):
+                    queued.append(t)
+        for e in freed:
+            if e.alive:
+                self._fill(e, out)
+        freed.clear()
+        if queued:
+            queued.sort(key=_by_seq)
+            for t in queued:
+                if t.state is READY:
+                    self._place_free(t, out)
+
+    def _enqueue(self, t: _Task, out: list[Command]) -> bool:
+        """Queue ready task ``t`` where engines will find it; False if it turned out impossible."""
+        x = t.x
+        if x is None or _unrestricted(x):
+            self._push_plain(t)
+            return True
+        cands = self._candidates(t)
+        t.gen += 1
+        if not cands:
+            why = self._stuck(t)
+            if why is not None:
+                self._fail_impossible(t, why, out)
+                return False
+        else:
+            entry = (t.seq, t.gen, t)
+            for e in cands:
+                heapq.heappush(e.heap, entry)
+        if x.follow is None:
+            self._ready_excl.add(t)
+        return True
+
+    def _place_free(self, t: _Task, out: list[Command]) -> None:
+        """Assign queued ready task ``t`` to a free eligible engine, if there is one.
+
+        Its queue entries are left behind: stale once it is assigned.
+        """
+        x = t.x
+        if x is None or _unrestricted(x):
+            if self._nfree and (e := self._pick_plain()) is not None:
+                self._assign(t, e, out)
+            return
+        cap = self._cap
+        free = [e for e in self._candidates(t) if e.load < cap]
+        if free:
+            self._assign(t, self._choose(free), out)
 
     def _place(self, t: _Task, out: list[Command]) -> None:
         """Give a ready task to a free eligible engine chosen by the scheme, or queue it."""
         x = t.x
-        if x is None or (x.follow is None and not x.refused and not x.failed_on):
-            if self._nfree:
-                self._assign(t, self._pick_plain(), out)
+        if x is None or _unrestricted(x):
+            if self._nfree and (e := self._pick_plain()) is not None:
+                self._assign(t, e, out)
             else:
                 self._push_plain(t)
             return
@@ -713,13 +793,15 @@ class Scheduler:
         """Pop the ready task with the lowest submission number that ``e`` may run."""
         best: _Task | None = None
         src = 0
+        # A global-queue entry is stale unless its task is ready and still
+        # unconstrained (it may have been assigned, refused and re-queued since).
         q = self._plain
-        while q and q[0].state is not READY:
+        while q and not _plain_ready(q[0]):
             q.popleft()
         if q:
             best, src = q[0], 1
         late = self._plain_late
-        while late and late[0][1].state is not READY:
+        while late and not _plain_ready(late[0][1]):
             heapq.heappop(late)
         if late and (best is None or late[0][0] < best.seq):
             best, src = late[0][1], 2
@@ -745,6 +827,7 @@ class Scheduler:
         t.engine = None
         self._unassigned += 1
         self._story.append((t.id, ASSIGNED, READY, detail, self._now))
+        self._fresh.append(t)
 
     def _unqueue(self, t: _Task, e: _Engine) -> None:
         """Take assigned task ``t`` off engine ``e``'s outstanding FIFO."""
@@ -763,8 +846,8 @@ class Scheduler:
         """Task ``t`` learns that its dependency ``d`` finished.
 
         Updates the tallies; returns why ``t`` became impossible, or None.  For a
-        ready task (follow all=False) a new live engine may join its candidates:
-        the caller re-places it.
+        ready task with follow all=False a new engine may join its candidates:
+        the caller queues it again.
         """
         x: _Extra = t.x  # type: ignore[assignment]
         ok = d.state is DONE and d.ok
@@ -899,9 +982,7 @@ class Scheduler:
             if x is not None and x.cancelled and d.engine is None:
                 return "was aborted"
             return f"failed on engine {d.engine.id}" if d.engine else "failed"
-        x = d.x
-        if x is None or not x.why:
-            return "failed"
+        x: _Extra = d.x  # type: ignore[assignment]  # failed by us: why is set
         if x.depth <= _CHAIN:
             return f"failed ({x.why})"
         return f"failed ({x.why.split(' because ', 1)[0]} because of a chain of {x.depth} failures starting with: {x.root})"
@@ -953,10 +1034,11 @@ class Scheduler:
     def _fail_timeout(self, t: _Task, out: list[Command]) -> None:
         x: _Extra = t.x  # type: ignore[assignment]
         waited = self._now - x.submitted
+        what = self._waiting_for(t)
         self._fail(t, TIMEOUT,
                    f"task {t.id} timed out: it waited {waited:g}s (timeout {x.timeout:g}s) "
-                   f"for {self._waiting_for(t)} without starting", out,
-                   why=f"{t.id} timed out waiting for {self._waiting_for(t)}")
+                   f"for {what} without starting", out,
+                   why=f"{t.id} timed out waiting for {what}")
 
     def _waiting_for(self, t: _Task) -> str:
         """What an unassigned task is waiting for, in words."""
@@ -1008,18 +1090,22 @@ class Scheduler:
                     continue
                 for dep in dependents:
                     state = dep.state
-                    if state is not WAITING and state is not READY:
+                    if state is DONE or state is FAILED:
                         continue
                     fe = dep.x.f_engines  # type: ignore[union-attr]
                     before = len(fe) if fe is not None else 0
                     why = self._count(dep, d)
+                    if state is ASSIGNED:
+                        # Already running (an "any" dependency was met): the tally
+                        # still matters if it comes back (refused, engine died).
+                        continue
                     if why is not None:
-                        self._fail_impossible(dep, why, out, d)  # queues dep's own dependents
+                        self._fail_impossible(dep, why, out, d)  # adds dep to the work list
                     elif state is WAITING:
                         if self._met(dep):
                             self._ready(dep, out)
                     elif fe is not None and len(fe) > before and d.engine.alive:  # type: ignore[union-attr]
-                        self._place(dep, out)  # a ready follow-any task gained an engine
+                        self._fresh.append(dep)  # a ready follow-any task gained an engine
         finally:
             self._draining = False
 
@@ -1082,7 +1168,7 @@ class Scheduler:
                     if x.after is not None:
                         need(x.after.met, f"{t} ready but its after dependency is not met")
                     self._check_deps_live(t, need)
-                if x is None or (x.follow is None and not x.refused and not x.failed_on):
+                if x is None or _unrestricted(x):
                     need(not free, f"{t} ready and unconstrained while {free} have free slots")
                     need(id(t) in plain_ids, f"{t} ready but not in the global queue")
                 else:
@@ -1115,3 +1201,16 @@ class Scheduler:
 
 def _by_seq(t: _Task) -> int:
     return t.seq
+
+
+def _unrestricted(x: _Extra) -> bool:
+    """No follow, refusal or failed-on engine: any engine may take the task."""
+    return x.follow is None and not x.refused and not x.failed_on
+
+
+def _plain_ready(t: _Task) -> bool:
+    """Ready and unrestricted: a valid entry of the global queue."""
+    if t.state is not READY:
+        return False
+    x = t.x
+    return x is None or _unrestricted(x)

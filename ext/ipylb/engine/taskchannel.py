@@ -43,7 +43,7 @@ class TaskChannel:
         self.kernel = kernel
         self.user_ns: dict[str, Any] = kernel.shell.user_ns
         ident = f"engine-{uuid.uuid4().hex[:12]}".encode()
-        self.signer = wire.Signer(cluster["key"].encode(), ident)
+        self.signer = wire.Signer(cluster["key"].encode(), ident, cluster["controller_id"].encode())
         self.sock = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, ident)
         self.sock.setsockopt(zmq.LINGER, 0)

@@ -1,0 +1,27 @@
+"""The core micro benchmark runs end to end and prints its table (tiny sizes here)."""
+
+from __future__ import annotations
+
+from ipylb.bench import core_micro
+
+
+def test_micro_benchmark_prints_a_row_per_size_and_the_pair_cost(capsys):
+    core_micro.main(["--sizes", "200,400", "--repeats", "2000", "--runs", "1"])
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert [r[0] for r in rows] == ["200", "400"]
+    assert all(float(r[3].replace(",", "")) > 0 for r in rows)  # overall events/s
+    assert "TaskSubmitted + TaskDone pair" in out
+
+
+def test_workload_mixes_plain_and_dependent_tasks_on_earlier_ones():
+    subs = core_micro._workload(500, seed=1)
+    deps = [s for s in subs if s.after is not None]
+    assert 150 < len(deps) < 350
+    index = {s.task_id: i for i, s in enumerate(subs)}
+    assert all(index[d] < index[s.task_id] for s in deps for d in s.after.ids)
+
+
+def test_run_dag_completes_every_task():
+    ts, tc, events = core_micro.run_dag(300, engines=3)
+    assert events == 600 and ts > 0 and tc > 0
