@@ -7,10 +7,9 @@ import threading
 import time
 from datetime import datetime
 
+import ipylb
 import numpy as np
 import pytest
-
-import ipylb
 from ipylb.error import CompositeError, RemoteError, SerializationError
 
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import time
 
 import pytest
-
-import ipylb
 from ipylb import Dependency, depend, dependent, require
 from ipylb.error import (
     DependencyTimeout,

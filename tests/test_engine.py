@@ -6,9 +6,8 @@ from __future__ import annotations
 import time
 
 import pytest
-from jupyter_client import BlockingKernelClient
-
 from ipylb.error import RemoteError
+from jupyter_client import BlockingKernelClient
 
 
 def sleeper(seconds):

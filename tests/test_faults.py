@@ -10,9 +10,8 @@ import os
 import signal
 import time
 
-import pytest
-
 import ipylb
+import pytest
 from ipylb.error import EngineError, RemoteError, TaskAborted
 
 

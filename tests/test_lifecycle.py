@@ -10,9 +10,8 @@ import sys
 import textwrap
 import time
 
-import pytest
-
 import ipylb
+import pytest
 
 
 def alive(pid: int) -> bool:

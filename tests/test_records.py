@@ -5,10 +5,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import ipylb
 import pytest
 import zmq
-
-import ipylb
 from ipylb import connection, wire
 from ipylb.controller.records import Record, TaskDB, TaskStore
 

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import pytest
-
 import ipylb
+import pytest
 from ipylb import depend
 
 SCHEMES = ["lru", "plainrandom", "twobin", "leastload", "weighted"]

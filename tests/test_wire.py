@@ -6,7 +6,6 @@ import pickle
 
 import numpy as np
 import pytest
-
 from ipylb import wire
 from ipylb.serialize import dumps, loads
 

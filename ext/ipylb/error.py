@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-
 PURE_REFUSES = (
     "the 'pure' scheme runs tasks without dependencies, retries or timeouts; "
     "start the cluster with another scheme (e.g. scheme='leastload') to use them"

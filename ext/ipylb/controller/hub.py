@@ -20,9 +20,9 @@ from typing import Any
 import zmq
 
 from .. import wire
-from ..error import PURE_REFUSES
 from ..core import events as ev
 from ..core.scheduler import Scheduler
+from ..error import PURE_REFUSES
 from .heartbeat import Heartbeats
 from .launcher import EngineLauncher
 from .records import Record, TaskStore
