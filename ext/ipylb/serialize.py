@@ -8,6 +8,8 @@ one big bytes object.
 from __future__ import annotations
 
 import pickle
+import sys
+import types
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,8 +22,28 @@ from .error import SerializationError
 OOB_MIN = 64 * 1024
 
 
+# Values the C pickler handles exactly as cloudpickle would (no code, no classes of ours).
+_PLAIN = frozenset({type(None), bool, int, float, complex, str, bytes})
+
+
+def _plain(obj: Any) -> bool:
+    """Whether ``obj`` is plain data: scalars, or small tuples/lists/dicts of scalars."""
+    t = type(obj)
+    if t in _PLAIN:
+        return True
+    if len(obj) > 64 if t in (tuple, list, dict) else True:  # big or other: no fast path
+        return False
+    if t is tuple or t is list:
+        return all(type(x) in _PLAIN or _plain(x) for x in obj)
+    if t is dict:
+        return all(type(k) in _PLAIN and (type(v) in _PLAIN or _plain(v)) for k, v in obj.items())
+    return False
+
+
 def dumps(obj: Any) -> list[Any]:
     """Pickle ``obj`` into ``[pickle, *out_of_band_buffers]`` (buffers are not copied)."""
+    if _plain(obj):  # the common small case: the C pickler is several times faster
+        return [pickle.dumps(obj, 5)]
     oob: list[memoryview] = []
 
     def keep(pb: pickle.PickleBuffer) -> bool:
@@ -72,9 +94,23 @@ def _culprit(args: tuple, kwargs: dict) -> str:
     return "the arguments"
 
 
+def _by_reference(f: Any) -> bool:
+    """Whether cloudpickle would pickle ``f`` by reference too (an importable module-level
+    function), so the C pickler gives the same bytes, faster."""
+    module = getattr(f, "__module__", None)
+    if module is None or module == "__main__" or not isinstance(f, types.FunctionType | types.BuiltinFunctionType):
+        return False
+    if module in cloudpickle.list_registry_pickle_by_value():
+        return False
+    mod = sys.modules.get(module)
+    return mod is not None and getattr(mod, f.__qualname__, None) is f
+
+
 def dumps_function(f: Any) -> bytes:
     """Pickle a task's function, or raise SerializationError naming it."""
     try:
+        if _by_reference(f):
+            return pickle.dumps(f, 5)
         return cloudpickle.dumps(f, protocol=5)
     except Exception as e:
         raise SerializationError(

@@ -10,6 +10,7 @@ included.  Each task's stdout and stderr are captured on their own.
 
 from __future__ import annotations
 
+import _signal
 import io
 import os
 import signal
@@ -27,6 +28,11 @@ import zmq
 from .. import wire
 from ..error import SerializationError, UnmetDependency
 from ..serialize import dumps, loads
+
+
+def _set_sigint(handler: Any) -> Any:
+    """signal.signal(SIGINT, ...) without the enum wrapping: it runs twice per task."""
+    return _signal.signal(signal.SIGINT.value, handler)
 
 
 def _remote_traceback(e: BaseException) -> str:
@@ -162,11 +168,11 @@ class TaskChannel:
             f = self._function(bufs[0])
             args, kwargs = loads(bufs[1:])
             sys.stdout, sys.stderr = out, err
-            previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+            previous = _set_sigint(signal.default_int_handler)
             try:
                 value = f(*args, **kwargs)
             finally:
-                signal.signal(signal.SIGINT, previous)
+                _set_sigint(previous)
                 sys.stdout, sys.stderr = saved
             try:
                 result = dumps(value)
