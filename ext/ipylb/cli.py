@@ -150,7 +150,7 @@ def cluster_start(args: argparse.Namespace) -> int:
     path = connection.profile_file(args.profile)
     rc = _connect(path)
     if rc is not None:
-        pid, n = rc._info.get("pid"), len(rc.ids)
+        pid, n = rc.cluster_info.get("pid"), len(rc.ids)
         rc.close()
         _say(f"a cluster is already running for profile {args.profile!r} (controller pid {pid}, "
              f"{_engines(n)}, {path}); it is left as it is. Stop it first with "
@@ -251,7 +251,7 @@ def cluster_stop(args: argparse.Namespace) -> int:
     asked = False
     if rc is not None:
         try:
-            rc._request("shutdown", timeout=PING_TIMEOUT_S)
+            rc.stop_cluster(timeout=PING_TIMEOUT_S)
             asked = True
         except TimeoutError:
             pass
@@ -307,7 +307,7 @@ def cluster_status(args: argparse.Namespace) -> int:
     if rc is None:
         return _not_running(args.profile)
     try:
-        qs, ids, info = rc.queue_status(), rc.ids, rc._info
+        qs, ids, info = rc.queue_status(), rc.ids, rc.cluster_info
     finally:
         rc.close()
     engines = {k: v for k, v in qs.items() if k != "unassigned"}
@@ -333,7 +333,7 @@ def engine_add(args: argparse.Namespace) -> int:
         return _not_running(args.profile)
     try:
         before = len(rc.ids)
-        rc._request("add_engines", args.engines)
+        rc.add_engines(args.engines)
         rc.wait_for_engines(before + args.engines, ENGINE_START_TIMEOUT_S)
         _say(f"added {_engines(args.engines)} to cluster {args.profile!r}: "
              f"{_engines(len(rc.ids))} now")

@@ -103,7 +103,7 @@ class Dashboard:
         self._stop.set()
         if self._thread is not threading.current_thread():
             self._thread.join()
-        if not self.client._closed:
+        if not self.client.closed:
             self._render_summary("stopped: closed")
 
     # -- the updating thread -------------------------------------------------------
@@ -118,16 +118,16 @@ class Dashboard:
 
     def refresh(self) -> bool:
         """Poll the controller once and re-render; False once the client is closed."""
-        if self.client._closed:
+        if self.client.closed:
             self._render_summary("stopped: the client was shut down")
             return False
         try:
-            status = self.client._request("queue_status", None, POLL_TIMEOUT_S)
+            status = self.client.queue_status(POLL_TIMEOUT_S)
         except TimeoutError:
             self._render_summary("the controller is not answering")
             return True
         except RuntimeError:  # closed between the check and the request
-            if self.client._closed:
+            if self.client.closed:
                 self._render_summary("stopped: the client was shut down")
                 return False
             raise

@@ -140,12 +140,12 @@ class LbMagics(Magics):
     def _describe(self) -> str:
         assert self.client is not None
         n = len(self.client.ids)
-        scheme = self.client._info.get("scheme", "?")
+        scheme = self.client.cluster_info.get("scheme", "?")
         return f"{n} engine{'s' if n != 1 else ''}, scheme {scheme}"
 
     def _current(self) -> Client | None:
         """The client in use, forgetting one that was closed behind the magics' back."""
-        if self.client is not None and self.client._closed:
+        if self.client is not None and self.client.closed:
             self.stop()
         return self.client
 

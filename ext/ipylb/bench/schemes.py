@@ -82,11 +82,18 @@ def main(rounds: int = 3, engines: int = 2, reference: bool = True, chart: str =
     with quiet():
         for r in range(rounds):
             for farm in farms:
-                ratio, tps = measure(farm, engines, tasks)
+                for attempt in range(3):
+                    try:
+                        ratio, tps = measure(farm, engines, tasks)
+                        break
+                    except RuntimeError as e:  # ipyparallel's pure scheduler gives up when an
+                        print(f"{farm.name}: {e} (attempt {attempt + 1})")  # engine unregisters
+                else:
+                    continue
                 results[farm.name].append((ratio, tps))
                 print(f"round {r + 1}/{rounds} {farm.name}: makespan/bound {ratio:.3f}, noop {tps:.0f} tasks/s")
     rows = {name: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v))
-            for name, v in results.items()}
+            for name, v in results.items() if v}
     print(f"\n{'scheme (median of ' + str(rounds) + ')':<26}{'makespan/bound':>16}{'noop tasks/s':>14}")
     for name, (ratio, tps) in rows.items():
         print(f"{name:<26}{ratio:>16.3f}{tps:>14.0f}")

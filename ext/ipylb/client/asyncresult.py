@@ -32,6 +32,8 @@ class Metadata(dict):
 
 
 _PENDING = object()
+# Where a field sits in a result's meta tuple (see Outcome).
+_META_INDEX = {"engine_id": 1, "stdout": 5, "stderr": 6}
 
 
 class Outcome:
@@ -154,10 +156,8 @@ class AsyncResult:
     # -- what came back ----------------------------------------------------------
 
     def _each(self, name: str) -> list[Any]:
-        out = []
-        for o in self._outcomes:
-            out.append(None if o is None else o.metadata(self._submitted)[name])
-        return out
+        i = _META_INDEX[name]
+        return [None if o is None else o.meta[i] for o in self._outcomes]
 
     @property
     def metadata(self) -> Any:

@@ -277,9 +277,28 @@ class Client:
                         return False
         return True
 
-    def queue_status(self) -> dict[Any, Any]:
+    def queue_status(self, timeout: float | None = 30.0) -> dict[Any, Any]:
         """``{engine_id: {"queue", "completed", "tasks"}, ..., "unassigned": n}``."""
-        return self._request("queue_status")
+        return self._request("queue_status", None, timeout)
+
+    @property
+    def closed(self) -> bool:
+        """Whether this client has been closed (or shut down)."""
+        return self._closed
+
+    @property
+    def cluster_info(self) -> dict[str, Any]:
+        """The cluster's connection details, without its key: urls, controller pid, scheme, hwm."""
+        return {k: v for k, v in self._info.items() if k != "key"}
+
+    def add_engines(self, n: int) -> None:
+        """Ask the controller to start ``n`` more engines on its machine (they register
+        shortly; ``wait_for_engines`` waits for them)."""
+        self._request("add_engines", n)
+
+    def stop_cluster(self, timeout: float | None = 30.0) -> None:
+        """Stop the cluster this client is connected to (controller and its engines)."""
+        self._request("shutdown", None, timeout)
 
     def engine_info(self) -> dict[int, dict[str, Any]]:
         """Per engine: pid, hostname and the kernel connection file

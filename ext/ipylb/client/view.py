@@ -48,7 +48,7 @@ class LoadBalancedView:
         self.follow: Any = []
 
     def __repr__(self) -> str:
-        return f"<LoadBalancedView scheme={self.client._info.get('scheme', '?')}>"
+        return f"<LoadBalancedView scheme={self.client.scheme}>"
 
     # -- flags -------------------------------------------------------------------
 
