@@ -166,6 +166,15 @@ def test_impossibility_detected_while_waiting(view):
         ar.get(30)
 
 
+def test_story_tells_why_a_task_waited(rc, view):
+    a = view.apply_async(sleep_then, 1, 0.2)
+    with view.temp_flags(after=a):
+        b = view.apply_async(lambda: 2)
+    assert b.get(30) == 2
+    states = [row[2] for row in rc.story(b.msg_ids[0])]
+    assert states[0] == "waiting" and "assigned" in states
+
+
 def test_failures_are_listed_on_the_client(rc, view):
     with view.temp_flags(after=["missing-for-failures"]):
         ar = view.apply_async(lambda: 1)

@@ -300,6 +300,11 @@ class Client:
         """Stop the cluster this client is connected to (controller and its engines)."""
         self._request("shutdown", None, timeout)
 
+    def story(self, msg_id: str) -> list[tuple]:
+        """The scheduler's log for one task: (task, from state, to state, detail, time) rows,
+        e.g. why it waited, where it went, why it failed."""
+        return self._request("story", msg_id)
+
     def engine_info(self) -> dict[int, dict[str, Any]]:
         """Per engine: pid, hostname and the kernel connection file
         (``jupyter console --existing FILE`` attaches to it)."""

@@ -75,7 +75,6 @@ class Controller:
         self._running = True  # until asked to stop, which may happen before run()
         self._requests: dict[str, Callable[[bytes, Any], Any]] = {
             "queue_status": self._req_queue_status,
-            "engines": lambda _c, _a: self._engine_list(),
             "abort": self._req_abort,
             "shutdown": self._req_shutdown,
             "story": lambda _c, task_id: self.core.story(task_id),
