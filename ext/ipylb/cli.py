@@ -343,3 +343,7 @@ def engine_add(args: argparse.Namespace) -> int:
         return 1
     finally:
         rc.close()
+
+
+if __name__ == "__main__":
+    main()

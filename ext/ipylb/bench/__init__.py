@@ -13,6 +13,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workloads", default="latency,submit,map,payload,dag",
                    help="comma-separated: latency, submit, map, payload, dag")
     p.add_argument("--no-reference", action="store_true", help="skip ipyparallel")
+    p.add_argument("--standalone", action="store_true",
+                   help="compare the embedded cluster with a standalone one (instead of ipyparallel)")
     p.add_argument("--core", action="store_true", help="the scheduler core alone, no I/O")
     p.add_argument("--schemes", action="store_true",
                    help="every scheme on a heterogeneous workload and a no-op run, with a chart")
@@ -28,10 +30,12 @@ def main(argv: list[str] | None = None) -> None:
 
         schemes_main(args.rounds, args.engines, not args.no_reference, args.chart)
         return
-    from .farm import Ipylb, Ipyparallel, compare
+    from .farm import Ipylb, IpylbStandalone, Ipyparallel, compare
 
     farms = [Ipylb()]
-    if not args.no_reference:
+    if args.standalone:
+        farms.append(IpylbStandalone())
+    elif not args.no_reference:
         try:
             import ipyparallel  # noqa: F401
         except ImportError:

@@ -50,6 +50,30 @@ class Ipylb(Farm):
         return self.rc.load_balanced_view()
 
 
+class IpylbStandalone(Ipylb):
+    """ipylb through ``ipylb cluster start --daemon`` and ``Client(profile=...)``."""
+
+    name = "ipylb standalone"
+
+    def start(self, n: int) -> None:
+        import os
+        import subprocess
+        import sys
+
+        import ipylb
+
+        self.profile = f"bench-{os.getpid()}"
+        cmd = [sys.executable, "-m", "ipylb.cli", "cluster", "start", "-n", str(n), "--daemon",
+               "--profile", self.profile, "--scheme", self.scheme]
+        subprocess.run(cmd, check=True, capture_output=True)
+        self.rc = ipylb.Client(profile=self.profile)
+        self.rc.wait_for_engines(n, 60)
+
+    def stop(self) -> None:
+        self.rc.stop_cluster()
+        self.rc.close()
+
+
 class Ipyparallel(Farm):
     name = "ipyparallel"
 
@@ -181,12 +205,13 @@ def compare(farms: list[Farm], rounds: int, engines: int, workloads: list[str],
     out("")
     names = [f.name for f in farms]
     metrics = list(medians[names[0]])
-    header = f"{'metric (median of ' + str(rounds) + ')':<28}" + "".join(f"{n:>14}" for n in names)
+    w = max(14, *(len(n) + 2 for n in names))
+    header = f"{'metric (median of ' + str(rounds) + ')':<28}" + "".join(f"{n:>{w}}" for n in names)
     if len(names) == 2:
         header += f"{'ratio':>10}  better"
     out(header)
     for m in metrics:
-        row = f"{m:<28}" + "".join(f"{medians[n].get(m, float('nan')):>14.4g}" for n in names)
+        row = f"{m:<28}" + "".join(f"{medians[n].get(m, float('nan')):>{w}.4g}" for n in names)
         if len(names) == 2 and m in medians[names[1]]:
             a, b = medians[names[0]][m], medians[names[1]][m]
             ratio = a / b if b else float("inf")
