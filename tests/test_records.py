@@ -9,7 +9,7 @@ import ipylb
 import pytest
 import zmq
 from ipylb import connection, wire
-from ipylb.controller.records import Record, TaskDB, TaskStore
+from ipylb.controller.records import RECORD_OVERHEAD, Record, TaskDB, TaskStore
 
 
 def finished(msg_id, size):
@@ -20,7 +20,7 @@ def finished(msg_id, size):
 
 
 def test_store_evicts_oldest_finished_records_beyond_its_budget():
-    store = TaskStore(limit_bytes=2500)
+    store = TaskStore(limit_bytes=2 * (1000 + RECORD_OVERHEAD) + 500)
     pending = Record("pending", b"c", [b"x" * 5000], b"")
     store.add(pending)
     evicted = []

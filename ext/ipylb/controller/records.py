@@ -17,8 +17,9 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-# Finished records kept in memory, in bytes of buffers (requests and results).
+# Finished records kept in memory, in bytes (buffers plus RECORD_OVERHEAD each).
 DEFAULT_LIMIT_BYTES = 1 << 30
+RECORD_OVERHEAD = 1024
 
 
 class Record:
@@ -41,8 +42,9 @@ class Record:
         self.result_mac = b""
 
     def nbytes(self) -> int:
-        """Bytes of buffers this record holds."""
-        return sum(len(b) for b in self.bufs) + sum(len(b) for b in self.result_bufs)
+        """Memory this record holds: its buffers plus a fixed allowance for the record itself
+        (and the scheduler's), so a budget also bounds a flood of tiny tasks."""
+        return RECORD_OVERHEAD + sum(len(b) for b in self.bufs) + sum(len(b) for b in self.result_bufs)
 
 
 class TaskDB:
