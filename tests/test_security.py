@@ -101,8 +101,13 @@ def capture_submit(rc, f, *args) -> list[bytes]:
     sent: list[list[Any]] = []
 
     class Recorder:
-        def send_multipart(self, frames, copy=True):
-            sent.append(frames)
+        parts: list[Any] = []
+
+        def send(self, frame, flags=0, copy=True):
+            self.parts.append(frame)
+            if not flags & zmq.SNDMORE:
+                sent.append(self.parts)
+                self.parts = []
 
     real, rc._send_sock = rc._send_sock, Recorder()
     try:

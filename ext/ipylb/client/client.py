@@ -122,14 +122,14 @@ class Client:
         sock.setsockopt(zmq.RCVHWM, 0)
         sock.connect(url)
         try:
-            sock.send_multipart(signer.pack(wire.HELLO, None))
-            recv, unpack, handle = sock.recv_multipart, signer.unpack, self._on_message
+            wire.send(sock, signer.pack(wire.HELLO, None))
+            recv, unpack, handle = wire.recv, signer.unpack, self._on_message
             while not self._closed:
                 if not sock.poll(200):
                     continue
                 while True:
                     try:
-                        frames = recv(zmq.NOBLOCK, copy=False)
+                        frames = recv(sock)
                     except zmq.Again:
                         break
                     try:
@@ -138,7 +138,7 @@ class Client:
                         continue
                     except Exception:  # a bug here must not stop results arriving
                         traceback.print_exc()
-            sock.send_multipart(signer.pack(wire.BYE, None))
+            wire.send(sock, signer.pack(wire.BYE, None))
         finally:
             sock.close(linger=200)
 
@@ -222,9 +222,7 @@ class Client:
                 bufs.extend(args)
                 self._pending[msg_id] = (ar, i)
             with self._send_lock:
-                self._send_sock.send_multipart(
-                    self._signer.pack(wire.SUBMIT, (flags, metas), bufs, b""), copy=False
-                )
+                wire.send(self._send_sock, self._signer.pack(wire.SUBMIT, (flags, metas), bufs, b""))
 
     def _request(self, op: str, arg: Any = None, timeout: float | None = 30.0) -> Any:
         """Ask the controller something and wait for its answer."""
@@ -233,7 +231,7 @@ class Client:
         req_id = next(self._ids)
         self._replies[req_id] = fut
         with self._send_lock:
-            self._send_sock.send_multipart(self._signer.pack(wire.REQUEST, (req_id, op, arg)))
+            wire.send(self._send_sock, self._signer.pack(wire.REQUEST, (req_id, op, arg)))
         try:
             ok, value = fut.result(timeout)
         except TimeoutError:

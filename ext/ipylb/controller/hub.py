@@ -128,10 +128,10 @@ class Controller:
         self.close()
 
     def _drain(self, sock: zmq.Socket, handler: Callable[[list[Any]], None]) -> None:
-        recv = sock.recv_multipart
+        recv = wire.recv
         for _ in range(1000):  # then let the other socket have a turn
             try:
-                frames = recv(zmq.NOBLOCK, copy=False)
+                frames = recv(sock)
             except zmq.Again:
                 return
             try:
@@ -180,7 +180,7 @@ class Controller:
         self.engine_info[engine_id] = meta
         if self.launcher is not None:
             self.launcher.registered(meta.get("tag", ""), engine_id)
-        self.engines.send_multipart([ident, *self.signer.pack(wire.REGISTERED, engine_id, to=ident)])
+        wire.send(self.engines, [ident, *self.signer.pack(wire.REGISTERED, engine_id, to=ident)])
         if meta.get("heartbeat"):
             self.poller.register(
                 self.heartbeats.add(engine_id, meta["heartbeat"], time.monotonic()), zmq.POLLIN)
@@ -269,8 +269,7 @@ class Controller:
         self._execute(self.core.handle(event))
 
     def _send_client(self, ident: bytes, kind: int, meta: Any, bufs: list[Any] = (), mac: bytes | None = None) -> None:
-        self.clients.send_multipart([ident, *self.signer.pack(kind, meta, bufs, mac, ident)],
-                                   copy=False)
+        wire.send(self.clients, [ident, *self.signer.pack(kind, meta, bufs, mac, ident)])
 
     def _broadcast(self, event: Any) -> None:
         for ident in self.listeners:
@@ -397,7 +396,7 @@ class Controller:
     def _to_engine(self, ident: bytes, frames: list[Any]) -> bool:
         """Send to an engine; False if it has disconnected (it is then treated as dead)."""
         try:
-            self.engines.send_multipart([ident, *frames], copy=False)
+            wire.send(self.engines, [ident, *frames])
         except zmq.ZMQError as e:
             if e.errno != zmq.EHOSTUNREACH:
                 raise
@@ -426,7 +425,7 @@ class Controller:
             self.launcher.stop_all()
         for ident in list(self.engine_ident.values()):
             try:
-                self.engines.send_multipart([ident, *self.signer.pack(wire.STOP, None, to=ident)])
+                wire.send(self.engines, [ident, *self.signer.pack(wire.STOP, None, to=ident)])
             except zmq.ZMQError:
                 pass
         self.clients.close(0)

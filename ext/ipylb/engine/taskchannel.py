@@ -71,7 +71,7 @@ class TaskChannel:
             "tag": os.environ.get("IPYLB_ENGINE_TAG", ""),
             "heartbeat": self._heartbeat_url(),
         }
-        self.sock.send_multipart(self.signer.pack(wire.REGISTER, meta))
+        wire.send(self.sock, self.signer.pack(wire.REGISTER, meta))
         loop.add_reader(self.sock.FD, self._on_readable)
         loop.call_soon(self._on_readable)
 
@@ -92,7 +92,7 @@ class TaskChannel:
         """Move every message waiting on the socket into the inbox (cancels act at once)."""
         while True:
             try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = wire.recv(self.sock)
             except zmq.Again:
                 return
             try:
@@ -121,7 +121,7 @@ class TaskChannel:
                         return
                     continue
                 _kind, meta, bufs, bufs_mac = self.inbox.popleft()
-                self.sock.send_multipart(self._run(meta, bufs, bufs_mac), copy=False)
+                wire.send(self.sock, self._run(meta, bufs, bufs_mac))
         except KeyboardInterrupt:  # an interrupt that landed between tasks: nothing to stop
             self.kernel.io_loop.add_callback(self._on_readable)
 
