@@ -70,8 +70,11 @@ class IpylbStandalone(Ipylb):
         self.rc.wait_for_engines(n, 60)
 
     def stop(self) -> None:
+        from ipylb import connection
+
         self.rc.stop_cluster()
         self.rc.close()
+        connection.log_file(self.profile).unlink(missing_ok=True)  # a benchmark's, not a user's
 
 
 class Ipyparallel(Farm):
