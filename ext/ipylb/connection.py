@@ -17,6 +17,9 @@ from jupyter_core.paths import jupyter_data_dir, jupyter_runtime_dir
 
 from .error import NoCluster
 
+# The kernelspec engines are started from (shipped under kernelspec/, installed with the package).
+KERNEL_NAME = "ipylb-engine"
+
 
 def runtime_dir() -> Path:
     """The Jupyter runtime directory, created private if missing."""

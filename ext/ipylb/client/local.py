@@ -21,7 +21,7 @@ from typing import Any
 from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
 from .. import connection
-from ..controller.launcher import KERNEL_NAME
+from ..connection import KERNEL_NAME
 
 SCHEMES = ("leastload", "lru", "plainrandom", "twobin", "weighted", "pure")
 

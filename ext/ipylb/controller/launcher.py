@@ -11,11 +11,10 @@ from typing import Any
 
 from jupyter_client import KernelManager
 
-from ..connection import runtime_dir
+from ..connection import KERNEL_NAME, runtime_dir
 
 log = logging.getLogger("ipylb.controller")
 
-KERNEL_NAME = "ipylb-engine"
 
 
 def exit_reason(returncode: int | None) -> str:
