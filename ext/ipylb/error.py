@@ -22,6 +22,10 @@ class NoCluster(IpylbError, OSError):
     """No running cluster could be reached."""
 
 
+class WireError(IpylbError, ValueError):
+    """A message (or a payload it points to) that failed authentication or could not be read."""
+
+
 class RemoteError(IpylbError):
     """An exception raised by task code on an engine (or decided by the scheduler).
 

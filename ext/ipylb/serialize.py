@@ -17,6 +17,7 @@ import cloudpickle
 import zmq
 
 from .error import SerializationError
+from .shm import Segment
 
 # Buffers smaller than this stay inside the pickle: one frame beats many tiny ones.
 OOB_MIN = 64 * 1024
@@ -60,17 +61,20 @@ def dumps(obj: Any) -> list[Any]:
 
 
 def _writable(frame: Any) -> Any:
-    # A received zmq.Frame owns its memory and exposes it writable: no copy needed.
+    # A received zmq.Frame owns its memory and exposes it writable: no copy needed;
+    # a shared-memory segment is mapped copy-on-write.
     if isinstance(frame, zmq.Frame):
         return frame.buffer
+    if type(frame) is Segment:
+        return frame.view()
     return bytearray(frame)
 
 
 def loads(frames: Sequence[Any]) -> Any:
     """Inverse of :func:`dumps`.
 
-    Out-of-band buffers become writable memory (a received frame's own, else a
-    copy), so an array that arrives here can be modified in place like one made
+    Out-of-band buffers become writable memory (a received frame's own, a
+    copy-on-write mapping of a segment, else a copy), so an array that arrives here can be modified in place like one made
     locally.
     """
     first = frames[0]

@@ -4,10 +4,12 @@ Every message on ipylb's own sockets (client <-> controller <-> engine) is::
 
     [signature, head, *bufs]
 
-``head`` is a pickle of ``(kind, sender, to, seq, meta, bufs_mac)`` and ``signature``
-is HMAC-SHA256(key, head).  ``bufs_mac`` is HMAC-SHA256 over the length-prefixed
-``bufs`` (empty when there are none), so every frame, pickled buffers included, is
-authenticated under the cluster key.
+``head`` is a pickle of ``(kind, sender, to, seq, meta, bufs_mac, segs)`` and
+``signature`` is HMAC-SHA256(key, head).  ``bufs_mac`` is HMAC-SHA256 over the
+length-prefixed ``bufs`` (empty when there are none), so every frame, pickled
+buffers included, is authenticated under the cluster key.  ``segs`` names the
+buffers that travel through shared memory instead of a frame (:mod:`ipylb.shm`):
+their content enters ``bufs_mac`` exactly as if they were inline.
 
 Why the buffers get a MAC of their own, carried inside the head: a relay (the
 controller) checks the head of each message it acts on, and forwards the task's
@@ -17,9 +19,8 @@ large payload is so hashed twice end to end (by its producer and its consumer)
 instead of once per hop, and never copied.
 
 A buffer larger than ``CHUNK`` enters the MAC as the SHA-256 digests of its
-1 MiB chunks, computed on a thread pool (hashlib releases the GIL): HMAC over
-collision-resistant digests authenticates the same bytes, and an 8 MB array is
-hashed on every core instead of one.
+1 MiB chunks (:mod:`ipylb.digest`): HMAC over collision-resistant digests
+authenticates the same bytes, and an 8 MB array is hashed on every core.
 
 Replay: ``seq`` grows strictly for each ``sender``; a receiver drops a message
 whose seq is not above the last one it accepted from that sender, and one not
@@ -36,10 +37,14 @@ import hmac
 import os
 import pickle
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import zmq
+
+from .digest import CHUNK, chunk_digests
+from .error import WireError
+from .shm import Segment
+from .shm import valid_name as shm_valid_name
 
 # Message kinds. Client -> controller.
 HELLO, SUBMIT, REQUEST, BYE = 1, 2, 3, 4
@@ -53,19 +58,6 @@ REGISTER, DONE = 31, 32
 _SHA256 = hashlib.sha256
 _DIGEST = 32
 _LEN = 8
-CHUNK = 1 << 20
-_pool: ThreadPoolExecutor | None = None
-
-
-def _chunk_digests(view: memoryview) -> bytes:
-    """SHA-256 of each CHUNK-sized piece of ``view``, concatenated, hashed in parallel."""
-    global _pool
-    if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="ipylb-mac")
-    if view.ndim != 1 or view.itemsize != 1:
-        view = view.cast("B")
-    pieces = [view[i:i + CHUNK] for i in range(0, view.nbytes, CHUNK)]
-    return b"".join(_pool.map(lambda piece: _SHA256(piece).digest(), pieces))
 
 
 _SNDMORE, _RCVMORE, _NOBLOCK = int(zmq.SNDMORE), int(zmq.RCVMORE), int(zmq.NOBLOCK)
@@ -92,10 +84,6 @@ def recv(sock: zmq.Socket) -> list[Any]:
     return frames
 
 
-class WireError(ValueError):
-    """A message that failed authentication or could not be parsed."""
-
-
 def new_key() -> bytes:
     """A fresh random cluster key (32 bytes, hex-encoded so it fits in JSON)."""
     return os.urandom(32).hex().encode()
@@ -112,14 +100,21 @@ def _nbytes(buf: Any) -> int:
 class Signer:
     """Signs and checks messages under one cluster key, for one sender."""
 
-    def __init__(self, key: bytes, sender: bytes, peer: bytes = b"") -> None:
-        """Sign as ``sender``; ``peer`` is where messages go unless ``pack(to=...)`` says."""
+    def __init__(self, key: bytes, sender: bytes, peer: bytes = b"", shm_prefix: str | None = None,
+                 owns_segments: bool = False) -> None:
+        """Sign as ``sender``; ``peer`` is where messages go unless ``pack(to=...)`` says.
+
+        ``shm_prefix``: the names of shared-memory segments this receiver accepts
+        (None: none); ``owns_segments``: the received segments are ours to remove
+        (the controller's)."""
         if not key:
             raise ValueError("ipylb needs a non-empty cluster key")
         self._key = key
         self._proto = hmac.new(key, digestmod=_SHA256)
         self.sender = sender
         self.peer = peer
+        self.shm_prefix = shm_prefix
+        self._owns_segments = owns_segments
         self._seq = 0
         self._last_seen: dict[bytes, int] = {}
 
@@ -131,10 +126,14 @@ class Signer:
             return b""
         h = self._proto.copy()
         for b in bufs:
+            if type(b) is Segment:  # digested when written here, else read from the mapping
+                h.update(b.nbytes.to_bytes(_LEN, "little"))
+                h.update(b.digests if b.digests is not None else chunk_digests(b.view()))
+                continue
             v = _view(b)
             n = _nbytes(v)
             h.update(n.to_bytes(_LEN, "little"))
-            h.update(v if n <= CHUNK else _chunk_digests(memoryview(v)))
+            h.update(v if n <= CHUNK else chunk_digests(memoryview(v)))
         return h.digest()
 
     def pack(
@@ -142,12 +141,19 @@ class Signer:
         to: bytes | None = None,
     ) -> list[Any]:
         """Frames for one message to ``to`` (default: the peer); pass ``bufs_mac`` to
-        forward another producer's buffers."""
+        forward another producer's buffers.  A Segment among ``bufs`` travels as its
+        name and size in the signed head, an empty frame in its place."""
         self._seq += 1
         if bufs_mac is None:
             bufs_mac = self.bufs_mac(bufs)
+        segs: tuple = ()
+        for b in bufs:
+            if type(b) is Segment:
+                segs = tuple((i, b.name, b.nbytes) for i, b in enumerate(bufs) if type(b) is Segment)
+                bufs = [b"" if type(b) is Segment else b for b in bufs]
+                break
         head = pickle.dumps((kind, self.sender, self.peer if to is None else to, self._seq, meta,
-                             bufs_mac), 5)
+                             bufs_mac, segs), 5)
         return [hmac.digest(self._key, head, "sha256"), head, *bufs]
 
     # -- consuming -------------------------------------------------------------
@@ -166,7 +172,7 @@ class Signer:
         ):
             raise WireError("bad or missing signature: message dropped (wrong cluster key?)")
         try:
-            kind, sender, to, seq, meta, bufs_mac = pickle.loads(head)
+            kind, sender, to, seq, meta, bufs_mac, segs = pickle.loads(head)
         except Exception as e:  # signed but malformed: a peer bug, not an attack
             raise WireError(f"unreadable message head: {e!r}") from None
         if to != self.sender:
@@ -174,7 +180,24 @@ class Signer:
         if seq <= self._last_seen.get(sender, 0):
             raise WireError(f"replayed or out-of-order message from {sender!r} (seq {seq})")
         self._last_seen[sender] = seq
-        return kind, sender, meta, list(frames[2:]), bufs_mac
+        bufs = list(frames[2:])
+        if segs:
+            self._segments(bufs, segs)
+        return kind, sender, meta, bufs, bufs_mac
+
+    def _segments(self, bufs: list[Any], segs: Any) -> None:
+        """Put the segments a head describes in their places among ``bufs``."""
+        prefix = self.shm_prefix
+        if prefix is None:
+            raise WireError("a message points to shared memory this process does not share")
+        try:
+            for i, name, nbytes in segs:
+                if not (type(i) is int and 0 <= i < len(bufs) and type(nbytes) is int
+                        and nbytes > CHUNK and shm_valid_name(name, prefix)):
+                    raise ValueError
+                bufs[i] = Segment(name, nbytes, owned=self._owns_segments)
+        except (TypeError, ValueError):
+            raise WireError(f"malformed shared-memory segment list {segs!r}") from None
 
     def check_bufs(self, bufs: Sequence[Any], bufs_mac: bytes) -> None:
         """Raise WireError unless ``bufs`` are exactly what their producer signed."""

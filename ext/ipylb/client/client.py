@@ -22,7 +22,7 @@ from typing import Any
 
 import zmq
 
-from .. import connection, wire
+from .. import connection, shm, wire
 from ..error import NoCluster
 from .asyncresult import AsyncHubResult, AsyncResult, Metadata, Outcome
 from .local import LocalCluster
@@ -84,6 +84,9 @@ class Client:
         cid = f"client-{self.session}-".encode()
         controller = info["controller_id"].encode()
         self._signer = wire.Signer(key, cid + b"s", controller)
+        # On the controller's machine, large arguments go through shared memory.
+        prefix = shm.shared_prefix(info)
+        self._placer = shm.Placer(prefix) if prefix else None
         self._ctx = zmq.Context()
         self._send_sock = self._ctx.socket(zmq.DEALER)
         self._send_sock.setsockopt(zmq.IDENTITY, cid + b"s")
@@ -103,7 +106,8 @@ class Client:
         self._state = threading.Condition()
         self._welcome = threading.Event()
         self._receiver = threading.Thread(
-            target=self._receive, args=(wire.Signer(key, cid + b"r", controller), info["client_url"]),
+            target=self._receive,
+            args=(wire.Signer(key, cid + b"r", controller, shm_prefix=prefix), info["client_url"]),
             daemon=True, name="ipylb-client-receiver",
         )
         self._receiver.start()
@@ -122,7 +126,8 @@ class Client:
         sock.setsockopt(zmq.RCVHWM, 0)
         sock.connect(url)
         try:
-            wire.send(sock, signer.pack(wire.HELLO, None))
+            domain = shm.domain() if signer.shm_prefix else None
+            wire.send(sock, signer.pack(wire.HELLO, {"shm_domain": domain}))
             recv, unpack, handle = wire.recv, signer.unpack, self._on_message
             while not self._closed:
                 if not sock.poll(200):
@@ -144,6 +149,10 @@ class Client:
 
     def _on_message(self, kind: int, _sender: bytes, meta: Any, bufs: list[Any], mac: bytes) -> None:
         if kind == wire.RESULT:
+            if len(bufs) > 1:  # map shared memory now: the controller may drop it later
+                for b in bufs:
+                    if type(b) is shm.Segment:
+                        b.pin()
             outcome = Outcome(meta, bufs, mac)
             self._outcomes[meta[0]] = outcome
             if meta[2] != "ok":
@@ -213,11 +222,13 @@ class Client:
         can forward each task to a different engine untouched.
         """
         self._check_open()
-        mac = self._signer.bufs_mac
+        mac, placer = self._signer.bufs_mac, self._placer
         for start in range(0, len(tasks), SUBMIT_BATCH):
             batch = tasks[start:start + SUBMIT_BATCH]
             metas, bufs = [], [fbuf]
             for i, (msg_id, args) in enumerate(batch, start):
+                if placer is not None and len(args) > 1:
+                    args = placer.place(args)
                 metas.append((msg_id, len(args), mac([fbuf, *args])))
                 bufs.extend(args)
                 self._pending[msg_id] = (ar, i)

@@ -20,7 +20,7 @@ from typing import Any
 
 from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
-from .. import connection
+from .. import connection, shm
 from ..connection import KERNEL_NAME
 
 SCHEMES = ("leastload", "lru", "plainrandom", "twobin", "weighted", "pure")
@@ -88,3 +88,4 @@ class LocalCluster:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        shm.sweep(self.info.get("shm_prefix"))  # what a killed controller could not remove

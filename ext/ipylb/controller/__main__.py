@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     info = {
         "key": key.decode(), "controller_id": ctl.ident.decode(), "client_url": ctl.client_url, "engine_url": ctl.engine_url,
         "pid": os.getpid(), "scheme": args.scheme, "hwm": ctl.hwm,
+        "shm_domain": ctl.shm_domain, "shm_prefix": ctl.shm_prefix,
     }
     connection.write(args.connection_file, info)
     stop_on_signals(ctl)

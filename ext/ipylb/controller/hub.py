@@ -19,7 +19,7 @@ from typing import Any
 
 import zmq
 
-from .. import wire
+from .. import shm, wire
 from ..core import events as ev
 from ..core.scheduler import Scheduler
 from ..error import PURE_REFUSES
@@ -49,8 +49,16 @@ class Controller:
     ) -> None:
         self.ctx = zmq.Context.instance()
         # A fresh name each run: messages recorded in an earlier run are not for us.
-        self.ident = f"controller-{os.urandom(8).hex()}".encode()
-        self.signer = wire.Signer(key, self.ident)
+        nonce = os.urandom(8).hex()
+        self.ident = f"controller-{nonce}".encode()
+        # Large buffers between processes that share our /dev/shm travel as segments we own.
+        self.shm_domain = shm.domain()
+        self.shm_prefix = shm.controller_prefix(nonce) if self.shm_domain else None
+        if self.shm_prefix:
+            shm.sweep_stale()
+        self.signer = wire.Signer(key, self.ident, shm_prefix=self.shm_prefix, owns_segments=True)
+        # Peers that cannot map our segments (another machine): they get the bytes inline.
+        self.remote: set[bytes] = set()
         if hwm is None:  # pure pipelines without limit unless told otherwise
             hwm = 0 if scheme == "pure" else 1
         # "pure" is plain least-load with nothing per task but the routing: no dependencies,
@@ -178,6 +186,7 @@ class Controller:
         self.engine_ident[engine_id] = ident
         self.engine_of[ident] = engine_id
         self.engine_info[engine_id] = meta
+        self._note_domain(ident, meta.get("shm_domain"))
         if self.launcher is not None:
             self.launcher.registered(meta.get("tag", ""), engine_id)
         wire.send(self.engines, [ident, *self.signer.pack(wire.REGISTERED, engine_id, to=ident)])
@@ -193,6 +202,7 @@ class Controller:
         if ident is None:
             return
         del self.engine_of[ident]
+        self.remote.discard(ident)
         self.engine_info.pop(engine_id, None)
         hb = self.heartbeats.remove(engine_id)
         if hb is not None:
@@ -234,10 +244,12 @@ class Controller:
             self._send_client(reply_to, wire.REPLY, (req_id, ok, value))
         elif kind == wire.HELLO:
             self.listeners.add(ident)
+            self._note_domain(ident, meta.get("shm_domain") if isinstance(meta, dict) else None)
             info = {"engines": self._engine_list(), "scheme": self.scheme, "hwm": self.hwm}
             self._send_client(ident, wire.WELCOME, info)
         elif kind == wire.BYE:  # a client closed: stop telling it about engines
             self.listeners.discard(ident)
+            self.remote.discard(ident)
         else:
             raise wire.WireError(f"unexpected message kind {kind!r} on the client socket")
 
@@ -267,6 +279,10 @@ class Controller:
         else:
             event = ev.TaskSubmitted(rec.msg_id, now, **flags)
         self._execute(self.core.handle(event))
+
+    def _note_domain(self, ident: bytes, domain: Any) -> None:
+        if self.shm_domain is not None and domain != self.shm_domain:
+            self.remote.add(ident)
 
     def _send_client(self, ident: bytes, kind: int, meta: Any, bufs: list[Any] = (), mac: bytes | None = None) -> None:
         wire.send(self.clients, [ident, *self.signer.pack(kind, meta, bufs, mac, ident)])
@@ -374,7 +390,8 @@ class Controller:
             if t is ev.Assign:
                 rec = self.store[c.task_id]
                 ident = self.engine_ident[c.engine_id]
-                frames = self.signer.pack(wire.TASK, (c.task_id,), rec.bufs, rec.bufs_mac, ident)
+                bufs = shm.inline(rec.bufs) if ident in self.remote else rec.bufs
+                frames = self.signer.pack(wire.TASK, (c.task_id,), bufs, rec.bufs_mac, ident)
                 if not self._to_engine(ident, frames):
                     unreachable.append(c.engine_id)
             elif t is ev.Deliver:
@@ -415,7 +432,8 @@ class Controller:
 
     def _send_result(self, client: bytes, rec: Record) -> None:
         meta = (rec.msg_id, *rec.result)
-        self._send_client(client, wire.RESULT, meta, rec.result_bufs, rec.result_mac)
+        bufs = shm.inline(rec.result_bufs) if client in self.remote else rec.result_bufs
+        self._send_client(client, wire.RESULT, meta, bufs, rec.result_mac)
 
     # -- shutdown ----------------------------------------------------------------
 
@@ -432,6 +450,7 @@ class Controller:
         self.engines.close(0)
         if self.store.db is not None:
             self.store.db.close()
+        shm.sweep(self.shm_prefix)  # records' segments, and any a producer wrote but never sent
 
 
 def _check_flags(flags: Any) -> None:

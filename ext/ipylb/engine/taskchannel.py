@@ -25,7 +25,7 @@ from typing import Any
 
 import zmq
 
-from .. import wire
+from .. import shm, wire
 from ..error import SerializationError, UnmetDependency
 from ..serialize import dumps, loads
 
@@ -49,7 +49,11 @@ class TaskChannel:
         self.kernel = kernel
         self.user_ns: dict[str, Any] = kernel.shell.user_ns
         ident = f"engine-{uuid.uuid4().hex[:12]}".encode()
-        self.signer = wire.Signer(cluster["key"].encode(), ident, cluster["controller_id"].encode())
+        # On the controller's machine, large arguments and results come and go through shared memory.
+        prefix = shm.shared_prefix(cluster)
+        self.placer = shm.Placer(prefix) if prefix else None
+        self.signer = wire.Signer(cluster["key"].encode(), ident, cluster["controller_id"].encode(),
+                                  shm_prefix=prefix)
         self.sock = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, ident)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -70,6 +74,7 @@ class TaskChannel:
             "hostname": socket.gethostname(),
             "tag": os.environ.get("IPYLB_ENGINE_TAG", ""),
             "heartbeat": self._heartbeat_url(),
+            "shm_domain": shm.domain() if self.placer is not None else None,
         }
         wire.send(self.sock, self.signer.pack(wire.REGISTER, meta))
         loop.add_reader(self.sock.FD, self._on_readable)
@@ -181,6 +186,8 @@ class TaskChannel:
                     f"the result of task {msg_id} ({type(value).__name__} object) could not be "
                     f"pickled: {type(e).__name__}: {e}. Return a picklable value."
                 ) from None
+            if self.placer is not None and len(result) > 1:
+                result = self.placer.place(result)
             status = "ok"
         except UnmetDependency:
             status = "unmet"

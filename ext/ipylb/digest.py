@@ -1,0 +1,35 @@
+"""SHA-256 over large buffers, one CHUNK at a time, on every core.
+
+hashlib releases the GIL while it hashes, so the chunks of an 8 MB array are
+digested in parallel on a small thread pool.  The MAC (:mod:`ipylb.wire`) covers
+the digests; the shared-memory path (:mod:`ipylb.shm`) writes each chunk in the
+same pass as it digests it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+CHUNK = 1 << 20
+_SHA256 = hashlib.sha256
+_pool: ThreadPoolExecutor | None = None
+
+
+def per_chunk(fn: Callable[[int, memoryview], bytes], view: memoryview) -> bytes:
+    """``fn(offset, piece)`` for each CHUNK-sized piece of ``view`` (bytes), in parallel,
+    results joined in order."""
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="ipylb-mac")
+    if view.ndim != 1 or view.itemsize != 1:
+        view = view.cast("B")
+    offsets = range(0, view.nbytes, CHUNK)
+    return b"".join(_pool.map(lambda off: fn(off, view[off:off + CHUNK]), offsets))
+
+
+def chunk_digests(view: memoryview) -> bytes:
+    """SHA-256 of each CHUNK-sized piece of ``view``, concatenated."""
+    return per_chunk(lambda _off, piece: _SHA256(piece).digest(), view)
