@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import ipylb
+import numpy as np
 import pytest
 import zmq
 from ipylb import connection, wire
@@ -84,6 +85,10 @@ def test_results_survive_a_controller_restart(tmp_path, monkeypatch):
         rc.wait_for_engines(1, 60)
         ar = rc.load_balanced_view().apply_async(lambda: "kept")
         assert ar.get(30) == "kept"
+        # Big enough to travel through shared memory: the database keeps its bytes.
+        big = np.arange(3 << 20, dtype="u1")
+        ar_big = rc.load_balanced_view().apply_async(lambda x: x + 1, big)
+        assert np.array_equal(ar_big.get(30), big + 1)
         # A signed request as an eavesdropper would record it in this run, never sent here.
         recorded = rc._signer.pack(wire.REQUEST, (10**6, "shutdown", None))
         recorded_from = rc._signer.sender
@@ -96,6 +101,8 @@ def test_results_survive_a_controller_restart(tmp_path, monkeypatch):
         rc = ipylb.Client(str(path))
         assert rc.get_result(ar.msg_ids[0]).get(30) == "kept"
         assert rc.resubmit(ar.msg_ids).get(60) == ["kept"]
+        assert np.array_equal(rc.get_result(ar_big.msg_ids[0]).get(30), big + 1)
+        assert np.array_equal(rc.resubmit(ar_big.msg_ids).get(60)[0], big + 1)
         # Replayed into the next run (same key, kept for the records): refused.
         replay = zmq.Context.instance().socket(zmq.DEALER)
         replay.setsockopt(zmq.IDENTITY, recorded_from)

@@ -93,6 +93,9 @@ class _SchedulerError(RemoteError):
     def __init__(self, evalue: str = "", traceback: str = "", engine_info: dict | None = None):
         super().__init__(type(self).__name__, evalue, traceback, engine_info)
 
+    def __str__(self) -> str:  # the class already names it: "ImpossibleDependency: <why>"
+        return super().__str__().removeprefix(f"{self.ename}: ")
+
     def __reduce__(self) -> Any:
         return type(self), (self.evalue, self.traceback, self.engine_info)
 

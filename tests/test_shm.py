@@ -1,0 +1,268 @@
+"""Large buffers through shared memory: the segments, their MAC, their lifetime.
+
+The first half drives :mod:`ipylb.shm` and :mod:`ipylb.wire` directly (real files
+in /dev/shm); the second runs big arrays through real clusters.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+
+import ipylb
+import numpy as np
+import pytest
+from ipylb import digest, serialize, shm, wire
+from ipylb.error import WireError
+
+pytestmark = pytest.mark.skipif(shm.domain() is None, reason="no shared memory on this machine")
+
+KEY = b"k" * 32
+BIG = 3 * shm.MIN_BYTES + 12345  # several chunks and a partial one
+
+
+def files(prefix: str) -> set[str]:
+    return {n for n in os.listdir(shm.SHM_DIR) if n.startswith(prefix)}
+
+
+@pytest.fixture
+def prefix():
+    """A fresh controller-style prefix; whatever is left under it is removed afterwards."""
+    p = shm.controller_prefix(os.urandom(8).hex())
+    yield p
+    shm.sweep(p)
+
+
+def mmap_backed(arr: np.ndarray) -> bool:
+    """Whether an array's memory is a mapping (a segment), following .base / .obj."""
+    b = arr
+    while b is not None and not isinstance(b, mmap.mmap):
+        b = b.obj if isinstance(b, memoryview) else getattr(b, "base", None)
+    return b is not None
+
+
+def pair(prefix: str, owns: bool = False) -> tuple[wire.Signer, wire.Signer]:
+    producer = wire.Signer(KEY, b"producer", b"consumer")
+    consumer = wire.Signer(KEY, b"consumer", shm_prefix=prefix, owns_segments=owns)
+    return producer, consumer
+
+
+# -- segments and the wire -----------------------------------------------------
+
+
+def test_placer_writes_a_private_segment_and_its_digests(prefix):
+    data = np.random.default_rng(1).integers(0, 255, BIG, dtype="u1")
+    head = b"pickle"
+    out = shm.Placer(prefix).place([head, memoryview(data)])
+    assert out[0] is head
+    seg = out[1]
+    assert isinstance(seg, shm.Segment) and seg.nbytes == BIG
+    st = os.stat(seg.path)
+    assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == os.geteuid()
+    with open(seg.path, "rb") as f:
+        assert f.read() == data.tobytes()
+    assert seg.digests == digest.chunk_digests(memoryview(data))
+
+
+def test_small_and_in_band_buffers_stay_inline(prefix):
+    small = memoryview(bytearray(shm.MIN_BYTES))  # not larger than the threshold
+    big_bytes = bytes(BIG)  # the pickle itself (bytes) is never moved
+    bufs = [big_bytes, small]
+    assert shm.Placer(prefix).place(bufs) is bufs
+    assert files(prefix) == set()
+
+
+def test_a_segment_round_trips_under_the_mac_and_maps_copy_on_write(prefix):
+    producer, consumer = pair(prefix)
+    arr = np.arange(BIG // 8, dtype="f8")
+    bufs = shm.Placer(prefix).place(serialize.dumps(arr))
+    frames = producer.pack(wire.RESULT, "meta", bufs)
+    assert sum(len(f) for f in frames) < 1000  # the array is not in the message
+    _kind, _sender, meta, got, mac = consumer.unpack(frames)
+    assert isinstance(got[1], shm.Segment) and meta == "meta"
+    consumer.check_bufs(got, mac)
+    out = serialize.loads(got)
+    assert np.array_equal(out, arr) and mmap_backed(out) and out.flags.writeable
+    out[:] = -1  # private pages: the segment (the controller's record) is unchanged
+    with open(got[1].path, "rb") as f:
+        assert np.array_equal(np.frombuffer(f.read(), "f8"), arr)
+
+
+def test_an_altered_segment_fails_authentication(prefix):
+    producer, consumer = pair(prefix)
+    bufs = shm.Placer(prefix).place([b"p", memoryview(bytearray(BIG))])
+    _, _, _, got, mac = consumer.unpack(producer.pack(wire.RESULT, None, bufs))
+    with open(bufs[1].path, "r+b") as f:  # one byte in the last, partial chunk
+        f.seek(BIG - 1)
+        f.write(b"\x01")
+    with pytest.raises(WireError, match="fail authentication"):
+        consumer.check_bufs(got, mac)
+
+
+def test_the_same_bytes_authenticate_inline_or_in_a_segment(prefix):
+    """The controller reads a segment into a frame for a peer on another machine:
+    the producer's MAC must still hold."""
+    producer, consumer = pair(prefix)
+    data = memoryview(bytearray(os.urandom(BIG)))
+    bufs = shm.Placer(prefix).place([b"p", data])
+    frames = producer.pack(wire.RESULT, None, shm.inline(bufs), producer.bufs_mac(bufs))
+    _, _, _, got, mac = consumer.unpack(frames)
+    consumer.check_bufs(got, mac)
+    assert bytes(got[1]) == bytes(data)
+
+
+@pytest.mark.parametrize("segs", [
+    ((1, "../../etc/passwd", BIG),),
+    ((1, "ipylb-1-ab-cd-1", BIG),),  # another controller's prefix
+    ((5, None, BIG),),  # no such frame, no name
+    ((1, None, 10),),  # too small to be a segment
+    "garbage",
+])
+def test_malformed_or_foreign_segment_names_are_refused(prefix, segs):
+    producer, consumer = pair(prefix)
+    name = segs[0][1] if isinstance(segs, tuple) and segs[0][1] is not None else f"{prefix}ab-1"
+    segs = tuple((i, name, n) for i, _, n in segs) if isinstance(segs, tuple) else segs
+    frames = producer.pack(wire.RESULT, None, [b"p", b""])
+    # Re-sign a head that describes the given segments (a buggy or malicious peer with the key).
+    kind, sender, to, seq, meta, mac, _ = wire.pickle.loads(frames[1])
+    head = wire.pickle.dumps((kind, sender, to, seq, meta, mac, segs))
+    with pytest.raises(WireError, match="segment"):
+        consumer.unpack([wire.hmac.digest(KEY, head, "sha256"), head, *frames[2:]])
+
+
+def test_a_process_without_shared_memory_refuses_segments(prefix):
+    producer = wire.Signer(KEY, b"producer", b"consumer")
+    consumer = wire.Signer(KEY, b"consumer")  # shm_prefix None: another machine
+    bufs = shm.Placer(prefix).place([b"p", memoryview(bytearray(BIG))])
+    with pytest.raises(WireError, match="shared memory"):
+        consumer.unpack(producer.pack(wire.RESULT, None, bufs))
+
+
+def test_a_gone_segment_says_what_happened(prefix):
+    seg = shm.Placer(prefix).place([b"p", memoryview(bytearray(BIG))])[1]
+    os.unlink(seg.path)
+    with pytest.raises(WireError, match="is gone: its task record was dropped"):
+        seg.view()
+
+
+def test_an_owned_segment_is_removed_with_its_last_reference(prefix):
+    seg = shm.Placer(prefix).place([b"p", memoryview(bytearray(BIG))])[1]
+    owned = [shm.Segment(seg.name, seg.nbytes, owned=True)]
+    kept = owned[0]  # e.g. a resubmitted task's record shares the request's buffers
+    del owned
+    assert files(prefix) == {seg.name}
+    del kept
+    assert files(prefix) == set()
+
+
+def test_full_shared_memory_falls_back_to_inline(prefix, monkeypatch):
+    def full(*_args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shm.os, "pwrite", full)
+    data = memoryview(bytearray(BIG))
+    out = shm.Placer(prefix).place([b"p", data])
+    assert out[1] is data and files(prefix) == set()
+
+
+def test_stale_segments_of_dead_controllers_are_swept(prefix):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    stale = os.path.join(shm.SHM_DIR, f"ipylb-{dead}-abcdef-0123-1")
+    live = shm.Placer(prefix).place([b"p", memoryview(bytearray(BIG))])[1]
+    open(stale, "wb").close()
+    try:
+        shm.sweep_stale()
+        assert not os.path.exists(stale) and os.path.exists(live.path)
+    finally:
+        if os.path.exists(stale):
+            os.unlink(stale)
+
+
+def test_ipylb_shm_off_turns_the_path_off(monkeypatch):
+    info = {"shm_domain": shm.domain(), "shm_prefix": shm.controller_prefix("ab12")}
+    assert shm.shared_prefix(info) == info["shm_prefix"]
+    assert shm.shared_prefix({**info, "shm_domain": "another machine"}) is None
+    monkeypatch.setenv("IPYLB_SHM", "off")
+    shm.domain.cache_clear()
+    try:
+        assert shm.domain() is None and shm.shared_prefix(info) is None
+    finally:
+        monkeypatch.delenv("IPYLB_SHM")
+        shm.domain.cache_clear()
+
+
+# -- on real clusters ----------------------------------------------------------
+
+
+def where_is(x: np.ndarray) -> tuple[bool, bool]:
+    """On the engine: (is the argument a mapped segment, is it writable)."""
+    b = x
+    while b is not None and type(b).__name__ != "mmap":
+        b = b.obj if isinstance(b, memoryview) else getattr(b, "base", None)
+    return b is not None, x.flags.writeable
+
+
+def test_big_arrays_travel_through_shared_memory_both_ways(rc, view):
+    arr = np.arange(BIG, dtype="u1")
+    assert view.apply_sync(where_is, arr) == (True, True)
+    out = view.apply_sync(lambda x: x, arr)
+    assert np.array_equal(out, arr) and mmap_backed(out) and out.flags.writeable
+    small = np.arange(1000)
+    assert view.apply_sync(where_is, small)[0] is False
+
+
+def bump(x: np.ndarray) -> float:
+    x += 1  # in place, on the engine's private copy of the pages
+    return float(x.sum())
+
+
+def test_changing_an_argument_in_place_leaves_the_record_intact(rc, view):
+    arr = np.zeros(BIG // 8)
+    ar = view.apply_async(bump, arr)
+    assert ar.get(30) == arr.size
+    assert rc.resubmit(ar).get(30) == [arr.size]  # the stored argument is still zeros
+    assert not arr.any()
+
+
+def test_purge_and_shutdown_remove_the_segments():
+    with ipylb.Client(engines=1) as rc:
+        prefix = rc.cluster_info["shm_prefix"]
+        view = rc.load_balanced_view()
+        ar = view.apply_async(lambda x: x, np.ones(BIG, "u1"))
+        out = ar.get(30)
+        assert len(files(prefix)) == 2  # the argument and the result, kept for the record
+        rc.purge_results(ar)
+        assert files(prefix) == set()
+        assert out.sum() == BIG  # the result received earlier is still mapped here
+        view.apply_sync(lambda x: x, np.ones(BIG, "u1"))
+        assert len(files(prefix)) == 2
+    assert files(prefix) == set()
+
+
+def test_a_client_without_shared_memory_gets_the_bytes_inline(rc, view, tmp_path):
+    """A client on 'another machine' (IPYLB_SHM=off) shares the cluster: the controller
+    reads segments into frames for it, and its own big arguments travel inline."""
+    ar = view.apply_async(lambda: np.full(BIG, 7, "u1"))  # produced through shared memory
+    ar.get(30)
+    cluster_file = rc._local.connection_file
+    script = textwrap.dedent(f"""
+        import numpy as np, ipylb
+        rc = ipylb.Client({str(cluster_file)!r})
+        out = rc.get_result({ar.msg_ids[0]!r}).get(30)
+        assert out.shape == ({BIG},) and (out == 7).all()
+        arr = np.arange({BIG}, dtype="u1")
+        assert (rc.load_balanced_view().apply_sync(lambda x: x + 1, arr) == arr + 1).all()
+        print("ok", out.base is not None and type(out.base).__name__)
+        rc.close()
+    """)
+    env = {**os.environ, "IPYLB_SHM": "off"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("ok") and "mmap" not in done.stdout
