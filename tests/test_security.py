@@ -123,9 +123,9 @@ def sign(key: bytes, head: bytes) -> bytes:
 
 
 def signed(key: bytes, to: bytes, kind: Any, meta: Any, sender: bytes = b"mallory", seq: int = 1,
-           bufs: list[bytes] = (), mac: bytes = b"") -> list[bytes]:
+           bufs: list[bytes] = (), mac: bytes = b"", segs: Any = ()) -> list[bytes]:
     """A message with a valid signature over a head of mallory's choosing, addressed ``to``."""
-    head = pickle.dumps((kind, sender, to, seq, meta, mac))
+    head = pickle.dumps((kind, sender, to, seq, meta, mac, segs))
     return [sign(key, head), head, *bufs]
 
 
@@ -217,8 +217,11 @@ def test_signed_but_malformed_messages_do_not_crash_the_controller(cluster):
     m = Mallory(cluster.info["client_url"], "malformed")
     seq = iter(range(1, 1000))
 
-    def msg(kind: Any, meta: Any, bufs: list[bytes] = ()) -> list[bytes]:
-        return signed(key, to, kind, meta, sender=m.ident, seq=next(seq), bufs=bufs)
+    def msg(kind: Any, meta: Any, bufs: list[bytes] = (), segs: Any = ()) -> list[bytes]:
+        return signed(key, to, kind, meta, sender=m.ident, seq=next(seq), bufs=bufs, segs=segs)
+
+    task = (None, [("forged-seg", 1, b"")])
+    outside = f"{cluster.info['shm_prefix']}../../../tmp/x-1"
 
     dropped = [
         [sign(key, pickle.dumps("not a head")), pickle.dumps("not a head")],
@@ -235,6 +238,9 @@ def test_signed_but_malformed_messages_do_not_crash_the_controller(cluster):
         msg(wire.REQUEST, "not a tuple"),
         msg(99, None),
         msg(wire.DONE, ("x", "ok")),
+        msg(wire.SUBMIT, task, [b"f", b""], segs=((1, outside, 1 << 21),)),
+        msg(wire.SUBMIT, task, [b"f", b""], segs=((7, "ipylb-1-ab-cd-1", 1 << 21),)),
+        msg(wire.SUBMIT, task, [b"f", b""], segs="not a list"),
     ]
     answered = [
         msg(wire.REQUEST, (1, "no_such_op", None)),

@@ -18,7 +18,7 @@ import ipylb
 import numpy as np
 import pytest
 from ipylb import digest, serialize, shm, wire
-from ipylb.error import WireError
+from ipylb.error import RemoteError, WireError
 
 pytestmark = pytest.mark.skipif(shm.domain() is None, reason="no shared memory on this machine")
 
@@ -266,3 +266,25 @@ def test_a_client_without_shared_memory_gets_the_bytes_inline(rc, view, tmp_path
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("ok") and "mmap" not in done.stdout
+
+
+def test_a_task_whose_segment_vanished_fails_clearly(rc, view):
+    """E.g. systemd's RemoveIPC empties /dev/shm of a user who logged out."""
+    arr = np.ones(BIG, "u1")
+    place = rc._placer.place
+
+    def place_then_lose(bufs):
+        out = place(bufs)
+        for b in out:
+            if isinstance(b, shm.Segment):
+                os.unlink(b.path)
+        return out
+
+    rc._placer.place = place_then_lose
+    try:
+        ar = view.apply_async(lambda x: int(x.sum()), arr)
+    finally:
+        del rc._placer.place
+    with pytest.raises(RemoteError, match="is gone"):
+        ar.get(30)
+    assert view.apply_sync(lambda x: int(x.sum()), arr) == BIG  # the engine serves on
