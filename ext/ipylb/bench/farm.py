@@ -135,7 +135,8 @@ def map_(view: Any, n: int = 20000) -> dict[str, float]:
 
 def payload(view: Any, mb: int = 8, n: int = 10) -> dict[str, float]:
     arr = np.ones(mb * MB, dtype="u1")
-    view.apply_sync(echo, arr)
+    for _ in range(3):  # the first few touch new memory in every process: warm up
+        view.apply_sync(echo, arr)
     t0 = time.perf_counter()
     for _ in range(n):
         out = view.apply_sync(echo, arr)
