@@ -135,6 +135,19 @@ def test_malformed_or_foreign_segment_names_are_refused(prefix, segs):
         consumer.unpack([wire.hmac.digest(KEY, head, "sha256"), head, *frames[2:]])
 
 
+def test_a_refused_segment_list_removes_nothing(prefix):
+    """A list whose first entry names a real segment and whose second is malformed: the
+    controller (which owns what it accepts) must not remove the first on the way out."""
+    producer, owner = pair(prefix, owns=True)
+    seg = shm.Placer(prefix).place([b"p", memoryview(bytearray(BIG))])[1]
+    frames = producer.pack(wire.RESULT, None, [b"p", b"", b""])
+    kind, sender, to, seq, meta, mac, _ = wire.pickle.loads(frames[1])
+    head = wire.pickle.dumps((kind, sender, to, seq, meta, mac, ((1, seg.name, BIG), (2, "x", BIG))))
+    with pytest.raises(WireError, match="malformed"):
+        owner.unpack([wire.hmac.digest(KEY, head, "sha256"), head, *frames[2:]])
+    assert os.path.exists(seg.path)
+
+
 def test_a_process_without_shared_memory_refuses_segments(prefix):
     producer = wire.Signer(KEY, b"producer", b"consumer")
     consumer = wire.Signer(KEY, b"consumer")  # shm_prefix None: another machine

@@ -207,10 +207,12 @@ class Placer:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except OSError:
             return None
-        try:
-            # Write and digest each chunk in one pass, on every core.
-            digests = per_chunk(
-                lambda off, piece: _write_all(fd, piece, off) or _SHA256(piece).digest(), view)
+        def write_and_digest(offset: int, piece: memoryview) -> bytes:
+            _write_all(fd, piece, offset)
+            return _SHA256(piece).digest()
+
+        try:  # one pass per chunk, on every core
+            digests = per_chunk(write_and_digest, view)
         except OSError:  # /dev/shm full (ENOSPC) or a quota: this one goes inline
             os.unlink(path)
             return None

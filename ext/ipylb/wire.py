@@ -195,9 +195,11 @@ class Signer:
                 if not (type(i) is int and 0 <= i < len(bufs) and type(nbytes) is int
                         and nbytes > CHUNK and shm_valid_name(name, prefix)):
                     raise ValueError
-                bufs[i] = Segment(name, nbytes, owned=self._owns_segments)
         except (TypeError, ValueError):
             raise WireError(f"malformed shared-memory segment list {segs!r}") from None
+        # Only now: an owned Segment removes its file when dropped.
+        for i, name, nbytes in segs:
+            bufs[i] = Segment(name, nbytes, owned=self._owns_segments)
 
     def check_bufs(self, bufs: Sequence[Any], bufs_mac: bytes) -> None:
         """Raise WireError unless ``bufs`` are exactly what their producer signed."""
