@@ -11,6 +11,7 @@ import signal
 import time
 
 import ipylb
+import numpy as np
 import pytest
 from ipylb.error import EngineError, RemoteError, TaskAborted
 
@@ -128,15 +129,25 @@ def test_engine_death_fails_its_running_task_and_keeps_the_rest(rc3, tmp_path):
     assert queued.get(30) == list(range(6))  # nothing queued was lost
 
 
+def pid_and_sum_after(x, delay):
+    import os
+    import time
+
+    time.sleep(delay)
+    return os.getpid(), int(x.sum())
+
+
 def test_engine_death_with_retries_reruns_elsewhere(rc3):
     view = rc3.load_balanced_view()
+    arr = np.ones(3 << 20, "u1")  # big: the rerun maps the argument's shared-memory segment again
     with view.temp_flags(retries=1):
-        ar = view.apply_async(lambda: (__import__("time").sleep(1.0), __import__("os").getpid())[1])
+        ar = view.apply_async(pid_and_sum_after, arr, 1.0)
     wait_until(lambda: any(qs["tasks"] for k, qs in rc3.queue_status().items() if k != "unassigned"))
     busy = [e for e, qs in rc3.queue_status().items() if e != "unassigned" and qs["tasks"]][0]
     pid = rc3.engine_info()[busy]["pid"]
     os.kill(pid, signal.SIGKILL)
-    assert ar.get(30) != pid
+    new_pid, total = ar.get(30)
+    assert new_pid != pid and total == arr.size
     assert ar.metadata.engine_id != busy
     assert len(rc3.ids) == 2
 

@@ -173,6 +173,18 @@ def test_an_owned_segment_is_removed_with_its_last_reference(prefix):
     assert files(prefix) == set()
 
 
+def test_out_of_mappings_reads_a_copy(prefix, monkeypatch):
+    def no_more(*_args, **_kwargs):
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+    data = os.urandom(BIG)
+    seg = shm.Placer(prefix).place([b"p", memoryview(data)])[1]
+    monkeypatch.setattr(shm.mmap, "mmap", no_more)
+    consumer = shm.Segment(seg.name, seg.nbytes)
+    view = consumer.view()
+    assert bytes(view) == data and not view.readonly
+
+
 def test_full_shared_memory_falls_back_to_inline(prefix, monkeypatch):
     def full(*_args):
         raise OSError(errno.ENOSPC, "No space left on device")

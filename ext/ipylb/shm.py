@@ -139,12 +139,31 @@ class Segment:
         if self._view is None:
             fd = self._open()
             try:
-                m = mmap.mmap(fd, self.nbytes, flags=mmap.MAP_PRIVATE,
-                              prot=mmap.PROT_READ | mmap.PROT_WRITE)
+                try:
+                    m: Any = mmap.mmap(fd, self.nbytes, flags=mmap.MAP_PRIVATE,
+                                       prot=mmap.PROT_READ | mmap.PROT_WRITE)
+                except OSError:  # out of mappings (vm.max_map_count) or address space
+                    m = self._read(fd)
             finally:
                 os.close(fd)
             self._view = memoryview(m)
         return self._view
+
+    def _read(self, fd: int) -> bytearray:
+        buf = bytearray(self.nbytes)
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            n = f.readinto(buf)
+        if n != self.nbytes:
+            raise WireError(f"{self.path} was truncated")
+        return buf
+
+    def read(self) -> bytearray:
+        """A copy of the content (for a peer that cannot map it, or the task database)."""
+        fd = self._open()
+        try:
+            return self._read(fd)
+        finally:
+            os.close(fd)
 
     def pin(self) -> None:
         """Map now, so the content stays readable here even if the file goes; a gone
@@ -153,18 +172,6 @@ class Segment:
             self.view()
         except WireError:
             pass
-
-    def __bytes__(self) -> bytes:
-        """The content as bytes (for a peer that cannot map it, or the task database)."""
-        fd = self._open()
-        try:
-            with os.fdopen(fd, "rb", closefd=False) as f:
-                data = f.read()
-        finally:
-            os.close(fd)
-        if len(data) != self.nbytes:
-            raise WireError(f"{self.path} was truncated")
-        return data
 
     def __del__(self) -> None:
         if self.owned:
@@ -223,7 +230,7 @@ class Placer:
 
 def inline(bufs: Sequence[Any]) -> list[Any]:
     """``bufs`` with segments read into bytes, for a peer that cannot map them."""
-    return [bytes(b) if type(b) is Segment else b for b in bufs]
+    return [b.read() if type(b) is Segment else b for b in bufs]
 
 
 def sweep(prefix: str | None) -> None:

@@ -17,6 +17,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+from ..shm import Segment
+
 # Finished records kept in memory, in bytes (buffers plus RECORD_OVERHEAD each).
 DEFAULT_LIMIT_BYTES = 1 << 30
 RECORD_OVERHEAD = 1024
@@ -74,8 +76,8 @@ class TaskDB:
         self.db.execute(
             "INSERT OR REPLACE INTO tasks VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (rec.msg_id, rec.client, pickle.dumps(rec.flags),
-             pickle.dumps([bytes(b) for b in rec.bufs]), rec.bufs_mac, pickle.dumps(rec.result),
-             pickle.dumps([bytes(b) for b in rec.result_bufs]), rec.result_mac),
+             _blobs(rec.bufs), rec.bufs_mac, pickle.dumps(rec.result),
+             _blobs(rec.result_bufs), rec.result_mac),
         )
 
     def load(self, msg_id: str) -> Record | None:
@@ -105,6 +107,11 @@ class TaskDB:
     def close(self) -> None:
         """Close the database file."""
         self.db.close()
+
+
+def _blobs(bufs: list[Any]) -> bytes:
+    """Buffers (frames, shared-memory segments) as one pickle of their bytes."""
+    return pickle.dumps([b.read() if type(b) is Segment else bytes(b) for b in bufs])
 
 
 class TaskStore:
