@@ -329,3 +329,80 @@ def test_engine_count_must_be_positive(n):
 def test_unknown_scheme_is_a_value_error():
     with pytest.raises(ValueError, match="scheme"):
         ipylb.Client(engines=1, scheme="fastest")
+
+
+# -- the Future interface and ipyparallel's extras --------------------------------
+
+
+def fails():
+    raise ValueError("no")
+
+
+def test_async_results_are_futures(view):
+    import asyncio
+    import concurrent.futures as cf
+
+    good, bad = view.apply_async(slow_identity, 1, 0.05), view.apply_async(fails)
+    called = threading.Event()
+    good.add_done_callback(lambda f: called.set() if f is good else None)
+    done, not_done = cf.wait([good, bad], timeout=30)
+    assert done == {good, bad} and not not_done and called.wait(5)
+    assert good.done() and good.result() == 1 and good.exception() is None
+    assert isinstance(bad.exception(), RemoteError) and bad.exception().ename == "ValueError"
+    assert [f.result() for f in cf.as_completed([view.apply_async(square, 3)], 30)] == [9]
+
+    async def awaited():
+        return await asyncio.wrap_future(view.apply_async(square, 4))
+
+    assert asyncio.run(awaited()) == 16
+
+
+def test_indexing_timing_and_outputs(view, capsys):
+    amr = view.map_async(slow_identity, [10, 11, 12], [0.01] * 3)
+    slow = view.apply_async(slow_identity, 0, 0.5)
+    with pytest.raises(TimeoutError, match="not finished"):
+        slow[0]
+    amr.wait(30)
+    assert amr[1] == 11 and amr[1:] == [11, 12] and amr.sent
+    assert amr["status"] == ["ok"] * 3 and len(amr["engine_id"]) == 3
+    assert amr.serial_time >= 0.03 and amr.wall_time == amr.elapsed > 0  # 3 tasks of 10 ms
+    md = slow.metadata  # still pending: every field is there
+    assert md.status == "pending" and md.engine_id is None and md.completed is None
+    printed = view.apply_async(print, "said on an engine")
+    printed.wait(30)
+    printed.display_outputs()
+    assert "said on an engine" in capsys.readouterr().out
+
+
+def test_hub_results_keep_the_submission_time(rc, view):
+    ar = view.apply_async(square, 5)
+    ar.get(30)
+    time.sleep(0.05)  # so that a "submitted" taken now would differ
+    hub = rc.get_result(ar.msg_ids[0])
+    assert hub.get(30) == 25
+    assert hub.metadata.submitted == ar.metadata.submitted <= ar.metadata.started
+
+
+def test_a_failed_get_result_keeps_earlier_waiters(rc, view):
+    ar = view.apply_async(slow_identity, 7, 0.3)
+    first = rc.get_result(ar.msg_ids[0])
+    with pytest.raises(KeyError) as info:
+        rc.get_result([ar.msg_ids[0], "no-such-id"])
+    assert str(info.value).count("'no-such-id'") == 1 and '"\\' not in str(info.value)
+    assert first.get(30) == 7
+
+
+def test_closing_a_client_fails_what_it_still_waits_for(rc, view):
+    from ipylb.error import ClientClosed
+
+    other = ipylb.Client(rc._local.connection_file)
+    ar = other.load_balanced_view().apply_async(slow_identity, 8, 0.5)
+    other.close()
+    with pytest.raises(ClientClosed, match="get_result"):
+        ar.get(0)
+    assert rc.get_result(ar.msg_ids[0]).get(30) == 8  # the task ran on regardless
+
+
+def test_cluster_options_need_a_cluster_to_start(rc):
+    with pytest.raises(ValueError, match="engines=N"):
+        ipylb.Client(rc._local.connection_file, scheme="lru")

@@ -146,6 +146,14 @@ def test_one_success_satisfies_any(view):
         assert view.apply_async(lambda: "ran").get(30) == "ran"
 
 
+def test_a_dependency_in_a_list_keeps_its_settings(view):
+    deps = [view.apply_async(fail), view.apply_async(lambda: 1)]
+    with view.temp_flags(after=[Dependency(deps, all=False)]):
+        assert view.apply_async(lambda: "ran").get(30) == "ran"
+    with pytest.raises(ValueError, match="different"):
+        view.set_flags(after=[Dependency(deps[:1], all=False), deps[1]])
+
+
 def test_follow_on_two_engines_with_all_is_impossible(view):
     a = view.apply_async(sleep_then, 0, 0.3)
     b = view.apply_async(sleep_then, 0, 0.3)  # hwm=1: the two run on different engines

@@ -12,6 +12,7 @@ import time
 
 import ipylb
 import pytest
+from ipylb.error import ClientClosed
 
 
 def alive(pid: int) -> bool:
@@ -51,7 +52,10 @@ def test_context_manager_shuts_down():
         view = rc.load_balanced_view()
         assert view.apply_sync(pow, 2, 5) == 32
         pids = [m["pid"] for m in rc.engine_info().values()] + [rc._local.proc.pid]
+        unfinished = view.apply_async(time.sleep, 30)
     assert wait_gone(pids, 10)
+    with pytest.raises(ClientClosed, match="shut down"):  # at once: nothing will come
+        unfinished.get(0)
     with pytest.raises(RuntimeError, match="closed"):
         view.apply_async(pow, 2, 2)
 

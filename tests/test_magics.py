@@ -201,6 +201,14 @@ def test_impossible_dependency_shows_the_reason(lb, capsys):
     assert lb.user_ns["bad"].msg_ids[0] in capsys.readouterr().out
 
 
+def test_after_a_named_dependency_keeps_its_settings(lb):
+    """``--after cleanup_when`` with a Dependency that counts failure only."""
+    ok(lb, "%%lb -a -o broken\nraise ValueError('nope')")
+    lb.run_cell("from ipylb import Dependency\n"
+                "cleanup_when = Dependency([broken], success=False, failure=True)")
+    assert ok(lb, "%%lb --after cleanup_when\n'cleaned up'") == "cleaned up"
+
+
 def test_bad_flags_are_usage_errors(lb, capsys):
     assert "timeout" in usage_error(lb, "%%lb --timeout -1\n1", capsys)
     assert "argument --retries" in usage_error(lb, "%%lb --retries x\n1", capsys)

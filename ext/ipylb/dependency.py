@@ -46,6 +46,9 @@ class Dependency(set):
         if not (success or failure):
             raise ValueError("a Dependency must count success, failure, or both")
         items = [deps] if isinstance(deps, str) or hasattr(deps, "msg_ids") else deps
+        if not isinstance(items, Iterable):
+            raise ValueError(f"a Dependency takes a msg_id, an AsyncResult or an iterable of "
+                             f"these, not {type(deps).__name__}: {deps!r}")
         ids: list[str] = []
         try:
             for item in items:
@@ -95,9 +98,18 @@ def to_spec(value: Any) -> DepSpec | None:
             f"not {type(value).__name__}"
         )
     ids: list[str] = []
+    switches = set()
     for item in items:
         ids.extend(_ids_of(item))
-    return DepSpec(frozenset(ids)) if ids else None
+        # A Dependency in a list keeps its switches (plain ids count with the defaults).
+        switches.add((item.all, item.success, item.failure) if isinstance(item, Dependency)
+                     else (True, True, False))
+    if len(switches) > 1:
+        raise ValueError(
+            "after/follow got a list that mixes Dependency objects (or plain ids) with different "
+            "all/success/failure settings; put the ids into one Dependency with the settings wanted"
+        )
+    return DepSpec(frozenset(ids), *switches.pop()) if ids else None
 
 
 # -- functional dependencies ------------------------------------------------------

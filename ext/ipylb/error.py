@@ -53,7 +53,9 @@ class RemoteError(IpylbError):
 
     def render_traceback(self) -> list[str]:
         """IPython calls this to show the remote traceback instead of a local one."""
-        return [f"[engine {self.engine_info.get('engine_id', '?')}] {self.ename}: {self.evalue}",
+        where = self.engine_info.get("engine_id")
+        head = f"{self.ename}: {self.evalue}"
+        return [head if where is None else f"[engine {where}] {head}",
                 *(self.traceback.splitlines() or [])]
 
     _render_traceback_ = render_traceback  # the name IPython's shell looks for
@@ -93,9 +95,6 @@ class _SchedulerError(RemoteError):
     def __init__(self, evalue: str = "", traceback: str = "", engine_info: dict | None = None):
         super().__init__(type(self).__name__, evalue, traceback, engine_info)
 
-    def __str__(self) -> str:  # the class already names it: "ImpossibleDependency: <why>"
-        return super().__str__().removeprefix(f"{self.ename}: ")
-
     def __reduce__(self) -> Any:
         return type(self), (self.evalue, self.traceback, self.engine_info)
 
@@ -120,11 +119,16 @@ class EngineError(_SchedulerError):
     """The engine running a task died."""
 
 
+class ClientClosed(_SchedulerError):
+    """The client was closed (or its cluster shut down) before the task's result arrived."""
+
+
 class UnmetDependency(IpylbError):
     """Raised by task code: "not on this engine", so the scheduler tries another."""
 
 
 SCHEDULER_ERRORS: dict[str, type[_SchedulerError]] = {
     c.__name__: c
-    for c in (ImpossibleDependency, InvalidDependency, DependencyTimeout, TaskAborted, EngineError)
+    for c in (ImpossibleDependency, InvalidDependency, DependencyTimeout, TaskAborted, EngineError,
+              ClientClosed)
 }

@@ -225,7 +225,7 @@ class LbMagics(Magics):
             for item in items:
                 if not isinstance(item, (AsyncResult, Dependency, str)):
                     raise UsageError(
-                        f"{option} {name}: expected an AsyncResult or a msg_id string, "
+                        f"{option} {name}: expected an AsyncResult, a Dependency or a msg_id string, "
                         f"got a {type(item).__name__}"
                     )
                 deps.append(item)

@@ -73,7 +73,8 @@ def measure(farm: Farm, engines: int, tasks: list[float]) -> tuple[float, float]
 def main(rounds: int = 3, engines: int = 2, reference: bool = True, chart: str = "schemes.png") -> None:
     """Run every scheme ``rounds`` times; print medians; write the chart."""
     tasks = durations()
-    farms: list[Farm] = [Ipylb(scheme=s) for s in SCHEMES]
+    # pure as it is meant to be used for throughput: with no pipeline limit (hwm=0).
+    farms: list[Farm] = [Ipylb(scheme=s, hwm=0 if s == "pure" else None) for s in SCHEMES]
     for f, s in zip(farms, SCHEMES):
         f.name = f"ipylb {s}"
     if reference:

@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +35,9 @@ class Metadata(dict):
 _PENDING = object()
 # Where a field sits in a result's meta tuple (see Outcome).
 _META_INDEX = {"engine_id": 1, "stdout": 5, "stderr": 6}
+# What a task's metadata holds (a pending task's has None for what is not known yet).
+METADATA_KEYS = ("msg_id", "engine_id", "status", "submitted", "started", "completed",
+                 "stdout", "stderr", "error")
 
 
 class Outcome:
@@ -42,11 +46,17 @@ class Outcome:
     __slots__ = ("meta", "bufs", "mac", "_value")
 
     def __init__(self, meta: tuple, bufs: list[Any], mac: bytes) -> None:
-        # (msg_id, engine_id, status, started, completed, stdout, stderr, error)
+        # (msg_id, engine_id, status, started, completed, stdout, stderr, error, submitted);
+        # submitted (the controller's clock) is missing from records stored by older versions.
         self.meta = meta
         self.bufs = bufs
         self.mac = mac
         self._value: Any = _PENDING
+
+    @classmethod
+    def lost(cls, msg_id: str, why: str) -> Outcome:
+        """A result that will not arrive here: the client closed first."""
+        return cls((msg_id, None, "error", None, None, "", "", ("ClientClosed", why, "")), [], b"")
 
     @property
     def ok(self) -> bool:
@@ -77,7 +87,10 @@ class Outcome:
         return self._value
 
     def metadata(self, submitted: float | None) -> Metadata:
-        msg_id, engine_id, status, started, completed, stdout, stderr, error = self.meta
+        """The task's metadata; ``submitted`` is used if the controller did not say."""
+        msg_id, engine_id, status, started, completed, stdout, stderr = self.meta[:7]
+        if len(self.meta) > 8 and self.meta[8] is not None:
+            submitted = self.meta[8]
         return Metadata(
             msg_id=msg_id, engine_id=engine_id, status=status,
             submitted=_dt(submitted), started=_dt(started), completed=_dt(completed),
@@ -89,10 +102,15 @@ def _dt(t: float | None) -> datetime | None:
     return None if t is None else datetime.fromtimestamp(t)
 
 
-class AsyncResult:
-    """The eventual result of one task (or several, see subclasses)."""
+class AsyncResult(Future):
+    """The eventual result of one task (or several, see subclasses).
+
+    Also a ``concurrent.futures.Future`` (as in ipyparallel): ``result()``, ``done()``,
+    ``add_done_callback()``, ``concurrent.futures.wait`` and ``asyncio.wrap_future`` work.
+    """
 
     def __init__(self, client: Client, msg_ids: list[str], fname: str = "") -> None:
+        super().__init__()
         self._client = client
         self.msg_ids = msg_ids
         self._fname = fname
@@ -116,6 +134,41 @@ class AsyncResult:
             self._outcomes[index] = outcome
             self._arrivals.append(index)
             self._cond.notify_all()
+            finished = self._remaining == 0
+        if finished:
+            # The Future's own state: wakes concurrent.futures.wait and runs done callbacks.
+            # The value itself is checked and unpickled by result()/get(), in the caller.
+            Future.set_result(self, None)
+
+    # -- the Future interface ------------------------------------------------------
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Same as :meth:`get`."""
+        return self.get(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """The error ``get()`` would raise (None if the tasks succeeded); waits like get."""
+        try:
+            self.get(timeout)
+        except TimeoutError:
+            if not self.ready():
+                raise
+            return None
+        except Exception as e:
+            return e
+        return None
+
+    def cancel(self) -> bool:
+        """Abort the tasks that have not started (they fail with TaskAborted).  Returns
+        False: the result still completes, with those errors."""
+        if not self.ready():
+            self.abort()
+        return False
+
+    def set_result(self, result: Any) -> None:  # noqa: D102 - results come from the cluster only
+        raise RuntimeError("an AsyncResult is completed by its tasks, not by set_result")
+
+    set_exception = set_result
 
     # -- waiting -----------------------------------------------------------------
 
@@ -164,10 +217,64 @@ class AsyncResult:
         """Per-task metadata (engine_id, submitted, started, completed, stdout, stderr, status)."""
         md = [
             o.metadata(self._submitted) if o is not None
-            else Metadata(msg_id=m, status="pending", submitted=_dt(self._submitted))
+            else Metadata(dict.fromkeys(METADATA_KEYS), msg_id=m, status="pending",
+                          submitted=_dt(self._submitted), stdout="", stderr="")
             for m, o in zip(self.msg_ids, self._outcomes)
         ]
         return md[0] if self._single else md
+
+    def __getitem__(self, key: int | slice | str) -> Any:
+        """``ar[i]`` / ``ar[i:j]``: items of the finished result (TimeoutError if not
+        finished); ``ar["engine_id"]``: a metadata field (a list for several tasks)."""
+        if isinstance(key, str):
+            if key not in METADATA_KEYS:
+                raise KeyError(f"no metadata field {key!r}; there are {', '.join(METADATA_KEYS)}")
+            md = self.metadata
+            return md[key] if isinstance(md, Metadata) else [m[key] for m in md]
+        if not isinstance(key, (int, slice)):
+            raise TypeError(f"index with an int, a slice or a metadata name, not {type(key).__name__}")
+        if not self.ready():
+            raise TimeoutError(f"{self!r} is not finished yet: wait() for it first")
+        return self.get()[key]
+
+    @property
+    def sent(self) -> bool:
+        """Whether the tasks have been sent (always: submission sends before it returns)."""
+        return True
+
+    def _times(self, field: str) -> list[datetime]:
+        md = self.metadata
+        return [m[field] for m in ([md] if isinstance(md, Metadata) else md) if m[field] is not None]
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds from the first submission to now, or to the last completion once finished."""
+        start = min(self._times("submitted"), default=None)
+        if start is None:
+            return 0.0
+        end = max(self._times("completed"), default=None) if self.ready() else None
+        return ((end or datetime.now()) - start).total_seconds()
+
+    @property
+    def wall_time(self) -> float:
+        """Seconds from the first submission to the last completion (finished results only)."""
+        if not self.ready():
+            raise TimeoutError(f"{self!r} is not finished yet: wait() for it first")
+        return self.elapsed
+
+    @property
+    def serial_time(self) -> float:
+        """Total seconds the tasks ran on engines, summed (finished results only)."""
+        if not self.ready():
+            raise TimeoutError(f"{self!r} is not finished yet: wait() for it first")
+        md = self.metadata
+        return sum((m.completed - m.started).total_seconds()
+                   for m in ([md] if isinstance(md, Metadata) else md)
+                   if m.started is not None and m.completed is not None)
+
+    def display_outputs(self) -> None:
+        """Print what the tasks wrote to stdout and stderr, task by task."""
+        print_stdout(self)
 
     _single = True
 
@@ -236,7 +343,7 @@ class AsyncMapResult(AsyncResult):
     def _collect(self) -> list[Any]:
         errors = self._errors()
         if errors:
-            raise _composite(errors, len(self))
+            raise _composite(errors, len(self.msg_ids), len(self))
         out: list[Any] = []
         for i in range(len(self.msg_ids)):
             out.extend(self._chunk_values(i))
@@ -269,9 +376,12 @@ class AsyncHubResult(AsyncMapResult):
         return super()._collect()
 
 
-def _composite(errors: list[RemoteError], total: int) -> CompositeError:
+def _composite(errors: list[RemoteError], tasks: int, items: int) -> CompositeError:
     elist = [(e.ename, e.evalue, e.traceback, e.engine_info) for e in errors]
-    return CompositeError(f"{len(errors)} of {total} task(s) raised an exception", elist)
+    what = f"{len(errors)} of {tasks} task(s)"
+    if items != tasks:  # chunked: a failed chunk loses all its items
+        what += f" (chunks of a map over {items} items)"
+    return CompositeError(f"{what} raised an exception", elist)
 
 
 def print_stdout(ar: AsyncResult) -> None:

@@ -46,16 +46,27 @@ class Client:
         url_or_file: str | Path | None = None,
         profile: str | None = None,
         engines: int | None = None,
-        scheme: str = "leastload",
+        scheme: str | None = None,
         hwm: int | None = None,
         timeout: float = CONNECT_TIMEOUT_S,
-        heartbeat_timeout: float = 10.0,
+        heartbeat_timeout: float | None = None,
     ) -> None:
+        """``scheme`` (default leastload), ``hwm`` (default 1) and ``heartbeat_timeout``
+        (default 10 s) configure the cluster ``engines=N`` starts; a running cluster has its
+        own, set by ``ipylb cluster start``."""
         self._local: LocalCluster | None = None
         if engines is not None:
-            self._local = LocalCluster(engines, scheme, hwm, heartbeat_timeout)
+            self._local = LocalCluster(engines, scheme or "leastload", 1 if hwm is None else hwm,
+                                       10.0 if heartbeat_timeout is None else heartbeat_timeout)
             info = self._local.info
         else:
+            given = [n for n, v in (("scheme", scheme), ("hwm", hwm),
+                                    ("heartbeat_timeout", heartbeat_timeout)) if v is not None]
+            if given:
+                raise ValueError(
+                    f"{', '.join(given)} configure(s) a cluster this client starts (engines=N); "
+                    "a running cluster keeps its own: `ipylb cluster start --scheme S --hwm H`"
+                )
             path = _find_connection_file(url_or_file, profile)
             info = connection.read(path)
             pid = info.get("pid")
@@ -345,9 +356,13 @@ class Client:
         if ask:
             try:
                 self._request("get_result", ask)
-            except KeyError:
-                for msg_id in msg_ids:
-                    self._watchers.pop(msg_id, None)
+            except KeyError:  # take back only what this call registered
+                for i, msg_id in enumerate(msg_ids):
+                    mine = self._watchers.get(msg_id, [])
+                    if (ar, i) in mine:
+                        mine.remove((ar, i))
+                    if not mine:
+                        self._watchers.pop(msg_id, None)
                 raise
         if block:
             ar.wait()
@@ -392,7 +407,14 @@ class Client:
     # -- shutdown ----------------------------------------------------------------
 
     def close(self) -> None:
-        """Disconnect; a cluster this client started keeps running only until shutdown()."""
+        """Disconnect; a cluster this client started keeps running only until shutdown().
+
+        Results not yet received fail with ClientClosed (their tasks run on: another
+        client can fetch them with ``get_result``)."""
+        self._close("task {} had not finished when this client closed; it runs on in the "
+                    "cluster: connect a new Client and use get_result({!r})")
+
+    def _close(self, why: str) -> None:
         if self._closed:
             return
         self._closed = True
@@ -403,14 +425,30 @@ class Client:
         if ctx is not None:
             self._send_sock.close(0)
             ctx.destroy(linger=0)  # closes what a stuck receiver still holds, never hangs
+        if hasattr(self, "_pending"):
+            self._abandon(why)
         _live_clients.discard(self)
 
+    def _abandon(self, why: str) -> None:
+        """Fail every result still expected, so nothing waits for it forever."""
+        pending, self._pending = self._pending, {}
+        watchers, self._watchers = self._watchers, {}
+        for msg_id, waiting in [*pending.items(),
+                                *((m, w) for m, ws in watchers.items() for w in ws)]:
+            waiting[0]._deliver(waiting[1], Outcome.lost(msg_id, why.format(msg_id, msg_id)))
+        with self._state:
+            self._state.notify_all()
+
     def shutdown(self) -> None:
-        """Stop the private cluster this client started (every process of it), then close."""
+        """Stop the private cluster this client started (every process of it), then close.
+
+        Results not yet received fail with ClientClosed."""
         local, self._local = self._local, None
-        self.close()
-        if local is not None:
-            local.stop()
+        if local is None:
+            self.close()
+            return
+        self._close("task {} had not finished when its cluster was shut down (rc.shutdown())")
+        local.stop()
 
     def __enter__(self) -> Client:
         return self

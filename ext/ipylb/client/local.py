@@ -49,13 +49,13 @@ def _engine_env() -> dict[str, str]:
 class LocalCluster:
     """A controller child process plus its engines, owned by one client."""
 
-    def __init__(self, engines: int, scheme: str = "leastload", hwm: int | None = None,
+    def __init__(self, engines: int, scheme: str = "leastload", hwm: int = 1,
                  heartbeat_timeout: float = 10.0) -> None:
         if not isinstance(engines, int) or isinstance(engines, bool) or engines < 1:
             raise ValueError(f"engines must be a positive int, got {engines!r}")
         if scheme not in SCHEMES:
             raise ValueError(f"unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
-        if hwm is not None and (not isinstance(hwm, int) or hwm < 0):
+        if not isinstance(hwm, int) or isinstance(hwm, bool) or hwm < 0:
             raise ValueError(f"hwm must be an int >= 0 (0: no limit), got {hwm!r}")
         check_kernelspec()
         self.connection_file: Path = (
@@ -65,7 +65,7 @@ class LocalCluster:
             sys.executable, "-m", "ipylb.controller",
             "--connection-file", str(self.connection_file),
             "--engines", str(engines), "--scheme", scheme,
-            *(["--hwm", str(hwm)] if hwm is not None else []),
+            "--hwm", str(hwm),
             "--parent-pid", str(os.getpid()),
             "--heartbeat-timeout", str(heartbeat_timeout),
         ]

@@ -28,8 +28,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--connection-file", required=True)
     p.add_argument("--engines", "-n", type=int, default=0)
     p.add_argument("--scheme", default="leastload")
-    p.add_argument("--hwm", type=int, default=None,
-                   help="max outstanding tasks per engine, 0: no limit (default 1; pure: 0)")
+    p.add_argument("--hwm", type=int, default=1,
+                   help="max outstanding tasks per engine, 0: no limit (default 1)")
     p.add_argument("--ip", default="127.0.0.1")
     p.add_argument("--parent-pid", type=int, default=None)
     p.add_argument("--log-level", default="WARNING")

@@ -41,7 +41,7 @@ class Controller:
         key: bytes,
         ip: str = "127.0.0.1",
         scheme: str = "leastload",
-        hwm: int | None = None,
+        hwm: int = 1,
         launcher: EngineLauncher | None = None,
         parent_pid: int | None = None,
         heartbeat_timeout: float = 10.0,
@@ -59,10 +59,9 @@ class Controller:
         self.signer = wire.Signer(key, self.ident, shm_prefix=self.shm_prefix, owns_segments=True)
         # Peers that cannot map our segments (another machine): they get the bytes inline.
         self.remote: set[bytes] = set()
-        if hwm is None:  # pure pipelines without limit unless told otherwise
-            hwm = 0 if scheme == "pure" else 1
         # "pure" is plain least-load with nothing per task but the routing: no dependencies,
-        # retries or timeouts (refused at submission), and no limit on each engine's pipeline.
+        # retries or timeouts (refused at submission); with hwm=0, no limit on each engine's
+        # pipeline either (the fastest path).
         self.core = Scheduler(scheme="leastload" if scheme == "pure" else scheme, hwm=hwm)
         self.scheme, self.hwm = scheme, hwm
         self.store = store if store is not None else TaskStore()
@@ -223,7 +222,7 @@ class Controller:
         if status == "unmet":
             self._execute(self.core.handle(ev.TaskUnmet(msg_id, engine_id, now)))
             return
-        rec.result = (engine_id, *meta[1:])
+        rec.result = (engine_id, *meta[1:], rec.submitted)
         rec.result_bufs, rec.result_mac = bufs, bufs_mac
         self._execute(self.core.handle(ev.TaskDone(msg_id, engine_id, status == "ok", now)))
 
@@ -239,8 +238,9 @@ class Controller:
             reply_to = ident[:-1] + b"r"
             try:
                 value, ok = self._requests[op](reply_to, arg), True
-            except Exception as e:
-                value, ok = (type(e).__name__, str(e)), False
+            except Exception as e:  # a KeyError's str() is its repr: send the message itself
+                text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+                value, ok = (type(e).__name__, str(text)), False
             self._send_client(reply_to, wire.REPLY, (req_id, ok, value))
         elif kind == wire.HELLO:
             self.listeners.add(ident)
@@ -399,7 +399,8 @@ class Controller:
             elif t is ev.Fail:
                 rec = self.store[c.task_id]
                 now = time.time()
-                rec.result = (c.engine_id, "error", None, now, "", "", (c.error, c.message, ""))
+                rec.result = (c.engine_id, "error", None, now, "", "", (c.error, c.message, ""),
+                              rec.submitted)
                 rec.result_bufs, rec.result_mac = [], b""
                 self._deliver(rec)
             elif t is ev.Cancel:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import pickle
 import sqlite3
+import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,8 @@ RECORD_OVERHEAD = 1024
 class Record:
     """One task as the controller knows it."""
 
-    __slots__ = ("msg_id", "client", "bufs", "bufs_mac", "flags", "watchers", "result",
-                 "result_bufs", "result_mac")
+    __slots__ = ("msg_id", "client", "bufs", "bufs_mac", "flags", "submitted", "watchers",
+                 "result", "result_bufs", "result_mac")
 
     def __init__(self, msg_id: str, client: bytes, bufs: list[Any], bufs_mac: bytes,
                  flags: dict[str, Any] | None = None) -> None:
@@ -37,8 +38,9 @@ class Record:
         self.bufs = bufs
         self.bufs_mac = bufs_mac
         self.flags = flags
+        self.submitted = time.time()
         self.watchers: list[bytes] = []  # other clients waiting for it (get_result)
-        # (engine_id, status, started, completed, stdout, stderr, error) once finished
+        # (engine_id, status, started, completed, stdout, stderr, error, submitted) once finished
         self.result: tuple | None = None
         self.result_bufs: list[Any] = []
         self.result_mac = b""
