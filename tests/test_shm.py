@@ -198,15 +198,46 @@ def test_full_shared_memory_falls_back_to_inline(prefix, monkeypatch):
 def test_stale_segments_of_dead_controllers_are_swept(prefix):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True).stdout.strip()
-    stale = os.path.join(shm.SHM_DIR, f"ipylb-{dead}-abcdef-0123-1")
+    ns = shm._pid_namespace()
+    stale = os.path.join(shm.SHM_DIR, f"ipylb-{ns}-{dead}-abcdef-0123-1")
+    # The same pid in another pid namespace (another container sharing /dev/shm): not ours to judge.
+    foreign = os.path.join(shm.SHM_DIR, f"ipylb-{ns + 1}-{dead}-abcdef-0123-1")
     live = shm.Placer(prefix).place([b"p", memoryview(bytearray(BIG))])[1]
-    open(stale, "wb").close()
+    for path in (stale, foreign):
+        open(path, "wb").close()
     try:
         shm.sweep_stale()
-        assert not os.path.exists(stale) and os.path.exists(live.path)
+        assert not os.path.exists(stale) and os.path.exists(foreign) and os.path.exists(live.path)
     finally:
-        if os.path.exists(stale):
-            os.unlink(stale)
+        for path in (stale, foreign):
+            if os.path.exists(path):
+                os.unlink(path)
+
+
+def test_orphans_are_swept_after_their_grace_but_owned_segments_never(prefix):
+    placer = shm.Placer(prefix)
+    orphan = placer.place([b"p", memoryview(bytearray(BIG))])[1]  # its producer "died"
+    kept = placer.place([b"p", memoryview(bytearray(BIG))])[1]
+    owned = shm.Segment(kept.name, kept.nbytes, owned=True)
+    shm.sweep_orphans(prefix, grace_s=60)
+    assert files(prefix) == {orphan.name, kept.name}  # young: maybe still in flight
+    shm.sweep_orphans(prefix, grace_s=-1)
+    assert files(prefix) == {kept.name}
+    del owned
+    assert files(prefix) == set()
+
+
+def test_a_claimed_link_outlives_the_record(prefix):
+    """The controller links a result for each client; the client maps and removes its link,
+    so the controller dropping the record at once (budget, purge) loses nothing."""
+    data = os.urandom(BIG)
+    seg = shm.Placer(prefix).place([b"p", memoryview(data)])[1]
+    owned = shm.Segment(seg.name, seg.nbytes, owned=True)
+    link = owned.link(7)
+    del owned  # the record is dropped before the client reads its message
+    received = shm.Segment(link.name, link.nbytes)
+    received.claim()
+    assert files(prefix) == set() and bytes(received.view()) == data
 
 
 def test_ipylb_shm_off_turns_the_path_off(monkeypatch):
@@ -313,3 +344,74 @@ def test_a_task_whose_segment_vanished_fails_clearly(rc, view):
     with pytest.raises(RemoteError, match="is gone"):
         ar.get(30)
     assert view.apply_sync(lambda x: int(x.sum()), arr) == BIG  # the engine serves on
+
+
+def start_controller(tmp_path, *args: str) -> tuple[subprocess.Popen, str]:
+    path = str(tmp_path / "ipylb-shm.json")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ipylb.controller", "--connection-file", path,
+         "--parent-pid", str(os.getpid()), *args],
+        stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    return proc, path
+
+
+def test_results_survive_their_records_being_dropped_before_they_are_read(tmp_path):
+    """A 20 MB record budget, 8 MB results, and a client whose receiving thread lags
+    (the user's thread holds the GIL): every record is evicted soon after it is sent."""
+    import random
+
+    proc, path = start_controller(tmp_path, "--engines", "2", "--store-limit-mb", "20")
+    rc = ipylb.Client(path)
+    try:
+        rc.wait_for_engines(2, 60)
+        ar = rc.load_balanced_view().map_async(lambda i: np.full(1 << 20, float(i)), range(12))
+        sorted(random.random() for _ in range(2_000_000))  # ~1 s without releasing the GIL
+        out = ar.get(60)
+        assert [float(a[0]) for a in out] == [float(i) for i in range(12)]
+        assert all(a.sum() == i * (1 << 20) for i, a in enumerate(out))
+    finally:
+        rc.stop_cluster()
+        rc.close()
+        proc.wait(30)
+    assert files(rc.cluster_info["shm_prefix"]) == set()
+
+
+def test_an_engine_on_another_machine_gets_bytes_inline(tmp_path):
+    """An engine that does not share /dev/shm (IPYLB_SHM=off stands in for another host):
+    the controller reads segments into frames for it; one whose segment vanished fails
+    its task and the engine serves on."""
+    from ipylb.connection import KERNEL_NAME
+    from jupyter_client import KernelManager
+
+    proc, path = start_controller(tmp_path)
+    km = KernelManager(kernel_name=KERNEL_NAME)
+    km.start_kernel(env={**os.environ, "IPYLB_CLUSTER_FILE": path, "IPYLB_SHM": "off",
+                         "PYTHONPATH": os.path.dirname(__file__)})  # where_is imports from here
+    rc = ipylb.Client(path)
+    try:
+        rc.wait_for_engines(1, 60)
+        view = rc.load_balanced_view()
+        arr = np.arange(BIG, dtype="u1")
+        assert view.apply_sync(where_is, arr) == (False, True)  # arrived as a frame, writable
+        assert np.array_equal(view.apply_sync(lambda x: x, arr), arr)
+        place = rc._placer.place
+
+        def place_then_lose(bufs):
+            out = place(bufs)
+            for b in out:
+                if isinstance(b, shm.Segment):
+                    os.unlink(b.path)
+            return out
+
+        rc._placer.place = place_then_lose
+        lost = view.apply_async(lambda x: x, arr)
+        del rc._placer.place
+        with pytest.raises(RemoteError, match="is gone"):
+            lost.get(30)
+        assert view.apply_sync(lambda: 42) == 42
+    finally:
+        rc.stop_cluster()
+        rc.close()
+        proc.wait(30)
+        km.shutdown_kernel(now=True)

@@ -9,12 +9,13 @@ in ``/dev/shm`` (a "segment") and sends only its name; consumers map it.
 Ownership: the producer creates a segment, writes it and sends its name to the
 controller, which from then on owns it: it keeps it exactly as long as the
 task's record (retries, resubmit and ``get_result`` need it) and removes it with
-the record.  Consumers map segments copy-on-write, so an engine (or a user)
-that changes an array in place changes its own copy of the pages, never the
-record.  A mapping outlives the file's removal, so a result already received
-stays valid after the controller has dropped the record.  Segments left by a
-crashed process are swept: by the controller at exit (its own) and at start
-(those of controllers that are gone).
+the record.  A result goes to each client as a hard link of its own, which the
+client maps and removes at once: the controller may drop the record meanwhile,
+the client's data stays.  Consumers map segments copy-on-write, so an engine (or
+a user) that changes an array in place changes its own copy of the pages, never
+the record.  Leftovers are swept: segments a producer wrote but never sent (it
+died) and links no client claimed, by the controller after a grace period; its
+own at exit; those of controllers that are gone, by the next one to start.
 
 Security: a segment is created O_EXCL with mode 0600 in the sticky ``/dev/shm``
 (no other user can create, replace or alter it); its name and size travel in
@@ -36,6 +37,7 @@ import os
 import re
 import secrets
 import stat
+import time
 from collections.abc import Sequence
 from functools import cache
 from typing import Any
@@ -48,8 +50,11 @@ SHM_DIR = "/dev/shm"
 # Buffers larger than this travel through a segment (below it, zmq is as quick).
 MIN_BYTES = CHUNK
 _SHA256 = hashlib.sha256
-_OWN = re.compile(r"ipylb-(\d+)-[0-9a-f]+-")
-_TAIL = re.compile(r"[0-9a-f]{1,32}-[0-9]{1,20}")
+# ipylb-<pid namespace>-<controller pid>-<nonce>-, then <producer>-<n>[-<link n>]
+_OWN = re.compile(r"ipylb-(\d+)-(\d+)-[0-9a-f]+-")
+_TAIL = re.compile(r"[0-9a-f]{1,32}-[0-9]{1,20}(-[0-9]{1,20})?")
+# Names of the segments owned in this process (the controller's records'), never swept.
+_owned: set[str] = set()
 
 
 @cache
@@ -70,10 +75,19 @@ def domain() -> str | None:
     return f"{boot}:{st.st_dev}:{st.st_ino}:{os.geteuid()}"
 
 
+@cache
+def _pid_namespace() -> int:
+    """This process's pid namespace (0: unknown): a pid means something only within it."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
 def controller_prefix(nonce: str) -> str:
-    """The name prefix of every segment of one controller run (its pid lets a later
-    controller sweep what a killed one left)."""
-    return f"ipylb-{os.getpid()}-{nonce}-"
+    """The name prefix of every segment of one controller run (its pid and pid namespace
+    let a later controller sweep what a killed one left)."""
+    return f"ipylb-{_pid_namespace()}-{os.getpid()}-{nonce}-"
 
 
 def shared_prefix(info: dict[str, Any]) -> str | None:
@@ -109,6 +123,8 @@ class Segment:
         self.digests = digests
         self.owned = owned
         self._view: memoryview | None = None
+        if owned:
+            _owned.add(name)
 
     def __repr__(self) -> str:
         return f"<Segment {self.name} {self.nbytes} bytes>"
@@ -165,17 +181,32 @@ class Segment:
         finally:
             os.close(fd)
 
-    def pin(self) -> None:
-        """Map now, so the content stays readable here even if the file goes; a gone
-        segment is reported when the content is asked for."""
+    def claim(self) -> None:
+        """Map a link made for this process, then remove it: the data is ours alone now.
+        A gone segment is reported when the content is asked for."""
         try:
             self.view()
         except WireError:
+            return
+        try:
+            os.unlink(self.path)
+        except OSError:
             pass
+
+    def link(self, n: int) -> Segment:
+        """A hard link of this segment for one consumer, which claims (removes) it."""
+        name = f"{self.name}-{n}"
+        try:
+            os.link(self.path, os.path.join(SHM_DIR, name))
+        except FileNotFoundError:
+            raise WireError(f"the payload in shared memory {self.path} is gone (removed by "
+                            "someone else: systemd's RemoveIPC?)") from None
+        return Segment(name, self.nbytes)
 
     def __del__(self) -> None:
         if self.owned:
             try:
+                _owned.discard(self.name)
                 os.unlink(self.path)
             except (OSError, TypeError, AttributeError):  # already gone / interpreter exit
                 pass
@@ -249,8 +280,33 @@ def sweep(prefix: str | None) -> None:
                 pass
 
 
+def sweep_orphans(prefix: str | None, grace_s: float) -> None:
+    """Remove segments under ``prefix`` that nobody here owns and that were written (or
+    linked) more than ``grace_s`` ago: a producer died before sending one, or a client
+    never claimed its link."""
+    if not prefix:
+        return
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return
+    old = time.time() - grace_s
+    for name in names:
+        if name.startswith(prefix) and name not in _owned:
+            path = os.path.join(SHM_DIR, name)
+            try:
+                if os.stat(path, follow_symlinks=False).st_ctime < old:
+                    os.unlink(path)
+            except OSError:
+                pass
+
+
 def sweep_stale() -> None:
-    """Remove our segments whose controller process is gone (killed, so it could not)."""
+    """Remove our segments whose controller process is gone (killed, so it could not).
+    Only controllers of our pid namespace are judged: elsewhere a pid says nothing."""
+    namespace = _pid_namespace()
+    if not namespace:
+        return
     try:
         names = os.listdir(SHM_DIR)
     except OSError:
@@ -258,7 +314,7 @@ def sweep_stale() -> None:
     uid = os.geteuid()
     for name in names:
         m = _OWN.match(name)
-        if m is None or pid_alive(int(m.group(1))):
+        if m is None or int(m.group(1)) != namespace or pid_alive(int(m.group(2))):
             continue
         path = os.path.join(SHM_DIR, name)
         try:

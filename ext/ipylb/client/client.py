@@ -160,10 +160,10 @@ class Client:
 
     def _on_message(self, kind: int, _sender: bytes, meta: Any, bufs: list[Any], mac: bytes) -> None:
         if kind == wire.RESULT:
-            if len(bufs) > 1:  # map shared memory now: the controller may drop it later
+            if len(bufs) > 1:  # a link the controller made for us: map it, remove it
                 for b in bufs:
                     if type(b) is shm.Segment:
-                        b.pin()
+                        b.claim()
             outcome = Outcome(meta, bufs, mac)
             self._outcomes[meta[0]] = outcome
             if meta[2] != "ok":

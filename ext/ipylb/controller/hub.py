@@ -10,6 +10,7 @@ their MAC untouched.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import signal
@@ -31,6 +32,10 @@ log = logging.getLogger("ipylb.controller")
 
 # Housekeeping (engine liveness, parent watch) runs at least this often.
 HOUSEKEEPING_S = 0.25
+# Shared-memory segments nobody owns (their producer died before sending them, or a client
+# never claimed its link) are removed this long after they were written, checked this often.
+ORPHAN_GRACE_S = 300.0
+ORPHAN_SWEEP_S = 60.0
 
 
 class Controller:
@@ -59,6 +64,8 @@ class Controller:
         self.signer = wire.Signer(key, self.ident, shm_prefix=self.shm_prefix, owns_segments=True)
         # Peers that cannot map our segments (another machine): they get the bytes inline.
         self.remote: set[bytes] = set()
+        self._links = itertools.count()
+        self._next_orphan_sweep = 0.0
         # "pure" is plain least-load with nothing per task but the routing: no dependencies,
         # retries or timeouts (refused at submission); with hwm=0, no limit on each engine's
         # pipeline either (the fastest path).
@@ -153,6 +160,9 @@ class Controller:
             log.warning("parent process %s is gone: shutting down", self.parent_pid)
             self._running = False
             return
+        if self.shm_prefix and now >= self._next_orphan_sweep:
+            shm.sweep_orphans(self.shm_prefix, ORPHAN_GRACE_S)
+            self._next_orphan_sweep = now + ORPHAN_SWEEP_S
         if self.launcher is not None:
             for engine_id, reason in self.launcher.poll_dead():
                 if engine_id is None:
@@ -385,12 +395,19 @@ class Controller:
 
     def _execute(self, commands: list[Any]) -> None:
         unreachable: list[int] = []
+        unsendable: list[tuple[ev.Assign, str]] = []
         for c in commands:
             t = type(c)
             if t is ev.Assign:
                 rec = self.store[c.task_id]
                 ident = self.engine_ident[c.engine_id]
-                bufs = shm.inline(rec.bufs) if ident in self.remote else rec.bufs
+                bufs = rec.bufs
+                if ident in self.remote:
+                    try:
+                        bufs = shm.inline(bufs)
+                    except wire.WireError as e:  # its segment vanished: as an engine would say
+                        unsendable.append((c, str(e)))
+                        continue
                 frames = self.signer.pack(wire.TASK, (c.task_id,), bufs, rec.bufs_mac, ident)
                 if not self._to_engine(ident, frames):
                     unreachable.append(c.engine_id)
@@ -410,6 +427,12 @@ class Controller:
         for engine_id in unreachable:
             self._engine_gone(engine_id, "its connection to the controller is gone",
                               time.monotonic())
+        for c, why in unsendable:
+            rec = self.store[c.task_id]
+            rec.result = (c.engine_id, "error", None, time.time(), "", "", ("WireError", why, ""),
+                          rec.submitted)
+            rec.result_bufs, rec.result_mac = [], b""
+            self._execute(self.core.handle(ev.TaskDone(c.task_id, c.engine_id, False, time.monotonic())))
 
     def _to_engine(self, ident: bytes, frames: list[Any]) -> bool:
         """Send to an engine; False if it has disconnected (it is then treated as dead)."""
@@ -433,7 +456,18 @@ class Controller:
 
     def _send_result(self, client: bytes, rec: Record) -> None:
         meta = (rec.msg_id, *rec.result)
-        bufs = shm.inline(rec.result_bufs) if client in self.remote else rec.result_bufs
+        bufs = rec.result_bufs
+        if len(bufs) > 1:  # segments: inline for a remote client, else a link it claims
+            try:
+                if client in self.remote:
+                    bufs = shm.inline(bufs)
+                else:
+                    bufs = [b.link(next(self._links)) if type(b) is shm.Segment else b for b in bufs]
+            except wire.WireError as e:
+                r = rec.result
+                lost = ("WireError", f"task {rec.msg_id} finished, but its result is lost: {e}", "")
+                meta = (rec.msg_id, r[0], "error", *r[2:6], lost, *r[7:])
+                bufs = []
         self._send_client(client, wire.RESULT, meta, bufs, rec.result_mac)
 
     # -- shutdown ----------------------------------------------------------------
