@@ -6,6 +6,7 @@ in /dev/shm); the second runs big arrays through real clusters.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
@@ -324,9 +325,10 @@ def test_a_client_without_shared_memory_gets_the_bytes_inline(rc, view, tmp_path
     assert done.stdout.startswith("ok") and "mmap" not in done.stdout
 
 
-def test_a_task_whose_segment_vanished_fails_clearly(rc, view):
-    """E.g. systemd's RemoveIPC empties /dev/shm of a user who logged out."""
-    arr = np.ones(BIG, "u1")
+@contextlib.contextmanager
+def segments_vanish(rc):
+    """While inside: every segment the client writes is removed right after (as systemd's
+    RemoveIPC would), before the controller passes it on."""
     place = rc._placer.place
 
     def place_then_lose(bufs):
@@ -338,9 +340,16 @@ def test_a_task_whose_segment_vanished_fails_clearly(rc, view):
 
     rc._placer.place = place_then_lose
     try:
-        ar = view.apply_async(lambda x: int(x.sum()), arr)
+        yield
     finally:
         del rc._placer.place
+
+
+def test_a_task_whose_segment_vanished_fails_clearly(rc, view):
+    """E.g. systemd's RemoveIPC empties /dev/shm of a user who logged out."""
+    arr = np.ones(BIG, "u1")
+    with segments_vanish(rc):
+        ar = view.apply_async(lambda x: int(x.sum()), arr)
     with pytest.raises(RemoteError, match="is gone"):
         ar.get(30)
     assert view.apply_sync(lambda x: int(x.sum()), arr) == BIG  # the engine serves on
@@ -395,18 +404,8 @@ def test_an_engine_on_another_machine_gets_bytes_inline(tmp_path):
         arr = np.arange(BIG, dtype="u1")
         assert view.apply_sync(where_is, arr) == (False, True)  # arrived as a frame, writable
         assert np.array_equal(view.apply_sync(lambda x: x, arr), arr)
-        place = rc._placer.place
-
-        def place_then_lose(bufs):
-            out = place(bufs)
-            for b in out:
-                if isinstance(b, shm.Segment):
-                    os.unlink(b.path)
-            return out
-
-        rc._placer.place = place_then_lose
-        lost = view.apply_async(lambda x: x, arr)
-        del rc._placer.place
+        with segments_vanish(rc):
+            lost = view.apply_async(lambda x: x, arr)
         with pytest.raises(RemoteError, match="is gone"):
             lost.get(30)
         assert view.apply_sync(lambda: 42) == 42

@@ -38,7 +38,7 @@ import re
 import secrets
 import stat
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import cache
 from typing import Any
 
@@ -264,61 +264,49 @@ def inline(bufs: Sequence[Any]) -> list[Any]:
     return [b.read() if type(b) is Segment else b for b in bufs]
 
 
-def sweep(prefix: str | None) -> None:
-    """Remove every segment under ``prefix`` (a stopped controller's)."""
-    if not prefix:
-        return
-    try:
-        names = os.listdir(SHM_DIR)
-    except OSError:
-        return
-    for name in names:
-        if name.startswith(prefix):
-            try:
-                os.unlink(os.path.join(SHM_DIR, name))
-            except OSError:
-                pass
-
-
-def sweep_orphans(prefix: str | None, grace_s: float) -> None:
-    """Remove segments under ``prefix`` that nobody here owns and that were written (or
-    linked) more than ``grace_s`` ago: a producer died before sending one, or a client
-    never claimed its link."""
-    if not prefix:
-        return
-    try:
-        names = os.listdir(SHM_DIR)
-    except OSError:
-        return
-    old = time.time() - grace_s
-    for name in names:
-        if name.startswith(prefix) and name not in _owned:
-            path = os.path.join(SHM_DIR, name)
-            try:
-                if os.stat(path, follow_symlinks=False).st_ctime < old:
-                    os.unlink(path)
-            except OSError:
-                pass
-
-
-def sweep_stale() -> None:
-    """Remove our segments whose controller process is gone (killed, so it could not).
-    Only controllers of our pid namespace are judged: elsewhere a pid says nothing."""
-    namespace = _pid_namespace()
-    if not namespace:
-        return
+def _remove(selected: Callable[[str], bool], older_than: float | None = None) -> None:
+    """Remove our files in SHM_DIR whose name is ``selected`` (and, if given, whose
+    ctime, set by writing or linking, is before ``older_than``)."""
     try:
         names = os.listdir(SHM_DIR)
     except OSError:
         return
     uid = os.geteuid()
     for name in names:
-        m = _OWN.match(name)
-        if m is None or int(m.group(1)) != namespace or pid_alive(int(m.group(2))):
+        if not selected(name):
             continue
         path = os.path.join(SHM_DIR, name)
         try:
-            if os.stat(path, follow_symlinks=False).st_uid == uid:
+            st = os.stat(path, follow_symlinks=False)
+            if st.st_uid == uid and (older_than is None or st.st_ctime < older_than):
                 os.unlink(path)
         except OSError:
             pass
+
+
+def sweep(prefix: str | None) -> None:
+    """Remove every segment under ``prefix`` (a stopped controller's)."""
+    if prefix:
+        _remove(lambda name: name.startswith(prefix))
+
+
+def sweep_orphans(prefix: str | None, grace_s: float) -> None:
+    """Remove segments under ``prefix`` that nobody here owns and that were written (or
+    linked) more than ``grace_s`` ago: a producer died before sending one, or a client
+    never claimed its link."""
+    if prefix:
+        _remove(lambda name: name.startswith(prefix) and name not in _owned,
+                older_than=time.time() - grace_s)
+
+
+def sweep_stale() -> None:
+    """Remove our segments whose controller process is gone (killed, so it could not).
+    Only controllers of our pid namespace are judged: elsewhere a pid says nothing."""
+    namespace = _pid_namespace()
+
+    def stale(name: str) -> bool:
+        m = _OWN.match(name)
+        return m is not None and int(m.group(1)) == namespace and not pid_alive(int(m.group(2)))
+
+    if namespace:
+        _remove(stale)
