@@ -98,6 +98,7 @@ def test_map_failures_raise_composite_error(view):
         amr.get(30)
     assert len(info.value.elist) == 2
     assert all(e[0] == "ZeroDivisionError" for e in info.value.elist)
+    assert "(items 1, 3)" in str(info.value) and "(engine " in str(info.value)
     with pytest.raises(RemoteError):
         list(amr)  # iteration raises at the first failing item
     assert not amr.successful()
@@ -163,6 +164,7 @@ def test_remote_error_carries_remote_traceback(view):
     assert err.ename == "ValueError" and err.evalue == "bad value here"
     assert "bad value here" in str(err) and "ValueError" in str(err)
     assert "in boom" in err.traceback
+    assert "taskchannel.py" not in err.traceback  # starts at the user's code
     assert err.engine_info["engine_id"] in (0, 1)
     with pytest.raises(RemoteError):
         ar.get()  # re-raised each time
@@ -401,6 +403,16 @@ def test_closing_a_client_fails_what_it_still_waits_for(rc, view):
     with pytest.raises(ClientClosed, match="get_result"):
         ar.get(0)
     assert rc.get_result(ar.msg_ids[0]).get(30) == 8  # the task ran on regardless
+
+
+def test_views_start_with_the_clients_block_flag(rc):
+    rc.block = True
+    try:
+        view = rc.load_balanced_view()
+        assert view.block and view.apply(square, 6) == 36
+    finally:
+        rc.block = False
+    assert rc.load_balanced_view().block is False
 
 
 def test_cluster_options_need_a_cluster_to_start(rc):

@@ -230,13 +230,31 @@ def test_require_pushes_functions(view):
     assert view.apply_sync(uses_helper, 1) == 101
 
 
+def _third():
+    return str(fractions.Fraction(1, 3))  # noqa: F821 - @require imports it on the engine
+
+
+def _calls_third():
+    return _third()
+
+
+for _f in (_third, _calls_third):
+    _f.__module__ = "__main__"  # as if defined in a notebook: pickled by value, together
+
+
+def test_interactive_helpers_see_the_engine_namespace(view):
+    """The specification's example: a required module used by a helper the task calls."""
+    assert view.apply_sync(require("fractions")(_calls_third)) == "1/3"
+
+
 def test_require_missing_everywhere_fails_instead_of_hanging(view):
     @require("no_such_module_anywhere")
     def f():
         return 1
 
-    with pytest.raises(ImpossibleDependency, match="refused|engine"):
+    with pytest.raises(ImpossibleDependency, match="refused by all") as info:
         view.apply_async(f).get(30)
+    assert "cannot import 'no_such_module_anywhere'" in str(info.value)  # what the engines said
 
 
 def test_depend_false_is_unmet_everywhere(view):

@@ -113,6 +113,7 @@ def test_help_comes_from_magic_arguments(shell):
     for option in ("--after NAME", "--follow NAME", "--timeout", "--retries", "-b, --block",
                    "-a, --noblock", "-o NAME, --out NAME"):
         assert option in doc, option
+    assert "%%lb [--after NAME" in doc  # a cell magic
     assert "%lbmap [-o NAME] FUNC ITERABLE" in shell.magics_manager.magics["line"]["lbmap"].__doc__
 
 
@@ -199,6 +200,12 @@ def test_impossible_dependency_shows_the_reason(lb, capsys):
     r = run(lb, "%%lb --after bad\n1")
     assert isinstance(r.error_in_exec, ImpossibleDependency)
     assert lb.user_ns["bad"].msg_ids[0] in capsys.readouterr().out
+
+
+def test_after_takes_a_msg_id_as_itself(lb):
+    ok(lb, "%%lb -a -o first_task\n1")
+    msg_id = lb.user_ns["first_task"].msg_ids[0]
+    assert ok(lb, f"%%lb --after {msg_id}\n'second'") == "second"
 
 
 def test_after_a_named_dependency_keeps_its_settings(lb):

@@ -167,12 +167,14 @@ class _Require:
                 raise TypeError(f"require() takes module names, modules or functions, not {n!r}")
 
     def __call__(self, namespaces: list[dict[str, Any]]) -> bool:
+        """Import and push into ``namespaces``; raise UnmetDependency naming a module that
+        does not import here."""
         found: dict[str, Any] = {}
         for name in self.modules:
             try:
                 module = importlib.import_module(name)
-            except ImportError:
-                return False
+            except ImportError as e:
+                raise UnmetDependency(f"cannot import {name!r} here ({e})") from None
             top = name.split(".", 1)[0]
             found[top] = module if top == name else importlib.import_module(top)
         for fn in self.functions:
@@ -195,8 +197,7 @@ class required(dependent):
                 namespaces.append(shell.user_ns)
         except ImportError:
             pass
-        if self.df(namespaces) is False:
-            raise UnmetDependency(f"{self.__name__}: requires {', '.join(self.df.modules)}")
+        self.df(namespaces)
         return self.f(*args, **kwargs)
 
     def _ipylb_rebind(self, bind: Callable[[Any], Any]) -> required:

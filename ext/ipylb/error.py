@@ -78,7 +78,9 @@ class CompositeError(RemoteError):
 
     def __str__(self) -> str:
         lines = [self.message]
-        lines += [f"  [{i}] {e[0]}: {e[1]}" for i, e in enumerate(self.elist)]
+        for i, (ename, evalue, _tb, info) in enumerate(self.elist):
+            where = info.get("engine_id")
+            lines.append(f"  [{i}] {ename}: {evalue}" + ("" if where is None else f" (engine {where})"))
         return "\n".join(lines)
 
     def raise_exception(self, excid: int = 0) -> None:

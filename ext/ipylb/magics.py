@@ -17,6 +17,7 @@ from __future__ import annotations
 import ast
 import atexit
 import linecache
+import re
 import sys
 import warnings
 from typing import Any
@@ -56,6 +57,10 @@ def run_source(source: str, filename: str) -> Any:
         last = ast.Expression(tree.body.pop().value)
     exec(compile(tree, filename, "exec"), ns)
     return None if last is None else eval(compile(last, filename, "eval"), ns)
+
+
+# What a msg_id looks like (a client session, then a counter): accepted as itself by --after.
+MSG_ID = re.compile(r"[0-9a-f]{16}-[0-9]+")
 
 
 @magics_class
@@ -172,9 +177,10 @@ class LbMagics(Magics):
 
     # -- running cells -------------------------------------------------------------
 
-    @magic_arguments()
+    @magic_arguments("%lb")  # a cell magic: its usage line reads %%lb
     @argument("--after", action="extend", nargs="+", default=[], metavar="NAME",
-              help="run once these tasks are done: names of AsyncResults or msg_id strings")
+              help="run once these tasks are done: names of AsyncResults, Dependency objects "
+                   "or msg_ids (as names of variables, or the msg_ids themselves)")
     @argument("--follow", action="extend", nargs="+", default=[], metavar="NAME",
               help="run on the engine where these tasks ran (names, as for --after)")
     @argument("--timeout", type=float, default=0,
@@ -217,9 +223,13 @@ class LbMagics(Magics):
         return ar.get()
 
     def _dependency(self, names: list[str], option: str) -> list[Any]:
-        """Resolve NAMEs to AsyncResults / msg_ids; any unknown name is a UsageError."""
+        """Resolve NAMEs to AsyncResults / msg_ids (a msg_id may also be given as itself);
+        any other unknown name is a UsageError."""
         deps: list[Any] = []
         for name in names:
+            if name not in self.shell.user_ns and MSG_ID.fullmatch(name):
+                deps.append(name)
+                continue
             value = self._lookup(name)
             items = value if isinstance(value, (list, tuple)) else [value]
             for item in items:

@@ -53,8 +53,8 @@ class Core:
     def done(self, tid: str, eid: int, ok: bool = True) -> list[Any]:
         return self(TaskDone(tid, eid, ok, self.now))
 
-    def unmet(self, tid: str, eid: int) -> list[Any]:
-        return self(TaskUnmet(tid, eid, self.now))
+    def unmet(self, tid: str, eid: int, reason: str = "") -> list[Any]:
+        return self(TaskUnmet(tid, eid, self.now, reason))
 
     def add(self, eid: int) -> list[Any]:
         return self(EngineAdded(eid, self.now))

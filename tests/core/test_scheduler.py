@@ -713,6 +713,16 @@ def test_engine_removal_can_leave_only_refusing_engines():
     assert "refused by all 1 engine (0)" in fail_of(cmds, "a").message
 
 
+def test_the_last_refusal_is_named_in_the_failure():
+    c = Core(engines=2)
+    c.run("a")
+    c.unmet("a", 0, "cannot import 'zmq' here")
+    cmds = c.unmet("a", 1, "cannot import 'numpy' here")
+    message = fail_of(cmds, "a").message
+    assert "refused by all 2 engines" in message and "'numpy'" in message
+    assert "'zmq'" not in message  # the last one only: they usually say the same
+
+
 def test_refused_task_with_no_engine_left_waits_for_one():
     c = Core()
     c.run("a")  # 0

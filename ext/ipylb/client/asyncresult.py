@@ -341,9 +341,9 @@ class AsyncMapResult(AsyncResult):
         return value if self._chunked else [value]
 
     def _collect(self) -> list[Any]:
-        errors = self._errors()
-        if errors:
-            raise _composite(errors, len(self.msg_ids), len(self))
+        failed = [i for i, o in enumerate(self._outcomes) if o is not None and not o.ok]
+        if failed:
+            raise _composite(self, failed)
         out: list[Any] = []
         for i in range(len(self.msg_ids)):
             out.extend(self._chunk_values(i))
@@ -376,12 +376,18 @@ class AsyncHubResult(AsyncMapResult):
         return super()._collect()
 
 
-def _composite(errors: list[RemoteError], tasks: int, items: int) -> CompositeError:
+def _composite(amr: AsyncMapResult, failed: list[int]) -> CompositeError:
+    """One error for the failed tasks (positions ``failed``) of a map."""
+    errors = [amr._outcomes[i].error() for i in failed]  # type: ignore[union-attr]
     elist = [(e.ename, e.evalue, e.traceback, e.engine_info) for e in errors]
-    what = f"{len(errors)} of {tasks} task(s)"
-    if items != tasks:  # chunked: a failed chunk loses all its items
-        what += f" (chunks of a map over {items} items)"
-    return CompositeError(f"{what} raised an exception", elist)
+    tasks, items = len(amr.msg_ids), len(amr)
+    which = ", ".join(map(str, failed[:20])) + (", ..." if len(failed) > 20 else "")
+    if items == tasks:
+        what = f"{len(failed)} of {tasks} task(s) raised an exception (items {which})"
+    else:  # chunked: a failed chunk loses all its items
+        what = (f"{len(failed)} of {tasks} chunk(s) of a map over {items} items raised an "
+                f"exception (chunks {which})")
+    return CompositeError(what, elist)
 
 
 def print_stdout(ar: AsyncResult) -> None:

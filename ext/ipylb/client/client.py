@@ -78,6 +78,7 @@ class Client:
                 )
         self._info = info
         self._closed = False
+        self.block = False  # the block flag new views start with (as in ipyparallel)
         try:
             self._connect(info, timeout)
             if engines is not None:
@@ -269,10 +270,13 @@ class Client:
             raise RuntimeError("this ipylb Client is closed; create a new one")
 
     def load_balanced_view(self) -> Any:
-        """A new LoadBalancedView on this client's cluster."""
+        """A new LoadBalancedView on this client's cluster (its ``block`` starts as the
+        client's)."""
         from .view import LoadBalancedView
 
-        return LoadBalancedView(self)
+        view = LoadBalancedView(self)
+        view.block = self.block
+        return view
 
     # -- waiting and results -----------------------------------------------------
 

@@ -230,7 +230,9 @@ class Controller:
             raise wire.WireError(f"a result for unknown task {msg_id!r}")
         now = time.monotonic()
         if status == "unmet":
-            self._execute(self.core.handle(ev.TaskUnmet(msg_id, engine_id, now)))
+            error = meta[6] if len(meta) > 6 else None
+            reason = str(error[1]) if isinstance(error, tuple) and len(error) > 1 else ""
+            self._execute(self.core.handle(ev.TaskUnmet(msg_id, engine_id, now, reason[:500])))
             return
         rec.result = (engine_id, *meta[1:], rec.submitted)
         rec.result_bufs, rec.result_mac = bufs, bufs_mac

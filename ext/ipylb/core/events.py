@@ -86,11 +86,13 @@ class TaskDone:
 
 @dataclass(frozen=True, slots=True)
 class TaskUnmet:
-    """An engine refused a task: a functional dependency was unmet there."""
+    """An engine refused a task: a functional dependency was unmet there (``reason``:
+    what the engine said)."""
 
     task_id: str
     engine_id: int
     time: float
+    reason: str = ""
 
 
 @dataclass(frozen=True, slots=True)

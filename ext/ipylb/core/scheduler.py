@@ -163,6 +163,7 @@ class _Extra:
         "f_engine",  # follow all=True: the engine every counted dep ran on
         "f_engines",  # follow all=False: engines where counted deps ran
         "refused",  # engines that refused it (hard)
+        "unmet",  # what the last engine to refuse it said
         "failed_on",  # engines it failed or died on (soft)
         "timeout",
         "submitted",
@@ -179,6 +180,7 @@ class _Extra:
         self.f_engine: _Engine | None = None
         self.f_engines: set[_Engine] | None = None
         self.refused: set[_Engine] | None = None
+        self.unmet = ""
         self.failed_on: set[_Engine] | None = None
         self.timeout = 0.0
         self.submitted = 0.0
@@ -208,6 +210,11 @@ class _Task:
 
     def __repr__(self) -> str:
         return f"<task {self.id} {self.state}>"
+
+
+def _said(x: _Extra) -> str:
+    """What the last engine to refuse a task said, for its failure message."""
+    return f" (the last refusal: {x.unmet})" if x.unmet else ""
 
 
 def _extra(t: _Task) -> _Extra:
@@ -478,6 +485,8 @@ class Scheduler:
         if x.refused is None:
             x.refused = set()
         x.refused.add(e)
+        if ev.reason:
+            x.unmet = ev.reason
         self._freed.append(e)
         if x.aborted:
             self._fail(t, ABORTED, f"task {t.id} was aborted before it ran", out,
@@ -955,14 +964,14 @@ class Scheduler:
             n = len(self._engines)
             return (f"refused by all {n} engine{'s' if n > 1 else ''} "
                     f"({', '.join(map(str, sorted(self._engines)))}): "
-                    "a functional dependency (@require/@depend) is unmet on each")
+                    f"a functional dependency (@require/@depend) is unmet on each{_said(x)}")
         if f.spec.all:
             e: _Engine = x.f_engine  # type: ignore[assignment]
             if not e.alive:
                 return (f"its follow dependencies ran on engine {e.id}, which is gone, "
                         "and follow with all=True needs that engine")
             return (f"refused by engine {e.id}, the only engine its follow dependencies allow "
-                    "(a functional dependency is unmet there)")
+                    f"(a functional dependency is unmet there{_said(x)})")
         if f.pending:
             return None  # a pending follow dependency may still run somewhere usable
         return self._follow_any_dead(t)

@@ -35,10 +35,29 @@ def _set_sigint(handler: Any) -> Any:
     return _signal.signal(signal.SIGINT.value, handler)
 
 
+def _shares_globals(v: Any, shipped: dict[str, Any]) -> bool:
+    return isinstance(v, types.FunctionType) and v.__globals__ is shipped
+
+
+def _rehome(f: types.FunctionType, ns: dict[str, Any]) -> types.FunctionType:
+    """``f`` with ``ns`` as its globals."""
+    g = types.FunctionType(f.__code__, ns, f.__name__, f.__defaults__, f.__closure__)
+    g.__kwdefaults__ = f.__kwdefaults__
+    g.__dict__.update(f.__dict__)
+    g.__qualname__ = f.__qualname__
+    return g
+
+
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def _remote_traceback(e: BaseException) -> str:
-    """The traceback of ``e`` without the engine's own frame on top."""
+    """The traceback of ``e`` from the user's code on: without ipylb's own frames on top
+    (this channel, the wrappers of dependencies, map chunks and cells)."""
     tb = e.__traceback__
-    tb = tb.tb_next if tb is not None and tb.tb_next is not None else tb
+    while tb is not None and tb.tb_next is not None and \
+            tb.tb_frame.f_code.co_filename.startswith(_PACKAGE):
+        tb = tb.tb_next
     return "".join(traceback.format_exception(type(e), e, tb))
 
 
@@ -140,20 +159,21 @@ class TaskChannel:
         return self._fn
 
     def _bind_interactive(self, f: Any) -> Any:
-        """A function from ``__main__`` runs with the engine's user namespace as globals."""
+        """A function from ``__main__`` runs with the engine's user namespace as globals,
+        and so do the ``__main__`` functions it calls (they came in the same pickle, with
+        the same globals): ``@require``'s imports and pushed names are visible to all."""
         rebind = getattr(f, "_ipylb_rebind", None)
         if rebind is not None:  # wrappers (dependent, map chunks) bind what they wrap
             return rebind(self._bind_interactive)
         if not isinstance(f, types.FunctionType) or f.__module__ != "__main__":
             return f
         ns = self.user_ns
-        if f.__globals__ is not ns:
-            ns.update((k, v) for k, v in f.__globals__.items() if not k.startswith("__"))
-        g = types.FunctionType(f.__code__, ns, f.__name__, f.__defaults__, f.__closure__)
-        g.__kwdefaults__ = f.__kwdefaults__
-        g.__dict__.update(f.__dict__)
-        g.__qualname__ = f.__qualname__
-        return g
+        shipped = f.__globals__
+        if shipped is not ns:
+            for k, v in shipped.items():
+                if not k.startswith("__"):
+                    ns[k] = _rehome(v, ns) if _shares_globals(v, shipped) else v
+        return _rehome(f, ns)
 
     def _run(self, meta: tuple, bufs: list[Any], bufs_mac: bytes) -> list[Any]:
         """Run one task; return the frames of its DONE message."""
@@ -189,8 +209,9 @@ class TaskChannel:
             if self.placer is not None and len(result) > 1:
                 result = self.placer.place(result)
             status = "ok"
-        except UnmetDependency:
+        except UnmetDependency as e:
             status = "unmet"
+            error = ("UnmetDependency", str(e), "")
         except BaseException as e:  # noqa: B036 - SystemExit/KeyboardInterrupt are task errors too
             sys.stdout, sys.stderr = saved
             status = "error"
