@@ -274,6 +274,18 @@ def test_big_arrays_travel_through_shared_memory_both_ways(rc, view):
     assert view.apply_sync(where_is, small)[0] is False
 
 
+def test_big_bytes_arguments_and_results_go_out_of_band(rc, view):
+    """pickle keeps bytes in its stream; ipylb sends large ones (arguments and results at
+    top level) as buffers of their own, so they too take the shared-memory path."""
+    data = os.urandom(BIG)
+    frames = serialize.dumps_args((data,), {"extra": bytearray(data)})
+    assert [len(f) if isinstance(f, bytes) else f.nbytes for f in frames[1:]] == [BIG, BIG]
+    assert view.apply_sync(lambda b, extra: (type(b), type(extra), b == extra), data,
+                           extra=bytearray(data)) == (bytes, bytearray, True)
+    out = view.apply_sync(lambda b: b[::-1], data)
+    assert type(out) is bytes and out == data[::-1]
+
+
 def bump(x: np.ndarray) -> float:
     x += 1  # in place, on the engine's private copy of the pages
     return float(x.sum())

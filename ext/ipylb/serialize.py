@@ -41,8 +41,31 @@ def _plain(obj: Any) -> bool:
     return False
 
 
+class _Blob:
+    """A large bytes or bytearray, pickled out of band like an array's data (pickle keeps
+    exact bytes and bytearrays in the stream, buffer callback or not); it loads as a copy
+    of its own type."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes | bytearray) -> None:
+        self.data = data
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        return type(self.data), (pickle.PickleBuffer(self.data),)
+
+
+def _blob(obj: Any) -> Any:
+    t = type(obj)
+    return _Blob(obj) if (t is bytes or t is bytearray) and len(obj) >= OOB_MIN else obj
+
+
 def dumps(obj: Any) -> list[Any]:
-    """Pickle ``obj`` into ``[pickle, *out_of_band_buffers]`` (buffers are not copied)."""
+    """Pickle ``obj`` into ``[pickle, *out_of_band_buffers]`` (buffers are not copied).
+
+    Large buffers go out of band: numpy arrays and the like, and ``obj`` itself if it is
+    a large bytes or bytearray."""
+    obj = _blob(obj)
     if _plain(obj):  # the common small case: the C pickler is several times faster
         return [pickle.dumps(obj, 5)]
     oob: list[memoryview] = []
@@ -126,7 +149,8 @@ def dumps_function(f: Any) -> bytes:
 def dumps_args(args: tuple, kwargs: dict) -> list[Any]:
     """Pickle a task's arguments, or raise SerializationError naming the bad one."""
     try:
-        return dumps((args, kwargs))
+        # Large bytes arguments (top level) go out of band too.
+        return dumps((tuple(map(_blob, args)), {k: _blob(v) for k, v in kwargs.items()}))
     except Exception as e:
         raise SerializationError(
             f"could not pickle {_culprit(args, kwargs)}: {type(e).__name__}: {e}. "
