@@ -418,3 +418,53 @@ def test_views_start_with_the_clients_block_flag(rc):
 def test_cluster_options_need_a_cluster_to_start(rc):
     with pytest.raises(ValueError, match="engines=N"):
         ipylb.Client(rc._local.connection_file, scheme="lru")
+
+
+def test_an_empty_result_is_a_done_future(view):
+    import concurrent.futures as cf
+
+    empty = view.map_async(abs, [])
+    assert empty.done() and cf.wait([empty], timeout=5).done == {empty}
+    assert empty.result() == [] and empty.exception() is None
+
+
+def test_done_callbacks_may_wait_for_other_results(view):
+    """Callbacks run on a thread of their own: one that waits for a slower result, or
+    cancels one, stalls neither the delivery of results nor itself."""
+    fast, slow = view.apply_async(square, 2), view.apply_async(slow_identity, 3, 0.3)
+    seen, called = [], threading.Event()
+
+    def callback(f):
+        seen.append((f.result(), slow.result(30)))
+        slow.cancel()  # already running or done: returns at once, without a round trip
+        called.set()
+
+    fast.add_done_callback(callback)
+    assert view.apply_async(square, 5).get(10) == 25  # delivered while the callback waits
+    assert called.wait(30) and seen == [(4, 3)]
+
+
+def test_closing_fails_a_request_waiting_for_the_controller(rc):
+    import signal
+
+    other = ipylb.Client(rc._local.connection_file)
+    errors = []
+
+    def ask():
+        try:
+            other.queue_status(timeout=None)
+        except RuntimeError as e:
+            errors.append(e)
+
+    os.kill(rc._local.proc.pid, signal.SIGSTOP)  # the controller cannot answer now
+    try:
+        asker = threading.Thread(target=ask)
+        asker.start()
+        deadline = time.monotonic() + 10
+        while not other._replies and time.monotonic() < deadline:  # the request is out
+            time.sleep(0.01)
+        other.close()
+        asker.join(10)
+    finally:
+        os.kill(rc._local.proc.pid, signal.SIGCONT)
+    assert not asker.is_alive() and "closed" in str(errors[0])

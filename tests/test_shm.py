@@ -234,7 +234,7 @@ def test_a_claimed_link_outlives_the_record(prefix):
     data = os.urandom(BIG)
     seg = shm.Placer(prefix).place([b"p", memoryview(data)])[1]
     owned = shm.Segment(seg.name, seg.nbytes, owned=True)
-    link = owned.link(7)
+    link = owned.link()
     del owned  # the record is dropped before the client reads its message
     received = shm.Segment(link.name, link.nbytes)
     received.claim()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 CHUNK = 1 << 20
 _SHA256 = hashlib.sha256
@@ -20,14 +20,15 @@ _pool: ThreadPoolExecutor | None = None
 
 def per_chunk(fn: Callable[[int, memoryview], bytes], view: memoryview) -> bytes:
     """``fn(offset, piece)`` for each CHUNK-sized piece of ``view`` (bytes), in parallel,
-    results joined in order."""
+    results joined in order; the first error is raised once every piece is done."""
     global _pool
     if _pool is None:
         _pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="ipylb-mac")
     if view.ndim != 1 or view.itemsize != 1:
         view = view.cast("B")
-    offsets = range(0, view.nbytes, CHUNK)
-    return b"".join(_pool.map(lambda off: fn(off, view[off:off + CHUNK]), offsets))
+    futures = [_pool.submit(fn, off, view[off:off + CHUNK]) for off in range(0, view.nbytes, CHUNK)]
+    wait(futures)  # every chunk finished before anything is raised (fn may use a file)
+    return b"".join(f.result() for f in futures)
 
 
 def chunk_digests(view: memoryview) -> bytes:

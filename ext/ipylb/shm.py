@@ -47,12 +47,13 @@ from .digest import CHUNK, per_chunk
 from .error import WireError
 
 SHM_DIR = "/dev/shm"
-# Buffers larger than this travel through a segment (below it, zmq is as quick).
+# Buffers larger than this travel through a segment (below it, zmq is as quick).  At least
+# CHUNK: a segment's content always enters the MAC as chunk digests.
 MIN_BYTES = CHUNK
 _SHA256 = hashlib.sha256
 # ipylb-<pid namespace>-<controller pid>-<nonce>-, then <producer>-<n>[-<link n>]
 _OWN = re.compile(r"ipylb-(\d+)-(\d+)-[0-9a-f]+-")
-_TAIL = re.compile(r"[0-9a-f]{1,32}-[0-9]{1,20}(-[0-9]{1,20})?")
+_TAIL = re.compile(r"[0-9a-f]{1,32}-[0-9]{1,20}(-[0-9a-f]{16})?")
 # Names of the segments owned in this process (the controller's records'), never swept.
 _owned: set[str] = set()
 
@@ -144,6 +145,8 @@ class Segment:
                 f"the payload in shared memory {self.path} is gone: its task record was "
                 "dropped (store limit or purge_results) or the cluster stopped before it was read"
             ) from None
+        except OSError as e:
+            raise WireError(f"cannot open the payload in shared memory {self.path}: {e}") from None
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_size != self.nbytes:
             os.close(fd)
@@ -178,6 +181,8 @@ class Segment:
         fd = self._open()
         try:
             return self._read(fd)
+        except OSError as e:
+            raise WireError(f"cannot read the payload in shared memory {self.path}: {e}") from None
         finally:
             os.close(fd)
 
@@ -193,14 +198,17 @@ class Segment:
         except OSError:
             pass
 
-    def link(self, n: int) -> Segment:
-        """A hard link of this segment for one consumer, which claims (removes) it."""
-        name = f"{self.name}-{n}"
+    def link(self) -> Segment:
+        """A hard link of this segment for one consumer, which claims (removes) it.  Its
+        name is random: nobody can take it first."""
+        name = f"{self.name}-{secrets.token_hex(8)}"
         try:
             os.link(self.path, os.path.join(SHM_DIR, name))
         except FileNotFoundError:
             raise WireError(f"the payload in shared memory {self.path} is gone (removed by "
                             "someone else: systemd's RemoveIPC?)") from None
+        except OSError as e:
+            raise WireError(f"cannot link the payload in shared memory {self.path}: {e}") from None
         return Segment(name, self.nbytes)
 
     def __del__(self) -> None:
@@ -242,6 +250,9 @@ class Placer:
         name = f"{self._prefix}{next(self._count)}"
         path = os.path.join(SHM_DIR, name)
         try:
+            st = os.statvfs(SHM_DIR)
+            if st.f_bavail * st.f_frsize < 2 * view.nbytes:  # nearly full: don't fill it up
+                return None
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except OSError:
             return None
@@ -249,13 +260,15 @@ class Placer:
             _write_all(fd, piece, offset)
             return _SHA256(piece).digest()
 
-        try:  # one pass per chunk, on every core
+        try:  # one pass per chunk, on every core (all done, or failed, when it returns)
             digests = per_chunk(write_and_digest, view)
-        except OSError:  # /dev/shm full (ENOSPC) or a quota: this one goes inline
-            os.unlink(path)
-            return None
-        finally:
+        except BaseException as e:  # /dev/shm full (ENOSPC), a quota...: this one goes inline
             os.close(fd)
+            os.unlink(path)
+            if isinstance(e, OSError):
+                return None
+            raise
+        os.close(fd)
         return Segment(name, view.nbytes, digests)
 
 

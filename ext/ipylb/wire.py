@@ -43,6 +43,7 @@ import zmq
 
 from .digest import CHUNK, chunk_digests
 from .error import WireError
+from .shm import MIN_BYTES as SHM_MIN_BYTES
 from .shm import Segment
 from .shm import valid_name as shm_valid_name
 
@@ -193,7 +194,7 @@ class Signer:
         try:
             for i, name, nbytes in segs:
                 if not (type(i) is int and 0 <= i < len(bufs) and type(nbytes) is int
-                        and nbytes > CHUNK and shm_valid_name(name, prefix)):
+                        and nbytes > SHM_MIN_BYTES and shm_valid_name(name, prefix)):
                     raise ValueError
         except (TypeError, ValueError):
             raise WireError(f"malformed shared-memory segment list {segs!r}") from None

@@ -7,12 +7,15 @@ on first use, in the thread that asks for the value.
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Iterator
 from concurrent.futures import Future
 from datetime import datetime
+from queue import SimpleQueue
 from typing import TYPE_CHECKING, Any
 
 from ..error import SCHEDULER_ERRORS, CompositeError, RemoteError, SerializationError
@@ -119,6 +122,9 @@ class AsyncResult(Future):
         self._arrivals: list[int] = []  # indices in the order results came
         self._cond = threading.Condition(threading.Lock())
         self._submitted = time.time()
+        self._has_callbacks = False
+        if not msg_ids:  # nothing to wait for (an empty map): done at once
+            Future.set_result(self, None)
 
     def __repr__(self) -> str:
         state = "finished" if self.ready() else "pending"
@@ -136,11 +142,24 @@ class AsyncResult(Future):
             self._cond.notify_all()
             finished = self._remaining == 0
         if finished:
-            # The Future's own state: wakes concurrent.futures.wait and runs done callbacks.
-            # The value itself is checked and unpickled by result()/get(), in the caller.
-            Future.set_result(self, None)
+            # The Future's own state: wakes concurrent.futures.wait and runs done callbacks
+            # (the value itself is checked and unpickled by result()/get(), in the caller).
+            # Callbacks run on a thread of their own: they may wait for other results.
+            if self._has_callbacks:
+                _callbacks.call(Future.set_result, self, None)
+            else:
+                Future.set_result(self, None)
 
     # -- the Future interface ------------------------------------------------------
+
+    def done(self) -> bool:
+        """Same as :meth:`ready`."""
+        return self.ready()
+
+    def add_done_callback(self, fn: Any) -> None:
+        """Call ``fn(self)`` once every task has finished (on a thread of ipylb's)."""
+        self._has_callbacks = True
+        super().add_done_callback(fn)
 
     def result(self, timeout: float | None = None) -> Any:
         """Same as :meth:`get`."""
@@ -148,21 +167,19 @@ class AsyncResult(Future):
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """The error ``get()`` would raise (None if the tasks succeeded); waits like get."""
+        if not self.wait(timeout):
+            raise TimeoutError(f"{self!r} did not finish within {timeout} s")
         try:
-            self.get(timeout)
-        except TimeoutError:
-            if not self.ready():
-                raise
-            return None
+            self._collect()
         except Exception as e:
             return e
         return None
 
     def cancel(self) -> bool:
-        """Abort the tasks that have not started (they fail with TaskAborted).  Returns
-        False: the result still completes, with those errors."""
+        """Abort the tasks that have not started (they fail with TaskAborted), without
+        waiting for the controller.  Returns False: the result still completes."""
         if not self.ready():
-            self.abort()
+            _callbacks.call(self.abort)
         return False
 
     def set_result(self, result: Any) -> None:  # noqa: D102 - results come from the cluster only
@@ -374,6 +391,39 @@ class AsyncHubResult(AsyncMapResult):
         if self._single:
             return AsyncResult._collect(self)
         return super()._collect()
+
+
+class _CallbackThread:
+    """One daemon thread that runs done callbacks (and cancels) in order, off the client's
+    receiving thread, which a callback waiting for other results would otherwise stall."""
+
+    def __init__(self) -> None:
+        self._queue: SimpleQueue = SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def call(self, fn: Any, *args: Any) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, daemon=True,
+                                                name="ipylb-callbacks")
+                self._thread.start()
+        self._queue.put((fn, args))
+
+    def _run(self) -> None:
+        while True:
+            fn, args = self._queue.get()
+            try:
+                fn(*args)
+            except Exception:  # e.g. an abort after the client closed: nothing to stop
+                traceback.print_exc()
+
+    def _after_fork(self) -> None:
+        self.__init__()  # type: ignore[misc]
+
+
+_callbacks = _CallbackThread()
+os.register_at_fork(after_in_child=_callbacks._after_fork)
 
 
 def _composite(amr: AsyncMapResult, failed: list[int]) -> CompositeError:

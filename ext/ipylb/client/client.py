@@ -238,13 +238,16 @@ class Client:
         for start in range(0, len(tasks), SUBMIT_BATCH):
             batch = tasks[start:start + SUBMIT_BATCH]
             metas, bufs = [], [fbuf]
-            for i, (msg_id, args) in enumerate(batch, start):
+            for msg_id, args in batch:
                 if placer is not None and len(args) > 1:
                     args = placer.place(args)
                 metas.append((msg_id, len(args), mac([fbuf, *args])))
                 bufs.extend(args)
-                self._pending[msg_id] = (ar, i)
+            # Under the lock, so that close() either sees these as pending or refuses them.
             with self._send_lock:
+                self._check_open()
+                for i, (msg_id, _args) in enumerate(batch, start):
+                    self._pending[msg_id] = (ar, i)
                 wire.send(self._send_sock, self._signer.pack(wire.SUBMIT, (flags, metas), bufs, b""))
 
     def _request(self, op: str, arg: Any = None, timeout: float | None = 30.0) -> Any:
@@ -254,6 +257,7 @@ class Client:
         req_id = next(self._ids)
         self._replies[req_id] = fut
         with self._send_lock:
+            self._check_open()
             wire.send(self._send_sock, self._signer.pack(wire.REQUEST, (req_id, op, arg)))
         try:
             ok, value = fut.result(timeout)
@@ -427,14 +431,19 @@ class Client:
             receiver.join(2)
         ctx = getattr(self, "_ctx", None)
         if ctx is not None:
-            self._send_sock.close(0)
+            with self._send_lock:
+                self._send_sock.close(0)
             ctx.destroy(linger=0)  # closes what a stuck receiver still holds, never hangs
         if hasattr(self, "_pending"):
             self._abandon(why)
         _live_clients.discard(self)
 
     def _abandon(self, why: str) -> None:
-        """Fail every result still expected, so nothing waits for it forever."""
+        """Fail every result and reply still expected, so nothing waits for it forever."""
+        replies, self._replies = self._replies, {}
+        for fut in replies.values():
+            fut.set_result((False, ("RuntimeError", "this ipylb Client closed before the "
+                                    "controller answered")))
         pending, self._pending = self._pending, {}
         watchers, self._watchers = self._watchers, {}
         for msg_id, waiting in [*pending.items(),

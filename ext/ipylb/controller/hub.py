@@ -10,7 +10,6 @@ their MAC untouched.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import signal
@@ -64,7 +63,6 @@ class Controller:
         self.signer = wire.Signer(key, self.ident, shm_prefix=self.shm_prefix, owns_segments=True)
         # Peers that cannot map our segments (another machine): they get the bytes inline.
         self.remote: set[bytes] = set()
-        self._links = itertools.count()
         self._next_orphan_sweep = 0.0
         # "pure" is plain least-load with nothing per task but the routing: no dependencies,
         # retries or timeouts (refused at submission); with hwm=0, no limit on each engine's
@@ -464,7 +462,7 @@ class Controller:
                 if client in self.remote:
                     bufs = shm.inline(bufs)
                 else:
-                    bufs = [b.link(next(self._links)) if type(b) is shm.Segment else b for b in bufs]
+                    bufs = [b.link() if type(b) is shm.Segment else b for b in bufs]
             except wire.WireError as e:
                 r = rec.result
                 lost = ("WireError", f"task {rec.msg_id} finished, but its result is lost: {e}", "")

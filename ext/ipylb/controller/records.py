@@ -10,6 +10,7 @@ reads it back.
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import sqlite3
@@ -18,7 +19,10 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+from ..error import WireError
 from ..shm import Segment
+
+log = logging.getLogger("ipylb.controller")
 
 # Finished records kept in memory, in bytes (buffers plus RECORD_OVERHEAD each).
 DEFAULT_LIMIT_BYTES = 1 << 30
@@ -152,7 +156,10 @@ class TaskStore:
         Evicted records live on in the database if there is one; without one they
         are gone (the caller tells the scheduler core to forget them)."""
         if self.db is not None:
-            self.db.save(rec)
+            try:
+                self.db.save(rec)
+            except WireError as e:  # a segment vanished from under us: keep serving
+                log.warning("task %s was not saved to the database: %s", rec.msg_id, e)
         if rec.msg_id in self._finished:  # finished again (a retry's final result)
             self._finished_bytes -= self._finished.pop(rec.msg_id)
         size = rec.nbytes()
