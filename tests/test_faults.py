@@ -265,3 +265,18 @@ def test_resubmit_pending_or_unknown_raises(rc, view):
     with pytest.raises(KeyError):
         rc.resubmit(["never-submitted"])
     ar.get(30)
+
+
+def test_losing_every_engine_warns_about_the_waiting_tasks():
+    with ipylb.Client(engines=1) as rc:
+        view = rc.load_balanced_view()
+        pid = view.apply_sync(engine_pid)
+        running = view.apply_async(sleep_then, 1, 30)
+        waiting = view.apply_async(sleep_then, 2, 0)  # queued behind it (hwm=1)
+        wait_until(lambda: rc.queue_status()["unassigned"] == 1)
+        with pytest.warns(RuntimeWarning, match="every engine of the cluster is gone: 1 task") as seen:
+            os.kill(pid, signal.SIGKILL)
+            with pytest.raises(EngineError):
+                running.get(10)
+            wait_until(lambda: len(seen) > 0, 10)  # it comes on the client's receiving thread
+        assert not waiting.ready()

@@ -14,6 +14,7 @@ import threading
 import time
 import traceback
 import uuid
+import warnings
 import weakref
 from collections import deque
 from concurrent.futures import Future
@@ -195,6 +196,10 @@ class Client:
         with self._state:
             if event[0] == "engines":
                 self._engine_ids = event[1]
+            elif event[0] == "stranded":
+                warnings.warn(f"every engine of the cluster is gone: {event[1]} task(s) wait "
+                              "for a new one (rc.add_engines(n) starts more)",
+                              RuntimeWarning, stacklevel=1)
             elif event[0] == "engine_failed":
                 self._engine_failures.append(event[1])
             self._state.notify_all()

@@ -217,6 +217,10 @@ class Controller:
         log.warning("engine %d is gone: %s", engine_id, reason)
         self._broadcast(("engines", self._engine_list()))
         self._execute(self.core.handle(ev.EngineRemoved(engine_id, reason, now)))
+        if not self.engine_ident:  # tell clients, rather than let their tasks wait in silence
+            waiting = self.core.queue_status()["unassigned"]
+            if waiting:
+                self._broadcast(("stranded", waiting))
 
     def _on_done(self, ident: bytes, meta: tuple, bufs: list[Any], bufs_mac: bytes) -> None:
         engine_id = self.engine_of.get(ident)
