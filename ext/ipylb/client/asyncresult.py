@@ -229,16 +229,23 @@ class AsyncResult(Future):
         i = _META_INDEX[name]
         return [None if o is None else o.meta[i] for o in self._outcomes]
 
-    @property
-    def metadata(self) -> Any:
-        """Per-task metadata (engine_id, submitted, started, completed, stdout, stderr, status)."""
-        md = [
+    def _metadata(self) -> list[Metadata]:
+        return [
             o.metadata(self._submitted) if o is not None
             else Metadata(dict.fromkeys(METADATA_KEYS), msg_id=m, status="pending",
                           submitted=_dt(self._submitted), stdout="", stderr="")
             for m, o in zip(self.msg_ids, self._outcomes)
         ]
+
+    @property
+    def metadata(self) -> Any:
+        """Per-task metadata (engine_id, submitted, started, completed, stdout, stderr, status)."""
+        md = self._metadata()
         return md[0] if self._single else md
+
+    def _check_ready(self) -> None:
+        if not self.ready():
+            raise TimeoutError(f"{self!r} is not finished yet: wait() for it first")
 
     def __getitem__(self, key: int | slice | str) -> Any:
         """``ar[i]`` / ``ar[i:j]``: items of the finished result (TimeoutError if not
@@ -246,12 +253,11 @@ class AsyncResult(Future):
         if isinstance(key, str):
             if key not in METADATA_KEYS:
                 raise KeyError(f"no metadata field {key!r}; there are {', '.join(METADATA_KEYS)}")
-            md = self.metadata
-            return md[key] if isinstance(md, Metadata) else [m[key] for m in md]
+            values = [m[key] for m in self._metadata()]
+            return values[0] if self._single else values
         if not isinstance(key, (int, slice)):
             raise TypeError(f"index with an int, a slice or a metadata name, not {type(key).__name__}")
-        if not self.ready():
-            raise TimeoutError(f"{self!r} is not finished yet: wait() for it first")
+        self._check_ready()
         return self.get()[key]
 
     @property
@@ -260,8 +266,7 @@ class AsyncResult(Future):
         return True
 
     def _times(self, field: str) -> list[datetime]:
-        md = self.metadata
-        return [m[field] for m in ([md] if isinstance(md, Metadata) else md) if m[field] is not None]
+        return [m[field] for m in self._metadata() if m[field] is not None]
 
     @property
     def elapsed(self) -> float:
@@ -275,18 +280,14 @@ class AsyncResult(Future):
     @property
     def wall_time(self) -> float:
         """Seconds from the first submission to the last completion (finished results only)."""
-        if not self.ready():
-            raise TimeoutError(f"{self!r} is not finished yet: wait() for it first")
+        self._check_ready()
         return self.elapsed
 
     @property
     def serial_time(self) -> float:
         """Total seconds the tasks ran on engines, summed (finished results only)."""
-        if not self.ready():
-            raise TimeoutError(f"{self!r} is not finished yet: wait() for it first")
-        md = self.metadata
-        return sum((m.completed - m.started).total_seconds()
-                   for m in ([md] if isinstance(md, Metadata) else md)
+        self._check_ready()
+        return sum((m.completed - m.started).total_seconds() for m in self._metadata()
                    if m.started is not None and m.completed is not None)
 
     def display_outputs(self) -> None:
