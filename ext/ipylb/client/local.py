@@ -40,10 +40,21 @@ def check_kernelspec() -> None:
 
 
 def _engine_env() -> dict[str, str]:
-    """This process's environment, with its sys.path as PYTHONPATH: what imports here
-    (a test module, a path appended in a notebook) imports on the engines too."""
-    paths = [p or os.getcwd() for p in sys.path]
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}
+    """This process's environment, with PYTHONPATH extended (not replaced) by its sys.path:
+    what imports here (a test module, a path appended in a notebook, a directory named in
+    PYTHONPATH) imports on the engines too (API.md: engines inherit the client's environment).
+
+    PYTHONPATH's own entries come first, in their order, then the sys.path entries not
+    already named; no directory appears twice (compared as absolute paths)."""
+    seen: set[str] = set()
+    paths: list[str] = []
+    given = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    for p in [*given, *(p or os.curdir for p in sys.path)]:
+        full = os.path.abspath(p)
+        if full not in seen:
+            seen.add(full)
+            paths.append(full)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
 
 
 class LocalCluster:
