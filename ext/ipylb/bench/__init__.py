@@ -12,7 +12,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--engines", type=int, default=2)
     p.add_argument("--workloads", default="latency,submit,map,payload,dag",
                    help="comma-separated: latency, submit, map, payload, dag")
-    p.add_argument("--no-reference", action="store_true", help="skip ipyparallel")
+    p.add_argument("--no-reference", action="store_true",
+                   help="skip the references (ipyparallel and ProcessPoolExecutor)")
     p.add_argument("--standalone", action="store_true",
                    help="compare the embedded cluster with a standalone one (instead of ipyparallel)")
     p.add_argument("--core", action="store_true", help="the scheduler core alone, no I/O")
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
 
         schemes_main(args.rounds, args.engines, not args.no_reference, args.chart)
         return
-    from .farm import Ipylb, IpylbStandalone, Ipyparallel, compare
+    from .farm import Ipylb, IpylbStandalone, Ipyparallel, ProcessPool, compare
 
     farms = [Ipylb()]
     if args.standalone:
@@ -41,4 +42,5 @@ def main(argv: list[str] | None = None) -> None:
         except ImportError:
             p.error("the reference run needs ipyparallel: pip install 'ipylb[bench]' (or --no-reference)")
         farms.append(Ipyparallel())
+        farms.append(ProcessPool())
     compare(farms, args.rounds, args.engines, [w for w in args.workloads.split(",") if w])

@@ -1,9 +1,10 @@
-"""``ipylb bench``: the task farm's core costs, side by side with ipyparallel.
+"""``ipylb bench``: the task farm's core costs, side by side with ipyparallel and a bare pool.
 
-Each round starts a fresh two-engine cluster of each kind in this process tree,
-runs the same workloads on both, and shuts it down; rounds alternate between the
-two so drift on a noisy machine hits both alike.  Figures are medians over the
-rounds; ratios compare the medians.
+Each round starts a fresh two-engine cluster of each kind in this process tree
+(and a ``concurrent.futures.ProcessPoolExecutor`` with as many workers), runs the
+same workloads on each, and shuts it down; rounds alternate between them so
+drift on a noisy machine hits all alike.  Figures are medians over the rounds;
+ratios compare ipylb's median with each reference's.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .workloads import echo, noop
+from .workloads import echo, noop, noop_n
 
 MB = 1024 * 1024
 
@@ -26,6 +27,8 @@ class Farm:
     """One kind of cluster, seen through the API both projects share."""
 
     name = "?"
+    # Workloads this farm cannot run (e.g. dependencies on a bare pool).
+    skips: frozenset[str] = frozenset()
 
     def start(self, n: int) -> Any: ...
     def stop(self) -> None: ...
@@ -93,6 +96,57 @@ class Ipyparallel(Farm):
 
     def view(self) -> Any:
         return self.rc.load_balanced_view()
+
+
+class _Pending:
+    """What ``apply_async``/``map_async`` return on the pool: ``get()`` waits for the value."""
+
+    __slots__ = ("get",)
+
+    def __init__(self, get: Callable[[], Any]) -> None:
+        self.get = get
+
+
+class _PoolView:
+    """``apply_sync``/``apply_async``/``map_async`` over a ProcessPoolExecutor."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+
+    def apply_sync(self, f: Callable[..., Any], *args: Any) -> Any:
+        return self.pool.submit(f, *args).result()
+
+    def apply_async(self, f: Callable[..., Any], *args: Any) -> _Pending:
+        return _Pending(self.pool.submit(f, *args).result)
+
+    def map_async(self, f: Callable[..., Any], seq: Any, chunksize: int = 1) -> _Pending:
+        it = self.pool.map(f, seq, chunksize=chunksize)  # submits every chunk now, like map_async
+        return _Pending(lambda: list(it))
+
+
+class ProcessPool(Farm):
+    """``concurrent.futures.ProcessPoolExecutor``: no controller, no dependencies, no MAC.
+
+    The floor a task farm on one machine is measured against (issue 14).  Workers
+    start with the platform's default start method, and are warmed by the startup
+    task like the engines of the other farms.
+    """
+
+    name = "ProcessPool"
+    skips = frozenset({"dag"})
+
+    def start(self, n: int) -> None:
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.pool = ProcessPoolExecutor(n)
+        # Start every worker before timing (the pool spawns them on demand otherwise).
+        list(self.pool.map(noop_n, range(4 * n)))
+
+    def stop(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def view(self) -> Any:
+        return _PoolView(self.pool)
 
 
 # -- workloads (each returns {metric: value}) -----------------------------------------
@@ -178,6 +232,8 @@ def run_round(farm: Farm, engines: int, workloads: list[str]) -> dict[str, float
     try:
         view = farm.view()
         for name in workloads:
+            if name in farm.skips:
+                continue
             gc.collect()
             figures.update(WORKLOADS[name](view))
     finally:
@@ -208,18 +264,22 @@ def compare(farms: list[Farm], rounds: int, engines: int, workloads: list[str],
     medians = {name: {k: statistics.median(v) for k, v in figs.items()} for name, figs in samples.items()}
     out("")
     names = [f.name for f in farms]
-    metrics = list(medians[names[0]])
+    metrics = list(dict.fromkeys(m for n in names for m in medians[n]))
     w = max(14, *(len(n) + 2 for n in names))
+    refs = names[1:]
     header = f"{'metric (median of ' + str(rounds) + ')':<28}" + "".join(f"{n:>{w}}" for n in names)
-    if len(names) == 2:
-        header += f"{'ratio':>10}  better"
+    header += "".join(f"{'/' + r:>{max(10, len(r) + 3)}}" for r in refs)
+    if refs:
+        header += "  better"
     out(header)
     for m in metrics:
         row = f"{m:<28}" + "".join(f"{medians[n].get(m, float('nan')):>{w}.4g}" for n in names)
-        if len(names) == 2 and m in medians[names[1]]:
-            a, b = medians[names[0]][m], medians[names[1]][m]
-            ratio = a / b if b else float("inf")
-            good = "higher" if m in HIGHER_IS_BETTER else "lower"
-            row += f"{ratio:>10.2f}  ({good})"
+        a = medians[names[0]].get(m)
+        for r in refs:
+            b = medians[r].get(m)
+            cell = "-" if a is None or b is None else f"{a / b if b else float('inf'):.2f}"
+            row += f"{cell:>{max(10, len(r) + 3)}}"
+        if refs:
+            row += f"  ({'higher' if m in HIGHER_IS_BETTER else 'lower'})"
         out(row)
     return medians

@@ -10,6 +10,10 @@ def noop() -> None:
     """The cheapest task: measures pure per-task overhead."""
 
 
+def noop_n(_: Any) -> None:
+    """A no-op taking one argument (for ``map``-style warm-ups)."""
+
+
 def echo(x: Any) -> Any:
     """Send a value there and back."""
     return x
