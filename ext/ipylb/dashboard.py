@@ -122,7 +122,7 @@ class Dashboard:
             self._render_summary("stopped: the client was shut down")
             return False
         try:
-            status = self.client.queue_status(POLL_TIMEOUT_S)
+            status = self.client.queue_status(timeout=POLL_TIMEOUT_S)
         except TimeoutError:
             self._render_summary("the controller is not answering")
             return True

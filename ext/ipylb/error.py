@@ -113,6 +113,10 @@ class DependencyTimeout(_SchedulerError):
     """A task waited longer than its ``timeout`` to be assigned."""
 
 
+# ipyparallel's name for the same error (code written for ipyparallel catches TaskTimeout).
+TaskTimeout = DependencyTimeout
+
+
 class TaskAborted(_SchedulerError):
     """A task was aborted before it started."""
 

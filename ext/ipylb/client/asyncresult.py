@@ -112,13 +112,19 @@ class AsyncResult(Future):
     ``add_done_callback()``, ``concurrent.futures.wait`` and ``asyncio.wrap_future`` work.
     """
 
-    def __init__(self, client: Client, msg_ids: list[str], fname: str = "") -> None:
+    def __init__(self, client: Client, msg_ids: list[str], fname: str = "",
+                 return_exceptions: bool = False) -> None:
         super().__init__()
         self._client = client
         self.msg_ids = msg_ids
         self._fname = fname
+        # get() and iteration return failed items' exceptions in place instead of raising
+        # (ipyparallel's map(..., return_exceptions=True)); get(return_exceptions=) overrides.
+        self._return_exceptions = return_exceptions
         self._outcomes: list[Outcome | None] = [None] * len(msg_ids)
         self._remaining = len(msg_ids)
+        self._failed = 0  # tasks finished with an error (for progress bars)
+        self._split: tuple[AsyncResult, ...] | None = None  # split()'s results, fed by _deliver
         self._arrivals: list[int] = []  # indices in the order results came
         self._cond = threading.Condition(threading.Lock())
         self._submitted = time.time()
@@ -138,9 +144,14 @@ class AsyncResult(Future):
                 return
             self._remaining -= 1
             self._outcomes[index] = outcome
+            if not outcome.ok:
+                self._failed += 1
             self._arrivals.append(index)
             self._cond.notify_all()
             finished = self._remaining == 0
+            split = self._split
+        if split is not None:
+            split[index]._deliver(0, outcome)
         if finished:
             # The Future's own state: wakes concurrent.futures.wait and runs done callbacks
             # (the value itself is checked and unpickled by result()/get(), in the caller).
@@ -170,7 +181,7 @@ class AsyncResult(Future):
         if not self.wait(timeout):
             raise TimeoutError(f"{self!r} did not finish within {timeout} s")
         try:
-            self._collect()
+            self._collect(False)
         except Exception as e:
             return e
         return None
@@ -204,24 +215,69 @@ class AsyncResult(Future):
             raise ValueError(f"{self!r} is not finished yet: wait() for it first")
         return all(o is not None and o.ok for o in self._outcomes)
 
-    def get(self, timeout: float | None = None) -> Any:
-        """The result, waiting at most ``timeout`` seconds (builtin TimeoutError after)."""
+    def get(self, timeout: float | None = None, return_exceptions: bool | None = None) -> Any:
+        """The result, waiting at most ``timeout`` seconds (builtin TimeoutError after;
+        None or -1: no limit).
+
+        A failed task raises its error (a map: a CompositeError), unless
+        ``return_exceptions`` (default: as the call that made this result said): then
+        each failed item's exception object is returned in its place (ipyparallel's rule).
+        """
+        if timeout is not None and timeout < 0:
+            timeout = None
         if not self.wait(timeout):
             done = len(self.msg_ids) - self._remaining
             raise TimeoutError(
                 f"{self!r}: {done} of {len(self.msg_ids)} task(s) finished within {timeout} s"
             )
-        return self._collect()
+        if return_exceptions is None:
+            return_exceptions = self._return_exceptions
+        return self._collect(return_exceptions)
 
-    def _collect(self) -> Any:
-        outcome = self._outcomes[0]
-        assert outcome is not None
-        if not outcome.ok:
-            raise outcome.error()
-        return outcome.value(self._client)
+    def _collect(self, return_exceptions: bool = False) -> Any:
+        return _items(self._client, self._outcomes[0], 1, return_exceptions)[0]
 
     def __len__(self) -> int:
         return len(self.msg_ids)
+
+    def get_dict(self, timeout: float | None = None) -> dict[int, Any]:
+        """The results keyed by the engine that ran each task (as ipyparallel's
+        ``get_dict``); ValueError if two tasks ran on one engine.  Waits like get()."""
+        values = self.get(timeout)
+        per_task = [values] if self._single else self._per_task(values)
+        out: dict[int, Any] = {}
+        for engine_id, value in zip(self._each("engine_id"), per_task):
+            if engine_id in out:
+                n = self._each("engine_id").count(engine_id)
+                raise ValueError(f"cannot build a dict keyed by engine: {n} tasks ran on "
+                                 f"engine {engine_id}")
+            out[engine_id] = value
+        return out
+
+    def _per_task(self, values: list[Any]) -> list[Any]:
+        return values
+
+    def split(self) -> tuple[AsyncResult, ...]:
+        """One result per task, to wait on separately (e.g. with
+        ``concurrent.futures.wait``), as ipyparallel 9's ``split()``: a single task's
+        result is itself; a map's parts are AsyncMapResults of one task each (``get()``
+        is the list of that task's items).  Always the same tuple for one result."""
+        if len(self.msg_ids) == 1 and self._single:
+            return (self,)
+        with self._cond:
+            if self._split is None:
+                self._split = tuple(self._part(i) for i in range(len(self.msg_ids)))
+            split, outcomes = self._split, list(self._outcomes)
+        for part, outcome in zip(split, outcomes):
+            if outcome is not None:
+                part._deliver(0, outcome)
+        return split
+
+    def _part(self, index: int) -> AsyncResult:
+        part = AsyncResult(self._client, [self.msg_ids[index]], self._fname,
+                           self._return_exceptions)
+        part._submitted = self._submitted
+        return part
 
     # -- what came back ----------------------------------------------------------
 
@@ -315,11 +371,22 @@ class AsyncResult(Future):
         """Which engine ran the task (a list for several tasks)."""
         return self._one_or_list("engine_id")
 
+    def __getattr__(self, name: str) -> Any:
+        """Metadata fields as attributes, as in ipyparallel: ``ar.started``,
+        ``ar.completed``, ``ar.submitted``, ``ar.status``, ``ar.msg_id``, ``ar.error``
+        (a list, one per task, for several tasks; None where not known yet)."""
+        if name in METADATA_KEYS:
+            return self[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     def wait_interactive(self, interval: float = 0.1, timeout: float | None = None) -> None:
-        """Wait with a progress bar: a widget in a notebook, text in a terminal."""
+        """Wait with a progress bar (a widget in a notebook, text in a terminal) that
+        counts finished and failed tasks.  Failed tasks do not stop or raise here: get()
+        afterwards raises, or returns them in place with ``return_exceptions``.
+        ``timeout`` None or -1: no limit."""
         from .progress import wait_with_progress
 
-        wait_with_progress(self, interval, timeout)
+        wait_with_progress(self, interval, None if timeout is not None and timeout < 0 else timeout)
 
     def progress(self) -> int:
         """How many tasks have finished."""
@@ -340,9 +407,9 @@ class AsyncMapResult(AsyncResult):
 
     def __init__(
         self, client: Client, msg_ids: list[str], chunk_sizes: list[int], ordered: bool = True,
-        fname: str = "",
+        fname: str = "", return_exceptions: bool = False,
     ) -> None:
-        super().__init__(client, msg_ids, fname)
+        super().__init__(client, msg_ids, fname, return_exceptions)
         self._chunk_sizes = chunk_sizes
         self._chunked = any(n != 1 for n in chunk_sizes)
         self.ordered = ordered
@@ -350,26 +417,45 @@ class AsyncMapResult(AsyncResult):
     def __len__(self) -> int:
         return sum(self._chunk_sizes)
 
-    def _chunk_values(self, index: int) -> list[Any]:
-        outcome = self._outcomes[index]
-        assert outcome is not None
-        if not outcome.ok:
-            raise outcome.error()
-        value = outcome.value(self._client)
-        return value if self._chunked else [value]
+    def _chunk_values(self, index: int, return_exceptions: bool = False) -> list[Any]:
+        """The items of task ``index``: its value(s), or its error repeated for each item
+        of the chunk with ``return_exceptions`` (so positions stay those of the input)."""
+        if self._chunked:
+            return _items(self._client, self._outcomes[index], self._chunk_sizes[index],
+                          return_exceptions, chunked=True)
+        return _items(self._client, self._outcomes[index], 1, return_exceptions)
 
-    def _collect(self) -> list[Any]:
-        failed = [i for i, o in enumerate(self._outcomes) if o is not None and not o.ok]
-        if failed:
-            raise _composite(self, failed)
+    def _collect(self, return_exceptions: bool = False) -> list[Any]:
+        if not return_exceptions:
+            failed = [i for i, o in enumerate(self._outcomes) if o is not None and not o.ok]
+            if failed:
+                raise _composite(self, failed)
         out: list[Any] = []
         for i in range(len(self.msg_ids)):
-            out.extend(self._chunk_values(i))
+            out.extend(self._chunk_values(i, return_exceptions))
         return out
 
+    def _per_task(self, values: list[Any]) -> list[Any]:
+        if not self._chunked:
+            return values
+        out, pos = [], 0
+        for n in self._chunk_sizes:
+            out.append(values[pos:pos + n])
+            pos += n
+        return out
+
+    def _part(self, index: int) -> AsyncResult:
+        part = AsyncMapResult(self._client, [self.msg_ids[index]], [self._chunk_sizes[index]],
+                              True, self._fname, self._return_exceptions)
+        part._chunked = self._chunked  # its get() is the list of its task's items, as in ipyparallel
+        part._submitted = self._submitted
+        return part
+
     def __iter__(self) -> Iterator[Any]:
-        """Yield items as they arrive (in submission order unless ``ordered=False``)."""
+        """Yield items as they arrive (in submission order unless ``ordered=False``); the
+        first failed item raises, or is yielded as its exception with ``return_exceptions``."""
         n = len(self.msg_ids)
+        re = self._return_exceptions
         for k in range(n):
             with self._cond:
                 if self.ordered:
@@ -378,7 +464,7 @@ class AsyncMapResult(AsyncResult):
                 else:
                     self._cond.wait_for(lambda k=k: len(self._arrivals) > k)
                     index = self._arrivals[k]
-            yield from self._chunk_values(index)
+            yield from self._chunk_values(index, re)
 
 
 class AsyncHubResult(AsyncMapResult):
@@ -388,10 +474,15 @@ class AsyncHubResult(AsyncMapResult):
         super().__init__(client, msg_ids, [1] * len(msg_ids), True, "hub")
         self._single = single
 
-    def _collect(self) -> Any:
+    def _collect(self, return_exceptions: bool = False) -> Any:
         if self._single:
-            return AsyncResult._collect(self)
-        return super()._collect()
+            return AsyncResult._collect(self, return_exceptions)
+        return super()._collect(return_exceptions)
+
+    def _part(self, index: int) -> AsyncResult:
+        part = AsyncHubResult(self._client, [self.msg_ids[index]], single=True)
+        part._submitted = self._submitted
+        return part
 
 
 class _CallbackThread:
@@ -425,6 +516,23 @@ class _CallbackThread:
 
 _callbacks = _CallbackThread()
 os.register_at_fork(after_in_child=_callbacks._after_fork)
+
+
+def _items(client: Client, outcome: Outcome | None, n: int, return_exceptions: bool,
+           chunked: bool = False) -> list[Any]:
+    """The ``n`` items one task stands for: its value (``chunked``: its list of values),
+    or, with ``return_exceptions``, its error (or a value that cannot be unpickled here)
+    once per item; without, that error is raised."""
+    assert outcome is not None
+    try:
+        if not outcome.ok:
+            raise outcome.error()
+        value = outcome.value(client)
+    except (RemoteError, SerializationError) as e:
+        if return_exceptions:
+            return [e] * n
+        raise
+    return value if chunked else [value]
 
 
 def _composite(amr: AsyncMapResult, failed: list[int]) -> CompositeError:

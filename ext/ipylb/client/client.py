@@ -17,6 +17,7 @@ import uuid
 import warnings
 import weakref
 from collections import deque
+from collections.abc import Iterable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -211,8 +212,31 @@ class Client:
         """Sorted ids of the engines registered now."""
         return list(self._engine_ids)
 
-    def wait_for_engines(self, n: int, timeout: float | None = None) -> None:
-        """Wait until at least ``n`` engines are registered."""
+    def __len__(self) -> int:
+        """How many engines are registered now (as ipyparallel's ``len(rc)``)."""
+        return len(self._engine_ids)
+
+    def wait_for_engines(self, n: int, timeout: float | None = None,
+                         block: bool = True) -> Future | None:
+        """Wait until at least ``n`` engines are registered (``timeout`` seconds; None or
+        -1: no limit).  Raises TimeoutError if they are not in time, RuntimeError if an
+        engine this cluster started failed to start.  With ``block=False`` returns at
+        once a ``concurrent.futures.Future`` that ends the same way (as ipyparallel)."""
+        if timeout is not None and timeout < 0:
+            timeout = None
+        if not block:
+            fut: Future = Future()
+
+            def wait() -> None:
+                try:
+                    self.wait_for_engines(n, timeout)
+                except BaseException as e:
+                    fut.set_exception(e)
+                else:
+                    fut.set_result(None)
+
+            threading.Thread(target=wait, daemon=True, name="ipylb-wait-for-engines").start()
+            return fut
         seen = len(self._engine_failures)  # only failures from now on count
 
         def enough() -> bool:
@@ -224,6 +248,7 @@ class Client:
             raise RuntimeError("; ".join(self._engine_failures[seen:]))
         if not ok:
             raise TimeoutError(f"{len(self._engine_ids)} of {n} engines registered within {timeout} s")
+        return None
 
     # -- submitting --------------------------------------------------------------
 
@@ -290,16 +315,34 @@ class Client:
     # -- waiting and results -----------------------------------------------------
 
     def wait(self, jobs: Any = None, timeout: float | None = None) -> bool:
-        """Wait for ``jobs`` (AsyncResults or msg_ids; default all pending); True if all done."""
+        """Wait for ``jobs`` (default: every task this client still waits for): AsyncResults,
+        msg_ids, or Futures (``concurrent.futures.Future`` and the like; one whose result is
+        an AsyncResult is waited for until that is done too, as ipyparallel does).
+        ``timeout`` in seconds (None or -1: no limit).  True if all are done in time.
+        An unknown msg_id raises KeyError."""
+        if timeout is not None and timeout < 0:
+            timeout = None
         if jobs is None:
             with self._state:
                 return self._state.wait_for(lambda: not self._pending, timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
-        for job in _as_list(jobs):
+        jobs = _as_list(jobs)
+        while jobs:
+            job = jobs.pop(0)
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             if isinstance(job, AsyncResult):
                 if not job.wait(left):
                     return False
+            elif hasattr(job, "add_done_callback") and hasattr(job, "result"):
+                done = threading.Event()
+                job.add_done_callback(lambda _f, done=done: done.set())
+                if not done.wait(left):
+                    return False
+                if not job.cancelled() and job.exception() is None:
+                    inner = job.result()
+                    if isinstance(inner, AsyncResult) or (
+                            hasattr(inner, "add_done_callback") and hasattr(inner, "result")):
+                        jobs.append(inner)
             else:
                 msg_id = str(job)
                 if msg_id not in self._outcomes:
@@ -310,9 +353,23 @@ class Client:
                         return False
         return True
 
-    def queue_status(self, timeout: float | None = 30.0) -> dict[Any, Any]:
-        """``{engine_id: {"queue", "completed", "tasks"}, ..., "unassigned": n}``."""
-        return self._request("queue_status", None, timeout)
+    def queue_status(self, targets: int | list[int] | None = None, verbose: bool = False,
+                     timeout: float | None = 30.0) -> dict[Any, Any]:
+        """``{engine_id: {"queue": n, "completed": n, "tasks": n}, ..., "unassigned": n}``:
+        per engine, tasks queued behind the running one, finished, running; and tasks not
+        yet on any engine.  ``targets`` (an engine id or a list; None: all) limits it to
+        those engines, and an int gives just that engine's dict (as in ipyparallel).
+        ``verbose``: lists of msg_ids instead of counts (``completed``: those still on
+        record).  IndexError for an engine id that is not registered."""
+        wanted = None
+        if targets is not None:
+            wanted = _engine_list(targets, self.ids)
+        status = self._request("queue_status", bool(verbose), timeout)
+        if wanted is None:
+            return status
+        if isinstance(targets, int):
+            return status[targets]
+        return {k: v for k, v in status.items() if k in wanted or k == "unassigned"}
 
     @property
     def closed(self) -> bool:
@@ -489,8 +546,22 @@ def _shutdown_all() -> None:
         c.shutdown()
 
 
+def _engine_list(targets: Any, registered: list[int]) -> list[int]:
+    """Engine ids from ``targets`` (an int or an iterable of ints); IndexError names any
+    that is not registered (as ipyparallel), TypeError anything that is not an id."""
+    ids = [targets] if isinstance(targets, int) else list(targets)
+    bad = [t for t in ids if type(t) is not int]
+    if bad:
+        raise TypeError(f"engine ids are ints, got {bad[0]!r}")
+    missing = [t for t in ids if t not in registered]
+    if missing:
+        raise IndexError(f"no such engine(s): {', '.join(map(str, missing))}; the engines "
+                         f"registered now are {registered} (rc.ids)")
+    return ids
+
+
 def _as_list(jobs: Any) -> list[Any]:
-    if isinstance(jobs, (str, AsyncResult)):
+    if isinstance(jobs, (str, AsyncResult, Future)) or not isinstance(jobs, Iterable):
         return [jobs]
     return list(jobs)
 

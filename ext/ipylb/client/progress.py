@@ -20,6 +20,11 @@ def _in_notebook() -> bool:
     return shell is not None and shell.__class__.__name__ == "ZMQInteractiveShell"
 
 
+def _failed(ar: Any) -> str:
+    n = ar._failed
+    return f" ({n} failed)" if n else ""
+
+
 def wait_with_progress(ar: Any, interval: float = 0.1, timeout: float | None = None) -> None:
     """Wait for ``ar``, showing how many of its tasks are done."""
     total = len(ar.msg_ids)
@@ -37,13 +42,14 @@ def wait_with_progress(ar: Any, interval: float = 0.1, timeout: float | None = N
 
         def show(done: int) -> None:
             bar.value = done
-            label.value = f"{done}/{total}"
+            label.value = f"{done}/{total}{_failed(ar)}"
     else:
 
         def show(done: int) -> None:
             width = 30
             filled = width * done // max(total, 1)
-            sys.stdout.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} tasks")
+            sys.stdout.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} tasks"
+                             f"{_failed(ar)}")
             sys.stdout.flush()
 
     while True:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -46,9 +47,23 @@ class LoadBalancedView:
         self.timeout: float | None = 0
         self.after: Any = []
         self.follow: Any = []
+        # What this view submitted and someone still holds (wait() with no jobs waits for it).
+        self._results: weakref.WeakSet[AsyncResult] = weakref.WeakSet()
 
     def __repr__(self) -> str:
         return f"<LoadBalancedView scheme={self.client.scheme}>"
+
+    def __len__(self) -> int:
+        """How many engines this view may use (as ipyparallel: the registered engines)."""
+        return len(self.client)
+
+    def wait(self, jobs: Any = None, timeout: float | None = None) -> bool:
+        """Wait for ``jobs`` (AsyncResults, msg_ids, Futures; default: every task submitted
+        through this view whose result is still referenced), at most ``timeout`` seconds
+        (None or -1: no limit); True if all finished.  See :meth:`Client.wait`."""
+        if jobs is None:
+            jobs = list(self._results)
+        return self.client.wait(jobs, timeout)
 
     # -- flags -------------------------------------------------------------------
 
@@ -111,24 +126,32 @@ class LoadBalancedView:
         msg_id = client._new_msg_id()
         ar = AsyncResult(client, [msg_id], _name(f))
         client._submit(fbuf, flags, ar, [(msg_id, arg_bufs)])
+        self._results.add(ar)
         return ar
 
     # -- map ---------------------------------------------------------------------
 
     def map(self, f: Callable, *sequences: Any, block: bool | None = None, chunksize: int = 1,
-            ordered: bool = True) -> Any:
+            ordered: bool = True, return_exceptions: bool = False) -> Any:
         """Parallel, load-balanced ``map(f, *sequences)``: a list if blocking, else an
-        AsyncMapResult (iterable as results arrive)."""
-        ar = self.map_async(f, *sequences, chunksize=chunksize, ordered=ordered)
+        AsyncMapResult (iterable as results arrive).
+
+        ``return_exceptions``: a failed item's exception object takes its place in the
+        list (and in iteration) instead of a CompositeError being raised (ipyparallel);
+        with ``chunksize > 1`` a failed chunk's error stands in for each of its items."""
+        ar = self.map_async(f, *sequences, chunksize=chunksize, ordered=ordered,
+                            return_exceptions=return_exceptions)
         block = self.block if block is None else block
         return ar.get() if block else ar
 
-    def map_sync(self, f: Callable, *sequences: Any, chunksize: int = 1, ordered: bool = True) -> list[Any]:
+    def map_sync(self, f: Callable, *sequences: Any, chunksize: int = 1, ordered: bool = True,
+                 return_exceptions: bool = False) -> list[Any]:
         """``map`` that waits and returns the list."""
-        return self.map_async(f, *sequences, chunksize=chunksize, ordered=ordered).get()
+        return self.map_async(f, *sequences, chunksize=chunksize, ordered=ordered,
+                              return_exceptions=return_exceptions).get()
 
     def map_async(self, f: Callable, *sequences: Any, chunksize: int = 1,
-                  ordered: bool = True) -> AsyncMapResult:
+                  ordered: bool = True, return_exceptions: bool = False) -> AsyncMapResult:
         """``map`` that returns an AsyncMapResult at once."""
         if not callable(f):
             raise TypeError(f"map needs a callable, got {type(f).__name__}")
@@ -148,25 +171,28 @@ class LoadBalancedView:
         arg_bufs = [dumps_args(p, {}) for p in payloads]  # all pickled before anything is sent
         client = self.client
         msg_ids = [client._new_msg_id() for _ in payloads]
-        ar = AsyncMapResult(client, msg_ids, [len(c) for c in chunks], ordered, _name(f))
+        ar = AsyncMapResult(client, msg_ids, [len(c) for c in chunks], ordered, _name(f),
+                            return_exceptions)
         client._submit(fbuf, flags, ar, list(zip(msg_ids, arg_bufs)))
+        self._results.add(ar)
         return ar
 
     # -- decorator ---------------------------------------------------------------
 
-    def parallel(self, block: bool | None = None, chunksize: int = 1,
-                 ordered: bool = True) -> Callable[[Callable], ParallelFunction]:
+    def parallel(self, block: bool | None = None, chunksize: int = 1, ordered: bool = True,
+                 return_exceptions: bool = False) -> Callable[[Callable], ParallelFunction]:
         """Decorator: ``f.map(seq)`` maps in parallel, ``f(x)`` runs one task."""
-        return lambda f: ParallelFunction(self, f, block, chunksize, ordered)
+        return lambda f: ParallelFunction(self, f, block, chunksize, ordered, return_exceptions)
 
 
 class ParallelFunction:
     """A function made parallel by ``@view.parallel()``."""
 
     def __init__(self, view: LoadBalancedView, f: Callable, block: bool | None, chunksize: int,
-                 ordered: bool) -> None:
+                 ordered: bool, return_exceptions: bool = False) -> None:
         self.view, self.func = view, f
         self.block, self.chunksize, self.ordered = block, chunksize, ordered
+        self.return_exceptions = return_exceptions
         self.__name__ = getattr(f, "__name__", "parallel")
         self.__doc__ = getattr(f, "__doc__", None)
 
@@ -180,7 +206,8 @@ class ParallelFunction:
     def map(self, *sequences: Any) -> Any:
         """Map the function over ``sequences`` in parallel."""
         return self.view.map(self.func, *sequences, block=self._block(),
-                             chunksize=self.chunksize, ordered=self.ordered)
+                             chunksize=self.chunksize, ordered=self.ordered,
+                             return_exceptions=self.return_exceptions)
 
 
 def _validate(name: str, value: Any) -> None:

@@ -310,8 +310,8 @@ class Controller:
 
     # -- requests ----------------------------------------------------------------
 
-    def _req_queue_status(self, _client: bytes, _arg: Any) -> dict[Any, Any]:
-        return self.core.queue_status()
+    def _req_queue_status(self, _client: bytes, verbose: Any) -> dict[Any, Any]:
+        return self.core.queue_status(verbose=verbose is True)
 
     def _known(self, msg_ids: list[str]) -> list[Record]:
         unknown = [m for m in msg_ids if m not in self.store]

@@ -319,8 +319,13 @@ class Scheduler:
             heapq.heappop(dl)
         return None
 
-    def queue_status(self) -> dict[Any, Any]:
-        """Per-engine load for monitoring: queued behind, completed, running; and unassigned."""
+    def queue_status(self, verbose: bool = False) -> dict[Any, Any]:
+        """Per-engine load for monitoring: queued behind, completed, running; and unassigned.
+
+        ``verbose``: lists of task ids instead of counts (``completed``: the tasks still
+        known, i.e. not forgotten); costs one pass over the known tasks."""
+        if verbose:
+            return self._queue_lists()
         status: dict[Any, Any] = {}
         for eid in sorted(self._engines):
             e = self._engines[eid]
@@ -330,6 +335,21 @@ class Scheduler:
                 "tasks": 1 if e.load else 0,
             }
         status["unassigned"] = self._unassigned
+        return status
+
+    def _queue_lists(self) -> dict[Any, Any]:
+        status: dict[Any, Any] = {
+            eid: {"queue": [t.id for t in list(e.queue)[1:]], "completed": [],
+                  "tasks": [t.id for t in list(e.queue)[:1]]}
+            for eid, e in sorted(self._engines.items())
+        }
+        unassigned = []
+        for t in self._tasks.values():
+            if t.state is WAITING or t.state is READY:
+                unassigned.append(t.id)
+            elif t.state is DONE and t.engine is not None and t.engine.id in status:
+                status[t.engine.id]["completed"].append(t.id)
+        status["unassigned"] = unassigned
         return status
 
     def story(self, task_id: str) -> list[tuple[Any, ...]]:

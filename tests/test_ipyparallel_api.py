@@ -1,0 +1,159 @@
+"""The rest of ipyparallel 9's task interface (issue 11), against real engines: names,
+return_exceptions, metadata attributes, get_dict, split, waiting and sizes."""
+
+from __future__ import annotations
+
+import concurrent.futures
+from datetime import datetime
+
+import pytest
+from ipylb import error
+
+
+def inverse(x):
+    return 1 / x
+
+
+def nap(t):
+    import time
+
+    time.sleep(t)
+    return t
+
+
+def test_task_timeout_is_dependency_timeout(view):
+    assert error.TaskTimeout is error.DependencyTimeout
+    slow = view.apply_async(nap, 1.0)
+    with view.temp_flags(after=[slow], timeout=0.1):
+        late = view.apply_async(nap, 0)
+    with pytest.raises(error.TaskTimeout, match="timed out"):
+        late.get(10)
+    slow.get(10)
+
+
+def test_return_exceptions_on_map(view):
+    out = view.map_sync(inverse, [1, 0, 4], return_exceptions=True)
+    assert out[0] == 1.0 and out[2] == 0.25
+    assert isinstance(out[1], error.RemoteError) and out[1].ename == "ZeroDivisionError"
+    amr = view.map_async(inverse, [0, 2], return_exceptions=True)
+    assert [type(x) for x in amr] == [error.RemoteError, float]  # iteration does not raise
+    got = amr.get()
+    assert got[1] == 0.5 and got[0].ename == "ZeroDivisionError"
+    assert view.map(inverse, [2, 0], block=True, return_exceptions=True)[0] == 0.5
+
+
+def test_return_exceptions_on_get_and_chunks(view):
+    amr = view.map_async(inverse, [1, 0, 2])
+    with pytest.raises(error.CompositeError):
+        amr.get(10)
+    out = amr.get(10, return_exceptions=True)
+    assert out[0] == 1.0 and out[2] == 0.5 and out[1].ename == "ZeroDivisionError"
+    assert isinstance(view.apply_async(inverse, 0).get(10, return_exceptions=True),
+                      error.RemoteError)
+    assert view.apply_async(inverse, 2).get(10, return_exceptions=True) == 0.5
+    # a failed chunk stands for each of its items: positions and length are kept
+    out = view.map_sync(inverse, [1, 0, 2, 4, 5], chunksize=2, return_exceptions=True)
+    assert len(out) == 5 and out[0] is out[1] and isinstance(out[0], error.RemoteError)
+    assert out[2:] == [0.5, 0.25, 0.2]
+
+
+def test_parallel_decorator_return_exceptions(view):
+    @view.parallel(block=True, return_exceptions=True)
+    def inv(x):
+        return 1 / x
+
+    out = inv.map([0, 1])
+    assert isinstance(out[0], error.RemoteError) and out[1] == 1.0
+
+
+def test_metadata_fields_are_attributes(rc, view):
+    ar = view.apply_async(nap, 0.05)
+    assert ar.status == "pending" and ar.completed is None
+    ar.get(10)
+    assert ar.status == "ok" and ar.engine_id in rc.ids and ar.msg_id == ar.msg_ids[0]
+    assert isinstance(ar.started, datetime) and ar.submitted <= ar.started <= ar.completed
+    assert ar.error is None
+    amr = view.map_async(inverse, [1, 0, 2], chunksize=2)  # two tasks
+    amr.wait(10)
+    assert len(amr.started) == 2 and all(isinstance(t, datetime) for t in amr.completed)
+    assert amr.status == ["error", "ok"] and amr.error[0].ename == "ZeroDivisionError"
+    with pytest.raises(AttributeError, match="no attribute 'startd'"):
+        amr.startd  # noqa: B018
+
+
+def test_get_dict(rc, view):
+    ar = view.apply_async(nap, 0)
+    assert ar.get_dict(10) == {ar.engine_id: 0}
+    amr = view.map_async(nap, [0.5, 0.5])  # two engines, hwm=1: one each
+    assert amr.get_dict(10) == {0: 0.5, 1: 0.5}
+    with pytest.raises(ValueError, match=r"\d tasks ran on engine"):
+        view.map_async(nap, [0, 0, 0, 0, 0]).get_dict(10)
+
+
+def test_split(view):
+    ar = view.apply_async(nap, 0)
+    assert ar.split() == (ar,)
+    amr = view.map_async(nap, [0.3, 0, 0])
+    parts = amr.split()
+    assert parts is amr.split() and len(parts) == 3
+    done, _ = concurrent.futures.wait(parts, timeout=10,
+                                      return_when=concurrent.futures.FIRST_COMPLETED)
+    assert parts[0] not in done  # the slow one finishes last
+    assert [p.get(10) for p in parts] == [[0.3], [0], [0]]
+    chunked = view.map_async(inverse, [1, 2, 4], chunksize=2)
+    chunked.wait(10)
+    assert [p.get(10) for p in chunked.split()] == [[1.0, 0.5], [0.25]]
+    hub = view.client.get_result(amr.msg_ids)
+    assert [p.get(10) for p in hub.split()] == [0.3, 0, 0]
+
+
+def test_wait_interactive_with_return_exceptions(view, monkeypatch, capsys):
+    monkeypatch.setenv("IPYLB_PROGRESS", "1")
+    amr = view.map_async(inverse, [1, 0, 0, 2], return_exceptions=True)
+    amr.wait_interactive(interval=0.01, timeout=-1)  # failures neither stop nor raise here
+    assert "4/4 tasks (2 failed)" in capsys.readouterr().out
+    out = amr.get()
+    assert out[0] == 1.0 and out[3] == 0.5 and all(isinstance(x, error.RemoteError) for x in out[1:3])
+
+
+def test_view_wait_waits_for_its_own_tasks(rc):
+    v1, v2 = rc.load_balanced_view(), rc.load_balanced_view()
+    other = v2.apply_async(nap, 1.5)
+    mine = [v1.apply_async(nap, 0.3), v1.map_async(nap, [0.2])]
+    assert v1.wait(timeout=0.05) is False
+    assert v1.wait() is True
+    assert all(ar.ready() for ar in mine) and not other.ready()
+    assert v2.wait(other, timeout=-1) is True
+
+
+def test_len_and_wait_for_engines(rc):
+    assert len(rc) == 2 == len(rc.load_balanced_view())
+    assert rc.wait_for_engines(2, timeout=5) is None
+    with pytest.raises(TimeoutError, match="2 of 3 engines"):
+        rc.wait_for_engines(3, timeout=0.2)
+    fut = rc.wait_for_engines(2, block=False)
+    assert isinstance(fut, concurrent.futures.Future) and fut.result(5) is None
+    fut = rc.wait_for_engines(3, timeout=0.2, block=False)
+    assert isinstance(fut.exception(5), TimeoutError)
+
+
+def test_client_wait_takes_futures_wrapping_async_results(rc, view):
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(view.apply_async, nap, 0.4)
+        assert rc.wait([fut], timeout=0.05) is False
+        assert rc.wait(fut, timeout=10) is True
+        assert fut.result().ready()  # the AsyncResult inside was waited for too
+    assert rc.wait(concurrent.futures.Future(), timeout=0.05) is False
+
+
+def test_queue_status_targets_and_verbose(rc, view):
+    ar = view.apply_async(nap, 0)
+    ar.get(10)
+    one = rc.queue_status(targets=ar.engine_id)
+    assert set(one) == {"queue", "completed", "tasks"} and one["completed"] >= 1
+    assert set(rc.queue_status(targets=[1])) == {1, "unassigned"}
+    verbose = rc.queue_status(verbose=True)
+    assert ar.msg_id in verbose[ar.engine_id]["completed"]
+    assert verbose["unassigned"] == [] and isinstance(verbose[0]["queue"], list)
+    with pytest.raises(IndexError, match="no such engine"):
+        rc.queue_status(targets=7)
