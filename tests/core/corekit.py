@@ -12,6 +12,7 @@ from ipylb.core.events import (
     EngineRemoved,
     TaskDone,
     TaskForgotten,
+    TaskStarted,
     TaskSubmitted,
     TaskUnmet,
     Tick,
@@ -47,8 +48,13 @@ class Core:
         return self.s.handle(event)
 
     def submit(self, tid: str, after: Any = None, follow: Any = None,
-               timeout: float | None = None, retries: int = 0) -> list[Any]:
-        return self(TaskSubmitted(tid, self.now, _spec(after), _spec(follow), timeout, retries))
+               timeout: float | None = None, retries: int = 0,
+               walltime: float | None = None) -> list[Any]:
+        return self(TaskSubmitted(tid, self.now, _spec(after), _spec(follow), timeout, retries,
+                                  walltime=walltime))
+
+    def started(self, tid: str, eid: int) -> list[Any]:
+        return self(TaskStarted(tid, eid, self.now))
 
     def done(self, tid: str, eid: int, ok: bool = True) -> list[Any]:
         return self(TaskDone(tid, eid, ok, self.now))

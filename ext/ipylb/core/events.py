@@ -35,6 +35,7 @@ INVALID = "InvalidDependency"
 TIMEOUT = "DependencyTimeout"
 ABORTED = "TaskAborted"
 ENGINE_ERROR = "EngineError"
+WALLTIME = "WalltimeExceeded"
 
 # ---------------------------------------------------------------------------
 # Events (stimuli)
@@ -64,6 +65,8 @@ class TaskSubmitted:
     ``after``: when it may run; ``follow``: where (engines that ran those tasks).
     ``timeout``: seconds it may wait to be assigned (None or 0: forever).
     ``retries``: further attempts after a failure or an engine death.
+    ``walltime``: seconds each attempt may run, counted from its TaskStarted (None or 0: no
+    limit); see :mod:`ipylb.core.deadlines`.
     """
 
     task_id: str
@@ -72,6 +75,17 @@ class TaskSubmitted:
     follow: DepSpec | None = None
     timeout: float | None = None
     retries: int = 0
+    walltime: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskStarted:
+    """An engine reported that it started running a task (only tasks with a walltime
+    report this).  ``time`` is when the controller heard it, on its own clock."""
+
+    task_id: str
+    engine_id: int
+    time: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +136,7 @@ Event = (
     EngineAdded
     | EngineRemoved
     | TaskSubmitted
+    | TaskStarted
     | TaskDone
     | TaskUnmet
     | AbortRequested
@@ -174,4 +189,24 @@ class Cancel:
     engine_id: int
 
 
-Command = Assign | Deliver | Fail | Cancel
+@dataclass(frozen=True, slots=True)
+class Interrupt:
+    """Interrupt ``task_id``, running on ``engine_id``, the Jupyter way (KeyboardInterrupt in
+    the task): its walltime expired.  Only that task: if the engine has moved on to another,
+    nothing happens there."""
+
+    task_id: str
+    engine_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class RestartEngine:
+    """Restart the kernel of ``engine_id`` (its running task ignored an Interrupt for the grace
+    period).  The core has already forgotten the engine: its tasks were failed, retried or
+    re-queued; the restarted kernel registers as a new engine."""
+
+    engine_id: int
+    reason: str
+
+
+Command = Assign | Deliver | Fail | Cancel | Interrupt | RestartEngine

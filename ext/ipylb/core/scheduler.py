@@ -77,6 +77,11 @@ assigned task cannot expire, and once an attempt has run (failed and is retried,
 or died with its engine) the deadline is gone.  A task refused by an engine, or
 queued behind another on an engine that died, has not run: its deadline holds.
 
+Walltimes.  A running attempt's run-time limit is the other kind of deadline, with
+timers of its own (:mod:`.deadlines`: the rule, the timers): an attempt that outlives
+its walltime gets an Interrupt, and one that outlives the grace period after it costs
+its engine (RestartEngine); either way it fails with WalltimeExceeded, or is retried.
+
 Bookkeeping for debugging: every state transition is appended to a bounded log,
 ``story(task_id)`` replays one task's; ``validate=True`` checks the invariants
 after every event (slow: for tests).
@@ -91,6 +96,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import schemes
+from .deadlines import GRACE, RUN, Walltimes, exceeded
 from .deps import Tally, rule, wants
 from .events import (
     ABORTED,
@@ -98,6 +104,7 @@ from .events import (
     IMPOSSIBLE,
     INVALID,
     TIMEOUT,
+    WALLTIME,
     AbortRequested,
     Assign,
     Cancel,
@@ -107,8 +114,11 @@ from .events import (
     EngineAdded,
     EngineRemoved,
     Fail,
+    Interrupt,
+    RestartEngine,
     TaskDone,
     TaskForgotten,
+    TaskStarted,
     TaskSubmitted,
     TaskUnmet,
     Tick,
@@ -172,6 +182,10 @@ class _Extra:
         "why",  # when failed by the scheduler: one-line explanation, for chains
         "root",
         "depth",
+        "walltime",  # run-time limit of each attempt (0: none)
+        "started",  # when the running attempt started (None: not reported yet)
+        "interrupted",  # when it was interrupted for its walltime (None: not)
+        "wt_token",  # token of its live walltime timer (0: none)
     )
 
     def __init__(self) -> None:
@@ -189,6 +203,10 @@ class _Extra:
         self.why = ""
         self.root = ""
         self.depth = 0
+        self.walltime = 0.0
+        self.started: float | None = None
+        self.interrupted: float | None = None
+        self.wt_token = 0
 
 
 class _Task:
@@ -232,6 +250,8 @@ class Scheduler:
     ``seed``: seeds the scheduler's random generator (schemes that draw).
     ``validate``: check every invariant after every event (slow; for tests).
     ``story_size``: how many transitions the debugging log keeps.
+    ``walltime_grace``: seconds between a walltime Interrupt and the RestartEngine of an
+    engine whose task still runs (API.md: 5); ValueError if negative.
     """
 
     def __init__(
@@ -241,6 +261,7 @@ class Scheduler:
         seed: int | None = None,
         validate: bool = False,
         story_size: int = 100_000,
+        walltime_grace: float = 5.0,
     ) -> None:
         self._scheme = schemes.get(scheme)
         self.scheme = scheme
@@ -264,6 +285,7 @@ class Scheduler:
         self._plain_late: list[tuple[int, _Task]] = []  # ... those that came out of order
         self._ready_excl: set[_Task] = set()  # ready, with exclusions but no follow
         self._deadlines: list[tuple[float, int, _Task]] = []
+        self._walltimes = Walltimes(walltime_grace)
         self._dl_count = 0
         self._fresh: list[_Task] = []  # made ready by this event, to place in _settle
         self._freed: list[_Engine] = []  # got a free slot in this event, to fill in _settle
@@ -272,6 +294,7 @@ class Scheduler:
         self._story: deque[tuple[Any, ...]] = deque(maxlen=story_size)
         self._dispatch: dict[type, Callable[[Any, list[Command]], None]] = {
             TaskSubmitted: self._on_submit,
+            TaskStarted: self._on_started,
             TaskDone: self._on_done,
             TaskUnmet: self._on_unmet,
             EngineAdded: self._on_engine_added,
@@ -302,6 +325,11 @@ class Scheduler:
             self._expire(now, out)
             if self._fresh:  # place what the expiries freed before this event acts
                 self._settle(out)
+        wt = self._walltimes.heap
+        if wt and wt[0][0] <= now:
+            self._expire_walltimes(now, out)
+            if self._fresh or self._freed:
+                self._settle(out)
         handler(event, out)
         if self._fresh or self._freed:
             self._settle(out)
@@ -310,14 +338,20 @@ class Scheduler:
         return out
 
     def next_deadline(self) -> float | None:
-        """The earliest time a waiting task times out (send a Tick then), or None."""
+        """The earliest time a waiting task times out or a running one reaches its walltime
+        or grace period (send a Tick then), or None."""
         dl = self._deadlines
+        first = None
         while dl:
             deadline, _, t = dl[0]
             if t.deadline == deadline and (t.state is WAITING or t.state is READY):
-                return deadline
+                first = deadline
+                break
             heapq.heappop(dl)
-        return None
+        wt = self._walltimes.next(_wt_live)
+        if wt is not None and (first is None or wt < first):
+            return wt
+        return first
 
     def queue_status(self, verbose: bool = False) -> dict[Any, Any]:
         """Per-engine load for monitoring: queued behind, completed, running; and unassigned.
@@ -373,7 +407,7 @@ class Scheduler:
         tasks = self._tasks
         if tid in tasks:
             raise ValueError(f"task {tid!r} was already submitted")
-        if ev.after is None and ev.follow is None and not ev.timeout:
+        if ev.after is None and ev.follow is None and not ev.timeout and not ev.walltime:
             # The hot path: nothing to wait for, no constraint; _assign inlined.
             seq = self._seq = self._seq + 1
             t = tasks[tid] = _Task(tid, seq, ev.retries)
@@ -396,6 +430,8 @@ class Scheduler:
             return
         if ev.timeout is not None and ev.timeout < 0:
             raise ValueError(f"task {tid!r}: negative timeout {ev.timeout!r}")
+        if ev.walltime is not None and ev.walltime < 0:
+            raise ValueError(f"task {tid!r}: negative walltime {ev.walltime!r}")
         seq = self._seq = self._seq + 1
         t = tasks[tid] = _Task(tid, seq, ev.retries)
         self._unassigned += 1
@@ -405,6 +441,7 @@ class Scheduler:
         """Submission with dependencies and/or a timeout."""
         x = t.x = _Extra()
         x.submitted = ev.time
+        x.walltime = ev.walltime or 0.0
         after = ev.after if ev.after is not None and ev.after.ids else None
         follow = ev.follow if ev.follow is not None and ev.follow.ids else None
         tasks = self._tasks
@@ -469,14 +506,14 @@ class Scheduler:
             t.ok = True
             self._story.append((t.id, ASSIGNED, DONE, "success", self._now))
             out.append(Deliver(t.id))
+        elif x is not None and x.interrupted is not None:  # stopped by its walltime
+            self._attempt_failed(t, e, WALLTIME, exceeded(
+                t.id, x.walltime, self._now - x.started,  # type: ignore[operator]
+                "was interrupted (KeyboardInterrupt)"), out)
+            self._freed.append(e)
+            return
         elif t.retries and (x is None or not x.aborted):
-            t.retries -= 1
-            x = _extra(t)
-            if x.failed_on is None:
-                x.failed_on = set()
-            x.failed_on.add(e)
-            t.deadline = None  # it ran: the timeout no longer applies
-            self._requeue(t, f"failed on engine {e.id}, retrying ({t.retries} left)")
+            self._retry(t, e, f"failed on engine {e.id}")
             self._freed.append(e)
             return
         else:
@@ -541,34 +578,35 @@ class Scheduler:
         e = self._engines.pop(ev.engine_id, None)
         if e is None:
             return
+        self._drop_engine(e, ev.reason, out, running=True)
+
+    def _drop_engine(self, e: _Engine, reason: str, out: list[Command], running: bool) -> None:
+        """Forget engine ``e`` (gone, or being restarted): its running task (the first of its
+        queue, if ``running``) fails or is retried, the tasks queued behind it are queued
+        again (no retry used), and tasks tied to it are re-examined."""
         del self._lru[e.id]
         if e.load < self._cap:
             self._nfree -= 1
         e.alive = False
         e.heap = []
-        self._story.append((None, None, None, f"engine {e.id} removed: {ev.reason}", self._now))
+        self._story.append((None, None, None, f"engine {e.id} removed: {reason}", self._now))
         outstanding = list(e.queue)
         e.queue.clear()
         e.load = 0
         for i, t in enumerate(outstanding):
             x = t.x
             aborted = x is not None and x.aborted
-            if i == 0:  # it was running: that counts as a failed attempt
-                if t.retries and not aborted:
-                    t.retries -= 1
-                    x = _extra(t)
-                    if x.failed_on is None:
-                        x.failed_on = set()
-                    x.failed_on.add(e)
-                    t.deadline = None
-                    self._requeue(t, f"engine {e.id} died while it ran, retrying ({t.retries} left)")
+            if i == 0 and running:  # it was running: that counts as a failed attempt
+                if x is not None and x.interrupted is not None:
+                    self._attempt_failed(t, e, WALLTIME, exceeded(
+                        t.id, x.walltime, self._now - x.started,  # type: ignore[operator]
+                        f"was interrupted, then its engine {e.id} died ({reason})"), out)
                 else:
-                    t.engine = None
-                    self._fail(
-                        t, ENGINE_ERROR,
-                        f"task {t.id} was running on engine {e.id} when the engine died: {ev.reason}",
-                        out, engine_id=e.id,
-                        why=f"{t.id} was running on engine {e.id} when it died ({ev.reason})")
+                    self._attempt_failed(
+                        t, e, ENGINE_ERROR,
+                        f"task {t.id} was running on engine {e.id} when the engine died: {reason}",
+                        out, why=f"{t.id} was running on engine {e.id} when it died ({reason})",
+                        retry=f"engine {e.id} died while it ran")
             elif aborted:
                 t.engine = None
                 self._fail(t, ABORTED, f"task {t.id} was aborted before it ran", out,
@@ -615,6 +653,44 @@ class Scheduler:
 
     def _on_tick(self, ev: Tick, out: list[Command]) -> None:
         pass  # due deadlines already expired in handle()
+
+    def _on_started(self, ev: TaskStarted, out: list[Command]) -> None:
+        """The engine started a task with a walltime: its run-time clock starts now."""
+        t = self._tasks.get(ev.task_id)
+        if t is None or t.state is not ASSIGNED or t.engine.id != ev.engine_id:  # type: ignore[union-attr]
+            return  # stale: it moved on
+        x = t.x
+        if x is None or not x.walltime or x.started is not None:
+            return  # no limit, or a duplicate report
+        x.started = ev.time
+        x.wt_token = self._walltimes.arm(ev.time + x.walltime, t, RUN)
+        self._story.append((t.id, ASSIGNED, ASSIGNED, f"started on engine {ev.engine_id}", self._now))
+
+    def _expire_walltimes(self, now: float, out: list[Command]) -> None:
+        """Interrupt running attempts past their walltime; restart the engines of those
+        still running a grace period later."""
+        for t, token, phase in self._walltimes.pop_due(now):
+            x: _Extra = t.x  # type: ignore[assignment]
+            if t.state is not ASSIGNED or x.wt_token != token:
+                continue  # stale: the attempt ended or moved
+            e: _Engine = t.engine  # type: ignore[assignment]
+            if phase == RUN:
+                x.interrupted = now
+                x.wt_token = self._walltimes.arm(now + self._walltimes.grace, t, GRACE)
+                self._story.append((t.id, ASSIGNED, ASSIGNED,
+                                    f"walltime {x.walltime:g}s reached: interrupt", now))
+                out.append(Interrupt(t.id, e.id))
+                continue
+            reason = (f"its task {t.id} ignored an interrupt for {self._walltimes.grace:g}s "
+                      "after its walltime")
+            self._engines.pop(e.id)
+            self._unqueue(t, e)
+            self._attempt_failed(t, e, WALLTIME, exceeded(
+                t.id, x.walltime, now - x.started,  # type: ignore[operator]
+                f"did not stop within {self._walltimes.grace:g}s of an interrupt, "
+                f"so its engine {e.id} was restarted"), out)
+            self._drop_engine(e, reason, out, running=False)
+            out.append(RestartEngine(e.id, reason))
 
     def _on_forget(self, ev: TaskForgotten, out: list[Command]) -> None:
         t = self._tasks.get(ev.task_id)
@@ -854,9 +930,35 @@ class Scheduler:
         """An assigned task goes back to ready (retry, refusal, engine death)."""
         t.state = READY
         t.engine = None
+        x = t.x
+        if x is not None and x.started is not None:  # the attempt is over: so are its timers
+            x.started = x.interrupted = None
+            x.wt_token = 0
         self._unassigned += 1
         self._story.append((t.id, ASSIGNED, READY, detail, self._now))
         self._fresh.append(t)
+
+    def _retry(self, t: _Task, e: _Engine, what: str) -> None:
+        """An attempt on ``e`` failed and ``t`` has retries left: use one, avoid ``e``."""
+        t.retries -= 1
+        x = _extra(t)
+        if x.failed_on is None:
+            x.failed_on = set()
+        x.failed_on.add(e)
+        t.deadline = None  # it ran: the timeout no longer applies
+        self._requeue(t, f"{what}, retrying ({t.retries} left)")
+
+    def _attempt_failed(self, t: _Task, e: _Engine, error: str, message: str,
+                        out: list[Command], why: str = "", retry: str = "") -> None:
+        """The running attempt of ``t`` on ``e`` (already off its queue) failed for a reason
+        the scheduler knows (``error``): retry it if it may, else fail it with ``message``.
+        ``retry``: the story's words for the attempt's end (default: the message)."""
+        x = t.x
+        if t.retries and (x is None or not x.aborted):
+            self._retry(t, e, retry or message)
+            return
+        t.engine = None
+        self._fail(t, error, message, out, engine_id=e.id, why=why)
 
     def _unqueue(self, t: _Task, e: _Engine) -> None:
         """Take assigned task ``t`` off engine ``e``'s outstanding FIFO."""
@@ -1226,6 +1328,11 @@ class Scheduler:
         if x.follow is not None:
             need(not x.follow.dead, f"{t} is alive but its follow dependency is unreachable")
             need(self._when_dead(t) is None, f"{t} is alive but cannot follow: {self._when_dead(t)}")
+
+
+def _wt_live(t: _Task, token: int) -> bool:
+    """Whether a walltime timer is still the running attempt's."""
+    return t.state is ASSIGNED and t.x.wt_token == token  # type: ignore[union-attr]
 
 
 def _by_seq(t: _Task) -> int:
