@@ -85,6 +85,8 @@ class Controller:
         self.listeners: set[bytes] = set()  # client receive sockets that said hello
         self._next_engine = 0
         self._running = True  # until asked to stop, which may happen before run()
+        # The attempt whose TaskDone the core is handling: (msg_id, result, bufs, mac).
+        self._arrived: tuple[str, tuple, list[Any], bytes] | None = None
         self._requests: dict[str, Callable[[bytes, Any], Any]] = {
             "queue_status": self._req_queue_status,
             "abort": self._req_abort,
@@ -236,9 +238,20 @@ class Controller:
             reason = str(error[1]) if isinstance(error, tuple) and len(error) > 1 else ""
             self._execute(self.core.handle(ev.TaskUnmet(msg_id, engine_id, now, reason[:500])))
             return
-        rec.result = (engine_id, *meta[1:], rec.submitted)
-        rec.result_bufs, rec.result_mac = bufs, bufs_mac
-        self._execute(self.core.handle(ev.TaskDone(msg_id, engine_id, status == "ok", now)))
+        self._attempt_ended(rec, engine_id, status == "ok", (engine_id, *meta[1:], rec.submitted),
+                            bufs, bufs_mac, now)
+
+    def _attempt_ended(self, rec: Record, engine_id: int, ok: bool, result: tuple,
+                       bufs: list[Any], mac: bytes, now: float) -> None:
+        """An attempt of ``rec`` ended on an engine.  Its result becomes the task's only if
+        the core says it is final (a Deliver): a failed attempt with retries left, and a
+        stale or repeated report, leave the record as it was, pending until its last
+        attempt ends (issue 9: a task waiting for its retry is not finished anywhere)."""
+        self._arrived = (rec.msg_id, result, bufs, mac)
+        try:
+            self._execute(self.core.handle(ev.TaskDone(rec.msg_id, engine_id, ok, now)))
+        finally:
+            self._arrived = None
 
     # -- clients -----------------------------------------------------------------
 
@@ -415,8 +428,11 @@ class Controller:
                 frames = self.signer.pack(wire.TASK, (c.task_id,), bufs, rec.bufs_mac, ident)
                 if not self._to_engine(ident, frames):
                     unreachable.append(c.engine_id)
-            elif t is ev.Deliver:
-                self._deliver(self.store[c.task_id])
+            elif t is ev.Deliver:  # only ever in answer to the TaskDone of _attempt_ended
+                rec = self.store[c.task_id]
+                msg_id, rec.result, rec.result_bufs, rec.result_mac = self._arrived  # type: ignore[misc]
+                assert msg_id == c.task_id, (msg_id, c.task_id)
+                self._deliver(rec)
             elif t is ev.Fail:
                 rec = self.store[c.task_id]
                 now = time.time()
@@ -433,10 +449,9 @@ class Controller:
                               time.monotonic())
         for c, why in unsendable:
             rec = self.store[c.task_id]
-            rec.result = (c.engine_id, "error", None, time.time(), "", "", ("WireError", why, ""),
-                          rec.submitted)
-            rec.result_bufs, rec.result_mac = [], b""
-            self._execute(self.core.handle(ev.TaskDone(c.task_id, c.engine_id, False, time.monotonic())))
+            result = (c.engine_id, "error", None, time.time(), "", "", ("WireError", why, ""),
+                      rec.submitted)
+            self._attempt_ended(rec, c.engine_id, False, result, [], b"", time.monotonic())
 
     def _to_engine(self, ident: bytes, frames: list[Any]) -> bool:
         """Send to an engine; False if it has disconnected (it is then treated as dead)."""

@@ -44,7 +44,8 @@ class Record:
         self.flags = flags
         self.submitted = time.time()
         self.watchers: list[bytes] = []  # other clients waiting for it (get_result)
-        # (engine_id, status, started, completed, stdout, stderr, error, submitted) once finished
+        # (engine_id, status, started, completed, stdout, stderr, error, submitted) once its
+        # final attempt has ended (None while pending, also between a failure and its retry)
         self.result: tuple | None = None
         self.result_bufs: list[Any] = []
         self.result_mac = b""
