@@ -49,9 +49,10 @@ class Core:
 
     def submit(self, tid: str, after: Any = None, follow: Any = None,
                timeout: float | None = None, retries: int = 0,
-               walltime: float | None = None) -> list[Any]:
+               walltime: float | None = None, targets: Any = None) -> list[Any]:
+        tg = None if targets is None else frozenset(targets)
         return self(TaskSubmitted(tid, self.now, _spec(after), _spec(follow), timeout, retries,
-                                  walltime=walltime))
+                                  walltime=walltime, targets=tg))
 
     def started(self, tid: str, eid: int) -> list[Any]:
         return self(TaskStarted(tid, eid, self.now))

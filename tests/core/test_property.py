@@ -9,7 +9,7 @@ not do.  After every event it checks:
 
 * no task is lost, and none is assigned twice without a failure, refusal or
   engine death in between;
-* an assignment respects after, follow, refusals, soft exclusions and hwm;
+* an assignment respects after, follow, targets, refusals, soft exclusions and hwm;
 * a task fails with ImpossibleDependency exactly when the rules say it can no
   longer run (never too early, and in the same call as the cause);
 * timeouts fire exactly for tasks still unassigned at their deadline;
@@ -64,6 +64,7 @@ class Info:
         self.timeout = ev.timeout or 0.0
         self.submitted = ev.time
         self.retries = ev.retries
+        self.targets = ev.targets
         self.p_fail = p_fail
         self.refuse_p = refuse_p
         self.final: str | None = None  # "ok" | "err" | "sched"
@@ -144,6 +145,13 @@ class World:
 
     def impossible(self, i: Info) -> str | None:
         """Why the rules say task i can never run now, or None."""
+        tg = i.targets
+        if tg is not None:
+            live = [e for e in tg if e in self.live]
+            if not live:
+                return "no target engine registered"
+            if set(live) <= i.refused:
+                return "refused by every target engine"
         a = i.after
         if a is not None and a.ids:
             bad = sum(1 for d in a.ids if self.outcome(d)[0]
@@ -160,11 +168,14 @@ class World:
                     return "follow deps on several engines"
                 if located:
                     (e,) = located
+                    if tg is not None and e not in tg:
+                        return "follow engine not among the targets"
                     if e not in self.live:
                         return "follow engine dead"
                     if e in i.refused:
                         return "follow engine refused"
-            elif not pending and not any(e in self.live and e not in i.refused for e in located):
+            elif not pending and not any(e in self.live and e not in i.refused
+                                         and (tg is None or e in tg) for e in located):
                 return "no live follow engine left"
         elif i.refused and self.live and set(self.live) <= i.refused:
             return "refused by every engine"
@@ -174,7 +185,8 @@ class World:
         """Engines task i may go to now, soft exclusion applied (empty if deps unmet)."""
         if not self.after_met(i):
             return []
-        base = [e for e in self.live if e not in i.refused and self.follow_ok(i, e)]
+        base = [e for e in self.live if e not in i.refused and self.follow_ok(i, e)
+                and (i.targets is None or e in i.targets)]
         preferred = [e for e in base if e not in i.failed_on]
         return preferred or base
 
@@ -226,8 +238,10 @@ class World:
         assert self.after_met(i), f"{tid} assigned before its after dependency was met"
         assert self.follow_ok(i, e), f"{tid} assigned to {e} against its follow dependency"
         assert e not in i.refused, f"{tid} sent back to engine {e}, which refused it"
+        assert i.targets is None or e in i.targets, f"{tid} sent to {e}, not among its targets"
         if e in i.failed_on:
-            base = [x for x in self.live if x not in i.refused and self.follow_ok(i, x)]
+            base = [x for x in self.live if x not in i.refused and self.follow_ok(i, x)
+                    and (i.targets is None or x in i.targets)]
             assert set(base) <= i.failed_on, f"{tid} retried on {e} while untried {base} exist"
         if i.timeout and not i.ran:
             assert self.now < i.submitted + i.timeout, f"{tid} assigned after its deadline"
@@ -242,6 +256,8 @@ class World:
         self.bump("assign")
         if i.follow is not None:
             self.bump("follow_all" if i.follow.all else "follow_any")
+        if i.targets is not None:
+            self.bump("assign_targeted")
 
     def check_fail(self, c: Fail, expect_fail: dict, allow_fail: dict) -> None:
         i = self.tasks[c.task_id]
@@ -306,7 +322,10 @@ class World:
             follow = self.spec(rng.sample(recent, min(rng.choice((1, 1, 2)), len(recent))), 0.5)
         timeout = rng.uniform(0.5, 6) if rng.random() < 0.15 else None
         retries = rng.choice((0, 0, 0, 1, 2))
-        ev = TaskSubmitted(tid, self.now, after, follow, timeout, retries)
+        targets = None
+        if rng.random() < 0.15:  # some engines, maybe gone or not registered yet
+            targets = frozenset(rng.sample(range(self.next_eid + 2), rng.choice((1, 1, 2))))
+        ev = TaskSubmitted(tid, self.now, after, follow, timeout, retries, targets=targets)
         p_fail = rng.choice((0,) * 12 + (0.3, 0.5, 1.0))
         i = Info(tid, ev, p_fail, rng.choice((0,) * 12 + (0.5, 1.0)))
         wanted = (after.ids if after else frozenset()) | (follow.ids if follow else frozenset())
@@ -315,6 +334,8 @@ class World:
         self.order.append(tid)
         self.pending.add(tid)
         self.send(ev, expect_fail={tid: INVALID} if unknown else None)
+        if targets is not None:
+            self.bump("targets")
         if not unknown:
             assert self.tasks[tid].error != INVALID
 
@@ -493,7 +514,7 @@ def test_random_graph_2000_tasks(scheme, hwm, seed):
     s = w.stats
     # the run exercised every rule, not just the easy path
     for key in ("assign", "retry", "unmet", IMPOSSIBLE, TIMEOUT, ABORTED, ENGINE_ERROR,
-                INVALID, "engine_removed", "follow_all", "follow_any"):
+                INVALID, "engine_removed", "follow_all", "follow_any", "targets", "assign_targeted"):
         assert s.get(key, 0) > 0, (key, s)
     if hwm != 1:  # tasks queue behind others on an engine
         assert s.get("cancel", 0) > 0, s

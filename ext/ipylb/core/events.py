@@ -67,6 +67,8 @@ class TaskSubmitted:
     ``retries``: further attempts after a failure or an engine death.
     ``walltime``: seconds each attempt may run, counted from its TaskStarted (None or 0: no
     limit); see :mod:`ipylb.core.deadlines`.
+    ``targets``: the engine ids it may run on (None: any); it is impossible once none
+    of them is registered (engine ids are never reused), as in ipyparallel.
     """
 
     task_id: str
@@ -76,6 +78,7 @@ class TaskSubmitted:
     timeout: float | None = None
     retries: int = 0
     walltime: float | None = None
+    targets: frozenset[int] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,8 +42,8 @@ otherwise it is queued:
 
 * unconstrained tasks in one global queue: a deque in submission order, plus a
   small heap for the few that become ready out of order;
-* tasks restricted to some engines (``follow``, refusals, failed-on engines) in a
-  heap per candidate engine.
+* tasks restricted to some engines (``follow``, ``targets``, refusals, failed-on
+  engines) in a heap per candidate engine.
 
 When an engine gets a free slot it takes the ready task with the smallest
 submission number among the heads of the global queue and its own heap.  Entries
@@ -61,6 +61,13 @@ free engines chosen by the scheme.  Hence a Deliver or Fail always comes before
 the Assigns it enables, and a slot always goes to the oldest task that may use
 it.  A plain submission with a free engine skips all this and
 is assigned on the spot (the hot path, a few microseconds).
+
+Targets.  A task submitted with ``targets`` (engine ids) runs only on those;
+follow, refusals and retries choose among them.  Engine ids are never reused, so
+a task none of whose targets is registered can never run: it fails as impossible
+(at submission, or when the last of them goes, waiting or not), and so does one
+whose follow dependencies ran on engines outside its targets.  ``_targeted`` lists,
+per engine id, the unfinished tasks that target it, for that check.
 
 Exclusions.  An engine that refused a task (TaskUnmet) is excluded for it
 forever; once every registered engine has refused it, it is impossible.  An
@@ -137,6 +144,11 @@ _CHAIN = 6  # cascade explanations quote at most this many levels, then the root
 _SHOW = 5  # messages list at most this many ids
 
 
+def _eids(engine_ids: Any) -> str:
+    """Engine ids for messages: ``0, 2``."""
+    return ", ".join(map(str, sorted(engine_ids)))
+
+
 def _ids(items: Any) -> str:
     """A short, stable rendering of some task ids for messages."""
     ids = sorted(items)
@@ -175,6 +187,7 @@ class _Extra:
         "refused",  # engines that refused it (hard)
         "unmet",  # what the last engine to refuse it said
         "failed_on",  # engines it failed or died on (soft)
+        "targets",  # frozenset of engine ids it may run on, or None (any)
         "timeout",
         "submitted",
         "aborted",  # abort requested while assigned
@@ -196,6 +209,7 @@ class _Extra:
         self.refused: set[_Engine] | None = None
         self.unmet = ""
         self.failed_on: set[_Engine] | None = None
+        self.targets: frozenset[int] | None = None
         self.timeout = 0.0
         self.submitted = 0.0
         self.aborted = False
@@ -284,6 +298,7 @@ class Scheduler:
         self._plain: deque[_Task] = deque()  # ready, unconstrained, in submission order
         self._plain_late: list[tuple[int, _Task]] = []  # ... those that came out of order
         self._ready_excl: set[_Task] = set()  # ready, with exclusions but no follow
+        self._targeted: dict[int, set[_Task]] = {}  # engine id -> unfinished tasks targeting it
         self._deadlines: list[tuple[float, int, _Task]] = []
         self._walltimes = Walltimes(walltime_grace)
         self._dl_count = 0
@@ -407,7 +422,8 @@ class Scheduler:
         tasks = self._tasks
         if tid in tasks:
             raise ValueError(f"task {tid!r} was already submitted")
-        if ev.after is None and ev.follow is None and not ev.timeout and not ev.walltime:
+        if (ev.after is None and ev.follow is None and not ev.timeout and not ev.walltime
+                and ev.targets is None):
             # The hot path: nothing to wait for, no constraint; _assign inlined.
             seq = self._seq = self._seq + 1
             t = tasks[tid] = _Task(tid, seq, ev.retries)
@@ -458,6 +474,10 @@ class Scheduler:
             x.timeout = ev.timeout
             t.deadline = ev.time + ev.timeout
             self._push_deadline(t)
+        if ev.targets is not None:
+            x.targets = frozenset(ev.targets)
+            for eid in x.targets:
+                self._targeted.setdefault(eid, set()).add(t)
         if after is not None:
             x.after = Tally(after)
         if follow is not None:
@@ -567,7 +587,7 @@ class Scheduler:
         self._nfree += 1
         self._story.append((None, None, None, f"engine {eid} added", self._now))
         if self._ready_excl:
-            # Tasks held back by exclusions may run here; soft exclusions elsewhere
+            # Tasks held back by exclusions (or targets) may run here; soft exclusions elsewhere
             # narrow lazily (the entries fail their eligibility check).
             for t in sorted(self._ready_excl, key=_by_seq):
                 if self._eligible(t, e):
@@ -626,6 +646,11 @@ class Scheduler:
                     self._fail_impossible(t, why, out)
             elif t.state is READY:
                 self._fresh.append(t)
+        for t in sorted(self._targeted.pop(e.id, ()), key=_by_seq):
+            if t.state is WAITING or t.state is READY:
+                why = self._off_target(t)
+                if why is not None:
+                    self._fail_impossible(t, why, out)
         self._fresh.extend(self._ready_excl)
 
     def _on_abort(self, ev: AbortRequested, out: list[Command]) -> None:
@@ -854,6 +879,7 @@ class Scheduler:
         """Live engines that may take constrained task ``t`` now, in LRU order."""
         x: _Extra = t.x  # type: ignore[assignment]
         ref = x.refused or ()
+        tg = x.targets
         if x.follow is None:
             base = [e for e in self._lru.values() if e not in ref]
         elif x.follow.spec.all:
@@ -862,6 +888,8 @@ class Scheduler:
         else:
             fe = x.f_engines
             base = [e for e in self._lru.values() if e in fe and e not in ref]  # type: ignore[operator]
+        if tg is not None:
+            base = [e for e in base if e.id in tg]
         fo = x.failed_on
         if fo and len(base) > 1:
             preferred = [e for e in base if e not in fo]
@@ -873,6 +901,8 @@ class Scheduler:
         """Whether engine ``e`` may take constrained task ``t`` now (cheap in the usual case)."""
         x: _Extra = t.x  # type: ignore[assignment]
         if x.refused and e in x.refused:
+            return False
+        if x.targets is not None and e.id not in x.targets:
             return False
         f = x.follow
         if f is not None:
@@ -1007,6 +1037,9 @@ class Scheduler:
                                "and follow with all=True needs them all on one engine")
                     if not e.alive and why is None:
                         why = f"its follow dependency {d.id} ran on engine {e.id}, which is gone"
+                    if why is None and x.targets is not None and e.id not in x.targets:
+                        why = (f"its follow dependency {d.id} ran on engine {e.id}, which is not "
+                               f"among its targets ({_eids(x.targets)})")
                 else:
                     x.f_engines.add(e)  # type: ignore[union-attr]
             else:
@@ -1036,6 +1069,10 @@ class Scheduler:
     def _when_dead(self, t: _Task) -> str | None:
         """Why an unfinished task's dependencies can never be met (no refusals involved)."""
         x: _Extra = t.x  # type: ignore[assignment]
+        if x.targets is not None:
+            why = self._off_target(t)
+            if why is not None:
+                return why
         f = x.follow
         if f is None:
             return None
@@ -1055,8 +1092,14 @@ class Scheduler:
         f: Tally = x.follow  # type: ignore[assignment]
         ref = x.refused or ()
         engines = x.f_engines
-        if any(e.alive and e not in ref for e in engines):  # type: ignore[union-attr]
+        tg = x.targets
+        if any(e.alive and e not in ref and (tg is None or e.id in tg)
+               for e in engines):  # type: ignore[union-attr]
             return None
+        if tg is not None and any(e.alive and e not in ref for e in engines):  # type: ignore[union-attr]
+            return (f"the engines its follow dependencies ran on "
+                    f"({_eids(e.id for e in engines if e.alive)}) are not among its targets "
+                    f"({_eids(tg)}), and all of them have finished")
         if not engines:
             return (f"none of its follow dependencies ({_ids(f.spec.ids)}) "
                     f"{self._past(f.spec)} on an engine, and follow({rule(f.spec)}) "
@@ -1076,9 +1119,26 @@ class Scheduler:
         w = wants(spec)
         return {"succeed": "succeeded", "fail": "failed", "finish": "finished"}[w]
 
+    def _off_target(self, t: _Task) -> str | None:
+        """Why a task with targets can never run on one of them, or None."""
+        x: _Extra = t.x  # type: ignore[assignment]
+        tg: frozenset[int] = x.targets  # type: ignore[assignment]
+        live = [e for eid in tg if (e := self._engines.get(eid)) is not None]
+        if not live:
+            return (f"none of the engines it may run on (targets {_eids(tg)}) is registered "
+                    "any more, and engine ids are never reused")
+        if x.refused and all(e in x.refused for e in live):
+            return (f"refused by every engine it may run on (targets {_eids(tg)}): a "
+                    f"functional dependency (@require/@depend) is unmet on each{_said(x)}")
+        return None
+
     def _stuck(self, t: _Task) -> str | None:
         """A ready constrained task has no candidate engine: impossible, or just wait?"""
         x: _Extra = t.x  # type: ignore[assignment]
+        if x.targets is not None:
+            why = self._off_target(t)
+            if why is not None:
+                return why
         f = x.follow
         if f is None:
             if not self._engines:
@@ -1185,15 +1245,26 @@ class Scheduler:
                 elif kind == "follow" and tally is not None:
                     parts.append("an engine its follow dependencies ran on")
             return " and ".join(parts) or "its dependencies"
-        if x.follow is not None or x.refused:
+        if x.follow is not None or x.refused or x.targets is not None:
             return "an eligible engine with a free slot"
         if not self._engines:
             return "an engine (none is registered)"
         return f"a free engine (all {len(self._engines)} busy)"
 
     def _drop_follow_links(self, t: _Task) -> None:
+        """``t`` is finished: engines stop listing it as a follower or a targeter."""
         x = t.x
-        if x is None or x.follow is None:
+        if x is None:
+            return
+        if x.targets is not None:
+            targeted = self._targeted
+            for eid in x.targets:
+                tasks = targeted.get(eid)
+                if tasks is not None:
+                    tasks.discard(t)
+                    if not tasks:
+                        del targeted[eid]
+        if x.follow is None:
             return
         if x.f_engine is not None:
             x.f_engine.followers.discard(t)
@@ -1325,6 +1396,11 @@ class Scheduler:
             return
         if x.after is not None:
             need(not x.after.dead, f"{t} is alive but its after dependency is unreachable")
+        if x.targets is not None:
+            need(self._off_target(t) is None, f"{t} is alive but cannot run: {self._off_target(t)}")
+            for eid in x.targets:
+                if eid in self._engines:
+                    need(t in self._targeted.get(eid, ()), f"{t} not listed under its target {eid}")
         if x.follow is not None:
             need(not x.follow.dead, f"{t} is alive but its follow dependency is unreachable")
             need(self._when_dead(t) is None, f"{t} is alive but cannot follow: {self._when_dead(t)}")
@@ -1340,8 +1416,8 @@ def _by_seq(t: _Task) -> int:
 
 
 def _unrestricted(x: _Extra) -> bool:
-    """No follow, refusal or failed-on engine: any engine may take the task."""
-    return x.follow is None and not x.refused and not x.failed_on
+    """No follow, targets, refusal or failed-on engine: any engine may take the task."""
+    return x.follow is None and x.targets is None and not x.refused and not x.failed_on
 
 
 def _plain_ready(t: _Task) -> bool:
