@@ -3,9 +3,8 @@ over a subset of engines), with follow, retries and refusals choosing among them
 
 from __future__ import annotations
 
-from ipylb.core.events import IMPOSSIBLE, Assign, Deliver, Fail
-
 from corekit import Core, dep
+from ipylb.core.events import IMPOSSIBLE, Assign, Deliver, Fail
 
 
 def test_targets_restrict_placement_even_when_others_are_free():
