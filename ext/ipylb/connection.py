@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -100,3 +102,67 @@ def pid_alive(pid: Any) -> bool:
             return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
     except OSError:  # no /proc (macOS): kill(0) is all we have
         return True
+
+
+# Leftovers in the runtime directory: files of kernels and private clusters whose processes
+# were killed (SIGKILL, OOM) before they could remove them.  Judged only after this long, so
+# a kernel that is starting (its connection file is written before it binds) is left alone.
+LEFTOVER_GRACE_S = 60.0
+
+
+def remove_kernel_files(path: Path | str) -> None:
+    """Remove a kernel's connection file and, for the ipc transport, its socket files
+    (``<ip>-<port>``, which a killed kernel leaves behind)."""
+    try:
+        with open(path) as f:
+            info = json.load(f)
+        if info.get("transport") == "ipc" and isinstance(info.get("ip"), str):
+            for name, port in info.items():
+                if name.endswith("_port") and isinstance(port, int):
+                    Path(f"{info['ip']}-{port}").unlink(missing_ok=True)
+    except (OSError, ValueError):
+        pass
+    Path(path).unlink(missing_ok=True)
+
+
+def _kernel_alive(info: dict[str, Any]) -> bool:
+    """Whether something listens on the ipc heartbeat socket of a kernel connection file
+    (a unix socket nobody listens on refuses connections)."""
+    if info.get("transport") != "ipc":
+        return True  # not one of ours: leave it
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(f"{info['ip']}-{info['hb_port']}")
+    except (FileNotFoundError, ConnectionRefusedError):
+        return False
+    except (OSError, KeyError, TypeError):
+        return True
+    finally:
+        sock.close()
+    return True
+
+
+def sweep_leftovers(grace_s: float = LEFTOVER_GRACE_S) -> list[str]:
+    """Remove, from the runtime directory, engine kernel files (``kernel-ipylb-*.json`` and
+    their ipc sockets) whose kernel no longer listens, and private clusters' connection files
+    (``ipylb-local-*.json``) whose controller is gone; returns the names removed.  Files
+    younger than ``grace_s`` seconds are left alone."""
+    removed = []
+    old = time.time() - grace_s
+    rt = runtime_dir()
+    for path in [*rt.glob("kernel-ipylb-*.json"), *rt.glob("ipylb-local-*.json")]:
+        try:
+            if path.stat().st_mtime > old:
+                continue
+            with open(path) as f:
+                info = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if path.name.startswith("kernel-"):
+            if not _kernel_alive(info):
+                remove_kernel_files(path)
+                removed.append(path.name)
+        elif not pid_alive(info.get("pid")):
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed

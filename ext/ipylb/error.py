@@ -129,6 +129,14 @@ class ClientClosed(_SchedulerError):
     """The client was closed (or its cluster shut down) before the task's result arrived."""
 
 
+class ControllerGone(_SchedulerError, NoCluster):
+    """The cluster's controller stopped or died while this client waited on it.
+
+    Pending results fail with it (its message says what survives: with ``--db sqlite`` the
+    results of tasks that finished, fetchable with ``get_result`` once the cluster runs
+    again), and new submissions and requests raise it at once.  Also a ``NoCluster``."""
+
+
 class UnmetDependency(IpylbError):
     """Raised by task code: "not on this engine", so the scheduler tries another."""
 
@@ -136,5 +144,5 @@ class UnmetDependency(IpylbError):
 SCHEDULER_ERRORS: dict[str, type[_SchedulerError]] = {
     c.__name__: c
     for c in (ImpossibleDependency, InvalidDependency, DependencyTimeout, TaskAborted, EngineError,
-              ClientClosed)
+              ClientClosed, ControllerGone)
 }

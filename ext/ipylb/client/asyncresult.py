@@ -57,9 +57,10 @@ class Outcome:
         self._value: Any = _PENDING
 
     @classmethod
-    def lost(cls, msg_id: str, why: str) -> Outcome:
-        """A result that will not arrive here: the client closed first."""
-        return cls((msg_id, None, "error", None, None, "", "", ("ClientClosed", why, "")), [], b"")
+    def lost(cls, msg_id: str, why: str, ename: str = "ClientClosed") -> Outcome:
+        """A result that will not arrive here: the client closed first (or, ``ename``
+        ControllerGone, its controller went away)."""
+        return cls((msg_id, None, "error", None, None, "", "", (ename, why, "")), [], b"")
 
     @property
     def ok(self) -> bool:

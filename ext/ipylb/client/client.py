@@ -25,7 +25,7 @@ from typing import Any
 import zmq
 
 from .. import connection, shm, wire
-from ..error import NoCluster
+from ..error import ControllerGone, NoCluster
 from .asyncresult import AsyncHubResult, AsyncResult, Metadata, Outcome
 from .local import LocalCluster
 
@@ -37,6 +37,13 @@ SUBMIT_BATCH = 256
 FAILURES_KEPT = 1000
 # How long Client(engines=N) waits for its engines to register.
 ENGINE_START_TIMEOUT_S = 60.0
+# Controller liveness: after this much silence the receiving thread pings the controller
+# (a request it answers at once, from its main loop); after CONTROLLER_TIMEOUT_S of silence
+# the controller counts as gone (stopped, hung, or unreachable).  A controller on this machine
+# is also watched through its process (pid), which tells within PID_CHECK_S.
+PING_AFTER_S = 1.0
+CONTROLLER_TIMEOUT_S = 10.0
+PID_CHECK_S = 0.5
 
 
 class Client:
@@ -72,7 +79,7 @@ class Client:
             path = _find_connection_file(url_or_file, profile)
             info = connection.read(path)
             pid = info.get("pid")
-            local = info["client_url"].startswith(("tcp://127.", "tcp://localhost", "ipc://"))
+            local = info["client_url"].startswith(_LOCAL_URLS)
             if local and isinstance(pid, int) and not connection.pid_alive(pid):
                 raise NoCluster(
                     f"the cluster of {path} is not running (its controller, pid {pid}, is gone): "
@@ -80,6 +87,9 @@ class Client:
                 )
         self._info = info
         self._closed = False
+        # Why the controller is gone (None while it serves): pending results have failed
+        # with ControllerGone, and new submissions raise it.
+        self._gone: str | None = None
         self.block = False  # the block flag new views start with (as in ipyparallel)
         try:
             self._connect(info, timeout)
@@ -143,23 +153,70 @@ class Client:
             domain = shm.domain() if signer.shm_prefix else None
             wire.send(sock, signer.pack(wire.HELLO, {"shm_domain": domain}))
             recv, unpack, handle = wire.recv, signer.unpack, self._on_message
+            heard = pinged = checked = time.monotonic()
             while not self._closed:
-                if not sock.poll(200):
-                    continue
-                while True:
-                    try:
-                        frames = recv(sock)
-                    except zmq.Again:
-                        break
-                    try:
-                        handle(*unpack(frames))
-                    except wire.WireError:
+                if sock.poll(200):
+                    heard = time.monotonic()
+                    while True:
+                        try:
+                            frames = recv(sock)
+                        except zmq.Again:
+                            break
+                        try:
+                            handle(*unpack(frames))
+                        except wire.WireError:
+                            continue
+                        except Exception:  # a bug here must not stop results arriving
+                            traceback.print_exc()
+                    if self._gone is None:
                         continue
-                    except Exception:  # a bug here must not stop results arriving
-                        traceback.print_exc()
+                now = time.monotonic()
+                reason = self._gone
+                if reason is None and now - checked >= PID_CHECK_S:
+                    checked = now
+                    reason = self._controller_exited()
+                if reason is None and now - heard > CONTROLLER_TIMEOUT_S:
+                    reason = (f"it has not answered for {now - heard:.0f} s (stopped, hung, or "
+                              "the network to it is down)")
+                if reason is not None:
+                    self._controller_gone(reason)
+                    return
+                if now - heard > PING_AFTER_S and now - pinged > PING_AFTER_S:
+                    wire.send(sock, signer.pack(wire.REQUEST, (-1, "ping", None)))
+                    pinged = now
             wire.send(sock, signer.pack(wire.BYE, None))
         finally:
             sock.close(linger=200)
+
+    def _controller_exited(self) -> str | None:
+        """Why the controller's process is gone, if it ran on this machine and is."""
+        if self._local is not None:
+            return self._local.exit_reason()
+        pid = self._info.get("pid")
+        if self._info["client_url"].startswith(_LOCAL_URLS) and isinstance(pid, int) \
+                and not connection.pid_alive(pid):
+            return f"its process (pid {pid}) has ended"
+        return None
+
+    def _controller_gone(self, reason: str) -> None:
+        """Fail every pending result and request with ControllerGone (saying what survives);
+        from now on submissions raise it at once."""
+        if self._local is not None:
+            survives = ("this client's private cluster is gone with it: create a new "
+                        "Client(engines=N) and submit again")
+        elif self._info.get("db") == "sqlite":
+            survives = ("the cluster keeps finished tasks in SQLite: once it runs again "
+                        "(`ipylb cluster start --db sqlite`, same profile), get_result({!r}) "
+                        "gives this one's result if it had finished; else submit it again")
+        else:
+            survives = ("the cluster kept results in memory, so they are gone (`ipylb cluster "
+                        "start --db sqlite` keeps them across restarts): submit it again")
+        why = f"the ipylb controller is gone: {reason}"
+        with self._send_lock:  # a submission under way is pending (failed below) or refused
+            self._gone = why
+        self._abandon(f"task {{}} had not finished: {why}; {survives}", "ControllerGone", why)
+        if self._local is not None:
+            self._local.stop()  # reap it; remove its connection file and shared memory
 
     def _on_message(self, kind: int, _sender: bytes, meta: Any, bufs: list[Any], mac: bytes) -> None:
         if kind == wire.RESULT:
@@ -186,7 +243,10 @@ class Client:
             if fut is not None:
                 fut.set_result(meta[1:])
         elif kind == wire.EVENT:
-            self._on_event(meta)
+            if meta[0] == "shutdown":  # the controller stops: the loop fails what is pending
+                self._gone = f"it shut down ({meta[1]})"
+            else:
+                self._on_event(meta)
         elif kind == wire.WELCOME:
             with self._state:
                 self._engine_ids = meta["engines"]
@@ -240,10 +300,12 @@ class Client:
         seen = len(self._engine_failures)  # only failures from now on count
 
         def enough() -> bool:
-            return len(self._engine_ids) >= n or len(self._engine_failures) > seen
+            return (len(self._engine_ids) >= n or len(self._engine_failures) > seen
+                    or self._gone is not None)
 
         with self._state:
             ok = self._state.wait_for(enough, timeout)
+        self._check_open()
         if len(self._engine_failures) > seen:
             raise RuntimeError("; ".join(self._engine_failures[seen:]))
         if not ok:
@@ -302,6 +364,9 @@ class Client:
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("this ipylb Client is closed; create a new one")
+        if self._gone is not None:
+            raise ControllerGone(f"{self._gone}; connect a new Client once a cluster runs "
+                                 "(`ipylb cluster start`, or Client(engines=N))")
 
     def load_balanced_view(self) -> Any:
         """A new LoadBalancedView on this client's cluster (its ``block`` starts as the
@@ -500,17 +565,21 @@ class Client:
             self._abandon(why)
         _live_clients.discard(self)
 
-    def _abandon(self, why: str) -> None:
-        """Fail every result and reply still expected, so nothing waits for it forever."""
+    def _abandon(self, why: str, ename: str = "ClientClosed", reply: str | None = None) -> None:
+        """Fail every result and reply still expected, so nothing waits for it forever.
+
+        ``why`` is formatted with each msg_id (twice); ``ename`` names the results' error;
+        ``reply`` is what requests waiting for an answer raise (``ename``), else RuntimeError."""
         replies, self._replies = self._replies, {}
+        answer = ((ename, reply) if reply is not None else
+                  ("RuntimeError", "this ipylb Client closed before the controller answered"))
         for fut in replies.values():
-            fut.set_result((False, ("RuntimeError", "this ipylb Client closed before the "
-                                    "controller answered")))
+            fut.set_result((False, answer))
         pending, self._pending = self._pending, {}
         watchers, self._watchers = self._watchers, {}
         for msg_id, waiting in [*pending.items(),
                                 *((m, w) for m, ws in watchers.items() for w in ws)]:
-            waiting[0]._deliver(waiting[1], Outcome.lost(msg_id, why.format(msg_id, msg_id)))
+            waiting[0]._deliver(waiting[1], Outcome.lost(msg_id, why.format(msg_id, msg_id), ename))
         with self._state:
             self._state.notify_all()
 
@@ -536,7 +605,9 @@ class Client:
             self.shutdown()
 
 
-_REQUEST_ERRORS = {"KeyError": KeyError, "ValueError": ValueError, "TypeError": TypeError}
+_REQUEST_ERRORS = {"KeyError": KeyError, "ValueError": ValueError, "TypeError": TypeError,
+                   "ControllerGone": ControllerGone}
+_LOCAL_URLS = ("tcp://127.", "tcp://localhost", "ipc://")
 _live_clients: weakref.WeakSet[Client] = weakref.WeakSet()
 
 

@@ -90,8 +90,19 @@ class LocalCluster:
             raise RuntimeError(f"the ipylb controller failed to start: {line or 'no output'}")
         self.info: dict[str, Any] = connection.read(self.connection_file)
 
+    def exit_reason(self) -> str | None:
+        """How the controller process ended (None while it runs)."""
+        code = self.proc.poll()
+        if code is None:
+            return None
+        from ..controller.launcher import exit_reason
+
+        text = exit_reason(code)
+        return text if code >= 0 else f"its process was {text}"
+
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop the controller (it stops its engines) and wait for it."""
+        """Stop the controller (it stops its engines) and wait for it; remove what a killed
+        controller leaves behind (its connection file, its shared-memory segments)."""
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -100,3 +111,4 @@ class LocalCluster:
                 self.proc.kill()
                 self.proc.wait()
         shm.sweep(self.info.get("shm_prefix"))  # what a killed controller could not remove
+        self.connection_file.unlink(missing_ok=True)

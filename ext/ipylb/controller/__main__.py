@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="[ipylb controller %(levelname)s] %(message)s")
 
+    swept = connection.sweep_leftovers()  # what killed clusters and engines left behind
+    if swept:
+        logging.getLogger("ipylb.controller").info("removed stale runtime files: %s", swept)
     db = TaskDB(args.db_file) if args.db_file else None
     key = db.key(wire.new_key()) if db is not None else wire.new_key()
     launcher = EngineLauncher(args.connection_file)
@@ -57,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
         "key": key.decode(), "controller_id": ctl.ident.decode(), "client_url": ctl.client_url, "engine_url": ctl.engine_url,
         "pid": os.getpid(), "scheme": args.scheme, "hwm": ctl.hwm,
         "shm_domain": ctl.shm_domain, "shm_prefix": ctl.shm_prefix,
+        "db": "sqlite" if db is not None else "memory",  # what survives it (clients say so)
     }
     connection.write(args.connection_file, info)
     stop_on_signals(ctl)

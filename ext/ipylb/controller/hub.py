@@ -87,6 +87,7 @@ class Controller:
         self._running = True  # until asked to stop, which may happen before run()
         # The attempt whose TaskDone the core is handling: (msg_id, result, bufs, mac).
         self._arrived: tuple[str, tuple, list[Any], bytes] | None = None
+        self.stop_reason = "it was stopped"  # what clients are told when it stops
         self._requests: dict[str, Callable[[bytes, Any], Any]] = {
             "queue_status": self._req_queue_status,
             "abort": self._req_abort,
@@ -98,6 +99,7 @@ class Controller:
             "get_result": self._req_get_result,
             "resubmit": self._req_resubmit,
             "purge": self._req_purge,
+            "ping": lambda _c, _a: None,  # a client's liveness check
         }
 
     def _router(self, ip: str) -> zmq.Socket:
@@ -158,7 +160,7 @@ class Controller:
     def _housekeeping(self, now: float) -> None:
         if self.parent_pid is not None and os.getppid() != self.parent_pid:
             log.warning("parent process %s is gone: shutting down", self.parent_pid)
-            self._running = False
+            self.stop(f"the process that started it (pid {self.parent_pid}) is gone")
             return
         if self.shm_prefix and now >= self._next_orphan_sweep:
             shm.sweep_orphans(self.shm_prefix, ORPHAN_GRACE_S)
@@ -396,6 +398,12 @@ class Controller:
         return done
 
     def _req_shutdown(self, _client: bytes, _arg: Any) -> None:
+        self.stop("a client asked it to (`ipylb cluster stop` or rc.stop_cluster())")
+
+    def stop(self, reason: str) -> None:
+        """End the main loop; ``reason`` is what clients are told (they fail what they
+        still wait for with ControllerGone instead of waiting in vain)."""
+        self.stop_reason = reason
         self._running = False
 
     def _req_add_engines(self, _client: bytes, n: Any) -> int:
@@ -492,7 +500,8 @@ class Controller:
     # -- shutdown ----------------------------------------------------------------
 
     def close(self) -> None:
-        """Stop every engine this controller launched and close the sockets."""
+        """Tell clients we stop, stop every engine this controller launched, close the sockets."""
+        self._broadcast(("shutdown", self.stop_reason))
         if self.launcher is not None:
             self.launcher.stop_all()
         for ident in list(self.engine_ident.values()):
@@ -500,7 +509,7 @@ class Controller:
                 wire.send(self.engines, [ident, *self.signer.pack(wire.STOP, None, to=ident)])
             except zmq.ZMQError:
                 pass
-        self.clients.close(0)
+        self.clients.close(linger=1000)  # the shutdown events, at most a second more
         self.engines.close(0)
         if self.store.db is not None:
             self.store.db.close()
@@ -534,7 +543,7 @@ def stop_on_signals(controller: Controller) -> None:
     """SIGTERM/SIGINT end the main loop cleanly, so engines are stopped too."""
 
     def handler(signum: int, _frame: Any) -> None:
-        controller._running = False
+        controller.stop(f"it received {signal.Signals(signum).name}")
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)

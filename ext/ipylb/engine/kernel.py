@@ -10,17 +10,21 @@ import time
 
 from ipykernel.ipkernel import IPythonKernel
 
+from ..connection import remove_kernel_files
 from .taskchannel import TaskChannel
 
 # How often an engine checks that the process that launched it is still there.
 PARENT_POLL_S = 0.5
 
 
-def _exit_when_orphaned(parent: int) -> None:
-    """Exit once the launching process is gone, so a killed client leaves no engine behind."""
+def _exit_when_orphaned(parent: int, connection_file: str) -> None:
+    """Exit once the launching process is gone, so a killed client leaves no engine behind,
+    and no file either: our kernel connection file and ipc sockets (nobody else will)."""
     while True:
         time.sleep(PARENT_POLL_S)
         if os.getppid() != parent:
+            if connection_file:
+                remove_kernel_files(connection_file)
             os._exit(1)
 
 
@@ -37,9 +41,8 @@ class EngineKernel(IPythonKernel):
             return
         with open(path) as f:
             cluster = json.load(f)
-        threading.Thread(
-            target=_exit_when_orphaned, args=(os.getppid(),), daemon=True, name="ipylb-parent-watch"
-        ).start()
         connection_file = getattr(self.parent, "abs_connection_file", "")
+        threading.Thread(target=_exit_when_orphaned, args=(os.getppid(), connection_file),
+                         daemon=True, name="ipylb-parent-watch").start()
         self.task_channel = TaskChannel(self, cluster, connection_file)
         self.task_channel.start(self.io_loop.asyncio_loop)
