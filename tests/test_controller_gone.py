@@ -214,3 +214,14 @@ def test_stale_runtime_files_are_swept_at_start(runtime):
                 young.name} <= names
     finally:
         listener.close()
+
+
+def test_a_controller_that_never_says_ready_is_not_waited_on_forever():
+    from ipylb.client.local import read_ready
+
+    silent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    t0 = time.monotonic()
+    assert read_ready(silent, timeout=1.0) == "it said nothing within 1 s (killed)"
+    assert silent.wait(5) == -signal.SIGKILL
+    assert time.monotonic() - t0 < 5

@@ -208,10 +208,9 @@ def _wait_ready(proc: subprocess.Popen, path: Path, engines: int) -> Any:
     """Wait for the controller's "ready" line, then for its engines to register.
     Returns a connected Client, or None (said why, and the controller is stopped)."""
     from .client.client import Client
+    from .client.local import read_ready
 
-    assert proc.stdout is not None
-    line = proc.stdout.readline().strip()
-    proc.stdout.close()
+    line = read_ready(proc)
     if line != "ready":
         proc.wait()
         _say(f"the controller failed to start: {line.removeprefix('error: ') or 'no output'}")

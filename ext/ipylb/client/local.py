@@ -12,6 +12,7 @@ its engines, if we die without calling ``shutdown()``.
 from __future__ import annotations
 
 import os
+import select
 import subprocess
 import sys
 import uuid
@@ -24,6 +25,8 @@ from .. import connection, shm
 from ..connection import KERNEL_NAME
 
 SCHEMES = ("leastload", "lru", "plainrandom", "twobin", "weighted", "pure")
+# How long a new controller has to say it is ready (it launches engines, it does not wait for them).
+READY_TIMEOUT_S = 60.0
 
 
 def check_kernelspec() -> None:
@@ -57,6 +60,20 @@ def _engine_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
 
 
+def read_ready(proc: subprocess.Popen, timeout: float = READY_TIMEOUT_S) -> str:
+    """The first line a starting controller prints ("ready", or its error), read within
+    ``timeout`` seconds; a controller that says nothing in time is killed (so no caller
+    waits on a hung start forever) and its silence is the answer."""
+    assert proc.stdout is not None
+    if select.select([proc.stdout], [], [], timeout)[0]:  # (a KeyboardInterrupt leaves it open)
+        line = proc.stdout.readline().strip()
+    else:
+        proc.kill()
+        line = f"it said nothing within {timeout:.0f} s (killed)"
+    proc.stdout.close()
+    return line
+
+
 class LocalCluster:
     """A controller child process plus its engines, owned by one client."""
 
@@ -82,9 +99,7 @@ class LocalCluster:
         ]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
                                      text=True, env=_engine_env())
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline().strip()
-        self.proc.stdout.close()
+        line = read_ready(self.proc)
         if line != "ready":
             self.proc.wait()
             raise RuntimeError(f"the ipylb controller failed to start: {line or 'no output'}")
