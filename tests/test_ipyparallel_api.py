@@ -157,3 +157,72 @@ def test_queue_status_targets_and_verbose(rc, view):
     assert verbose["unassigned"] == [] and isinstance(verbose[0]["queue"], list)
     with pytest.raises(IndexError, match="no such engine"):
         rc.queue_status(targets=7)
+
+
+# -- targets ---------------------------------------------------------------------------
+
+
+def fail_first_time_here(tag):
+    """Fails on the first call on each engine (per tag), succeeds after."""
+    import builtins
+
+    seen = builtins.__dict__.setdefault("_ipylb_test_seen", set())
+    if tag not in seen:
+        seen.add(tag)
+        raise RuntimeError(f"first attempt of {tag}")
+    return tag
+
+
+def test_targets_restrict_placement(rc):
+    v = rc.load_balanced_view(targets=[1])
+    assert len(v) == 1 and "targets=[1]" in repr(v)
+    amr = v.map_async(nap, [0.05] * 6)
+    amr.get(20)
+    assert amr.engine_id == [1] * 6  # engine 0 was free all along, and never used
+    with v.temp_flags(targets=0):
+        assert {v.apply_async(nap, 0.02).get_dict(10).popitem()[0] for _ in range(3)} == {0}
+    assert v.targets == [1]
+
+
+def test_targets_with_dependencies(rc):
+    v = rc.load_balanced_view()
+    with v.temp_flags(targets=0):
+        first = v.apply_async(nap, 0.2)
+    with v.temp_flags(targets=1):
+        second = v.apply_async(nap, 0)
+    second.get(10)
+    with v.temp_flags(after=[first], targets=1):  # waits for first, still runs on 1
+        later = v.apply_async(nap, 0)
+    with v.temp_flags(follow=[first], targets=[0, 1]):
+        follower = v.apply_async(nap, 0)
+    assert later.get(10) == 0 and later.engine_id == 1 and first.ready()
+    assert follower.get(10) == 0 and follower.engine_id == 0
+    with v.temp_flags(follow=[second], targets=[0]):  # second ran on engine 1
+        bad = v.apply_async(nap, 0)
+    with pytest.raises(error.ImpossibleDependency, match="not among its targets"):
+        bad.get(10)
+
+
+def test_retries_stay_within_the_targets(rc):
+    v = rc.load_balanced_view(targets=[1])
+    v.retries = 2
+    ar = v.apply_async(fail_first_time_here, "retry-within-targets")
+    # the retry could have gone to engine 0 (untried), but targets allow only engine 1
+    assert ar.get(20) == "retry-within-targets" and ar.engine_id == 1
+    assert any("retrying" in str(row[3]) for row in rc.story(ar.msg_id))
+
+
+def test_targets_are_checked(rc):
+    v = rc.load_balanced_view()
+    v.targets = [7]
+    with pytest.raises(IndexError, match=r"no such engine\(s\): 7"):
+        v.apply_async(nap, 0)
+    with pytest.raises(TypeError, match="targets must be"):
+        v.targets = "0"
+    with pytest.raises(ValueError, match="names no engine"):
+        v.set_flags(targets=[])
+    with pytest.raises(AttributeError, match="not a flag of LoadBalancedView; its flags are"):
+        v.tragets = [0]
+    with pytest.raises(ValueError, match="timeout"):
+        v.timeout = -1  # flags are validated when set, not at the next submission
+    assert v.targets == [7] and v.timeout == 0

@@ -368,12 +368,12 @@ class Client:
             raise ControllerGone(f"{self._gone}; connect a new Client once a cluster runs "
                                  "(`ipylb cluster start`, or Client(engines=N))")
 
-    def load_balanced_view(self) -> Any:
+    def load_balanced_view(self, targets: int | list[int] | None = None) -> Any:
         """A new LoadBalancedView on this client's cluster (its ``block`` starts as the
-        client's)."""
+        client's); ``targets``: the engines its tasks may run on (None: all)."""
         from .view import LoadBalancedView
 
-        view = LoadBalancedView(self)
+        view = LoadBalancedView(self, targets)
         view.block = self.block
         return view
 

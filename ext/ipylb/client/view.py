@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from ..dependency import dependent, to_spec
 from ..error import PURE_REFUSES
 from ..serialize import dumps_args, dumps_function
 from .asyncresult import AsyncMapResult, AsyncResult
+from .client import _engine_list
 
 if TYPE_CHECKING:
     from .client import Client
 
-_FLAGS = ("block", "retries", "timeout", "after", "follow")
+_FLAGS = ("block", "retries", "timeout", "after", "follow", "targets")
+# What a view's attributes may be: its flags and its two private parts.  Anything else
+# raises, so a misspelt or foreign flag (``v.tragets = [0]``) is never silently ignored.
+_ATTRS = frozenset((*_FLAGS, "client", "_results"))
 
 
 class _Chunk:
@@ -37,11 +41,14 @@ class LoadBalancedView:
 
     Flags (attributes): ``block`` (apply/map wait for results), ``retries``,
     ``timeout`` (seconds a task may wait to be assigned; 0/None: forever),
-    ``after`` (run when these tasks are done), ``follow`` (run where they ran).
+    ``after`` (run when these tasks are done), ``follow`` (run where they ran),
+    ``targets`` (an engine id or a list: tasks run only on those; None: any).  Flags are
+    validated when set; setting an attribute that is not a flag raises AttributeError.
     """
 
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: Client, targets: int | list[int] | None = None) -> None:
         self.client = client
+        self.targets = targets
         self.block = False
         self.retries = 0
         self.timeout: float | None = 0
@@ -51,11 +58,23 @@ class LoadBalancedView:
         self._results: weakref.WeakSet[AsyncResult] = weakref.WeakSet()
 
     def __repr__(self) -> str:
-        return f"<LoadBalancedView scheme={self.client.scheme}>"
+        on = "" if self.targets is None else f" targets={self.targets!r}"
+        return f"<LoadBalancedView scheme={self.client.scheme}{on}>"
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name not in _ATTRS:
+            raise AttributeError(
+                f"{name!r} is not a flag of LoadBalancedView; its flags are {', '.join(_FLAGS)}"
+            )
+        if name in _FLAGS:
+            _validate(name, value)
+        object.__setattr__(self, name, value)
 
     def __len__(self) -> int:
-        """How many engines this view may use (as ipyparallel: the registered engines)."""
-        return len(self.client)
+        """How many engines this view may use (as ipyparallel: its targets, else the
+        registered engines)."""
+        t = self.targets
+        return len(self.client) if t is None else 1 if isinstance(t, int) else len(t)
 
     def wait(self, jobs: Any = None, timeout: float | None = None) -> bool:
         """Wait for ``jobs`` (AsyncResults, msg_ids, Futures; default: every task submitted
@@ -91,10 +110,11 @@ class LoadBalancedView:
         """The scheduling flags for the core, or None when all are defaults (the fast path)."""
         if self.client.scheme == "pure" and isinstance(f, dependent):
             raise ValueError(f"{_name(f)} has functional dependencies: {PURE_REFUSES}")
-        if not (self.after or self.follow or self.retries or self.timeout):
+        targets = self.targets
+        if not (self.after or self.follow or self.retries or self.timeout or targets is not None):
             return None
         if self.client.scheme == "pure":
-            raise ValueError(f"after/follow/retries/timeout are set: {PURE_REFUSES}")
+            raise ValueError(f"after/follow/retries/timeout/targets are set: {PURE_REFUSES}")
         _validate("retries", self.retries)
         _validate("timeout", self.timeout)
         return {
@@ -102,6 +122,9 @@ class LoadBalancedView:
             "follow": to_spec(self.follow) if self.follow else None,
             "retries": self.retries,
             "timeout": self.timeout or None,
+            # checked against the engines registered now (IndexError), as ipyparallel does
+            "targets": None if targets is None else frozenset(
+                _engine_list(targets, self.client.ids)),
         }
 
     # -- apply -------------------------------------------------------------------
@@ -224,6 +247,14 @@ def _validate(name: str, value: Any) -> None:
             raise ValueError(f"timeout must be >= 0 seconds (0 or None: never), got {value!r}")
     elif name in ("after", "follow"):
         to_spec(value)  # raises TypeError for anything that is not ids/results/Dependency
+    elif name == "targets" and value is not None:
+        ids = [value] if isinstance(value, int) else value
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable) or any(
+                type(t) is not int or t < 0 for t in ids):
+            raise TypeError(f"targets must be an engine id, a list of them or None (all), "
+                            f"got {value!r}")
+        if not ids:
+            raise ValueError("targets=[] names no engine; use None for all engines")
 
 
 def _name(f: Any) -> str:

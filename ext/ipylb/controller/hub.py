@@ -360,7 +360,8 @@ class Controller:
             raise ValueError(f"msg_id(s) already in use: {', '.join(clash)}")
         now = time.monotonic()
         for rec, (_old, new) in zip(recs, pairs):
-            flags = rec.flags and {"retries": rec.flags.get("retries", 0)}
+            flags = rec.flags and {"retries": rec.flags.get("retries", 0),
+                                   "targets": rec.flags.get("targets")}
             self._new_task(Record(new, client, rec.bufs, rec.bufs_mac, flags or None), now)
 
     def _req_purge(self, _client: bytes, msg_ids: list[str] | None) -> list[str]:
@@ -522,8 +523,13 @@ def _check_flags(flags: Any) -> None:
     leave the scheduler inconsistent (a signed but malformed submission, a peer bug)."""
     if flags is None:
         return
-    if not isinstance(flags, dict) or not flags.keys() <= {"after", "follow", "timeout", "retries"}:
+    if not isinstance(flags, dict) or not flags.keys() <= {"after", "follow", "timeout", "retries",
+                                                           "targets"}:
         raise wire.WireError("malformed task flags")
+    targets = flags.get("targets")
+    if targets is not None and not (isinstance(targets, frozenset) and targets
+                                    and all(type(t) is int for t in targets)):
+        raise wire.WireError("malformed targets in task flags")
     for name in ("after", "follow"):
         spec = flags.get(name)
         if spec is not None and not (
