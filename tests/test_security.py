@@ -238,8 +238,8 @@ def test_signed_but_malformed_messages_do_not_crash_the_controller(cluster):
         msg(wire.REQUEST, "not a tuple"),
         msg(99, None),
         msg(wire.DONE, ("x", "ok")),
-        msg(wire.SUBMIT, task, [b"f", b""], segs=((1, outside, 1 << 21),)),
-        msg(wire.SUBMIT, task, [b"f", b""], segs=((7, "ipylb-1-ab-cd-1", 1 << 21),)),
+        msg(wire.SUBMIT, task, [b"f", b""], segs=((1, outside, 1 << 21, 1, 2),)),
+        msg(wire.SUBMIT, task, [b"f", b""], segs=((7, "ipylb-1-ab-cd-1", 1 << 21, 1, 2),)),
         msg(wire.SUBMIT, task, [b"f", b""], segs="not a list"),
     ]
     answered = [

@@ -18,7 +18,7 @@ import textwrap
 import ipylb
 import numpy as np
 import pytest
-from ipylb import digest, serialize, shm, wire
+from ipylb import serialize, shm, wire
 from ipylb.error import RemoteError, WireError
 
 pytestmark = pytest.mark.skipif(shm.domain() is None, reason="no shared memory on this machine")
@@ -56,7 +56,7 @@ def pair(prefix: str, owns: bool = False) -> tuple[wire.Signer, wire.Signer]:
 # -- segments and the wire -----------------------------------------------------
 
 
-def test_placer_writes_a_private_segment_and_its_digests(prefix):
+def test_placer_writes_a_private_segment_named_by_its_inode(prefix):
     data = np.random.default_rng(1).integers(0, 255, BIG, dtype="u1")
     head = b"pickle"
     out = shm.Placer(prefix).place([head, memoryview(data)])
@@ -67,7 +67,7 @@ def test_placer_writes_a_private_segment_and_its_digests(prefix):
     assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == os.geteuid()
     with open(seg.path, "rb") as f:
         assert f.read() == data.tobytes()
-    assert seg.digests == digest.chunk_digests(memoryview(data))
+    assert seg.ident == (st.st_dev, st.st_ino)
 
 
 def test_small_and_in_band_buffers_stay_inline(prefix):
@@ -94,40 +94,104 @@ def test_a_segment_round_trips_under_the_mac_and_maps_copy_on_write(prefix):
         assert np.array_equal(np.frombuffer(f.read(), "f8"), arr)
 
 
-def test_an_altered_segment_fails_authentication(prefix):
+def received(prefix: str, data: bytes = bytes(BIG)) -> tuple[wire.Signer, list, bytes, shm.Segment]:
+    """A segment written by a producer and unpacked (not yet checked) by a consumer."""
     producer, consumer = pair(prefix)
-    bufs = shm.Placer(prefix).place([b"p", memoryview(bytearray(BIG))])
+    bufs = shm.Placer(prefix).place([b"p", memoryview(bytearray(data))])
     _, _, _, got, mac = consumer.unpack(producer.pack(wire.RESULT, None, bufs))
-    with open(bufs[1].path, "r+b") as f:  # one byte in the last, partial chunk
-        f.seek(BIG - 1)
-        f.write(b"\x01")
-    with pytest.raises(WireError, match="fail authentication"):
+    return consumer, got, mac, bufs[1]
+
+
+def test_a_file_swapped_in_under_a_segments_name_is_refused(prefix):
+    """Same name, same size, same owner, mode 0600, even the same bytes: another inode."""
+    consumer, got, mac, seg = received(prefix)
+    os.unlink(seg.path)
+    fd = os.open(seg.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.ftruncate(fd, BIG)
+    os.close(fd)
+    with pytest.raises(WireError, match="not the payload segment its message describes"):
         consumer.check_bufs(got, mac)
 
 
-def test_the_same_bytes_authenticate_inline_or_in_a_segment(prefix):
-    """The controller reads a segment into a frame for a peer on another machine:
-    the producer's MAC must still hold."""
-    producer, consumer = pair(prefix)
-    data = memoryview(bytearray(os.urandom(BIG)))
-    bufs = shm.Placer(prefix).place([b"p", data])
-    frames = producer.pack(wire.RESULT, None, shm.inline(bufs), producer.bufs_mac(bufs))
-    _, _, _, got, mac = consumer.unpack(frames)
+def test_a_wider_mode_or_a_symlink_under_a_segments_name_is_refused(prefix):
+    consumer, got, mac, seg = received(prefix)
+    os.chmod(seg.path, 0o644)  # the right inode, but readable by others: not one of ours
+    with pytest.raises(WireError, match="not the payload segment"):
+        consumer.check_bufs(got, mac)
+    consumer, got, mac, seg = received(prefix)
+    target = f"{seg.path}-target"
+    os.rename(seg.path, target)  # the very inode named, but reached through a symlink
+    os.symlink(target, seg.path)
+    try:
+        with pytest.raises(WireError, match="cannot open"):  # O_NOFOLLOW
+            consumer.check_bufs(got, mac)
+    finally:
+        os.unlink(target)
+
+
+def test_a_segment_under_another_identity_fails_authentication(prefix):
+    """The MAC covers device and inode: a relay cannot point a signed task at another file."""
+    consumer, got, mac, _seg = received(prefix)
+    other = shm.Placer(prefix).place([b"p", memoryview(bytearray(BIG))])[1]
+    with pytest.raises(WireError, match="fail authentication"):
+        consumer.check_bufs([got[0], other], mac)
+
+
+def test_content_altered_within_the_segment_is_the_trusted_same_uid_case(prefix):
+    """Same-host segments are authenticated by identity, not content (issue 14).  Only the
+    segment's owner uid (or root) can write to it, and that uid can read the cluster key
+    anyway: a write by it within the same inode is trusted, not hashed, and so arrives."""
+    consumer, got, mac, seg = received(prefix)
+    with open(seg.path, "r+b") as f:  # one byte in the last, partial chunk
+        f.seek(BIG - 1)
+        f.write(b"\x01")
     consumer.check_bufs(got, mac)
-    assert bytes(got[1]) == bytes(data)
+    assert got[1].view()[BIG - 1] == 1
+
+
+def test_inline_reads_segments_under_a_mac_over_their_bytes(prefix):
+    """The controller reads a segment into a frame for a peer on another machine (or the
+    database): the peer checks a MAC over the bytes, so an altered frame is refused."""
+    producer, consumer = pair(prefix)
+    remote = wire.Signer(KEY, b"remote")  # no shared memory
+    data = os.urandom(BIG)
+    bufs = shm.Placer(prefix).place([b"p", memoryview(bytearray(data))])
+    _, _, _, got, mac = consumer.unpack(producer.pack(wire.RESULT, None, bufs))
+    inlined, inline_mac = consumer.inline(got, mac)
+    assert inline_mac != mac and bytes(inlined[1]) == data
+    _, _, _, frames, fmac = remote.unpack(consumer.pack(wire.RESULT, None, inlined, inline_mac,
+                                                        to=b"remote"))
+    remote.check_bufs(frames, fmac)
+    assert bytes(frames[1]) == data
+    frames[1] = bytes(frames[1][:-1]) + b"\x01"
+    with pytest.raises(WireError, match="fail authentication"):
+        remote.check_bufs(frames, fmac)
+
+
+def test_inline_refuses_what_its_producer_did_not_sign(prefix):
+    """No fresh MAC for buffers that fail the producer's: inline checks before it signs."""
+    consumer, got, mac, seg = received(prefix)
+    with pytest.raises(WireError, match="fail authentication"):
+        consumer.inline([b"forged", got[1]], mac)
+    os.unlink(seg.path)
+    with pytest.raises(WireError, match="is gone"):
+        consumer.inline(got, mac)
 
 
 @pytest.mark.parametrize("segs", [
-    ((1, "../../etc/passwd", BIG),),
-    ((1, "ipylb-1-ab-cd-1", BIG),),  # another controller's prefix
-    ((5, None, BIG),),  # no such frame, no name
-    ((1, None, 10),),  # too small to be a segment
+    ((1, "../../etc/passwd", BIG, 1, 2),),
+    ((1, "ipylb-1-ab-cd-1", BIG, 1, 2),),  # another controller's prefix
+    ((5, None, BIG, 1, 2),),  # no such frame
+    ((1, None, 10, 1, 2),),  # too small to be a segment
+    ((1, None, BIG, -1, 2),),  # no such device
+    ((1, None, BIG, 1, "2"),),  # an inode that is not a number
+    ((1, None, BIG),),  # no identity
     "garbage",
 ])
-def test_malformed_or_foreign_segment_names_are_refused(prefix, segs):
+def test_malformed_or_foreign_segment_lists_are_refused(prefix, segs):
     producer, consumer = pair(prefix)
-    name = segs[0][1] if isinstance(segs, tuple) and segs[0][1] is not None else f"{prefix}ab-1"
-    segs = tuple((i, name, n) for i, _, n in segs) if isinstance(segs, tuple) else segs
+    if isinstance(segs, tuple):  # None: a well-formed name under the consumer's prefix
+        segs = tuple((e[0], e[1] or f"{prefix}ab-1", *e[2:]) for e in segs)
     frames = producer.pack(wire.RESULT, None, [b"p", b""])
     # Re-sign a head that describes the given segments (a buggy or malicious peer with the key).
     kind, sender, to, seq, meta, mac, _ = wire.pickle.loads(frames[1])
@@ -143,7 +207,8 @@ def test_a_refused_segment_list_removes_nothing(prefix):
     seg = shm.Placer(prefix).place([b"p", memoryview(bytearray(BIG))])[1]
     frames = producer.pack(wire.RESULT, None, [b"p", b"", b""])
     kind, sender, to, seq, meta, mac, _ = wire.pickle.loads(frames[1])
-    head = wire.pickle.dumps((kind, sender, to, seq, meta, mac, ((1, seg.name, BIG), (2, "x", BIG))))
+    head = wire.pickle.dumps((kind, sender, to, seq, meta, mac,
+                              ((1, seg.name, BIG, *seg.ident), (2, "x", BIG, *seg.ident))))
     with pytest.raises(WireError, match="malformed"):
         owner.unpack([wire.hmac.digest(KEY, head, "sha256"), head, *frames[2:]])
     assert os.path.exists(seg.path)
@@ -166,7 +231,7 @@ def test_a_gone_segment_says_what_happened(prefix):
 
 def test_an_owned_segment_is_removed_with_its_last_reference(prefix):
     seg = shm.Placer(prefix).place([b"p", memoryview(bytearray(BIG))])[1]
-    owned = [shm.Segment(seg.name, seg.nbytes, owned=True)]
+    owned = [shm.Segment(seg.name, seg.nbytes, seg.ident, owned=True)]
     kept = owned[0]  # e.g. a resubmitted task's record shares the request's buffers
     del owned
     assert files(prefix) == {seg.name}
@@ -181,7 +246,7 @@ def test_out_of_mappings_reads_a_copy(prefix, monkeypatch):
     data = os.urandom(BIG)
     seg = shm.Placer(prefix).place([b"p", memoryview(data)])[1]
     monkeypatch.setattr(shm.mmap, "mmap", no_more)
-    consumer = shm.Segment(seg.name, seg.nbytes)
+    consumer = shm.Segment(seg.name, seg.nbytes, seg.ident)
     view = consumer.view()
     assert bytes(view) == data and not view.readonly
 
@@ -219,7 +284,7 @@ def test_orphans_are_swept_after_their_grace_but_owned_segments_never(prefix):
     placer = shm.Placer(prefix)
     orphan = placer.place([b"p", memoryview(bytearray(BIG))])[1]  # its producer "died"
     kept = placer.place([b"p", memoryview(bytearray(BIG))])[1]
-    owned = shm.Segment(kept.name, kept.nbytes, owned=True)
+    owned = shm.Segment(kept.name, kept.nbytes, kept.ident, owned=True)
     shm.sweep_orphans(prefix, grace_s=60)
     assert files(prefix) == {orphan.name, kept.name}  # young: maybe still in flight
     shm.sweep_orphans(prefix, grace_s=-1)
@@ -233,10 +298,10 @@ def test_a_claimed_link_outlives_the_record(prefix):
     so the controller dropping the record at once (budget, purge) loses nothing."""
     data = os.urandom(BIG)
     seg = shm.Placer(prefix).place([b"p", memoryview(data)])[1]
-    owned = shm.Segment(seg.name, seg.nbytes, owned=True)
+    owned = shm.Segment(seg.name, seg.nbytes, seg.ident, owned=True)
     link = owned.link()
     del owned  # the record is dropped before the client reads its message
-    received = shm.Segment(link.name, link.nbytes)
+    received = shm.Segment(link.name, link.nbytes, link.ident)
     received.claim()
     assert files(prefix) == set() and bytes(received.view()) == data
 
@@ -338,33 +403,56 @@ def test_a_client_without_shared_memory_gets_the_bytes_inline(rc, view, tmp_path
 
 
 @contextlib.contextmanager
-def segments_vanish(rc):
-    """While inside: every segment the client writes is removed right after (as systemd's
-    RemoveIPC would), before the controller passes it on."""
+def after_placing(rc, act):
+    """While inside: ``act(segment)`` on every segment the client writes, right after it is
+    written and before the controller passes it on."""
     place = rc._placer.place
 
-    def place_then_lose(bufs):
+    def place_then_act(bufs):
         out = place(bufs)
         for b in out:
             if isinstance(b, shm.Segment):
-                os.unlink(b.path)
+                act(b)
         return out
 
-    rc._placer.place = place_then_lose
+    rc._placer.place = place_then_act
     try:
         yield
     finally:
         del rc._placer.place
 
 
+def lose(seg: shm.Segment) -> None:
+    """As systemd's RemoveIPC would."""
+    os.unlink(seg.path)
+
+
+def swap(seg: shm.Segment) -> None:
+    """Another file of ours under the segment's name: same size, owner and mode, zeros."""
+    os.unlink(seg.path)
+    fd = os.open(seg.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.ftruncate(fd, seg.nbytes)
+    os.close(fd)
+
+
 def test_a_task_whose_segment_vanished_fails_clearly(rc, view):
     """E.g. systemd's RemoveIPC empties /dev/shm of a user who logged out."""
     arr = np.ones(BIG, "u1")
-    with segments_vanish(rc):
+    with after_placing(rc, lose):
         ar = view.apply_async(lambda x: int(x.sum()), arr)
     with pytest.raises(RemoteError, match="is gone"):
         ar.get(30)
     assert view.apply_sync(lambda x: int(x.sum()), arr) == BIG  # the engine serves on
+
+
+def test_a_task_whose_segment_was_swapped_for_another_file_is_refused(rc, view):
+    """The engine maps only the inode the signed head names: the task fails, unrun."""
+    arr = np.ones(BIG, "u1")
+    with after_placing(rc, swap):
+        ar = view.apply_async(lambda x: int(x.sum()), arr)
+    with pytest.raises(RemoteError, match="not the payload segment its message describes"):
+        ar.get(30)
+    assert view.apply_sync(lambda x: int(x.sum()), arr) == BIG
 
 
 def start_controller(tmp_path, *args: str) -> tuple[subprocess.Popen, str]:
@@ -416,7 +504,7 @@ def test_an_engine_on_another_machine_gets_bytes_inline(tmp_path):
         arr = np.arange(BIG, dtype="u1")
         assert view.apply_sync(where_is, arr) == (False, True)  # arrived as a frame, writable
         assert np.array_equal(view.apply_sync(lambda x: x, arr), arr)
-        with segments_vanish(rc):
+        with after_placing(rc, lose):
             lost = view.apply_async(lambda x: x, arr)
         with pytest.raises(RemoteError, match="is gone"):
             lost.get(30)

@@ -17,10 +17,17 @@ the record.  Leftovers are swept: segments a producer wrote but never sent (it
 died) and links no client claimed, by the controller after a grace period; its
 own at exit; those of controllers that are gone, by the next one to start.
 
-Security: a segment is created O_EXCL with mode 0600 in the sticky ``/dev/shm``
-(no other user can create, replace or alter it); its name and size travel in
-the signed head, and its content is covered by the message's MAC exactly like
-an inline frame (the consumer hashes the mapping before unpickling).
+Security: identity, not content.  A segment is created O_EXCL with mode 0600
+in the sticky ``/dev/shm``: no other user can create, replace, rename or alter
+it, and the one uid that can (its owner, or root) can read the cluster key
+anyway.  So the signed head names the segment (name, size, device and inode),
+and a consumer checks that the file it opens is that one (``fstat`` of the
+opened descriptor: same device and inode, a regular file owned by its own uid,
+mode 0600, the size) and maps it without hashing its bytes.  A file swapped in
+under the name is refused; the owner changing bytes within the file is trusted,
+like the owner changing the process.  Bytes that leave the machine are hashed:
+the controller reads a segment into a frame, under a MAC over its bytes, for a
+peer that cannot map it (:meth:`ipylb.wire.Signer.inline`).
 
 Where it applies: only between processes that see the same ``/dev/shm`` as the
 controller (same boot, same mount, same user: :func:`domain`).  Everyone else
@@ -30,7 +37,6 @@ on another machine.  ``IPYLB_SHM=off`` turns the path off for a process.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import mmap
 import os
@@ -38,7 +44,7 @@ import re
 import secrets
 import stat
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from functools import cache
 from typing import Any
 
@@ -48,9 +54,8 @@ from .error import WireError
 
 SHM_DIR = "/dev/shm"
 # Buffers larger than this travel through a segment (below it, zmq is as quick).  At least
-# CHUNK: a segment's content always enters the MAC as chunk digests.
+# CHUNK: an inline frame this large enters the MAC as chunk digests, on every core.
 MIN_BYTES = CHUNK
-_SHA256 = hashlib.sha256
 # ipylb-<pid namespace>-<controller pid>-<nonce>-, then <producer>-<n>[-<link n>]
 _OWN = re.compile(r"ipylb-(\d+)-(\d+)-[0-9a-f]+-")
 _TAIL = re.compile(r"[0-9a-f]{1,32}-[0-9]{1,20}(-[0-9a-f]{16})?")
@@ -110,18 +115,18 @@ def valid_name(name: Any, prefix: str) -> bool:
 class Segment:
     """One buffer in shared memory, as it travels in place of a frame.
 
-    ``digests`` are its chunk digests when this process wrote it (the MAC needs
-    them); ``owned`` (the controller's segments) removes the file when the last
-    reference to this object goes.
+    ``ident`` is the file's (device, inode) as its producer created it: what the
+    MAC covers and what :meth:`view` and :meth:`read` check the opened file
+    against.  ``owned`` (the controller's segments) removes the file when the
+    last reference to this object goes.
     """
 
-    __slots__ = ("name", "nbytes", "digests", "owned", "_view")
+    __slots__ = ("name", "nbytes", "ident", "owned", "_view")
 
-    def __init__(self, name: str, nbytes: int, digests: bytes | None = None,
-                 owned: bool = False) -> None:
+    def __init__(self, name: str, nbytes: int, ident: tuple[int, int], owned: bool = False) -> None:
         self.name = name
         self.nbytes = nbytes
-        self.digests = digests
+        self.ident = ident
         self.owned = owned
         self._view: memoryview | None = None
         if owned:
@@ -148,9 +153,12 @@ class Segment:
         except OSError as e:
             raise WireError(f"cannot open the payload in shared memory {self.path}: {e}") from None
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_size != self.nbytes:
+        if ((st.st_dev, st.st_ino) != self.ident or not stat.S_ISREG(st.st_mode)
+                or st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) != 0o600
+                or st.st_size != self.nbytes):
             os.close(fd)
-            raise WireError(f"{self.path} is not the payload segment its message describes")
+            raise WireError(f"{self.path} is not the payload segment its message describes "
+                            "(another file under its name): refused")
         return fd
 
     def view(self) -> memoryview:
@@ -209,7 +217,7 @@ class Segment:
                             "someone else: systemd's RemoveIPC?)") from None
         except OSError as e:
             raise WireError(f"cannot link the payload in shared memory {self.path}: {e}") from None
-        return Segment(name, self.nbytes)
+        return Segment(name, self.nbytes, self.ident)  # a link is the same inode
 
     def __del__(self) -> None:
         if self.owned:
@@ -256,12 +264,11 @@ class Placer:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except OSError:
             return None
-        def write_and_digest(offset: int, piece: memoryview) -> bytes:
-            _write_all(fd, piece, offset)
-            return _SHA256(piece).digest()
-
-        try:  # one pass per chunk, on every core (all done, or failed, when it returns)
-            digests = per_chunk(write_and_digest, view)
+        try:
+            os.fchmod(fd, 0o600)  # whatever the umask: consumers require exactly 0600
+            st = os.fstat(fd)
+            # Chunks written on every core (all done, or failed, when it returns).
+            per_chunk(lambda offset, piece: _write_all(fd, piece, offset), view)
         except BaseException as e:  # /dev/shm full (ENOSPC), a quota...: this one goes inline
             os.close(fd)
             os.unlink(path)
@@ -269,12 +276,7 @@ class Placer:
                 return None
             raise
         os.close(fd)
-        return Segment(name, view.nbytes, digests)
-
-
-def inline(bufs: Sequence[Any]) -> list[Any]:
-    """``bufs`` with segments read into bytes, for a peer that cannot map them."""
-    return [b.read() if type(b) is Segment else b for b in bufs]
+        return Segment(name, view.nbytes, (st.st_dev, st.st_ino))
 
 
 def _remove(selected: Callable[[str], bool], older_than: float | None = None) -> None:

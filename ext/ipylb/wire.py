@@ -8,15 +8,19 @@ Every message on ipylb's own sockets (client <-> controller <-> engine) is::
 ``signature`` is HMAC-SHA256(key, head).  ``bufs_mac`` is HMAC-SHA256 over the
 length-prefixed ``bufs`` (empty when there are none), so every frame, pickled
 buffers included, is authenticated under the cluster key.  ``segs`` names the
-buffers that travel through shared memory instead of a frame (:mod:`ipylb.shm`):
-their content enters ``bufs_mac`` exactly as if they were inline.
+buffers that travel through shared memory instead of a frame (:mod:`ipylb.shm`)
+by name, size, device and inode: it is their identity that enters ``bufs_mac``,
+not their content, and a consumer maps a segment only if the file it opened is
+that one (same-host segments are authenticated by identity; see
+:mod:`ipylb.shm`).  Bytes that cross hosts always travel inline under a MAC
+over their content (:meth:`Signer.inline`).
 
 Why the buffers get a MAC of their own, carried inside the head: a relay (the
 controller) checks the head of each message it acts on, and forwards the task's
 buffers untouched with the producer's ``bufs_mac`` in its own signed head.  The
 consumer (engine or client) checks the buffers against it before unpickling.  A
-large payload is so hashed twice end to end (by its producer and its consumer)
-instead of once per hop, and never copied.
+large inline payload is so hashed twice end to end (by its producer and its
+consumer) instead of once per hop, and never copied.
 
 A buffer larger than ``CHUNK`` enters the MAC as the SHA-256 digests of its
 1 MiB chunks (:mod:`ipylb.digest`): HMAC over collision-resistant digests
@@ -59,6 +63,9 @@ REGISTER, DONE = 31, 32
 _SHA256 = hashlib.sha256
 _DIGEST = 32
 _LEN = 8
+# A segment's length prefix in the MAC has this bit set (an inline frame's never
+# does), so a segment's identity can never pass for a frame's bytes.
+_SEGMENT_TAG = 1 << 63
 
 
 _SNDMORE, _RCVMORE, _NOBLOCK = int(zmq.SNDMORE), int(zmq.RCVMORE), int(zmq.NOBLOCK)
@@ -127,9 +134,10 @@ class Signer:
             return b""
         h = self._proto.copy()
         for b in bufs:
-            if type(b) is Segment:  # digested when written here, else read from the mapping
-                h.update(b.nbytes.to_bytes(_LEN, "little"))
-                h.update(b.digests if b.digests is not None else chunk_digests(b.view()))
+            if type(b) is Segment:  # its identity, not its bytes (see the module docstring)
+                dev, ino = b.ident
+                h.update((b.nbytes | _SEGMENT_TAG).to_bytes(_LEN, "little"))
+                h.update(dev.to_bytes(_LEN, "little") + ino.to_bytes(_LEN, "little"))
                 continue
             v = _view(b)
             n = _nbytes(v)
@@ -143,14 +151,15 @@ class Signer:
     ) -> list[Any]:
         """Frames for one message to ``to`` (default: the peer); pass ``bufs_mac`` to
         forward another producer's buffers.  A Segment among ``bufs`` travels as its
-        name and size in the signed head, an empty frame in its place."""
+        name, size, device and inode in the signed head, an empty frame in its place."""
         self._seq += 1
         if bufs_mac is None:
             bufs_mac = self.bufs_mac(bufs)
         segs: tuple = ()
         for b in bufs:
             if type(b) is Segment:
-                segs = tuple((i, b.name, b.nbytes) for i, b in enumerate(bufs) if type(b) is Segment)
+                segs = tuple((i, b.name, b.nbytes, *b.ident)
+                             for i, b in enumerate(bufs) if type(b) is Segment)
                 bufs = [b"" if type(b) is Segment else b for b in bufs]
                 break
         head = pickle.dumps((kind, self.sender, self.peer if to is None else to, self._seq, meta,
@@ -192,17 +201,44 @@ class Signer:
         if prefix is None:
             raise WireError("a message points to shared memory this process does not share")
         try:
-            for i, name, nbytes in segs:
+            for i, name, nbytes, dev, ino in segs:
                 if not (type(i) is int and 0 <= i < len(bufs) and type(nbytes) is int
-                        and nbytes > SHM_MIN_BYTES and shm_valid_name(name, prefix)):
+                        and SHM_MIN_BYTES < nbytes < _SEGMENT_TAG and shm_valid_name(name, prefix)
+                        and type(dev) is int and type(ino) is int
+                        and 0 <= dev < 1 << 64 and 0 <= ino < 1 << 64):
                     raise ValueError
         except (TypeError, ValueError):
             raise WireError(f"malformed shared-memory segment list {segs!r}") from None
         # Only now: an owned Segment removes its file when dropped.
-        for i, name, nbytes in segs:
-            bufs[i] = Segment(name, nbytes, owned=self._owns_segments)
+        for i, name, nbytes, dev, ino in segs:
+            bufs[i] = Segment(name, nbytes, (dev, ino), owned=self._owns_segments)
 
     def check_bufs(self, bufs: Sequence[Any], bufs_mac: bytes) -> None:
-        """Raise WireError unless ``bufs`` are exactly what their producer signed."""
+        """Raise WireError unless ``bufs`` are exactly what their producer signed.
+
+        Each segment is opened and mapped here: a file that is not the one its
+        producer named (device, inode, owner, mode 0600, size) is refused."""
+        self._check_mac(bufs, bufs_mac)
+        for b in bufs:
+            if type(b) is Segment:
+                b.view()
+
+    def _check_mac(self, bufs: Sequence[Any], bufs_mac: bytes) -> None:
         if not hmac.compare_digest(self.bufs_mac(bufs), bufs_mac):
             raise WireError("payload buffers fail authentication: altered or forged in transit")
+
+    def inline(self, bufs: Sequence[Any], bufs_mac: bytes) -> tuple[Sequence[Any], bytes]:
+        """``(bufs, bufs_mac)`` for a peer that cannot map segments (another host, no
+        shared memory, the task database): each segment read into bytes, under a MAC
+        over those bytes.
+
+        The producer's MAC (over the segments' identities) is checked first and each
+        read checks the file is the segment named, so nothing unauthenticated leaves
+        with a fresh MAC.  Raises WireError for a segment gone or replaced, or buffers
+        that fail authentication.  Without segments, returns its arguments as they are.
+        """
+        if not any(type(b) is Segment for b in bufs):
+            return bufs, bufs_mac
+        self._check_mac(bufs, bufs_mac)
+        out = [b.read() if type(b) is Segment else b for b in bufs]
+        return out, self.bufs_mac(out)

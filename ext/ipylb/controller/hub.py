@@ -70,6 +70,7 @@ class Controller:
         self.core = Scheduler(scheme="leastload" if scheme == "pure" else scheme, hwm=hwm)
         self.scheme, self.hwm = scheme, hwm
         self.store = store if store is not None else TaskStore()
+        self.store.inline = self.signer.inline
         self.launcher = launcher
         self.parent_pid = parent_pid
         self.clients = self._router(ip)
@@ -427,14 +428,14 @@ class Controller:
             if t is ev.Assign:
                 rec = self.store[c.task_id]
                 ident = self.engine_ident[c.engine_id]
-                bufs = rec.bufs
+                bufs, mac = rec.bufs, rec.bufs_mac
                 if ident in self.remote:
                     try:
-                        bufs = shm.inline(bufs)
+                        bufs, mac = self.signer.inline(bufs, mac)
                     except wire.WireError as e:  # its segment vanished: as an engine would say
                         unsendable.append((c, str(e)))
                         continue
-                frames = self.signer.pack(wire.TASK, (c.task_id,), bufs, rec.bufs_mac, ident)
+                frames = self.signer.pack(wire.TASK, (c.task_id,), bufs, mac, ident)
                 if not self._to_engine(ident, frames):
                     unreachable.append(c.engine_id)
             elif t is ev.Deliver:  # only ever in answer to the TaskDone of _attempt_ended
@@ -484,11 +485,11 @@ class Controller:
 
     def _send_result(self, client: bytes, rec: Record) -> None:
         meta = (rec.msg_id, *rec.result)
-        bufs = rec.result_bufs
+        bufs, mac = rec.result_bufs, rec.result_mac
         if len(bufs) > 1:  # segments: inline for a remote client, else a link it claims
             try:
                 if client in self.remote:
-                    bufs = shm.inline(bufs)
+                    bufs, mac = self.signer.inline(bufs, mac)
                 else:
                     bufs = [b.link() if type(b) is shm.Segment else b for b in bufs]
             except wire.WireError as e:
@@ -496,7 +497,7 @@ class Controller:
                 lost = ("WireError", f"task {rec.msg_id} finished, but its result is lost: {e}", "")
                 meta = (rec.msg_id, r[0], "error", *r[2:6], lost, *r[7:])
                 bufs = []
-        self._send_client(client, wire.RESULT, meta, bufs, rec.result_mac)
+        self._send_client(client, wire.RESULT, meta, bufs, mac)
 
     # -- shutdown ----------------------------------------------------------------
 

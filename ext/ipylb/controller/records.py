@@ -16,6 +16,7 @@ import pickle
 import sqlite3
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,8 @@ log = logging.getLogger("ipylb.controller")
 # Finished records kept in memory, in bytes (buffers plus RECORD_OVERHEAD each).
 DEFAULT_LIMIT_BYTES = 1 << 30
 RECORD_OVERHEAD = 1024
+# (bufs, bufs_mac) -> the same buffers as bytes, under a MAC over those bytes.
+Inline = Callable[[Sequence[Any], bytes], tuple[Sequence[Any], bytes]]
 
 
 class Record:
@@ -78,13 +81,18 @@ class TaskDB:
         self.db.execute("INSERT OR IGNORE INTO meta VALUES ('key', ?)", (new,))
         return self.db.execute("SELECT value FROM meta WHERE name = 'key'").fetchone()[0]
 
-    def save(self, rec: Record) -> None:
-        """Write a finished record (buffers are stored as bytes)."""
+    def save(self, rec: Record, inline: Inline) -> None:
+        """Write a finished record.  Buffers are stored as bytes: ``inline`` (the
+        controller's :meth:`ipylb.wire.Signer.inline`) reads shared-memory segments
+        under a MAC over their bytes, since a segment's own MAC names a file that
+        will be gone.  Raises WireError if a segment vanished or was replaced."""
+        bufs, bufs_mac = inline(rec.bufs, rec.bufs_mac)
+        result_bufs, result_mac = inline(rec.result_bufs, rec.result_mac)
         self.db.execute(
             "INSERT OR REPLACE INTO tasks VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (rec.msg_id, rec.client, pickle.dumps(rec.flags),
-             _blobs(rec.bufs), rec.bufs_mac, pickle.dumps(rec.result),
-             _blobs(rec.result_bufs), rec.result_mac),
+             _blobs(bufs), bufs_mac, pickle.dumps(rec.result),
+             _blobs(result_bufs), result_mac),
         )
 
     def load(self, msg_id: str) -> Record | None:
@@ -116,9 +124,16 @@ class TaskDB:
         self.db.close()
 
 
-def _blobs(bufs: list[Any]) -> bytes:
-    """Buffers (frames, shared-memory segments) as one pickle of their bytes."""
-    return pickle.dumps([b.read() if type(b) is Segment else bytes(b) for b in bufs])
+def _blobs(bufs: Sequence[Any]) -> bytes:
+    """Buffers (frames, bytes) as one pickle of their bytes."""
+    return pickle.dumps([bytes(b) for b in bufs])
+
+
+def _no_segments(bufs: Sequence[Any], bufs_mac: bytes) -> tuple[Sequence[Any], bytes]:
+    """The ``inline`` of a store without shared memory: there is nothing to read."""
+    if any(type(b) is Segment for b in bufs):
+        raise WireError("a shared-memory segment reached a store that cannot inline it")
+    return bufs, bufs_mac
 
 
 class TaskStore:
@@ -127,6 +142,8 @@ class TaskStore:
     def __init__(self, limit_bytes: int = DEFAULT_LIMIT_BYTES, db: TaskDB | None = None) -> None:
         self.limit_bytes = limit_bytes
         self.db = db
+        # Set by the controller to its Signer.inline: segments become bytes for the database.
+        self.inline: Inline = _no_segments
         self.records: dict[str, Record] = {}
         self._finished: OrderedDict[str, int] = OrderedDict()  # msg_id -> nbytes, oldest first
         self._finished_bytes = 0
@@ -158,7 +175,7 @@ class TaskStore:
         are gone (the caller tells the scheduler core to forget them)."""
         if self.db is not None:
             try:
-                self.db.save(rec)
+                self.db.save(rec, self.inline)
             except WireError as e:  # a segment vanished from under us: keep serving
                 log.warning("task %s was not saved to the database: %s", rec.msg_id, e)
         if rec.msg_id in self._finished:  # finished again (a retry's final result)
