@@ -2,9 +2,8 @@
 
 hashlib releases the GIL while it hashes, so the chunks of an 8 MB array are
 digested in parallel on a small thread pool.  The MAC (:mod:`ipylb.wire`) covers
-the digests; the shared-memory path (:mod:`ipylb.shm`) writes segments chunk by
-chunk on the same pool (it does not hash them: segments are authenticated by
-identity).
+the digests.  (Shared-memory segments are not hashed: they are authenticated by
+identity, see :mod:`ipylb.shm`.)
 """
 
 from __future__ import annotations
@@ -19,9 +18,9 @@ _SHA256 = hashlib.sha256
 _pool: ThreadPoolExecutor | None = None
 
 
-def per_chunk(fn: Callable[[int, memoryview], bytes | None], view: memoryview) -> bytes:
-    """``fn(offset, piece)`` for each CHUNK-sized piece of ``view`` (bytes or None), in
-    parallel, results joined in order; the first error is raised once every piece is done."""
+def per_chunk(fn: Callable[[int, memoryview], bytes], view: memoryview) -> bytes:
+    """``fn(offset, piece)`` for each CHUNK-sized piece of ``view`` (bytes), in parallel,
+    results joined in order; the first error is raised once every piece is done."""
     global _pool
     if _pool is None:
         _pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="ipylb-mac")
@@ -29,7 +28,7 @@ def per_chunk(fn: Callable[[int, memoryview], bytes | None], view: memoryview) -
         view = view.cast("B")
     futures = [_pool.submit(fn, off, view[off:off + CHUNK]) for off in range(0, view.nbytes, CHUNK)]
     wait(futures)  # every chunk finished before anything is raised (fn may use a file)
-    return b"".join(f.result() or b"" for f in futures)
+    return b"".join(f.result() for f in futures)
 
 
 def chunk_digests(view: memoryview) -> bytes:
