@@ -230,6 +230,20 @@ def test_require_pushes_functions(view):
     assert view.apply_sync(uses_helper, 1) == 101
 
 
+def test_require_pushes_keyword_objects_under_their_names(view):
+    table = {"a": 1, "b": 2}
+
+    @require("math", scale=2.5, table=table)
+    def uses_pushed(x):
+        return math.floor(x * scale) + table["b"]  # noqa: F821 - pushed by @require
+
+    assert view.map_sync(uses_pushed, [1, 3]) == [4, 9]
+    with pytest.raises(TypeError, match="by keyword: require"):
+        require(3.5)
+    with pytest.raises(ValueError, match="'not a name' is not a Python name"):
+        require(**{"not a name": 1})
+
+
 def _third():
     return str(fractions.Fraction(1, 3))  # noqa: F821 - @require imports it on the engine
 

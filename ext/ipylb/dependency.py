@@ -151,11 +151,13 @@ def depend(_wrapped_df: Callable, *dargs: Any, **dkwargs: Any) -> Callable[[Call
 
 
 class _Require:
-    """The check behind ``@require``: import the modules, push the functions."""
+    """The check behind ``@require``: import the modules, push the functions and the
+    named objects."""
 
-    def __init__(self, names: tuple[Any, ...]) -> None:
+    def __init__(self, names: tuple[Any, ...], objects: dict[str, Any] | None = None) -> None:
         self.modules: list[str] = []
         self.functions: list[Callable] = []
+        self.objects: dict[str, Any] = dict(objects or {})
         for n in names:
             if isinstance(n, str):
                 self.modules.append(n)
@@ -164,7 +166,12 @@ class _Require:
             elif callable(n):
                 self.functions.append(n)
             else:
-                raise TypeError(f"require() takes module names, modules or functions, not {n!r}")
+                raise TypeError(f"require() takes module names, modules or functions, not {n!r}; "
+                                f"push other objects by keyword: require(name=obj)")
+        bad = [k for k in self.objects if not k.isidentifier()]
+        if bad:
+            raise ValueError(f"require() pushes keyword objects under their names, and "
+                             f"{bad[0]!r} is not a Python name")
 
     def __call__(self, namespaces: list[dict[str, Any]]) -> bool:
         """Import and push into ``namespaces``; raise UnmetDependency naming a module that
@@ -179,6 +186,7 @@ class _Require:
             found[top] = module if top == name else importlib.import_module(top)
         for fn in self.functions:
             found[fn.__name__] = fn
+        found.update(self.objects)
         for ns in namespaces:
             ns.update(found)
         return True
@@ -203,11 +211,15 @@ class required(dependent):
     def _ipylb_rebind(self, bind: Callable[[Any], Any]) -> required:
         req = self.df
         req.functions = [bind(fn) for fn in req.functions]
+        req.objects = {k: bind(v) for k, v in req.objects.items()}
         return type(self)(bind(self.f), req)
 
 
-def require(*names: Any) -> Callable[[Callable], required]:
+def require(*names: Any, **objects: Any) -> Callable[[Callable], required]:
     """Decorator: run the task only where the named modules import; import them into its
-    namespace, and push the given functions there by name."""
-    req = _Require(names)
+    namespace, and push the given functions there by name and the keyword arguments under
+    their keywords (``@require("numpy", scale=2.5)``: ``scale`` is a global of the task
+    on the engine), before the task runs (ipyparallel's ``require(*objects, **mapping)``).
+    TypeError for a positional argument that is not a module or a function."""
+    req = _Require(names, objects)
     return lambda f: required(f, req)
