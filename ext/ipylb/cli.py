@@ -1,4 +1,5 @@
-"""The ``ipylb`` command: ``ipylb demo``, ``ipylb bench``, ``ipylb cluster ...``, ``ipylb engine ...``.
+"""The ``ipylb`` command (also ``python -m ipylb``): ``ipylb demo``, ``ipylb bench``,
+``ipylb cluster ...``, ``ipylb engine ...``, ``ipylb --version``.
 
 A standalone cluster is a ``python -m ipylb.controller`` process with no parent to
 watch, found through its profile's connection file in the Jupyter runtime
@@ -17,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import connection
+from . import connection, limits
 from .error import NoCluster
 
 # How long a running controller has to answer before its connection file counts as stale.
@@ -27,21 +28,46 @@ ENGINE_START_TIMEOUT_S = 120.0
 # How long `cluster stop` waits for the controller (and so its engines) to be gone.
 STOP_TIMEOUT_S = 30.0
 
-USAGE = """usage: ipylb {demo,bench,cluster,engine} ...
+USAGE = """usage: ipylb [-h] [-V] {demo,bench,cluster,engine} ...
 
-  demo      run the task interface's examples on local engines
-  bench     measure ipylb beside ipyparallel (ipylb bench --help)
-  cluster   start, stop or inspect a standalone cluster (ipylb cluster --help)
-  engine    add engines to a running cluster (ipylb engine add -n K)
+  demo           run the task interface's examples on local engines (ipylb demo --help)
+  bench          measure ipylb beside ipyparallel (ipylb bench --help)
+  cluster        start, stop or inspect a standalone cluster (ipylb cluster --help)
+  engine         add engines to a running cluster (ipylb engine add -n K)
+  -V, --version  versions of ipylb, Python, ipykernel, jupyter_client, pyzmq, cloudpickle
+  -h, --help     this text
 """
 
 
+def version_text() -> str:
+    """What ``ipylb --version`` prints: ipylb's version and those it depends on."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+
+    lines = [f"ipylb {__version__}", f"Python {platform.python_version()} ({sys.executable})"]
+    for dist in ("ipykernel", "jupyter_client", "pyzmq", "cloudpickle"):
+        try:
+            lines.append(f"{dist} {version(dist)}")
+        except PackageNotFoundError:
+            lines.append(f"{dist} not installed")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Dispatch to a subcommand."""
+    """Dispatch to a subcommand.  No subcommand, or an unknown one, exits with status 2
+    and the usage (argparse's convention for a usage error)."""
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
+    if argv and argv[0] in ("-h", "--help"):
         print(USAGE)
         return
+    if argv and argv[0] in ("-V", "--version"):
+        print(version_text())
+        return
+    if not argv:
+        sys.stderr.write(USAGE + "ipylb: error: a subcommand is required\n")
+        sys.exit(2)
     cmd, rest = argv[0], argv[1:]
     if cmd == "demo":
         from .demo import main as demo_main
@@ -55,54 +81,63 @@ def main(argv: list[str] | None = None) -> None:
         args = _parser().parse_args(argv)
         try:
             sys.exit(args.func(args))
-        except ValueError as e:  # a bad profile name
+        except ValueError as e:  # a bad profile name or engine count
             sys.exit(f"ipylb: {e}")
     else:
-        sys.exit(f"ipylb: unknown command {cmd!r}; try `ipylb --help`")
+        sys.stderr.write(USAGE + f"ipylb: error: unknown command {cmd!r}\n")
+        sys.exit(2)
 
 
 def _parser() -> argparse.ArgumentParser:
     from .client.local import SCHEMES
 
-    p = argparse.ArgumentParser(prog="ipylb")
+    # Every option's help line ends with its default (ArgumentDefaultsHelpFormatter).
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = argparse.ArgumentParser(prog="ipylb", formatter_class=fmt)
     top = p.add_subparsers(dest="cmd", required=True)
 
     def profile(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--profile", default="default",
-                        help="which cluster (default: %(default)s); its connection file is "
+                        help="which cluster; its connection file is "
                              "ipylb-PROFILE.json in the Jupyter runtime directory")
 
-    cluster = top.add_parser("cluster", help="a standalone cluster").add_subparsers(
-        dest="action", required=True)
-    start = cluster.add_parser("start", help="start a controller and its engines")
+    cluster = top.add_parser("cluster", help="a standalone cluster", formatter_class=fmt
+                             ).add_subparsers(dest="action", required=True)
+    start = cluster.add_parser("start", help="start a controller and its engines",
+                               formatter_class=fmt)
     start.add_argument("-n", "--engines", type=int, default=os.cpu_count() or 1,
-                       help="engines to start (default: one per CPU, %(default)s)")
-    start.add_argument("--scheme", default="leastload", choices=SCHEMES)
+                       help="engines to start (one per CPU here); 0 starts none: tasks wait "
+                            "until `ipylb engine add -n K`")
+    start.add_argument("--scheme", default="leastload", choices=SCHEMES,
+                       help="how the scheduler picks an engine for each task")
     start.add_argument("--hwm", type=int, default=1,
                        help="at most this many tasks outstanding per engine (0: no limit)")
     start.add_argument("--ip", default="127.0.0.1",
-                       help="address the controller listens on (default: %(default)s, "
-                            "this machine only)")
+                       help="address the controller listens on (127.0.0.1: this machine only)")
     start.add_argument("--db", default="memory", choices=["memory", "sqlite"],
                        help="where finished task records live: sqlite keeps them (and the "
                             "key) in the profile's directory, so a restart reloads them")
     start.add_argument("--daemon", action="store_true",
                        help="run in the background: return once the engines are up")
     start.add_argument("--log-level", default="WARNING",
-                       choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+                       choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                       help="the controller's log level (its log: stderr, or a file with --daemon)")
     profile(start)
     start.set_defaults(func=cluster_start)
-    stop = cluster.add_parser("stop", help="stop a running cluster and its engines")
+    stop = cluster.add_parser("stop", help="stop a running cluster and its engines",
+                              formatter_class=fmt)
     profile(stop)
     stop.set_defaults(func=cluster_stop)
-    status = cluster.add_parser("status", help="engines, queue and tasks done")
+    status = cluster.add_parser("status", help="engines, queue and tasks done",
+                                formatter_class=fmt)
     profile(status)
     status.set_defaults(func=cluster_status)
 
-    engine = top.add_parser("engine", help="engines of a running cluster").add_subparsers(
-        dest="action", required=True)
-    add = engine.add_parser("add", help="start more engines for a running cluster")
-    add.add_argument("-n", "--engines", type=int, default=1, help="how many (default: 1)")
+    engine = top.add_parser("engine", help="engines of a running cluster", formatter_class=fmt
+                            ).add_subparsers(dest="action", required=True)
+    add = engine.add_parser("add", help="start more engines for a running cluster",
+                            formatter_class=fmt)
+    add.add_argument("-n", "--engines", type=int, default=1, help="how many")
     profile(add)
     add.set_defaults(func=engine_add)
     return p
@@ -144,9 +179,12 @@ def _not_running(profile: str) -> int:
 
 def cluster_start(args: argparse.Namespace) -> int:
     """Start a controller and its engines, in the foreground or as a daemon."""
-    if args.engines < 0 or args.hwm < 0:
-        _say("-n and --hwm must be >= 0")
+    if args.hwm < 0:
+        _say("--hwm must be >= 0 (0: no limit)")
         return 1
+    hint = limits.check_engine_count(args.engines, "-n", minimum=0)  # ValueError: said by main()
+    if hint:
+        _say(hint)
     path = connection.profile_file(args.profile)
     rc = _connect(path)
     if rc is not None:
@@ -181,6 +219,7 @@ def cluster_start(args: argparse.Namespace) -> int:
         _say(f"cluster {args.profile!r} started: {_engines(args.engines)}, scheme {args.scheme} "
              f"(controller pid {proc.pid}, log {log}). Stop it with "
              f"`ipylb cluster stop --profile {args.profile}`.")
+        _say_if_empty(args)
         print(path, flush=True)
         return 0
     # Foreground: the controller is our child and watches us, so whatever ends this
@@ -196,12 +235,19 @@ def cluster_start(args: argparse.Namespace) -> int:
         _say(f"cluster {args.profile!r} running: {_engines(args.engines)}, scheme {args.scheme}, "
              f"connection file {path}. Connect with ipylb.Client(profile={args.profile!r}); "
              "Ctrl-C stops it.")
+        _say_if_empty(args)
         proc.wait()
     except KeyboardInterrupt:
         proc.terminate()
         proc.wait()
     _say(f"cluster {args.profile!r} stopped")
     return 0
+
+
+def _say_if_empty(args: argparse.Namespace) -> None:
+    if args.engines == 0:
+        _say(f"the cluster has no engines: tasks wait until "
+             f"`ipylb engine add -n K --profile {args.profile}` adds some")
 
 
 def _wait_ready(proc: subprocess.Popen, path: Path, engines: int) -> Any:
@@ -222,7 +268,7 @@ def _wait_ready(proc: subprocess.Popen, path: Path, engines: int) -> Any:
         _say(str(e))
         return None
     try:
-        rc.wait_for_engines(engines, ENGINE_START_TIMEOUT_S)
+        rc._await_engines(engines, ENGINE_START_TIMEOUT_S, progress=True)
     except (RuntimeError, TimeoutError) as e:
         rc.close()
         _stop_process(proc.pid)
@@ -324,16 +370,18 @@ def cluster_status(args: argparse.Namespace) -> int:
 
 def engine_add(args: argparse.Namespace) -> int:
     """Start more engines for a running cluster and wait until they have registered."""
-    if args.engines < 1:
-        _say("-n must be at least 1")
-        return 1
+    limits.check_engine_count(args.engines, "-n")  # a ValueError is said by main()
     rc = _connect(connection.profile_file(args.profile))
     if rc is None:
         return _not_running(args.profile)
     try:
         before = len(rc.ids)
+        if before + args.engines <= limits.MAX_ENGINES:
+            hint = limits.check_engine_count(before + args.engines, "engines in all")
+            if hint:
+                _say(hint)
         rc.add_engines(args.engines)
-        rc.wait_for_engines(before + args.engines, ENGINE_START_TIMEOUT_S)
+        rc._await_engines(before + args.engines, ENGINE_START_TIMEOUT_S, progress=True)
         _say(f"added {_engines(args.engines)} to cluster {args.profile!r}: "
              f"{_engines(len(rc.ids))} now")
         return 0

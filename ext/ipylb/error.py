@@ -49,6 +49,9 @@ class RemoteError(IpylbError):
     def __str__(self) -> str:
         where = self.engine_info.get("engine_id")
         on = f" (on engine {where})" if where is not None else ""
+        # A traceback prints the class name before str(): do not say it twice.
+        if self.ename == type(self).__name__:
+            return f"{self.evalue}{on}"
         return f"{self.ename}: {self.evalue}{on}"
 
     def render_traceback(self) -> list[str]:
@@ -125,8 +128,22 @@ class EngineError(_SchedulerError):
     """The engine running a task died."""
 
 
-class ClientClosed(_SchedulerError):
-    """The client was closed (or its cluster shut down) before the task's result arrived."""
+class ClientClosed(_SchedulerError, RuntimeError):
+    """The client was closed (or its cluster shut down) before the task's result arrived;
+    also raised by a closed client's methods (a RuntimeError too)."""
+
+
+class DeserializationError(_SchedulerError, SerializationError):
+    """A task's function or arguments could not be unpickled on its engine (a module the
+    engine cannot import, most often): the task did not run.  The message names what
+    failed, why, and the two ways out.  A RemoteError (``ename``, ``engine_info``) and a
+    SerializationError."""
+
+
+class VersionMismatch(IpylbError, RuntimeError):
+    """A client or engine runs other versions of Python, ipylb or cloudpickle than the
+    cluster's controller; it was refused before anything was sent.  Pickled functions
+    carry bytecode, which another Python version may run wrongly or crash on."""
 
 
 class ControllerGone(_SchedulerError, NoCluster):
@@ -144,5 +161,5 @@ class UnmetDependency(IpylbError):
 SCHEDULER_ERRORS: dict[str, type[_SchedulerError]] = {
     c.__name__: c
     for c in (ImpossibleDependency, InvalidDependency, DependencyTimeout, TaskAborted, EngineError,
-              ClientClosed, ControllerGone)
+              ClientClosed, ControllerGone, DeserializationError)
 }

@@ -7,6 +7,10 @@ exits if the kernel is killed outright, so no engine outlives its notebook.
 ``%lb_use rc`` adopts a client made with ``ipylb.Client(...)`` instead; the
 magics never shut down a client they did not start.
 
+``%lb_interrupt`` interrupts the engines running the magics' tasks (a notebook
+that used ``%lb_start`` has no ``rc`` for ``rc.interrupt()``; ``%lb_start -o NAME``
+binds the magics' client to NAME too).
+
 ``%%lb`` ships the cell's source, not a function: the engine runs it in its own
 user namespace, like a cell typed there, and sends back the value of the last
 expression (see :func:`run_source`).
@@ -72,13 +76,19 @@ class LbMagics(Magics):
         self.client: Client | None = None
         self.owned = False
         self.view: Any = None
+        # Results of what the magics submitted and may still run (for %lb_interrupt).
+        self.submitted: list[AsyncResult] = []
 
     # -- the cluster ---------------------------------------------------------------
 
     @magic_arguments()
-    @argument("-n", "--engines", type=int, default=4, help="how many engine kernels to start")
+    @argument("-n", "--engines", type=int, default=4,
+              help="how many engine kernels to start (default: 4)")
     @argument("--scheme", default="leastload",
-              help="load-balancing scheme: leastload, lru, plainrandom, twobin, weighted, pure")
+              help="load-balancing scheme: leastload (the default), lru, plainrandom, twobin, "
+                   "weighted, pure")
+    @argument("-o", "--out", metavar="NAME",
+              help="also bind the magics' ipylb.Client to NAME (for rc.queue_status() etc.)")
     @line_magic
     def lb_start(self, line: str) -> None:
         """Start a private ipylb cluster (a controller and N engine kernels) owned by this
@@ -88,15 +98,16 @@ class LbMagics(Magics):
             print(f"ipylb: a cluster is already in use here ({self._describe()}); "
                   "nothing changed. `%lb_stop` it first to start another.")
             return
-        if args.engines < 1:
-            raise UsageError(f"-n must be at least 1, got {args.engines}")
         try:
             client = Client(engines=args.engines, scheme=args.scheme)
         except ValueError as e:
-            raise UsageError(str(e)) from None
+            raise UsageError(str(e).replace("engines=", "-n ", 1)) from None
         self._adopt(client, owned=True)
         atexit.register(self._stop_at_exit)
-        print(f"ipylb: started a cluster ({self._describe()})")
+        if args.out:
+            self.shell.user_ns[args.out] = client
+        bound = f"; bound to {args.out}" if args.out else ""
+        print(f"ipylb: started a cluster ({self._describe()}{bound})")
 
     @magic_arguments()
     @argument("name", help="a name in the namespace bound to an ipylb.Client")
@@ -117,26 +128,37 @@ class LbMagics(Magics):
     @line_magic
     def lb_stop(self, line: str = "") -> None:
         """Stop the cluster %lb_start started (or let go of the client %lb_use adopted)."""
+        _no_arguments("%lb_stop", line)
         if self._current() is None:
             print("ipylb: no cluster to stop")
             return
-        what = self._describe()
-        owned = self.stop()
-        print(f"ipylb: stopped the cluster ({what})" if owned
-              else f"ipylb: no longer using the client's cluster ({what}); it keeps running")
+        print(f"ipylb: {self.stop('%lb_stop')}")
 
-    def stop(self) -> bool:
-        """Let go of the client, shutting it down if %lb_start started it; True if it did."""
+    def stop(self, by: str) -> str:
+        """Let go of the client, shutting it down if %lb_start started it.  ``by`` names
+        what stopped it (``%lb_stop``, the extension's unload): results still awaited fail
+        with a ClientClosed that says so.  Returns a sentence for the user."""
         client, owned = self.client, self.owned
+        what = self._describe() if client is not None and not client.closed else "closed"
         self.client, self.view, self.owned = None, None, False
+        self.submitted = []
         atexit.unregister(self._stop_at_exit)
-        if client is not None and owned:
-            client.shutdown()
-        return owned
+        if client is None:
+            return "no cluster in use"
+        running = len(client._pending)
+        if not owned:
+            left = f"; its {running} unfinished task(s) go on" if running else ""
+            return f"no longer using the client's cluster ({what}); it keeps running{left}"
+        client._shutdown(f"task {{}} had not finished when {by} stopped the magics' cluster",
+                         f"{by} stopped the magics' cluster")
+        lost = (f"; {running} task(s) were still running and were stopped: their results "
+                "raise ClientClosed" if running else "")
+        return f"{by} stopped the magics' cluster ({what}){lost}"
 
     def _stop_at_exit(self) -> None:
         if self.client is not None and self.owned:
-            self.client.shutdown()
+            self.client._shutdown("task {} had not finished when the kernel exited",
+                                  "the kernel exited")
 
     def _adopt(self, client: Client, owned: bool) -> None:
         self.client, self.owned = client, owned
@@ -151,7 +173,7 @@ class LbMagics(Magics):
     def _current(self) -> Client | None:
         """The client in use, forgetting one that was closed behind the magics' back."""
         if self.client is not None and self.client.closed:
-            self.stop()
+            self.stop("the client's close()")
         return self.client
 
     def _need_client(self) -> Client:
@@ -173,7 +195,27 @@ class LbMagics(Magics):
         """A live panel of the cluster: queue depth, engines, throughput, failures."""
         from .dashboard import Dashboard
 
+        _no_arguments("%lb_dashboard", line)
         return Dashboard(self._need_client())
+
+    @line_magic
+    def lb_interrupt(self, line: str = "") -> None:
+        """Interrupt the engines running tasks the magics submitted (%%lb, %lbmap), like
+        Jupyter's Kernel > Interrupt: a running task raises KeyboardInterrupt and fails;
+        the engines serve on."""
+        _no_arguments("%lb_interrupt", line)
+        client = self._need_client()
+        self.submitted = [ar for ar in self.submitted if not ar.ready()]
+        running = [m for ar in self.submitted
+                   for m, o in zip(ar.msg_ids, ar._outcomes) if o is None]
+        engines = sorted({e for e in map(lambda m: _engine_of(client, m), running)
+                          if e is not None})
+        if not engines:
+            print("ipylb: no task of the magics is running: nothing to interrupt")
+            return
+        client.interrupt(engines)
+        print(f"ipylb: interrupted engine(s) {', '.join(map(str, engines))}, where "
+              f"{len(running)} unfinished task(s) of the magics were")
 
     # -- running cells -------------------------------------------------------------
 
@@ -214,6 +256,7 @@ class LbMagics(Magics):
                 ar = self.view.apply_async(run_source, source, filename)
         except (TypeError, ValueError) as e:
             raise UsageError(str(e)) from None
+        self.submitted.append(ar)
         if args.out:
             self.shell.user_ns[args.out] = ar
         if not args.block:
@@ -255,7 +298,7 @@ class LbMagics(Magics):
                 parts.append(f"aborted {aborted} task(s) that had not started")
             if pending:
                 parts.append(f"{pending} task(s) already running go on "
-                             "(rc.interrupt() stops them; -o NAME keeps a handle)")
+                             "(%lb_interrupt stops them; -o NAME keeps a handle)")
             print("interrupted: " + ("; ".join(parts) or "every task had already finished"),
                   file=sys.stderr)
             raise
@@ -287,6 +330,7 @@ class LbMagics(Magics):
                 f"ITERABLE {iterable_src!r} is a {type(iterable).__name__}, not iterable"
             ) from None
         amr = self.view.map_async(func, items)
+        self.submitted.append(amr)
         if args.out:
             self.shell.user_ns[args.out] = amr
         self._wait(client, amr)
@@ -298,6 +342,21 @@ class LbMagics(Magics):
         except Exception as e:
             raise UsageError(f"{what} {expr!r} could not be evaluated: "
                              f"{type(e).__name__}: {e}") from None
+
+
+def _no_arguments(magic: str, line: str) -> None:
+    """A magic that takes no arguments refuses them rather than ignoring them."""
+    if line.strip():
+        raise UsageError(f"{magic} takes no arguments, got {line.strip()!r}")
+
+
+def _engine_of(client: Client, msg_id: str) -> int | None:
+    """The engine a task was last assigned to (from its story), or None."""
+    engine = None
+    for _task, _from, to, detail, _t in client.story(msg_id):
+        if to == "assigned" and type(detail) is int:
+            engine = detail
+    return engine
 
 
 def _two_expressions(text: str) -> tuple[str, str]:
@@ -332,7 +391,8 @@ def unload_ipython_extension(ipython: Any) -> None:
     magics = manager.registry.pop("LbMagics", None)
     if magics is None:
         return
-    magics.stop()
+    if magics.client is not None:
+        print(f"ipylb: {magics.stop('unloading the ipylb extension (%unload_ext/%reload_ext)')}")
     for table in manager.magics.values():
         for name in [n for n, f in table.items() if getattr(f, "__self__", None) is magics]:
             del table[name]

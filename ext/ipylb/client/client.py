@@ -24,8 +24,8 @@ from typing import Any
 
 import zmq
 
-from .. import connection, shm, wire
-from ..error import ControllerGone, NoCluster
+from .. import connection, limits, shm, wire
+from ..error import ClientClosed, ControllerGone, NoCluster
 from .asyncresult import AsyncHubResult, AsyncResult, Metadata, Outcome
 from .local import LocalCluster
 
@@ -35,8 +35,10 @@ CONNECT_TIMEOUT_S = 5.0
 SUBMIT_BATCH = 256
 # How many recent task failures ``Client.failures`` keeps (the dashboard lists them).
 FAILURES_KEPT = 1000
-# How long Client(engines=N) waits for its engines to register.
+# How long Client(engines=N) waits for its engines to register: this, plus the second
+# term for each engine (kernels boot one CPU-second or so each, a few at a time).
 ENGINE_START_TIMEOUT_S = 60.0
+ENGINE_START_PER_ENGINE_S = 2.0
 # Controller liveness: after this much silence the receiving thread pings the controller
 # (a request it answers at once, from its main loop); after CONTROLLER_TIMEOUT_S of silence
 # the controller counts as gone (stopped, hung, or unreachable).  A controller on this machine
@@ -44,6 +46,16 @@ ENGINE_START_TIMEOUT_S = 60.0
 PING_AFTER_S = 1.0
 CONTROLLER_TIMEOUT_S = 10.0
 PID_CHECK_S = 0.5
+# What ipylb has instead of ipyparallel's direct interface (rc[:], rc.direct_view(), ...).
+TASK_INTERFACE_ONLY = (
+    "ipylb has ipyparallel's task interface only (no DirectView): run functions with "
+    "view = rc.load_balanced_view(); view.apply(f, ...) / view.map(f, seq); to run a setup "
+    "step on the engines, make what it defines importable there, or use @ipylb.require(...)"
+)
+_IPP_DIRECT = frozenset({
+    "direct_view", "broadcast_view", "activate", "push", "pull", "execute", "run", "scatter",
+    "gather", "become_dask", "become_distributed", "send_execute_request",
+})
 
 
 class Client:
@@ -64,7 +76,20 @@ class Client:
         (default 10 s) configure the cluster ``engines=N`` starts; a running cluster has its
         own, set by ``ipylb cluster start``."""
         self._local: LocalCluster | None = None
+        if engines is not None and (url_or_file is not None or profile is not None):
+            given = "a connection file or url" if url_or_file is not None else f"profile={profile!r}"
+            raise ValueError(
+                f"Client(engines={engines!r}) starts a private cluster, while {given} connects "
+                "to a running one: pass one or the other (to add engines to a running cluster: "
+                "`ipylb engine add -n K`)")
+        if url_or_file is not None and profile is not None:
+            raise ValueError(
+                f"both a connection file or url ({str(url_or_file)!r}) and profile={profile!r} "
+                "name a cluster: pass one of them")
         if engines is not None:
+            hint = limits.check_engine_count(engines)
+            if hint:
+                warnings.warn(hint, RuntimeWarning, stacklevel=2)
             self._local = LocalCluster(engines, scheme or "leastload", 1 if hwm is None else hwm,
                                        10.0 if heartbeat_timeout is None else heartbeat_timeout)
             info = self._local.info
@@ -90,11 +115,14 @@ class Client:
         # Why the controller is gone (None while it serves): pending results have failed
         # with ControllerGone, and new submissions raise it.
         self._gone: str | None = None
+        self._why_closed = ""
+        self._warned_empty = False
         self.block = False  # the block flag new views start with (as in ipyparallel)
         try:
             self._connect(info, timeout)
             if engines is not None:
-                self.wait_for_engines(engines, ENGINE_START_TIMEOUT_S)
+                self._await_engines(engines, ENGINE_START_TIMEOUT_S
+                                    + ENGINE_START_PER_ENGINE_S * engines, progress=True)
         except BaseException:
             self.shutdown() if self._local else self.close()
             raise
@@ -257,10 +285,12 @@ class Client:
         with self._state:
             if event[0] == "engines":
                 self._engine_ids = event[1]
+                if event[1]:
+                    self._warned_empty = False
             elif event[0] == "stranded":
+                self._warned_empty = True
                 warnings.warn(f"every engine of the cluster is gone: {event[1]} task(s) wait "
-                              "for a new one (rc.add_engines(n) starts more)",
-                              RuntimeWarning, stacklevel=1)
+                              f"for a new one ({ADD_ENGINES})", RuntimeWarning, stacklevel=1)
             elif event[0] == "engine_failed":
                 self._engine_failures.append(event[1])
             self._state.notify_all()
@@ -269,7 +299,8 @@ class Client:
 
     @property
     def ids(self) -> list[int]:
-        """Sorted ids of the engines registered now."""
+        """Sorted ids of the engines registered now.  Raises ClientClosed once closed."""
+        self._check_open()
         return list(self._engine_ids)
 
     def __len__(self) -> int:
@@ -297,20 +328,35 @@ class Client:
 
             threading.Thread(target=wait, daemon=True, name="ipylb-wait-for-engines").start()
             return fut
+        self._await_engines(n, timeout)
+        return None
+
+    def _await_engines(self, n: int, timeout: float | None, progress: bool = False) -> None:
+        """Wait for ``n`` engines; with ``progress``, show ``12/64 engines up`` on stderr
+        once the wait takes more than a moment (:class:`ipylb.limits.StartProgress`)."""
         seen = len(self._engine_failures)  # only failures from now on count
+        shown = limits.StartProgress(n) if progress else None
 
         def enough() -> bool:
             return (len(self._engine_ids) >= n or len(self._engine_failures) > seen
                     or self._gone is not None)
 
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._state:
-            ok = self._state.wait_for(enough, timeout)
+            while True:
+                left = None if deadline is None else deadline - time.monotonic()
+                step = left if shown is None else min(left or 0.5, 0.5)
+                ok = self._state.wait_for(enough, step)
+                if ok or (left is not None and left <= step):
+                    break
+                shown.update(len(self._engine_ids))  # type: ignore[union-attr]
+        if shown is not None:
+            shown.done(len(self._engine_ids))
         self._check_open()
         if len(self._engine_failures) > seen:
             raise RuntimeError("; ".join(self._engine_failures[seen:]))
         if not ok:
             raise TimeoutError(f"{len(self._engine_ids)} of {n} engines registered within {timeout} s")
-        return None
 
     # -- submitting --------------------------------------------------------------
 
@@ -326,6 +372,10 @@ class Client:
         can forward each task to a different engine untouched.
         """
         self._check_open()
+        if not self._engine_ids and not self._warned_empty:
+            self._warned_empty = True
+            warnings.warn(f"the cluster has no engines: tasks wait until one registers "
+                          f"({ADD_ENGINES})", RuntimeWarning, stacklevel=3)
         mac, placer = self._signer.bufs_mac, self._placer
         for start in range(0, len(tasks), SUBMIT_BATCH):
             batch = tasks[start:start + SUBMIT_BATCH]
@@ -363,16 +413,19 @@ class Client:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise RuntimeError("this ipylb Client is closed; create a new one")
+            raise ClientClosed(f"this ipylb Client is closed ({self._why_closed}); "
+                               "create a new one")
         if self._gone is not None:
             raise ControllerGone(f"{self._gone}; connect a new Client once a cluster runs "
                                  "(`ipylb cluster start`, or Client(engines=N))")
 
     def load_balanced_view(self, targets: int | list[int] | None = None) -> Any:
         """A new LoadBalancedView on this client's cluster (its ``block`` starts as the
-        client's); ``targets``: the engines its tasks may run on (None: all)."""
+        client's); ``targets``: the engines its tasks may run on (None: all).  Raises
+        ClientClosed once closed."""
         from .view import LoadBalancedView
 
+        self._check_open()
         view = LoadBalancedView(self, targets)
         view.block = self.block
         return view
@@ -448,7 +501,12 @@ class Client:
 
     def add_engines(self, n: int) -> None:
         """Ask the controller to start ``n`` more engines on its machine (they register
-        shortly; ``wait_for_engines`` waits for them)."""
+        shortly; ``wait_for_engines`` waits for them).  ``n`` follows the engine-count rule
+        of :mod:`ipylb.limits` (ValueError above ``MAX_ENGINES``, a warning above a few per
+        CPU)."""
+        hint = limits.check_engine_count(n, "n")
+        if hint:
+            warnings.warn(hint, RuntimeWarning, stacklevel=2)
         self._request("add_engines", n)
 
     def stop_cluster(self, timeout: float | None = 30.0) -> None:
@@ -547,12 +605,15 @@ class Client:
         Results not yet received fail with ClientClosed (their tasks run on: another
         client can fetch them with ``get_result``)."""
         self._close("task {} had not finished when this client closed; it runs on in the "
-                    "cluster: connect a new Client and use get_result({!r})")
+                    "cluster: connect a new Client and use get_result({!r})", "closed by close()")
 
-    def _close(self, why: str) -> None:
+    def _close(self, why: str, how: str) -> None:
+        """Close; results still expected fail with ``why`` (formatted with the msg_id twice);
+        ``how`` says in later errors how the client came to be closed."""
         if self._closed:
             return
         self._closed = True
+        self._why_closed = how
         receiver = getattr(self, "_receiver", None)
         if receiver is not None and receiver is not threading.current_thread():
             receiver.join(2)
@@ -583,22 +644,55 @@ class Client:
         with self._state:
             self._state.notify_all()
 
-    def shutdown(self) -> None:
+    def shutdown(self, *args: Any, **kwargs: Any) -> None:
         """Stop the private cluster this client started (every process of it), then close.
 
-        Results not yet received fail with ClientClosed."""
+        Results not yet received fail with ClientClosed.  A client of a running cluster
+        (``Client()``, ``Client(profile=...)``) only disconnects: ``stop_cluster()`` stops
+        that one.  ipyparallel's arguments (``hub=``, ``targets=``, ``restart=``) raise
+        TypeError: ipylb has no direct interface to engines.
+        """
+        if args or kwargs:
+            given = ", ".join([*map(repr, args), *(f"{k}={v!r}" for k, v in kwargs.items())])
+            raise TypeError(
+                f"rc.shutdown({given}): ipylb's shutdown() takes no arguments. It stops the "
+                "private cluster of Client(engines=N); rc.stop_cluster() (or `ipylb cluster "
+                "stop`) stops a running cluster, controller and engines; rc.close() only "
+                "disconnects. ipylb has no direct interface to engines (ipyparallel's "
+                "targets/restart/hub).")
+        self._shutdown("task {} had not finished when its cluster was shut down (rc.shutdown())",
+                       "its cluster was shut down by rc.shutdown()")
+
+    def _shutdown(self, why: str, how: str) -> None:
+        """shutdown(), with the reason results still expected fail with (see _close)."""
         local, self._local = self._local, None
         if local is None:
+            global _said_shutdown_disconnects
+            if not self._closed and not _said_shutdown_disconnects:
+                _said_shutdown_disconnects = True
+                warnings.warn("rc.shutdown() only disconnects this client: its cluster was not "
+                              "started by it and keeps running. rc.stop_cluster() (or `ipylb "
+                              "cluster stop`) stops it.", UserWarning, stacklevel=3)
             self.close()
             return
-        self._close("task {} had not finished when its cluster was shut down (rc.shutdown())")
+        self._close(why, how)
         local.stop()
+
+    # -- ipyparallel's direct interface: not here, say what to use -----------------
+
+    def __getitem__(self, key: Any) -> Any:
+        raise TypeError(f"rc[{key!r}]: {TASK_INTERFACE_ONLY}")
+
+    def __getattr__(self, name: str) -> Any:
+        if name in _IPP_DIRECT:
+            raise AttributeError(f"ipylb.Client has no {name!r}: {TASK_INTERFACE_ONLY}")
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.shutdown()
+        self.shutdown() if self._local is not None else self.close()
 
     def __del__(self) -> None:
         if getattr(self, "_local", None) is not None:
@@ -608,13 +702,17 @@ class Client:
 _REQUEST_ERRORS = {"KeyError": KeyError, "ValueError": ValueError, "TypeError": TypeError,
                    "ControllerGone": ControllerGone}
 _LOCAL_URLS = ("tcp://127.", "tcp://localhost", "ipc://")
+# What adds engines to a cluster, for messages about a cluster without any.
+ADD_ENGINES = "`ipylb engine add -n K` adds engines to a standalone cluster, rc.add_engines(K) too"
+# rc.shutdown() of a client that did not start its cluster says so once per process.
+_said_shutdown_disconnects = False
 _live_clients: weakref.WeakSet[Client] = weakref.WeakSet()
 
 
 @atexit.register
 def _shutdown_all() -> None:
     for c in list(_live_clients):
-        c.shutdown()
+        c.shutdown() if c._local is not None else c.close()
 
 
 def _engine_list(targets: Any, registered: list[int]) -> list[int]:

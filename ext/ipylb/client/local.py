@@ -21,7 +21,7 @@ from typing import Any
 
 from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
-from .. import connection, shm
+from .. import connection, limits, shm
 from ..connection import KERNEL_NAME
 
 SCHEMES = ("leastload", "lru", "plainrandom", "twobin", "weighted", "pure")
@@ -79,8 +79,7 @@ class LocalCluster:
 
     def __init__(self, engines: int, scheme: str = "leastload", hwm: int = 1,
                  heartbeat_timeout: float = 10.0) -> None:
-        if not isinstance(engines, int) or isinstance(engines, bool) or engines < 1:
-            raise ValueError(f"engines must be a positive int, got {engines!r}")
+        limits.check_engine_count(engines)  # the caller has shown its warning, if any
         if scheme not in SCHEMES:
             raise ValueError(f"unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
         if not isinstance(hwm, int) or isinstance(hwm, bool) or hwm < 0:

@@ -15,7 +15,7 @@ import sys
 
 import zmq
 
-from .. import connection, wire
+from .. import connection, limits, wire
 from ..error import NoCluster
 from .hub import Controller, stop_on_signals
 from .launcher import EngineLauncher
@@ -40,6 +40,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--heartbeat-timeout", type=float, default=10.0,
                    help="seconds of heartbeat silence after which an engine counts as dead")
     args = p.parse_args(argv)
+    try:
+        limits.check_engine_count(args.engines, "--engines", minimum=0)
+    except ValueError as e:
+        p.error(str(e))
     logging.basicConfig(level=args.log_level, format="[ipylb controller %(levelname)s] %(message)s")
 
     swept = connection.sweep_leftovers()  # what killed clusters and engines left behind

@@ -19,7 +19,7 @@ from typing import Any
 
 import zmq
 
-from .. import shm, wire
+from .. import limits, shm, wire
 from ..core import events as ev
 from ..core.scheduler import Scheduler
 from ..error import PURE_REFUSES
@@ -413,8 +413,7 @@ class Controller:
         ones, and the scheduler hands them waiting tasks as soon as they do."""
         if self.launcher is None:
             raise ValueError("this controller does not launch engines")
-        if type(n) is not int or not 1 <= n <= 1024:
-            raise ValueError(f"the number of engines to add must be an int from 1 to 1024, got {n!r}")
+        limits.check_engine_count(n, "the number of engines to add")
         self.launcher.start(n)
         return n
 

@@ -1,0 +1,73 @@
+"""The one rule for engine counts, wherever one is given: ``Client(engines=N)``,
+``ipylb cluster start -n N``, ``%lb_start -n N``, ``ipylb engine add -n N`` (and the
+controller, which checks again what a client asks of it).
+
+Each engine is a kernel process (tens of MB, a second or so of CPU to start), so
+a count far above the machine's CPUs is almost always a typo: more than
+``WARN_PER_CPU`` engines per CPU draws a warning, more than ``MAX_ENGINES`` is
+refused.  Also the start-up progress line (``12/64 engines up``) shown while
+many engines start.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+# More engines than this are refused, however many CPUs (one controller, one machine).
+MAX_ENGINES = 1024
+# More than this many engines per CPU draws a warning.
+WARN_PER_CPU = 4
+# Start-up progress appears once waiting for engines has taken this long (seconds).
+PROGRESS_AFTER_S = 1.0
+
+
+def check_engine_count(n: object, option: str = "engines", minimum: int = 1) -> str | None:
+    """Validate an engine count; return a warning to show (or None).
+
+    ``option`` names the argument as the user wrote it (``engines``, ``-n``), for the
+    messages.  Raises ``ValueError`` unless ``n`` is an int from ``minimum`` (1, or 0 for
+    a cluster that starts empty) to ``MAX_ENGINES``.  The warning is for more than
+    ``WARN_PER_CPU`` times ``os.cpu_count()`` engines; the caller shows it its own way
+    (``warnings.warn`` in Python, a line on stderr in the CLI).
+    """
+    if type(n) is not int or not minimum <= n <= MAX_ENGINES:
+        raise ValueError(f"{option} must be an int from {minimum} to {MAX_ENGINES}, got {n!r}")
+    cpus = os.cpu_count() or 1
+    if n <= WARN_PER_CPU * cpus:
+        return None
+    return (f"{option}={n}: {n} engine kernels on a machine with {cpus} CPU(s). Each engine is "
+            f"a process of its own; more than {WARN_PER_CPU} per CPU rarely helps and may "
+            "exhaust memory.")
+
+
+def progress_enabled() -> bool:
+    """Whether progress lines are shown (``IPYLB_PROGRESS=0`` turns them off)."""
+    return os.environ.get("IPYLB_PROGRESS", "1") != "0"
+
+
+class StartProgress:
+    """``ipylb: 12/64 engines up`` on stderr, rewritten in place, once a wait for engines
+    has lasted ``PROGRESS_AFTER_S`` (a quick start shows nothing)."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.t0 = time.monotonic()
+        self.shown = False
+        self.enabled = progress_enabled()
+
+    def update(self, up: int) -> None:
+        """Show ``up`` of ``total`` engines registered (if the wait has lasted long enough)."""
+        if not self.enabled or (not self.shown and time.monotonic() - self.t0 < PROGRESS_AFTER_S):
+            return
+        self.shown = True
+        sys.stderr.write(f"\ripylb: {min(up, self.total)}/{self.total} engines up")
+        sys.stderr.flush()
+
+    def done(self, up: int) -> None:
+        """End the line if one was shown."""
+        if self.shown:
+            self.update(up)
+            sys.stderr.write("\n")
+            sys.stderr.flush()
