@@ -15,11 +15,17 @@ def _sleep_and_return(x: float) -> float:
     return x
 
 
+def parser() -> argparse.ArgumentParser:
+    """``ipylb demo``'s options (each help line ends with its default)."""
+    p = argparse.ArgumentParser(prog="ipylb demo", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("-n", "--engines", type=int, default=4, help="engine kernels to start")
+    return p
+
+
 def main(argv: list[str] | None = None) -> None:
     """Start engines, run the task interface's examples, print what happens."""
-    p = argparse.ArgumentParser(prog="ipylb demo")
-    p.add_argument("-n", "--engines", type=int, default=4)
-    args = p.parse_args(argv)
+    args = parser().parse_args(argv)
 
     t0 = time.perf_counter()
     with ipylb.Client(engines=args.engines) as rc:

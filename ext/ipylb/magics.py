@@ -153,7 +153,8 @@ class LbMagics(Magics):
                          f"{by} stopped the magics' cluster")
         lost = (f"; {running} task(s) were still running and were stopped: their results "
                 "raise ClientClosed" if running else "")
-        return f"{by} stopped the magics' cluster ({what}){lost}"
+        head = "" if by == "%lb_stop" else f"{by}: "
+        return f"{head}stopped the cluster ({what}){lost}"
 
     def _stop_at_exit(self) -> None:
         if self.client is not None and self.owned:

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import argparse
 
+# What each mode reads; any other option given with it would be ignored, so it is refused.
+_MODES = {
+    "core": set(),
+    "schemes": {"rounds", "engines", "no_reference", "chart"},
+    "farm": {"rounds", "engines", "workloads", "no_reference", "standalone"},
+}
 
-def main(argv: list[str] | None = None) -> None:
-    """Run the benchmarks named on the command line (default: the core farm figures)."""
-    p = argparse.ArgumentParser(prog="ipylb bench", description=__doc__)
+
+def parser() -> argparse.ArgumentParser:
+    """``ipylb bench``'s options (each help line ends with its default)."""
+    p = argparse.ArgumentParser(prog="ipylb bench", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds; medians are reported")
-    p.add_argument("--engines", type=int, default=2)
+    p.add_argument("--engines", type=int, default=2, help="engines of each cluster measured")
     p.add_argument("--workloads", default="latency,submit,map,payload,dag",
                    help="comma-separated: latency, submit, map, payload, dag")
     p.add_argument("--no-reference", action="store_true",
@@ -20,7 +28,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--schemes", action="store_true",
                    help="every scheme on a heterogeneous workload and a no-op run, with a chart")
     p.add_argument("--chart", default="schemes.png", help="where --schemes writes its PNG chart")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the benchmarks named on the command line (default: the core farm figures)."""
+    p = parser()
     args = p.parse_args(argv)
+    mode = "core" if args.core else "schemes" if args.schemes else "farm"
+    if args.core and args.schemes:
+        p.error("--core and --schemes are two different runs: pick one")
+    ignored = [f"--{name.replace('_', '-')}" for name, value in vars(args).items()
+               if name not in _MODES[mode] | {"core", "schemes"} and value != p.get_default(name)]
+    if ignored:
+        p.error(f"{', '.join(ignored)} has no effect with "
+                f"{'--' + mode if mode != 'farm' else 'the farm run (no --core/--schemes)'}")
     if args.core:
         from .core_micro import main as core_main
 
@@ -33,6 +55,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     from .farm import Ipylb, IpylbStandalone, Ipyparallel, ProcessPool, compare
 
+    if args.standalone and args.no_reference:
+        p.error("--standalone is the reference of that run; --no-reference would drop it")
     farms = [Ipylb()]
     if args.standalone:
         farms.append(IpylbStandalone())
