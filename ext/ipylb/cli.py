@@ -268,7 +268,8 @@ def _wait_ready(proc: subprocess.Popen, path: Path, engines: int) -> Any:
         _say(str(e))
         return None
     try:
-        rc._await_engines(engines, ENGINE_START_TIMEOUT_S, progress=True)
+        rc._await_engines(engines, ENGINE_START_TIMEOUT_S,
+                          limits.StartProgress(engines))
     except (RuntimeError, TimeoutError) as e:
         rc.close()
         _stop_process(proc.pid)
@@ -381,7 +382,8 @@ def engine_add(args: argparse.Namespace) -> int:
             if hint:
                 _say(hint)
         rc.add_engines(args.engines)
-        rc._await_engines(before + args.engines, ENGINE_START_TIMEOUT_S, progress=True)
+        rc._await_engines(before + args.engines, ENGINE_START_TIMEOUT_S,
+                          limits.StartProgress(before + args.engines))
         _say(f"added {_engines(args.engines)} to cluster {args.profile!r}: "
              f"{_engines(len(rc.ids))} now")
         return 0

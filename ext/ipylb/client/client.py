@@ -90,6 +90,7 @@ class Client:
             hint = limits.check_engine_count(engines)
             if hint:
                 warnings.warn(hint, RuntimeWarning, stacklevel=2)
+            progress = limits.StartProgress(engines)  # its clock starts with the cluster's
             self._local = LocalCluster(engines, scheme or "leastload", 1 if hwm is None else hwm,
                                        10.0 if heartbeat_timeout is None else heartbeat_timeout)
             info = self._local.info
@@ -122,7 +123,7 @@ class Client:
             self._connect(info, timeout)
             if engines is not None:
                 self._await_engines(engines, ENGINE_START_TIMEOUT_S
-                                    + ENGINE_START_PER_ENGINE_S * engines, progress=True)
+                                    + ENGINE_START_PER_ENGINE_S * engines, progress)
         except BaseException:
             self.shutdown() if self._local else self.close()
             raise
@@ -331,11 +332,11 @@ class Client:
         self._await_engines(n, timeout)
         return None
 
-    def _await_engines(self, n: int, timeout: float | None, progress: bool = False) -> None:
-        """Wait for ``n`` engines; with ``progress``, show ``12/64 engines up`` on stderr
-        once the wait takes more than a moment (:class:`ipylb.limits.StartProgress`)."""
+    def _await_engines(self, n: int, timeout: float | None,
+                       shown: limits.StartProgress | None = None) -> None:
+        """Wait for ``n`` engines; with ``shown``, show ``12/64 engines up`` on stderr
+        once the start takes more than a moment (:class:`ipylb.limits.StartProgress`)."""
         seen = len(self._engine_failures)  # only failures from now on count
-        shown = limits.StartProgress(n) if progress else None
 
         def enough() -> bool:
             return (len(self._engine_ids) >= n or len(self._engine_failures) > seen
@@ -344,12 +345,13 @@ class Client:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._state:
             while True:
+                if shown is not None:
+                    shown.update(len(self._engine_ids))
                 left = None if deadline is None else deadline - time.monotonic()
                 step = left if shown is None else min(left or 0.5, 0.5)
                 ok = self._state.wait_for(enough, step)
                 if ok or (left is not None and left <= step):
                     break
-                shown.update(len(self._engine_ids))  # type: ignore[union-attr]
         if shown is not None:
             shown.done(len(self._engine_ids))
         self._check_open()
