@@ -3,19 +3,26 @@
 A result arrives on the client's receiving thread, which only files it
 (:meth:`AsyncResult._deliver`): checking the payload's MAC and unpickling happen
 on first use, in the thread that asks for the value.
+
+No user code runs on the receiving thread, so nothing a user writes can hold up the
+delivery of a result (issue 9 item 6).  It sets each AsyncResult's state and wakes its
+waiters (``get``, ``wait``, iteration, ``concurrent.futures.wait``/``as_completed``)
+itself; done callbacks (``add_done_callback``, which ``asyncio.wrap_future`` also
+uses) and ``cancel()``'s abort go to :class:`_CallbackRunner`, which runs them in order
+on a thread of its own and starts another when one of them blocks.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import threading
 import time
-import traceback
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from datetime import datetime
-from queue import SimpleQueue
 from typing import TYPE_CHECKING, Any
 
 from ..error import SCHEDULER_ERRORS, CompositeError, RemoteError, SerializationError
@@ -129,7 +136,7 @@ class AsyncResult(Future):
         self._arrivals: list[int] = []  # indices in the order results came
         self._cond = threading.Condition(threading.Lock())
         self._submitted = time.time()
-        self._has_callbacks = False
+        self._callbacks: list[Callable[[Any], Any]] | None = None  # until finished
         if not msg_ids:  # nothing to wait for (an empty map): done at once
             Future.set_result(self, None)
 
@@ -151,16 +158,17 @@ class AsyncResult(Future):
             self._cond.notify_all()
             finished = self._remaining == 0
             split = self._split
+            callbacks = self._callbacks if finished else None
         if split is not None:
             split[index]._deliver(0, outcome)
         if finished:
-            # The Future's own state: wakes concurrent.futures.wait and runs done callbacks
-            # (the value itself is checked and unpickled by result()/get(), in the caller).
-            # Callbacks run on a thread of their own: they may wait for other results.
-            if self._has_callbacks:
-                _callbacks.call(Future.set_result, self, None)
-            else:
-                Future.set_result(self, None)
+            # The Future's own state: wakes concurrent.futures.wait (the value itself is
+            # checked and unpickled by result()/get(), in the caller).  No callback is ever
+            # registered with the Future itself, so this runs no user code.
+            Future.set_result(self, None)
+            if callbacks:
+                for fn in callbacks:
+                    _callbacks.call(fn, self)
 
     # -- the Future interface ------------------------------------------------------
 
@@ -168,10 +176,22 @@ class AsyncResult(Future):
         """Same as :meth:`ready`."""
         return self.ready()
 
-    def add_done_callback(self, fn: Any) -> None:
-        """Call ``fn(self)`` once every task has finished (on a thread of ipylb's)."""
-        self._has_callbacks = True
-        super().add_done_callback(fn)
+    def add_done_callback(self, fn: Callable[[Any], Any]) -> None:
+        """Call ``fn(self)`` once every task has finished: on a thread of ipylb's, or at once
+        in this thread if it has finished already (as ``concurrent.futures.Future`` does).
+
+        Callbacks start in the order their results finished, and those of one result in the
+        order they were added, one after another; one that runs longer than
+        ``CALLBACK_STALL_S`` (it waits for something) no longer holds up the rest, which
+        start on another thread.  A callback may wait for other results.  An exception it
+        raises is logged (logger ``ipylb.client``) and does not stop the others."""
+        with self._cond:
+            if self._remaining:
+                if self._callbacks is None:
+                    self._callbacks = []
+                self._callbacks.append(fn)
+                return
+        _run_callback(fn, self)
 
     def result(self, timeout: float | None = None) -> Any:
         """Same as :meth:`get`."""
@@ -486,36 +506,105 @@ class AsyncHubResult(AsyncMapResult):
         return part
 
 
-class _CallbackThread:
-    """One daemon thread that runs done callbacks (and cancels) in order, off the client's
-    receiving thread, which a callback waiting for other results would otherwise stall."""
+# A callback still running after this many seconds counts as blocked: the callbacks queued
+# behind it start on another thread.
+CALLBACK_STALL_S = 0.2
+
+log = logging.getLogger("ipylb.client")
+
+
+def _run_callback(fn: Callable[..., Any], *args: Any) -> None:
+    try:
+        fn(*args)
+    except Exception:  # as concurrent.futures does: logged, the other callbacks still run
+        log.exception("exception calling callback %r", fn)
+
+
+class _CallbackRunner:
+    """Runs user code that ipylb's threads must not run themselves (done callbacks,
+    cancel()'s abort): in the order given, one at a time, on a daemon thread.
+
+    Sound under blocking: a watchdog thread (started with the first worker; it sleeps on a
+    condition, never polls, while nothing is queued) gives the queue to a further worker
+    when callbacks are queued but every worker has been inside one callback for
+    ``CALLBACK_STALL_S`` (a callback waiting for a result whose own callbacks are queued
+    behind it, or for anything else).  Start order stays the queue's order; workers beyond
+    the first leave once idle.  So the common case costs one lock and one notify per
+    callback and no thread per callback, and no callback can stall the others for good.
+    """
 
     def __init__(self) -> None:
-        self._queue: SimpleQueue = SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
+        lock = threading.Lock()
+        self._work = threading.Condition(lock)  # workers wait here for callbacks
+        self._watch = threading.Condition(lock)  # the watchdog waits here
+        self._queue: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
+        self._workers = 0  # worker threads alive
+        self._idle = 0  # ... of them waiting for a callback
+        self._taken = 0  # callbacks taken from the queue so far: the watchdog's progress mark
+        self._watching = False
 
-    def call(self, fn: Any, *args: Any) -> None:
-        with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, daemon=True,
-                                                name="ipylb-callbacks")
-                self._thread.start()
-        self._queue.put((fn, args))
+    def call(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn(*args)`` soon, after what was queued before (exceptions are logged)."""
+        with self._work:
+            self._queue.append((fn, args))
+            if self._idle:
+                self._work.notify()
+            elif not self._workers:
+                self._spawn()
+            else:
+                self._watch.notify()  # every worker is busy: time them
 
-    def _run(self) -> None:
-        while True:
-            fn, args = self._queue.get()
-            try:
-                fn(*args)
-            except Exception:  # e.g. an abort after the client closed: nothing to stop
-                traceback.print_exc()
+    def _spawn(self) -> None:  # with the lock held
+        self._workers += 1
+        threading.Thread(target=self._work_loop, daemon=True, name="ipylb-callbacks").start()
+        if not self._watching:
+            self._watching = True
+            threading.Thread(target=self._watch_loop, daemon=True,
+                             name="ipylb-callbacks-watchdog").start()
+
+    def _work_loop(self) -> None:
+        cond, queue = self._work, self._queue
+        cond.acquire()
+        try:
+            while True:
+                while not queue:
+                    if self._idle:  # another worker is idle already: one is enough
+                        self._workers -= 1
+                        return
+                    self._idle += 1
+                    cond.wait()
+                    self._idle -= 1
+                fn, args = queue.popleft()
+                self._taken += 1
+                cond.release()
+                try:
+                    _run_callback(fn, *args)
+                finally:
+                    cond.acquire()
+        finally:
+            cond.release()
+
+    def _watch_loop(self) -> None:
+        queue = self._queue
+        with self._watch:
+            while True:
+                if not queue or self._idle:  # nothing waits, or a worker will take it
+                    self._watch.wait()
+                    continue
+                mark = self._taken
+                deadline = time.monotonic() + CALLBACK_STALL_S
+                while queue and not self._idle and self._taken == mark:
+                    left = deadline - time.monotonic()
+                    if left <= 0:  # every worker is stuck in a callback: one more
+                        self._spawn()
+                        break
+                    self._watch.wait(left)
 
     def _after_fork(self) -> None:
         self.__init__()  # type: ignore[misc]
 
 
-_callbacks = _CallbackThread()
+_callbacks = _CallbackRunner()
 os.register_at_fork(after_in_child=_callbacks._after_fork)
 
 

@@ -26,7 +26,7 @@ import zmq
 
 from .. import connection, limits, shm, wire
 from ..error import ClientClosed, ControllerGone, NoCluster
-from .asyncresult import AsyncHubResult, AsyncResult, Metadata, Outcome
+from .asyncresult import AsyncHubResult, AsyncResult, Metadata, Outcome, _callbacks
 from .local import LocalCluster
 
 # How long a client waits for a controller to answer its hello.
@@ -288,10 +288,10 @@ class Client:
                 self._engine_ids = event[1]
                 if event[1]:
                     self._warned_empty = False
-            elif event[0] == "stranded":
+            elif event[0] == "stranded":  # off this thread: warning hooks are user code
                 self._warned_empty = True
-                warnings.warn(f"every engine of the cluster is gone: {event[1]} task(s) wait "
-                              f"for a new one ({ADD_ENGINES})", RuntimeWarning, stacklevel=1)
+                _callbacks.call(warnings.warn, f"every engine of the cluster is gone: {event[1]} "
+                                f"task(s) wait for a new one ({ADD_ENGINES})", RuntimeWarning, 1)
             elif event[0] == "engine_failed":
                 self._engine_failures.append(event[1])
             self._state.notify_all()
