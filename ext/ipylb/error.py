@@ -10,6 +10,25 @@ PURE_REFUSES = (
 )
 
 
+def safe_str(obj: Any, limit: int = 0) -> str:
+    """``str(obj)``, or a fallback that says why not (``str`` raised, or returned no str):
+    what reports an error must not fail itself.  ``limit`` > 0 cuts a longer text to that
+    many characters, with a note of how many were cut."""
+    try:
+        text = str(obj)
+        if type(text) is not str:
+            text = str.__str__(text)
+    except BaseException as e:  # a __str__ may raise anything, SystemExit included
+        try:
+            kind = type(e).__name__
+        except BaseException:
+            kind = "an exception"
+        text = f"<str() failed: {kind}>"
+    if 0 < limit < len(text):
+        text = f"{text[:limit]}... [{len(text) - limit} more characters cut by ipylb]"
+    return text
+
+
 class IpylbError(Exception):
     """Base class of ipylb's own errors."""
 

@@ -16,7 +16,7 @@ from typing import Any
 import cloudpickle
 import zmq
 
-from .error import SerializationError
+from .error import SerializationError, safe_str
 from .shm import Segment
 
 # Buffers smaller than this stay inside the pickle: one frame beats many tiny ones.
@@ -25,20 +25,34 @@ OOB_MIN = 64 * 1024
 
 # Values the C pickler handles exactly as cloudpickle would (no code, no classes of ours).
 _PLAIN = frozenset({type(None), bool, int, float, complex, str, bytes})
+_CONTAINERS = frozenset({tuple, list, dict})
 
 
-def _plain(obj: Any) -> bool:
-    """Whether ``obj`` is plain data: scalars, or small tuples/lists/dicts of scalars."""
+def _plain(obj: Any, depth: int = 4) -> bool:
+    """Whether ``obj`` is plain data: scalars, or small tuples/lists/dicts of them nested at
+    most ``depth`` deep.  The bound keeps the check cheap and finite: a cycle or a deeper
+    value is simply not plain, and takes the general path (which accepts more, never less)."""
     t = type(obj)
     if t in _PLAIN:
         return True
-    if len(obj) > 64 if t in (tuple, list, dict) else True:  # big or other: no fast path
+    if depth == 0 or t not in _CONTAINERS or len(obj) > 64:
         return False
-    if t is tuple or t is list:
-        return all(type(x) in _PLAIN or _plain(x) for x in obj)
+    depth -= 1
     if t is dict:
-        return all(type(k) in _PLAIN and (type(v) in _PLAIN or _plain(v)) for k, v in obj.items())
-    return False
+        return all(type(k) in _PLAIN and (type(v) in _PLAIN or _plain(v, depth)) for k, v in obj.items())
+    return all(type(x) in _PLAIN or _plain(x, depth) for x in obj)
+
+
+# How many more recursion levels a pickling that ran out of them gets for a second try:
+# ipylb's own frames and wrapping (the arguments' tuple and dict) cost a few, so a value that
+# pickle.dumps accepts where the caller stands is accepted here too.
+_DEPTH_SLACK = 100
+
+
+def _too_deep(e: BaseException) -> bool:
+    """Whether a pickling error is pickle running out of recursion levels (cloudpickle
+    re-raises RecursionError as a PicklingError caused by it)."""
+    return isinstance(e, RecursionError) or isinstance(e.__cause__, RecursionError)
 
 
 class _Blob:
@@ -64,10 +78,26 @@ def dumps(obj: Any) -> list[Any]:
     """Pickle ``obj`` into ``[pickle, *out_of_band_buffers]`` (buffers are not copied).
 
     Large buffers go out of band: numpy arrays and the like, and ``obj`` itself if it is
-    a large bytes or bytearray."""
+    a large bytes or bytearray.  Whatever ``pickle.dumps``/``cloudpickle.dumps`` accept at
+    the caller's stack depth is accepted (cycles, shared references, deep nesting); raises
+    what cloudpickle raises otherwise."""
     obj = _blob(obj)
     if _plain(obj):  # the common small case: the C pickler is several times faster
         return [pickle.dumps(obj, 5)]
+    try:
+        return _dumps_general(obj)
+    except Exception as e:
+        if not _too_deep(e):
+            raise
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(limit + _DEPTH_SLACK)
+    try:
+        return _dumps_general(obj)
+    finally:
+        sys.setrecursionlimit(limit)
+
+
+def _dumps_general(obj: Any) -> list[Any]:
     oob: list[memoryview] = []
 
     def keep(pb: pickle.PickleBuffer) -> bool:
@@ -106,19 +136,24 @@ def loads(frames: Sequence[Any]) -> Any:
     return pickle.loads(first, buffers=[_writable(f) for f in frames[1:]])
 
 
-def _culprit(args: tuple, kwargs: dict) -> str:
-    """Name the first argument that does not pickle, for an error message."""
-    for i, a in enumerate(args):
+def reason(e: BaseException) -> str:
+    """Why pickling failed, in words (for the messages of SerializationError)."""
+    if _too_deep(e):
+        return ("it is nested deeper than pickle can go (RecursionError); flatten it, or raise "
+                "sys.setrecursionlimit")
+    return f"{type(e).__name__}: {safe_str(e)}"
+
+
+def _culprit(args: tuple, kwargs: dict, e: BaseException) -> str:
+    """Name the first argument that does not pickle and why, for an error message."""
+    named = [(f"positional argument {i}", a) for i, a in enumerate(args)]
+    named += [(f"keyword argument {k!r}", v) for k, v in kwargs.items()]
+    for name, value in named:
         try:
-            cloudpickle.dumps(a, protocol=5)
-        except Exception:
-            return f"positional argument {i} ({type(a).__name__} object)"
-    for k, v in kwargs.items():
-        try:
-            cloudpickle.dumps(v, protocol=5)
-        except Exception:
-            return f"keyword argument {k!r} ({type(v).__name__} object)"
-    return "the arguments"
+            dumps(value)
+        except Exception as each:
+            return f"{name} ({type(value).__name__} object): {reason(each)}"
+    return f"the arguments: {reason(e)}"
 
 
 def _by_reference(f: Any) -> bool:
@@ -142,7 +177,7 @@ def dumps_function(f: Any) -> bytes:
     except Exception as e:
         raise SerializationError(
             f"could not pickle the function {getattr(f, '__qualname__', f)!r}: "
-            f"{type(e).__name__}: {e}. Define it at module level or close over picklable values only."
+            f"{reason(e)}. Define it at module level or close over picklable values only."
         ) from e
 
 
@@ -153,6 +188,6 @@ def dumps_args(args: tuple, kwargs: dict) -> list[Any]:
         return dumps((tuple(map(_blob, args)), {k: _blob(v) for k, v in kwargs.items()}))
     except Exception as e:
         raise SerializationError(
-            f"could not pickle {_culprit(args, kwargs)}: {type(e).__name__}: {e}. "
+            f"could not pickle {_culprit(args, kwargs, e)}. "
             "Task arguments must be picklable (cloudpickle); nothing was sent."
         ) from e

@@ -5,17 +5,17 @@ loop (``add_reader`` on the socket's FD).  Tasks run like cells, on the main
 thread, one at a time, in the order they arrive (the scheduler relies on that
 order to know which of an engine's tasks is running).  While a task runs, SIGINT
 raises KeyboardInterrupt in it, so ``interrupt_kernel`` stops it, ``time.sleep``
-included.  Each task's stdout and stderr are captured on their own.
+included.  Each task's output is what it wrote to fds 1 and 2 (:mod:`.capture`).  Whatever
+a task does, it gets an answer: a failure while reporting it (an exception whose ``str``
+fails, a result that does not pickle, ...) becomes the task's error.
 """
 
 from __future__ import annotations
 
 import _signal
-import io
 import os
 import signal
 import socket
-import sys
 import traceback
 import types
 import uuid
@@ -26,8 +26,13 @@ from typing import Any
 import zmq
 
 from .. import shm, wire
-from ..error import SerializationError, UnmetDependency
-from ..serialize import dumps, loads
+from ..error import SerializationError, UnmetDependency, safe_str
+from ..serialize import dumps, loads, reason
+from .capture import Capture
+
+# A task's error text (characters): the value of the exception, and its traceback.
+EVALUE_LIMIT = 64 * 1024
+TRACEBACK_LIMIT = 256 * 1024
 
 
 def _set_sigint(handler: Any) -> Any:
@@ -84,6 +89,7 @@ class TaskChannel:
         # The last function frame and what it unpickled to: a map sends the same one each time.
         self._fn_key: bytes = b""
         self._fn: Any = None
+        self.capture = Capture()
 
     def start(self, loop: Any) -> None:
         """Register with the controller and start serving from ``loop``."""
@@ -122,7 +128,7 @@ class TaskChannel:
             try:
                 kind, _sender, meta, bufs, bufs_mac = self.signer.unpack(frames)
             except wire.WireError as e:
-                print(f"ipylb engine: dropped a message: {e}", file=sys.__stderr__)
+                self.capture.log(f"ipylb engine: dropped a message: {e}")
                 continue
             if kind == wire.CANCEL:
                 self.cancelled.add(meta)
@@ -176,52 +182,94 @@ class TaskChannel:
         return _rehome(f, ns)
 
     def _run(self, meta: tuple, bufs: list[Any], bufs_mac: bytes) -> list[Any]:
-        """Run one task; return the frames of its DONE message."""
+        """Run one task; return the frames of its DONE message (never raises)."""
         msg_id = meta[0]
         started = _now()
-        out, err = io.StringIO(), io.StringIO()
-        result: list[Any] = []
-        error = None
+        try:
+            return self._attempt(msg_id, started, bufs, bufs_mac)
+        except BaseException as e:  # reporting failed: the task still gets an answer
+            error = (_safe_name(e), f"the engine could not report the outcome of task {msg_id}: "
+                     f"{_safe_name(e)}: {safe_str(e, EVALUE_LIMIT)}", "")
+            return self.signer.pack(wire.DONE, (msg_id, "error", started, _now(), "", "", error))
+
+    def _attempt(self, msg_id: str, started: float, bufs: list[Any], bufs_mac: bytes) -> list[Any]:
         if msg_id in self.cancelled:
             self.cancelled.discard(msg_id)
-            status = "aborted"
             error = ("TaskAborted", f"task {msg_id} was aborted before it started", "")
-            return self._done(msg_id, status, started, out, err, error, result)
-        saved = sys.stdout, sys.stderr
+            return self._done(msg_id, "aborted", started, ("", ""), error, [])
+        result: list[Any] = []
+        error = None
+        saved = self.capture.begin()
         try:
             self.signer.check_bufs(bufs, bufs_mac)
             f = self._function(bufs[0])
             args, kwargs = loads(bufs[1:])
-            sys.stdout, sys.stderr = out, err
             previous = _set_sigint(signal.default_int_handler)
             try:
                 value = f(*args, **kwargs)
             finally:
                 _set_sigint(previous)
-                sys.stdout, sys.stderr = saved
-            try:
-                result = dumps(value)
-            except Exception as e:
-                raise SerializationError(
-                    f"the result of task {msg_id} ({type(value).__name__} object) could not be "
-                    f"pickled: {type(e).__name__}: {e}. Return a picklable value."
-                ) from None
+            output = self.capture.end(saved)
+            saved = None
+            result = _pickle_result(msg_id, value)
             if self.placer is not None and len(result) > 1:
                 result = self.placer.place(result)
             status = "ok"
         except UnmetDependency as e:
-            status = "unmet"
-            error = ("UnmetDependency", str(e), "")
+            status, result = "unmet", []
+            error = ("UnmetDependency", safe_str(e, EVALUE_LIMIT), "")
         except BaseException as e:  # noqa: B036 - SystemExit/KeyboardInterrupt are task errors too
-            sys.stdout, sys.stderr = saved
-            status = "error"
-            notes = "".join(f" {n}" for n in getattr(e, "__notes__", ()))
-            error = (type(e).__name__, f"{e}{notes}", _remote_traceback(e))
-        return self._done(msg_id, status, started, out, err, error, result)
+            status, result = "error", []
+            error = _describe(e)
+        if saved is not None:
+            output = self.capture.end(saved)
+        return self._done(msg_id, status, started, output, error, result)
 
     def _done(
-        self, msg_id: str, status: str, started: float, out: io.StringIO, err: io.StringIO,
+        self, msg_id: str, status: str, started: float, output: tuple[str, str],
         error: tuple[str, str, str] | None, result: list[Any],
     ) -> list[Any]:
-        meta = (msg_id, status, started, _now(), out.getvalue(), err.getvalue(), error)
+        meta = (msg_id, status, started, _now(), output[0], output[1], error)
         return self.signer.pack(wire.DONE, meta, result)
+
+
+def _pickle_result(msg_id: str, value: Any) -> list[Any]:
+    """The frames of a task's return value, or SerializationError saying why not."""
+    try:
+        return dumps(value)
+    except BaseException as e:  # noqa: B036 - a __reduce__ may raise anything
+        raise SerializationError(
+            f"the result of task {msg_id} ({_safe_name(value)} object) could not be pickled: "
+            f"{reason(e)}. Return a picklable value."
+        ) from None
+
+
+def _safe_name(obj: Any) -> str:
+    """The name of ``obj``'s class (of ``obj`` itself if it is an exception)."""
+    try:
+        return str(type(obj).__name__)
+    except BaseException:  # noqa: B036 - a metaclass may make even this fail
+        return "object"
+
+
+def _describe(e: BaseException) -> tuple[str, str, str]:
+    """``(ename, evalue, traceback)`` of a task's exception, each within its limit; never
+    raises (an exception whose ``str`` or notes fail gets a fallback text)."""
+    evalue = safe_str(e, EVALUE_LIMIT)
+    if isinstance(e, SystemExit):
+        evalue = f"the task called sys.exit({evalue}); the engine serves on"
+    try:
+        notes = getattr(e, "__notes__", None)
+        if isinstance(notes, list | tuple):
+            evalue += "".join(f" {safe_str(n, EVALUE_LIMIT)}" for n in notes)
+    except BaseException:  # noqa: B036 - a __getattr__ may raise anything
+        pass
+    try:
+        tb = _remote_traceback(e)
+    except BaseException as fail:  # noqa: B036
+        tb = f"<the traceback could not be formatted: {_safe_name(fail)}>"
+    if len(tb) > TRACEBACK_LIMIT:  # keep where it started and where it ended
+        half = TRACEBACK_LIMIT // 2
+        tb = (f"{tb[:half]}\n... [{len(tb) - 2 * half} characters of traceback cut by ipylb] ...\n"
+              f"{tb[-half:]}")
+    return _safe_name(e), evalue, tb

@@ -1,0 +1,215 @@
+"""A task's output: everything written to file descriptors 1 and 2 while it runs.
+
+When the engine starts, fds 1 and 2 become, for good, the write ends of two pipes (``dup2``),
+the way ipykernel's ``OutStream(watchfd=True)`` captures a cell's output at the fd level.
+What a task writes there by any means (``print``, ``os.write(1, ...)``, C extensions, child
+processes that inherit the fds) goes into the pipes, in the order the OS received it.
+``sys.stdout``/``sys.stderr`` of a task are two long-lived, line-buffered text streams on
+fds 1 and 2 (``fileno()``, ``buffer``, ``encoding``), so an object that kept a reference to
+them in one task writes to the task that runs when it writes.
+
+A reader thread files what arrives under the running task; between tasks it passes output
+on to where fds 1 and 2 pointed before (ipykernel's own fd watcher, which shows it to an
+attached ``jupyter console`` and copies it to the controller's log; or the log itself).  When a task ends, the main
+thread flushes the streams and reads what is still in the pipes itself, under the reader's
+lock: everything written before the end is the task's, nothing later is.  Child processes
+that outlive a task write to whichever task runs when they write, or between tasks.
+
+Cost on the hot path: two attribute swaps to start a task; two flushes, two ``dup2`` (a task
+that closed fd 1 or 2 gets them back), one ``poll`` and a lock to end it.  ipykernel's own
+machinery is not used per task: its stream buffers output for its IO thread and would need a
+round trip to that thread at the end of every task.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import os
+import select
+import sys
+import termios
+import threading
+from typing import Any
+
+# At most this many bytes of each stream are kept per task (IPYLB_OUTPUT_LIMIT): the rest is
+# read and dropped, with a note, so a task that prints without end cannot exhaust memory.
+OUTPUT_LIMIT = int(os.environ.get("IPYLB_OUTPUT_LIMIT", 8 * 1024 * 1024))
+_PIPE_SIZE = 1024 * 1024  # fewer wake-ups of the reader for chatty tasks (Linux only)
+_CHUNK = 65536
+_BAD = select.POLLERR | select.POLLNVAL
+
+
+class TaskStream(io.TextIOWrapper):
+    """``sys.stdout``/``sys.stderr`` while tasks run: UTF-8 text on fd 1 or 2, line-buffered,
+    shared by all tasks.  Closing it only flushes it (the engine serves on)."""
+
+    def close(self) -> None:
+        self.flush()
+
+
+class _Sink:
+    """One task's bytes on one stream, up to OUTPUT_LIMIT."""
+
+    __slots__ = ("data", "dropped")
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.dropped = 0
+
+    def add(self, chunk: bytes) -> None:
+        room = OUTPUT_LIMIT - len(self.data)
+        if len(chunk) <= room:
+            self.data += chunk
+            return
+        if room > 0:
+            self.data += chunk[:room]
+        self.dropped += len(chunk) - max(room, 0)
+
+    def text(self, name: str) -> str:
+        if not self.data and not self.dropped:
+            return ""
+        text = self.data.decode("utf-8", "replace")
+        if self.dropped:
+            text += (f"\n[ipylb: {self.dropped} more bytes of {name} were dropped: a task keeps "
+                     f"at most {OUTPUT_LIMIT} bytes per stream (IPYLB_OUTPUT_LIMIT)]\n")
+        return text
+
+
+def _pending(fd: int) -> int:
+    """Bytes waiting in a pipe."""
+    return int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"), sys.byteorder)
+
+
+class Capture:
+    """Owns fds 1 and 2 of the engine: ``begin()`` and ``end()`` bracket each task."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sinks: tuple[_Sink, _Sink] | None = None
+        self._original = (os.dup(1), os.dup(2))  # where output went before (not inherited)
+        self._open()
+        self.streams = (
+            TaskStream(io.FileIO(1, "w", closefd=False), encoding="utf-8",
+                       errors="backslashreplace", line_buffering=True),
+            TaskStream(io.FileIO(2, "w", closefd=False), encoding="utf-8",
+                       errors="backslashreplace", line_buffering=True),
+        )
+
+    def _open(self) -> None:
+        """New pipes on fds 1 and 2, and a reader thread for them."""
+        reads, writes = [], []
+        for fd in (1, 2):
+            r, w = os.pipe()
+            os.set_blocking(r, False)
+            try:
+                fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
+            except (AttributeError, OSError):
+                pass
+            os.dup2(w, fd)
+            reads.append(r)
+            writes.append(w)
+        self._reads, self._writes = tuple(reads), tuple(writes)
+        self._poll = select.poll()
+        for r in reads:
+            self._poll.register(r, select.POLLIN)
+        threading.Thread(target=self._pump, args=(self._reads,), daemon=True,
+                         name="ipylb-output").start()
+
+    def _reopen(self) -> None:
+        """A task closed or replaced one of our pipe's ends: start over with new ones."""
+        with self._lock:
+            for fd in (*self._reads, *self._writes):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            self._open()
+
+    # -- the reader thread -----------------------------------------------------------
+
+    def _pump(self, reads: tuple[int, int]) -> None:
+        poller = select.poll()
+        for r in reads:
+            poller.register(r, select.POLLIN)
+        while True:
+            # The timeout lets a thread whose pipes were replaced notice it and end.
+            events = poller.poll(1000)
+            idle: list[tuple[int, bytes]] = []
+            with self._lock:
+                if self._reads is not reads:
+                    return
+                for fd, ev in events:
+                    if ev & _BAD:
+                        return
+                    i = reads.index(fd)
+                    for _ in range(16):  # then let go of the lock: a task may be ending
+                        try:
+                            chunk = os.read(fd, _CHUNK)
+                        except (BlockingIOError, InterruptedError):
+                            break
+                        except OSError:
+                            return
+                        if not chunk:  # every write end closed: end() starts over
+                            return
+                        sinks = self._sinks
+                        if sinks is not None:
+                            sinks[i].add(chunk)
+                        else:
+                            idle.append((i, chunk))
+            for i, chunk in idle:  # outside the lock: the log may be slow
+                try:
+                    os.write(self._original[i], chunk)
+                except OSError:
+                    pass
+
+    # -- the main thread ---------------------------------------------------------------
+
+    def begin(self) -> tuple[Any, Any]:
+        """Start filing output under a new task; returns what ``end`` restores."""
+        self._sinks = (_Sink(), _Sink())
+        saved = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = self.streams
+        return saved
+
+    def end(self, saved: tuple[Any, Any]) -> tuple[str, str]:
+        """Stop filing under the task: restore ``sys.stdout``/``sys.stderr`` to ``saved``,
+        and return the task's (stdout, stderr) text."""
+        sys.stdout, sys.stderr = saved
+        try:
+            os.dup2(self._writes[0], 1)
+            os.dup2(self._writes[1], 2)
+        except OSError:
+            self._reopen()
+        for s in (*self.streams, sys.__stdout__, sys.__stderr__):
+            try:
+                s.flush()  # type: ignore[union-attr]
+            except Exception:  # closed fds, replaced streams: what was buffered is lost
+                pass
+        with self._lock:
+            sinks = self._sinks
+            self._sinks = None
+            try:
+                for fd, _ev in self._poll.poll(0):
+                    # What is in the pipe now was written before the task ended.
+                    i = self._reads.index(fd)
+                    left = _pending(fd)
+                    while left > 0:
+                        chunk = os.read(fd, min(left, _CHUNK))
+                        if not chunk:
+                            break
+                        sinks[i].add(chunk)  # type: ignore[index]
+                        left -= len(chunk)
+                broken = False
+            except OSError:
+                broken = True
+        if broken:
+            self._reopen()
+        return sinks[0].text("stdout"), sinks[1].text("stderr")  # type: ignore[index]
+
+    def log(self, text: str) -> None:
+        """Write a line of the engine's own to the controller's log (never a task's output)."""
+        try:
+            os.write(self._original[1], text.encode("utf-8", "replace") + b"\n")
+        except OSError:
+            pass
