@@ -25,7 +25,7 @@ from concurrent.futures import Future
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from ..error import SCHEDULER_ERRORS, CompositeError, RemoteError, SerializationError
+from ..error import SCHEDULER_ERRORS, CompositeError, RemoteError, SerializationError, safe_str
 from ..serialize import loads
 
 if TYPE_CHECKING:
@@ -89,10 +89,13 @@ class Outcome:
             client._signer.check_bufs(self.bufs, self.mac)
             try:
                 self._value = loads(self.bufs)
-            except Exception as e:
+            except KeyboardInterrupt:
+                raise
+            except BaseException as e:  # a __setstate__ may raise anything, SystemExit too
                 raise SerializationError(
                     f"the result of task {self.meta[0]} could not be unpickled here: "
-                    f"{type(e).__name__}: {e}. Is the module that defines it importable in the client?"
+                    f"{type(e).__name__}: {safe_str(e, 4096)}. Is the module that defines it "
+                    "importable in the client?"
                 ) from e
             self.bufs = []
         return self._value

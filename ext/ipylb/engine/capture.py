@@ -90,9 +90,9 @@ class Capture:
         self._original = (os.dup(1), os.dup(2))  # where output went before (not inherited)
         self._open()
         self.streams = (
-            TaskStream(io.FileIO(1, "w", closefd=False), encoding="utf-8",
+            TaskStream(io.BufferedWriter(io.FileIO(1, "w", closefd=False)), encoding="utf-8",
                        errors="backslashreplace", line_buffering=True),
-            TaskStream(io.FileIO(2, "w", closefd=False), encoding="utf-8",
+            TaskStream(io.BufferedWriter(io.FileIO(2, "w", closefd=False)), encoding="utf-8",
                        errors="backslashreplace", line_buffering=True),
         )
 

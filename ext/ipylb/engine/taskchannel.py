@@ -13,6 +13,7 @@ fails, a result that does not pickle, ...) becomes the task's error.
 from __future__ import annotations
 
 import _signal
+import dis
 import os
 import signal
 import socket
@@ -42,6 +43,21 @@ def _set_sigint(handler: Any) -> Any:
 
 def _shares_globals(v: Any, shipped: dict[str, Any]) -> bool:
     return isinstance(v, types.FunctionType) and v.__globals__ is shipped
+
+
+_STORES = frozenset({dis.opmap["STORE_GLOBAL"], dis.opmap["DELETE_GLOBAL"]})
+
+
+def _assigned_globals(code: types.CodeType) -> frozenset[str]:
+    """The global names ``code`` (and the code nested in it) assigns or deletes."""
+    names: set[str] = set()
+    todo = [code]
+    while todo:
+        c = todo.pop()
+        if not _STORES.isdisjoint(c.co_code[::2]):  # the rare case: decode the bytecode
+            names.update(i.argval for i in dis.get_instructions(c) if i.opcode in _STORES)
+        todo.extend(k for k in c.co_consts if isinstance(k, types.CodeType))
+    return frozenset(names)
 
 
 def _rehome(f: types.FunctionType, ns: dict[str, Any]) -> types.FunctionType:
@@ -167,7 +183,12 @@ class TaskChannel:
     def _bind_interactive(self, f: Any) -> Any:
         """A function from ``__main__`` runs with the engine's user namespace as globals,
         and so do the ``__main__`` functions it calls (they came in the same pickle, with
-        the same globals): ``@require``'s imports and pushed names are visible to all."""
+        the same globals): ``@require``'s imports and pushed names are visible to all.
+
+        The client's globals that came with it are copied in, except the names these
+        functions assign with ``global`` that the engine already has: those belong to the
+        engine (state a task stored, as in ``global MODEL; MODEL = load()``), while names
+        they only read are refreshed to the client's value (README: "Engine state")."""
         rebind = getattr(f, "_ipylb_rebind", None)
         if rebind is not None:  # wrappers (dependent, map chunks) bind what they wrap
             return rebind(self._bind_interactive)
@@ -176,9 +197,13 @@ class TaskChannel:
         ns = self.user_ns
         shipped = f.__globals__
         if shipped is not ns:
+            functions = [v for v in shipped.values() if _shares_globals(v, shipped)]
+            owned = _assigned_globals(f.__code__).union(
+                *(_assigned_globals(g.__code__) for g in functions))
             for k, v in shipped.items():
-                if not k.startswith("__"):
-                    ns[k] = _rehome(v, ns) if _shares_globals(v, shipped) else v
+                if k.startswith("__") or (k in owned and k in ns):
+                    continue
+                ns[k] = _rehome(v, ns) if _shares_globals(v, shipped) else v
         return _rehome(f, ns)
 
     def _run(self, meta: tuple, bufs: list[Any], bufs_mac: bytes) -> list[Any]:
