@@ -42,10 +42,23 @@ _BAD = select.POLLERR | select.POLLNVAL
 
 class TaskStream(io.TextIOWrapper):
     """``sys.stdout``/``sys.stderr`` while tasks run: UTF-8 text on fd 1 or 2, line-buffered,
-    shared by all tasks.  Closing it only flushes it (the engine serves on)."""
+    shared by all tasks.  Closing it (or its ``buffer``) only flushes it: the engine serves on."""
 
     def close(self) -> None:
         self.flush()
+
+
+class _Buffer(io.BufferedWriter):
+    def close(self) -> None:
+        self.flush()
+
+
+def _streams() -> tuple[TaskStream, TaskStream]:
+    return tuple(  # type: ignore[return-value]
+        TaskStream(_Buffer(io.FileIO(fd, "w", closefd=False)), encoding="utf-8",
+                   errors="backslashreplace", line_buffering=True)
+        for fd in (1, 2)
+    )
 
 
 class _Sink:
@@ -89,12 +102,7 @@ class Capture:
         self._sinks: tuple[_Sink, _Sink] | None = None
         self._original = (os.dup(1), os.dup(2))  # where output went before (not inherited)
         self._open()
-        self.streams = (
-            TaskStream(io.BufferedWriter(io.FileIO(1, "w", closefd=False)), encoding="utf-8",
-                       errors="backslashreplace", line_buffering=True),
-            TaskStream(io.BufferedWriter(io.FileIO(2, "w", closefd=False)), encoding="utf-8",
-                       errors="backslashreplace", line_buffering=True),
-        )
+        self.streams = _streams()
 
     def _open(self) -> None:
         """New pipes on fds 1 and 2, and a reader thread for them."""
@@ -181,10 +189,15 @@ class Capture:
             os.dup2(self._writes[1], 2)
         except OSError:
             self._reopen()
-        for s in (*self.streams, sys.__stdout__, sys.__stderr__):
+        try:
+            for s in self.streams:
+                s.flush()
+        except Exception:  # detached, or its raw file closed: new streams for the next task
+            self.streams = _streams()
+        for s in (sys.__stdout__, sys.__stderr__):
             try:
                 s.flush()  # type: ignore[union-attr]
-            except Exception:  # closed fds, replaced streams: what was buffered is lost
+            except Exception:
                 pass
         with self._lock:
             sinks = self._sinks

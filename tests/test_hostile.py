@@ -1,0 +1,407 @@
+"""Hostile tasks: whatever a task raises, returns or does to its streams, it gets an answer
+that says what went wrong, and every engine serves on (issue 9, item 2 and "Also").
+
+All tests share the session's two-engine cluster; after each one, every engine must take
+work and ``queue_status()`` must be idle.  Task code is defined inside the tests (shipped by
+value), as a notebook's would be.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from ipylb.engine.capture import OUTPUT_LIMIT
+from ipylb.engine.taskchannel import EVALUE_LIMIT, TRACEBACK_LIMIT
+from ipylb.error import RemoteError, SerializationError
+
+
+def meet(marker_dir, n):
+    """Arrive, then wait until ``n`` tasks have arrived: ``n`` of these at once need ``n``
+    engines serving at the same time."""
+    import os
+    import time
+    import uuid
+
+    open(os.path.join(marker_dir, uuid.uuid4().hex), "w").close()
+    deadline = time.monotonic() + 60
+    while len(os.listdir(marker_dir)) < n:
+        if time.monotonic() > deadline:
+            raise TimeoutError("not every engine took work")
+        time.sleep(0.01)
+
+
+@pytest.fixture(autouse=True)
+def every_engine_serves_after(rc, view, tmp_path):
+    yield
+    ids = rc.ids
+    assert len(ids) == 2
+    marker_dir = tmp_path / "meet"
+    marker_dir.mkdir()
+    amr = view.map_async(meet, [str(marker_dir)] * len(ids), [len(ids)] * len(ids))
+    amr.get(90)
+    assert sorted(amr.engine_id) == ids
+    status = rc.queue_status()
+    assert status.pop("unassigned") == 0
+    assert all(s["queue"] == 0 and s["tasks"] == 0 for s in status.values()), status
+
+
+def failure(view, f, *args):
+    """The RemoteError a task ends with (it must end, and fail)."""
+    ar = view.apply_async(f, *args)
+    assert ar.wait(90), "the task got no answer"
+    assert not ar.successful()
+    return ar, ar.exception()
+
+
+# -- exceptions that resist being reported ------------------------------------------------
+
+
+def test_an_exception_whose_str_fails_is_reported_with_a_fallback(view):
+    """The issue's input: this hung forever and kept the engine busy."""
+
+    class Odd(Exception):
+        def __str__(self):
+            raise ValueError("no str")
+
+    def raises():
+        raise Odd()
+
+    _, err = failure(view, raises)
+    assert isinstance(err, RemoteError) and err.ename == "Odd"
+    assert err.evalue == "<str() failed: ValueError>"
+    assert "in raises" in err.traceback and "Odd" in err.traceback
+
+
+def test_str_and_repr_failing_str_returning_no_str_and_odd_notes(view):
+    class Worse(Exception):
+        def __str__(self):
+            raise SystemExit("str leaves")
+
+        def __repr__(self):
+            raise RuntimeError("no repr")
+
+    class NotText(Exception):
+        def __str__(self):
+            return 42
+
+    def raises(kind):
+        if kind == "worse":
+            raise Worse()
+        if kind == "not text":
+            raise NotText()
+        e = ValueError("with notes")
+        e.__notes__ = [Worse(), "a note"] if kind == "notes" else 5
+        raise e
+
+    assert failure(view, raises, "worse")[1].evalue == "<str() failed: SystemExit>"
+    assert failure(view, raises, "not text")[1].evalue == "<str() failed: TypeError>"
+    notes = failure(view, raises, "notes")[1]
+    assert notes.ename == "ValueError" and notes.evalue == "with notes <str() failed: SystemExit> a note"
+    bad_notes = failure(view, raises, "bad notes")[1]
+    assert bad_notes.ename == "ValueError" and bad_notes.evalue == "with notes"
+
+
+def test_a_chain_whose_cause_cannot_be_formatted(view):
+    class Odd(Exception):
+        def __str__(self):
+            raise ValueError("no str")
+
+    def chained():
+        try:
+            raise Odd()
+        except Odd as e:
+            raise KeyError("outer") from e
+
+    err = failure(view, chained)[1]
+    assert err.ename == "KeyError" and err.evalue == "'outer'"
+    assert "Odd: <exception str() failed>" in err.traceback
+    assert "direct cause" in err.traceback
+
+
+def test_an_exception_with_unpicklable_attributes(view):
+    def raises():
+        e = RuntimeError("holds a lock")
+        e.lock = threading.Lock()
+        raise e
+
+    err = failure(view, raises)[1]
+    assert (err.ename, err.evalue) == ("RuntimeError", "holds a lock")
+
+
+@pytest.mark.parametrize("kind", ["exit", "exit-code", "keyboard", "generator", "base"])
+def test_base_exceptions_raised_by_tasks_are_task_errors(view, kind):
+    def leave(kind):
+        import sys
+
+        class Custom(BaseException):
+            pass
+
+        if kind == "exit":
+            sys.exit()
+        if kind == "exit-code":
+            sys.exit(3)
+        if kind == "keyboard":
+            raise KeyboardInterrupt("by the task")
+        if kind == "generator":
+            raise GeneratorExit()
+        raise Custom("custom")
+
+    err = failure(view, leave, kind)[1]
+    expected = {
+        "exit": ("SystemExit", "the task called sys.exit(); the engine serves on"),
+        "exit-code": ("SystemExit", "the task called sys.exit(3); the engine serves on"),
+        "keyboard": ("KeyboardInterrupt", "by the task"),
+        "generator": ("GeneratorExit", ""),
+        "base": ("Custom", "custom"),
+    }[kind]
+    assert (err.ename, err.evalue) == expected
+
+
+def test_recursion_depth_errors(view):
+    def down(n):
+        return down(n + 1)
+
+    err = failure(view, down, 0)[1]
+    assert err.ename == "RecursionError" and "maximum recursion depth" in err.evalue
+    assert "Previous line repeated" in err.traceback
+
+
+def test_a_huge_message_and_a_huge_traceback_are_cut_with_a_note(view):
+    def huge_message():
+        raise ValueError("v" * 10_000_000)
+
+    def long_chain():
+        e = None
+        for i in range(3000):
+            try:
+                raise RuntimeError(f"link {i} " + "x" * 200) from e
+            except RuntimeError as caught:
+                e = caught
+        raise e
+
+    err = failure(view, huge_message)[1]
+    assert err.evalue.startswith("v" * 1000) and "more characters cut by ipylb" in err.evalue
+    assert len(err.evalue) < EVALUE_LIMIT + 100
+    err = failure(view, long_chain)[1]
+    assert "characters of traceback cut by ipylb" in err.traceback
+    assert len(err.traceback) < TRACEBACK_LIMIT + 200
+    assert "link 0 " in err.traceback and "link 2999 " in err.traceback  # both ends kept
+
+
+# -- results that resist being pickled ----------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["lock", "reduce raises", "reduce exits", "reduce odd", "bad reduce"])
+def test_results_that_do_not_pickle_fail_the_task_with_the_reason(view, kind):
+    def give(kind):
+        import threading
+
+        class Odd(Exception):
+            def __str__(self):
+                raise ValueError("no str")
+
+        class Stubborn:
+            def __reduce__(self):
+                if kind == "reduce raises":
+                    raise ValueError("will not pickle")
+                if kind == "reduce exits":
+                    raise SystemExit(4)
+                if kind == "reduce odd":
+                    raise Odd()
+                return "no_such_global_anywhere"
+
+        return threading.Lock() if kind == "lock" else Stubborn()
+
+    err = failure(view, give, kind)[1]
+    assert err.ename == "SerializationError"
+    assert "could not be pickled" in err.evalue and "Return a picklable value" in err.evalue
+    why = {"lock": "cannot pickle '_thread.lock'", "reduce raises": "ValueError: will not pickle",
+           "reduce exits": "SystemExit: 4", "reduce odd": "Odd: <str() failed: ValueError>",
+           "bad reduce": "PicklingError"}[kind]
+    assert why in err.evalue
+
+
+def test_a_huge_result_arrives_whole(view):
+    def big():
+        return bytes(range(256)) * (64 * 1024 * 1024 // 256), list(range(1_000_000))
+
+    data, numbers = view.apply_async(big).get(120)
+    assert len(data) == 64 * 1024 * 1024 and data[:256] == bytes(range(256)) and data[-1] == 255
+    assert numbers[-1] == 999_999
+
+
+def test_a_result_that_does_not_unpickle_in_the_client_is_a_clear_error(rc, view):
+    def give(how):
+        import os
+
+        pid = os.getpid()
+
+        def rebuild(pid):
+            import os
+
+            if os.getpid() != pid:  # only in the client
+                if how == "exit":
+                    raise SystemExit("leaving the client")
+                raise ImportError("only on the engine")
+            return "fine"
+
+        class OnlyHere:
+            def __reduce__(self):
+                return rebuild, (pid,)
+
+        return OnlyHere()
+
+    for how, why in [("import", "ImportError: only on the engine"),
+                     ("exit", "SystemExit: leaving the client")]:
+        ar = view.apply_async(give, how)
+        with pytest.raises(SerializationError, match="could not be unpickled here") as info:
+            ar.get(60)
+        assert why in str(info.value)
+        assert ar.successful()  # the task itself succeeded; only this client cannot read it
+    assert view.apply_sync(lambda: "the client receives on") == "the client receives on"
+
+
+# -- tasks that abuse their streams -------------------------------------------------------
+
+
+@pytest.mark.parametrize("abuse", ["close sys.stdout", "close buffer", "close raw", "detach",
+                                   "replace sys.stdout", "stdout None", "close fd 1",
+                                   "close fd 2", "dup2 devnull"])
+def test_a_task_that_breaks_its_streams_leaves_the_next_one_captured(view, abuse):
+    def breaks(abuse):
+        import io
+        import os
+        import sys
+
+        print("before")
+        if abuse == "close sys.stdout":
+            sys.stdout.close()
+        elif abuse == "close buffer":
+            sys.stdout.buffer.close()
+        elif abuse == "close raw":
+            sys.stdout.buffer.raw.close()
+        elif abuse == "detach":
+            sys.stdout = io.TextIOWrapper(sys.stdout.detach(), encoding="latin-1")
+        elif abuse == "replace sys.stdout":
+            sys.stdout = object()
+        elif abuse == "stdout None":
+            sys.stdout = None
+        elif abuse == "close fd 1":
+            os.close(1)
+        elif abuse == "close fd 2":
+            os.close(2)
+        elif abuse == "dup2 devnull":
+            fd = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            os.close(fd)
+        return abuse
+
+    ar = view.apply_async(breaks, abuse)
+    assert ar.get(60) == abuse
+    assert ar.stdout == "before\n"
+    with view.temp_flags(follow=ar):  # on the engine that was abused
+        after = view.apply_async(every_stream)
+        assert after.get(60) == (1, 2)
+    assert after.stdout == "py\nfd\nchild\n" and after.stderr == "err\n"
+
+
+def every_stream():
+    import os
+    import subprocess
+    import sys
+
+    print("py")
+    os.write(1, b"fd\n")
+    subprocess.run(["echo", "child"], check=True)
+    print("err", file=sys.stderr)
+    return sys.stdout.fileno(), sys.stderr.fileno()
+
+
+def test_bytes_and_text_that_is_not_utf8(view):
+    def writes():
+        import sys
+
+        sys.stdout.buffer.write(b"\xff\xfe raw\n")
+        print("\udcff lone surrogate")
+        sys.stdout.write(b"bytes to a text stream")
+
+    ar, err = failure(view, writes)
+    assert err.ename == "TypeError" and "must be str" in err.evalue
+    assert ar.stdout == "\ufffd\ufffd raw\n\\udcff lone surrogate\n"
+
+
+def test_output_over_the_limit_is_cut_with_a_note(view):
+    def flood(n):
+        import os
+
+        block = b"y" * 65536
+        for _ in range(n // len(block)):
+            os.write(1, block)
+        print("tail")
+        return n
+
+    n = OUTPUT_LIMIT + 2 * 65536
+    ar = view.apply_async(flood, n)
+    assert ar.get(120) == n
+    assert ar.stdout.startswith("y" * OUTPUT_LIMIT)
+    assert f"[ipylb: {n + 5 - OUTPUT_LIMIT} more bytes of stdout were dropped" in ar.stdout
+
+
+def test_child_processes_write_to_their_task(view):
+    def children():
+        import subprocess
+        import sys
+
+        subprocess.run([sys.executable, "-c",
+                        "import os, sys; print('py child'); sys.stdout.flush(); "
+                        "os.write(2, b'child err\\n')"], check=True)
+        subprocess.run("echo shell child; echo shell err >&2", shell=True, check=True)
+
+    ar = view.apply_async(children)
+    ar.get(60)
+    assert ar.stdout == "py child\nshell child\n"
+    assert ar.stderr == "child err\nshell err\n"
+
+
+def test_a_child_that_outlives_its_task_does_not_hold_it(view):
+    def spawn():
+        import subprocess
+
+        subprocess.Popen(["sh", "-c", "sleep 0.5; echo late"])
+        return "spawned"
+
+    started = time.monotonic()
+    assert view.apply_sync(spawn) == "spawned"
+    assert time.monotonic() - started < 30  # the task ended without waiting for the child
+
+
+def test_signal_handlers_a_task_changes_do_not_stop_interrupts(rc, view, tmp_path):
+    def ignore_sigint():
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        return "ignored"
+
+    first = view.apply_async(ignore_sigint)
+    assert first.get(60) == "ignored"
+    marker = tmp_path / "started"
+
+    def sleeps(path):
+        import time
+
+        open(path, "w").close()
+        time.sleep(60)
+
+    with view.temp_flags(follow=first):
+        ar = view.apply_async(sleeps, str(marker))
+    deadline = time.monotonic() + 30
+    while not marker.exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    rc.interrupt([first.engine_id])
+    with pytest.raises(RemoteError) as info:
+        ar.get(30)
+    assert info.value.ename == "KeyboardInterrupt"
