@@ -28,6 +28,7 @@ def interactive(source: str) -> dict:
 
 def every_writer():
     import ctypes
+    import io
     import os
     import subprocess
     import sys
@@ -43,12 +44,13 @@ def every_writer():
     os.write(2, b"fd2\n")
     print("stderr", file=sys.stderr)
     subprocess.run(["sh", "-c", "echo child-err >&2"], check=True)
-    return sys.stdout.fileno(), sys.stderr.fileno(), sys.stdout.encoding, type(sys.stdout.buffer).__name__
+    return (sys.stdout.fileno(), sys.stderr.fileno(), sys.stdout.encoding,
+            isinstance(sys.stdout.buffer, io.BufferedWriter))
 
 
 def test_everything_written_to_fds_1_and_2_is_the_tasks_output_in_order(view):
     ar = view.apply_async(every_writer)
-    assert ar.get(60) == (1, 2, "utf-8", "BufferedWriter")
+    assert ar.get(60) == (1, 2, "utf-8", True)
     assert ar.stdout == "print\nos.write\nchild\nos.system\nlibc puts\nno newline"
     assert ar.stderr == "fd2\nstderr\nchild-err\n"
 
