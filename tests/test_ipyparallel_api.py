@@ -4,10 +4,14 @@ return_exceptions, metadata attributes, get_dict, split, waiting and sizes."""
 from __future__ import annotations
 
 import concurrent.futures
+import gc
+import itertools
+import threading
 from datetime import datetime
 
 import pytest
 from ipylb import error
+from ipylb.error import SerializationError
 
 
 def inverse(x):
@@ -226,3 +230,96 @@ def test_targets_are_checked(rc):
     with pytest.raises(ValueError, match="timeout"):
         v.timeout = -1  # flags are validated when set, not at the next submission
     assert v.targets == [7] and v.timeout == 0
+
+
+# -- imap ------------------------------------------------------------------------------
+
+
+def square(x):
+    return x * x
+
+
+def test_imap_is_map_lazily(view):
+    it = view.imap(square, range(50))
+    assert list(it) == [x * x for x in range(50)]
+    assert list(view.imap(pow, [2, 3], [5, 2, 9])) == [32, 9]  # zips, shortest wins
+    assert list(view.imap(square, [])) == []
+    first = next(iter(view.imap(nap, [0.4, 0, 0], ordered=False)))
+    assert first == 0  # completion order: a fast item before the slow one
+
+
+def test_imap_endless_input_with_a_bounded_window(rc, view):
+    pulled = 0
+
+    def numbers():
+        nonlocal pulled
+        for n in itertools.count():
+            pulled += 1
+            yield n
+
+    results = []
+    it = view.imap(square, numbers(), max_outstanding=5)
+    assert pulled <= 5  # work starts at once, within the window
+    for k, r in enumerate(it, 1):
+        results.append(r)
+        assert pulled - k <= 5, (pulled, k)  # never more than 5 submitted and not yielded
+        if k == 40:
+            break
+    assert results == [n * n for n in range(40)]
+    assert rc.wait(timeout=10)  # what was in flight has answered; nothing waits
+
+
+def test_imap_leaving_early_aborts_the_rest_and_keeps_nothing(rc, view):
+    cached = len(rc._outcomes)
+    before = sum(s["completed"] for k, s in rc.queue_status().items() if k != "unassigned")
+    it = view.imap(nap, [0.2] * 40, max_outstanding=20)
+    assert next(it) == 0.2
+    it.close()
+    assert rc.wait(timeout=20)  # the aborted tasks answer at once, the running ones soon
+    after = sum(s["completed"] for k, s in rc.queue_status().items() if k != "unassigned")
+    assert after - before < 10  # most of the 20 submitted never ran
+    assert len(rc._outcomes) == cached  # their results were dropped as they came
+    assert next(it, "end") == "end"
+    gen = view.imap(nap, [0.2] * 10, max_outstanding=6)
+    next(gen)
+    del gen  # garbage: the same as close()
+    gc.collect()
+    assert rc.wait(timeout=20) and len(rc._outcomes) == cached
+
+
+def test_imap_input_error_comes_after_the_results_before_it(view):
+    def items():
+        yield from [0.3, 0, 0]
+        raise ValueError("bad input item")
+
+    it = view.imap(nap, items(), max_outstanding=2)
+    got = []
+    with pytest.raises(ValueError, match="bad input item"):
+        for r in it:
+            got.append(r)
+    assert got == [0.3, 0, 0]  # nothing in flight was lost
+    assert next(it, "end") == "end"
+    bad = view.imap(square, [1, 2, threading.Lock()])  # an item that cannot be pickled
+    assert next(bad) == 1 and next(bad) == 4
+    with pytest.raises(SerializationError, match="could not pickle"):
+        next(bad)
+
+
+def test_imap_return_exceptions(view):
+    out = list(view.imap(inverse, [1, 0, 2], return_exceptions=True))
+    assert out[0] == 1.0 and out[2] == 0.5 and out[1].ename == "ZeroDivisionError"
+    it = view.imap(inverse, [1, 0, 2, 4])
+    assert next(it) == 1.0
+    with pytest.raises(error.RemoteError, match="ZeroDivisionError"):
+        next(it)
+    assert next(it, "end") == "end"  # finished, like a generator that raised
+
+
+def test_imap_keeps_no_record_per_item(rc, view):
+    cached = len(rc._outcomes)
+    assert sum(1 for _ in view.imap(square, range(3000))) == 3000
+    assert len(rc._outcomes) == cached
+    with pytest.raises(ValueError, match="max_outstanding"):
+        view.imap(square, range(3), max_outstanding=-1)
+    with pytest.raises(TypeError, match="at least one iterable"):
+        view.imap(square)

@@ -365,11 +365,12 @@ class Client:
     def _new_msg_id(self) -> str:
         return f"{self.session}-{next(self._ids)}"
 
-    def _submit(self, fbuf: Any, flags: dict[str, Any] | None, ar: AsyncResult,
-                tasks: list[tuple[str, list[Any]]]) -> None:
+    def _submit(self, fbuf: Any, flags: dict[str, Any] | None, ar: Any,
+                tasks: list[tuple[str, list[Any]]], base: int = 0) -> None:
         """Send tasks that share one function frame, in as few messages as possible.
 
-        Each task is ``(msg_id, arg_frames)``, filed as item ``i`` of ``ar``.  Its MAC
+        Each task is ``(msg_id, arg_frames)``, filed as item ``base + i`` of ``ar`` (an
+        AsyncResult, or anything with its ``_deliver(index, outcome)`` and ``wait``).  Its MAC
         covers its own frames (the function's and its arguments'), so the controller
         can forward each task to a different engine untouched.
         """
@@ -390,7 +391,7 @@ class Client:
             # Under the lock, so that close() either sees these as pending or refuses them.
             with self._send_lock:
                 self._check_open()
-                for i, (msg_id, _args) in enumerate(batch, start):
+                for i, (msg_id, _args) in enumerate(batch, base + start):
                     self._pending[msg_id] = (ar, i)
                 wire.send(self._send_sock, self._signer.pack(wire.SUBMIT, (flags, metas), bufs, b""))
 

@@ -12,6 +12,7 @@ from ..error import PURE_REFUSES
 from ..serialize import dumps_args, dumps_function
 from .asyncresult import AsyncMapResult, AsyncResult
 from .client import _engine_list
+from .imap import IMapIterator
 
 if TYPE_CHECKING:
     from .client import Client
@@ -199,6 +200,22 @@ class LoadBalancedView:
         client._submit(fbuf, flags, ar, list(zip(msg_ids, arg_bufs)))
         self._results.add(ar)
         return ar
+
+    def imap(self, f: Callable, *iterables: Any, ordered: bool = True,
+             max_outstanding: int | str = "auto", return_exceptions: bool = False) -> IMapIterator:
+        """Lazy, load-balanced ``map(f, *iterables)``: an iterator of results that reads
+        its input only as results are consumed, so endless iterables work and client
+        memory stays flat (ipyparallel's ``imap``).
+
+        ``max_outstanding``: at most this many tasks submitted whose results have not been
+        yielded yet ("auto": 64 per engine, at least 256; 0: no limit).  ``ordered=False``
+        yields in completion order.  A failed task raises its RemoteError (and ends the
+        iteration), or is yielded as the exception with ``return_exceptions``.  If the
+        input raises, the results of the items before it are yielded, then its error is
+        raised.  ``break``, ``close()`` or dropping the iterator aborts the tasks not
+        started yet.  Flags (targets, after, retries...) apply to every task; imap tasks
+        are not added to ``rc.history``."""
+        return IMapIterator(self, f, iterables, ordered, max_outstanding, return_exceptions)
 
     # -- decorator ---------------------------------------------------------------
 

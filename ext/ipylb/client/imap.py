@@ -1,0 +1,248 @@
+"""``LoadBalancedView.imap``: a lazy, bounded map over possibly endless input.
+
+The consumer's own thread does all the work: each ``next()`` first tops up the
+window (reads input items, pickles them and submits them, a batch per message),
+then waits for the next result.  So input is read only as results are consumed,
+at most ``max_outstanding`` tasks are submitted and not yet yielded, and no
+thread of ipylb ever runs the caller's input iterator.
+
+Memory stays flat: an item's msg_id and result are held from its submission until
+it is yielded, then dropped here and from the client's local cache; imap tasks are
+not added to ``rc.history`` (the controller keeps their records, within its budget,
+so ``rc.get_result`` and ``rc.db_query`` still find them).
+
+Two objects, so that garbage collection works: :class:`IMapIterator` is what the
+caller holds; :class:`_Collector` is what the client's receiving thread files
+results into (the client references it while tasks are in flight).  When the
+iterator is closed or collected, the collector stays registered until its last
+task's result has come and been thrown away, and the tasks not yet started are
+aborted.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from ..error import RemoteError, SerializationError
+from ..serialize import dumps_args, dumps_function
+from .asyncresult import Outcome, _callbacks
+
+if TYPE_CHECKING:
+    from .client import Client
+
+# max_outstanding="auto": tasks in flight per registered engine, and at least this many.
+# A window this deep keeps every engine's pipeline full while the consumer is busy
+# unpickling results and submitting the next batch (measured: see the closing note of
+# issue 11); it costs about 1 KB of client memory per task in flight.
+AUTO_PER_ENGINE = 64
+AUTO_MIN = 256
+# The window is topped up once this fraction of it is free, so submissions go out in
+# batches (one message each) rather than one task per message.
+REFILL_FRACTION = 4
+# At most this many input items are read per top-up (so max_outstanding=0, no limit,
+# still reads endless input a batch at a time, as results are consumed).
+FILL_MAX = 1024
+
+
+class _Collector:
+    """Receives the results of one imap's tasks (on the client's receiving thread)."""
+
+    def __init__(self, client: Client, ordered: bool) -> None:
+        self.client = client
+        self.ordered = ordered
+        self.cond = threading.Condition(threading.Lock())
+        self.by_index: dict[int, Outcome] = {}  # ordered: finished, not yet yielded
+        self.arrived: deque[tuple[int, Outcome]] = deque()  # unordered: in arrival order
+        self.closed = False
+        self.unanswered = 0  # submitted tasks whose result has not come yet
+
+    def _deliver(self, index: int, outcome: Outcome) -> None:
+        with self.cond:
+            self.unanswered -= 1
+            if self.closed:  # nobody will read it: drop it from the client's cache too
+                self.client._outcomes.pop(outcome.meta[0], None)
+                return
+            if self.ordered:
+                self.by_index[index] = outcome
+            else:
+                self.arrived.append((index, outcome))
+            self.cond.notify_all()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Until every submitted task has answered (what ``rc.wait(msg_id)`` waits for)."""
+        with self.cond:
+            return self.cond.wait_for(lambda: self.unanswered == 0, timeout)
+
+
+class IMapIterator(Iterator[Any]):
+    """The iterator ``imap`` returns: results of ``f`` over the input, lazily.
+
+    ``close()`` (also on ``break`` out of a ``for`` loop, ``with``-exit or garbage
+    collection) stops it: tasks not yet started are aborted, nothing stays behind.
+    """
+
+    def __init__(self, view: Any, f: Callable, iterables: tuple[Any, ...], ordered: bool,
+                 max_outstanding: int | str, return_exceptions: bool) -> None:
+        from .view import _name
+
+        if not callable(f):
+            raise TypeError(f"imap needs a callable, got {type(f).__name__}")
+        if not iterables:
+            raise TypeError("imap() needs at least one iterable")
+        client = view.client
+        if max_outstanding == "auto":
+            window = max(AUTO_MIN, AUTO_PER_ENGINE * len(client))
+        elif type(max_outstanding) is int and max_outstanding >= 0:
+            window = max_outstanding or (1 << 62)
+        else:
+            raise ValueError(f"max_outstanding must be 'auto', 0 (no limit) or an int >= 1, "
+                             f"got {max_outstanding!r}")
+        self._input = zip(*iterables)  # TypeError now if one is not iterable
+        self._flags = view._task_flags(f)
+        self._fbuf = dumps_function(f)
+        self._client = client
+        self._fname = _name(f)
+        self.max_outstanding = window
+        self.ordered = ordered
+        self.return_exceptions = return_exceptions
+        self._refill_at = window - max(1, window // REFILL_FRACTION)
+        self._col = _Collector(client, ordered)
+        self._inflight: dict[int, str] = {}  # index -> msg_id, submitted and not yet yielded
+        self._next_index = 0  # of the next input item
+        self._next_yield = 0  # ordered: index of the next result to yield
+        self._input_error: BaseException | None = None
+        self._exhausted = False
+        self._done = False
+        self._fill()  # work starts now, not at the first next()
+
+    def __repr__(self) -> str:
+        state = "finished" if self._done else f"{len(self._inflight)} in flight"
+        return f"<IMapIterator({self._fname}): {state}>"
+
+    def __iter__(self) -> IMapIterator:
+        return self
+
+    def __enter__(self) -> IMapIterator:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_done", True):
+            self.close()
+
+    # -- submitting --------------------------------------------------------------
+
+    def _fill(self) -> None:
+        """Submit input items until the window is full (or the input ends or fails)."""
+        if self._exhausted or len(self._inflight) > self._refill_at:
+            return
+        client, col = self._client, self._col
+        room = min(self.max_outstanding - len(self._inflight), FILL_MAX)
+        tasks: list[tuple[str, list[Any]]] = []
+        first = self._next_index
+        try:
+            for item in self._input:
+                tasks.append((client._new_msg_id(), dumps_args(item, {})))
+                if len(tasks) >= room:
+                    break
+            else:
+                self._exhausted = True
+        except Exception as e:  # the input iterator raised, or an item does not pickle
+            self._exhausted = True
+            self._input_error = e
+        if not tasks:
+            return
+        with col.cond:
+            col.unanswered += len(tasks)
+        try:
+            client._submit(self._fbuf, self._flags, col, tasks, base=first)
+        except BaseException:
+            with col.cond:
+                col.unanswered -= len(tasks)
+            raise
+        for i, (msg_id, _args) in enumerate(tasks, first):
+            self._inflight[i] = msg_id
+        self._next_index = first + len(tasks)
+
+    # -- yielding ----------------------------------------------------------------
+
+    def __next__(self) -> Any:
+        if self._done:
+            raise StopIteration
+        self._fill()
+        col = self._col
+        with col.cond:
+            if self.ordered:
+                index = self._next_yield
+                if index not in self._inflight:
+                    outcome = None
+                else:
+                    col.cond.wait_for(lambda: index in col.by_index)
+                    outcome = col.by_index.pop(index)
+                    self._next_yield += 1
+            elif self._inflight:
+                col.cond.wait_for(lambda: bool(col.arrived))
+                index, outcome = col.arrived.popleft()
+            else:
+                outcome = None
+        if outcome is None:  # nothing in flight: the input ended (or failed)
+            self._finish()
+            error, self._input_error = self._input_error, None
+            if error is not None:
+                raise error
+            raise StopIteration
+        del self._inflight[index]
+        self._client._outcomes.pop(outcome.meta[0], None)  # no per-item record stays behind
+        try:
+            if not outcome.ok:
+                raise outcome.error()
+            return outcome.value(self._client)
+        except (RemoteError, SerializationError) as e:
+            if self.return_exceptions:
+                return e
+            self.close()  # like a generator that raised: finished, the rest aborted
+            raise
+
+    # -- stopping ----------------------------------------------------------------
+
+    def _finish(self) -> None:
+        self._done = True
+        self._input = iter(())  # let go of the caller's iterators
+
+    def close(self) -> None:
+        """Stop: tasks not started yet are aborted (they never run), results still to
+        come are dropped when they arrive.  Idempotent."""
+        if self._done:
+            return
+        self._finish()
+        col = self._col
+        with col.cond:
+            col.closed = True
+            for outcome in col.by_index.values():
+                self._client._outcomes.pop(outcome.meta[0], None)
+            for _index, outcome in col.arrived:
+                self._client._outcomes.pop(outcome.meta[0], None)
+            col.by_index.clear()
+            col.arrived.clear()
+            waiting = col.unanswered
+        ids = list(self._inflight.values())
+        self._inflight.clear()
+        if waiting and ids:
+            # Not from here: close() may run in garbage collection on any thread, even the
+            # client's receiving one, which must not wait for the controller's answer.
+            _callbacks.call(_abort_quietly, self._client, ids)
+
+
+def _abort_quietly(client: Client, msg_ids: list[str]) -> None:
+    """Abort what an abandoned imap left queued (nothing to do if the client closed)."""
+    if client.closed:
+        return
+    try:
+        client.abort(msg_ids)
+    except KeyError:  # some finished and were dropped from the records: nothing to stop
+        pass
