@@ -56,7 +56,7 @@ HELLO, SUBMIT, REQUEST, BYE = 1, 2, 3, 4
 # Controller -> client.
 WELCOME, RESULT, REPLY, EVENT = 11, 12, 13, 14
 # Controller -> engine.
-REGISTERED, TASK, CANCEL, STOP = 21, 22, 23, 24
+REGISTERED, TASK, CANCEL, STOP, REFUSED = 21, 22, 23, 24, 25
 # Engine -> controller.
 REGISTER, DONE = 31, 32
 

@@ -24,8 +24,8 @@ from typing import Any
 
 import zmq
 
-from .. import connection, limits, shm, wire
-from ..error import ClientClosed, ControllerGone, NoCluster
+from .. import compat, connection, limits, shm, wire
+from ..error import ClientClosed, ControllerGone, NoCluster, VersionMismatch
 from .asyncresult import AsyncHubResult, AsyncResult, Metadata, Outcome, _callbacks
 from .local import LocalCluster
 
@@ -158,13 +158,16 @@ class Client:
         self.failures: deque[Metadata] = deque(maxlen=FAILURES_KEPT)
         self._state = threading.Condition()
         self._welcome = threading.Event()
+        self._refused: str | None = None  # why the controller (or we) refused the handshake
         self._receiver = threading.Thread(
             target=self._receive,
             args=(wire.Signer(key, cid + b"r", controller, shm_prefix=prefix), info["client_url"]),
             daemon=True, name="ipylb-client-receiver",
         )
         self._receiver.start()
-        if not self._welcome.wait(timeout):
+        if self._welcome.wait(timeout) and self._refused is not None:
+            raise VersionMismatch(self._refused)
+        if not self._welcome.is_set():
             raise NoCluster(
                 f"no ipylb controller answered at {info['client_url']} within {timeout} s: "
                 "the cluster is not running (stale connection file?). Start one with "
@@ -180,7 +183,8 @@ class Client:
         sock.connect(url)
         try:
             domain = shm.domain() if signer.shm_prefix else None
-            wire.send(sock, signer.pack(wire.HELLO, {"shm_domain": domain}))
+            wire.send(sock, signer.pack(wire.HELLO, {"shm_domain": domain,
+                                                     "versions": compat.versions()}))
             recv, unpack, handle = wire.recv, signer.unpack, self._on_message
             heard = pinged = checked = time.monotonic()
             while not self._closed:
@@ -277,6 +281,12 @@ class Client:
             else:
                 self._on_event(meta)
         elif kind == wire.WELCOME:
+            # Refused by the controller, or by us (a controller that did not check).
+            self._refused = meta.get("refused") or compat.mismatch(
+                compat.versions(), meta.get("versions"), "this client", "the cluster's controller")
+            if self._refused is not None:
+                self._welcome.set()
+                return
             with self._state:
                 self._engine_ids = meta["engines"]
                 self.scheme = meta["scheme"]

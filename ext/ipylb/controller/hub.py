@@ -19,7 +19,7 @@ from typing import Any
 
 import zmq
 
-from .. import limits, shm, wire
+from .. import compat, limits, shm, wire
 from ..core import events as ev
 from ..core.scheduler import Scheduler
 from ..error import PURE_REFUSES
@@ -84,6 +84,10 @@ class Controller:
         self.engine_of: dict[bytes, int] = {}
         self.engine_info: dict[int, dict[str, Any]] = {}
         self.listeners: set[bytes] = set()  # client receive sockets that said hello
+        # The version handshake (ipylb.compat): ours, and the clients refused (by the prefix
+        # their two sockets share), whose submissions are dropped unread.
+        self.versions = compat.versions()
+        self.refused: set[bytes] = set()
         self._next_engine = 0
         self._running = True  # until asked to stop, which may happen before run()
         # The attempt whose TaskDone the core is handling: (msg_id, result, bufs, mac).
@@ -193,6 +197,14 @@ class Controller:
     def _on_register(self, ident: bytes, meta: dict[str, Any]) -> None:
         if not isinstance(meta, dict):  # checked before any state changes: no ghost engine
             raise wire.WireError(f"a registration without engine info ({type(meta).__name__})")
+        refusal = compat.mismatch(
+            self.versions, meta.get("versions"), "the cluster's controller",
+            f"an engine (pid {meta.get('pid')} on {meta.get('hostname')})")
+        if refusal is not None:  # whoever started it (launcher, `ipylb engine join`) hears why
+            log.warning("refused an engine: %s", refusal)
+            wire.send(self.engines, [ident, *self.signer.pack(wire.REFUSED, refusal, to=ident)])
+            self._broadcast(("engine_failed", f"an engine was refused: {refusal}"))
+            return
         engine_id = self._next_engine
         self._next_engine += 1
         self.engine_ident[engine_id] = ident
@@ -262,6 +274,8 @@ class Controller:
         ident = frames[0].bytes
         kind, _sender, meta, bufs, bufs_mac = self.signer.unpack(frames[1:])
         if kind == wire.SUBMIT:
+            if self.refused and ident[:-1] in self.refused:
+                raise wire.WireError("a submission from a client refused at its hello")
             self._on_submit(ident, meta, bufs, bufs_mac)
         elif kind == wire.REQUEST:
             req_id, op, arg = meta
@@ -273,9 +287,19 @@ class Controller:
                 value, ok = (type(e).__name__, str(text)), False
             self._send_client(reply_to, wire.REPLY, (req_id, ok, value))
         elif kind == wire.HELLO:
+            theirs = meta.get("versions") if isinstance(meta, dict) else None
+            refusal = compat.mismatch(self.versions, theirs, "the cluster's controller",
+                                      "this client")
+            if refusal is not None:
+                log.warning("refused a client: %s", refusal)
+                self.refused.add(ident[:-1])
+                self._send_client(ident, wire.WELCOME, {"refused": refusal,
+                                                        "versions": self.versions})
+                return
             self.listeners.add(ident)
             self._note_domain(ident, meta.get("shm_domain") if isinstance(meta, dict) else None)
-            info = {"engines": self._engine_list(), "scheme": self.scheme, "hwm": self.hwm}
+            info = {"engines": self._engine_list(), "scheme": self.scheme, "hwm": self.hwm,
+                    "versions": self.versions}
             self._send_client(ident, wire.WELCOME, info)
         elif kind == wire.BYE:  # a client closed: stop telling it about engines
             self.listeners.discard(ident)

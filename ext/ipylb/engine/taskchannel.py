@@ -26,7 +26,7 @@ from typing import Any
 
 import zmq
 
-from .. import shm, wire
+from .. import compat, shm, wire
 from ..error import SerializationError, UnmetDependency, safe_str
 from ..serialize import dumps, loads, reason
 from .capture import Capture
@@ -116,6 +116,7 @@ class TaskChannel:
             "tag": os.environ.get("IPYLB_ENGINE_TAG", ""),
             "heartbeat": self._heartbeat_url(),
             "shm_domain": shm.domain() if self.placer is not None else None,
+            "versions": compat.versions(),
         }
         wire.send(self.sock, self.signer.pack(wire.REGISTER, meta))
         loop.add_reader(self.sock.FD, self._on_readable)
@@ -154,6 +155,10 @@ class TaskChannel:
                 self.engine_id = meta
                 self.user_ns.setdefault("ipylb_engine_id", meta)
             elif kind == wire.STOP:
+                self.kernel.io_loop.add_callback(self.kernel.io_loop.stop)
+            elif kind == wire.REFUSED:  # the version handshake failed: say why, and stop
+                print(f"ipylb engine: the controller refused this engine: {meta}",
+                      file=sys.__stderr__, flush=True)
                 self.kernel.io_loop.add_callback(self.kernel.io_loop.stop)
 
     def _on_readable(self) -> None:
