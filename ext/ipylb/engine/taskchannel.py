@@ -157,8 +157,7 @@ class TaskChannel:
             elif kind == wire.STOP:
                 self.kernel.io_loop.add_callback(self.kernel.io_loop.stop)
             elif kind == wire.REFUSED:  # the version handshake failed: say why, and stop
-                print(f"ipylb engine: the controller refused this engine: {meta}",
-                      file=sys.__stderr__, flush=True)
+                self.capture.log(f"ipylb engine: the controller refused this engine: {meta}")
                 self.kernel.io_loop.add_callback(self.kernel.io_loop.stop)
 
     def _on_readable(self) -> None:
