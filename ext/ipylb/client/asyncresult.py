@@ -25,7 +25,14 @@ from concurrent.futures import Future
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from ..error import SCHEDULER_ERRORS, CompositeError, RemoteError, SerializationError, safe_str
+from ..error import (
+    SCHEDULER_ERRORS,
+    CompositeError,
+    RemoteError,
+    SerializationError,
+    WireError,
+    safe_str,
+)
 from ..serialize import loads
 
 if TYPE_CHECKING:
@@ -62,6 +69,21 @@ class Outcome:
         self.bufs = bufs
         self.mac = mac
         self._value: Any = _PENDING
+
+    @classmethod
+    def received(cls, meta: Any, bufs: list[Any], mac: bytes) -> Outcome:
+        """The outcome a RESULT message carries.  One whose fields are not what this
+        version reads (a controller of another version, a bug) still answers its task,
+        with an error that says so; raises WireError only if it names no task at all."""
+        if type(meta) is tuple and len(meta) >= 8 and type(meta[0]) is str and (
+                meta[2] == "ok" or _error_triple(meta[7])):
+            return cls(meta, bufs, mac)
+        msg_id = meta[0] if type(meta) is tuple and meta and type(meta[0]) is str else None
+        if msg_id is None:
+            raise WireError(f"a result message that names no task: {str(meta)[:200]}")
+        why = (f"the controller's result for task {msg_id} is malformed ({str(meta)[:200]}): "
+               "are the client and the cluster running different versions of ipylb?")
+        return cls((msg_id, None, "error", None, None, "", "", ("WireError", why, "")), [], b"")
 
     @classmethod
     def lost(cls, msg_id: str, why: str, ename: str = "ClientClosed") -> Outcome:
@@ -110,6 +132,11 @@ class Outcome:
             submitted=_dt(submitted), started=_dt(started), completed=_dt(completed),
             stdout=stdout, stderr=stderr, error=self.error() if status != "ok" else None,
         )
+
+
+def _error_triple(error: Any) -> bool:
+    """Whether ``error`` is an (ename, evalue, traceback) triple of strings."""
+    return type(error) is tuple and len(error) == 3 and all(type(x) is str for x in error)
 
 
 def _dt(t: float | None) -> datetime | None:

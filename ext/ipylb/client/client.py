@@ -257,20 +257,21 @@ class Client:
                 for b in bufs:
                     if type(b) is shm.Segment:
                         b.claim()
-            outcome = Outcome(meta, bufs, mac)
-            self._outcomes[meta[0]] = outcome
-            if meta[2] != "ok":
-                self.failures.append(outcome.metadata(None))
+            outcome = Outcome.received(meta, bufs, mac)
+            msg_id = outcome.meta[0]
+            self._outcomes[msg_id] = outcome
             pending = self._pending
-            waiting = pending.pop(meta[0], None)
+            waiting = pending.pop(msg_id, None)
             if waiting is not None:
                 waiting[0]._deliver(waiting[1], outcome)
                 if not pending:
                     with self._state:
                         self._state.notify_all()
             if self._watchers:
-                for ar, i in self._watchers.pop(meta[0], ()):
+                for ar, i in self._watchers.pop(msg_id, ()):
                     ar._deliver(i, outcome)
+            if not outcome.ok:  # after delivery: nothing here may keep a result from its waiter
+                self.failures.append(outcome.metadata(None))
         elif kind == wire.REPLY:
             fut = self._replies.pop(meta[0], None)
             if fut is not None:

@@ -310,8 +310,12 @@ class Controller:
     def _on_submit(self, ident: bytes, meta: tuple, bufs: list[Any], _mac: bytes) -> None:
         """One or more tasks sharing a function frame; each carries its own MAC."""
         flags, tasks = meta
-        _check_flags(flags)
         client = ident[:-1] + b"r"
+        try:
+            _check_flags(flags)
+        except wire.WireError as e:
+            self._refuse(client, tasks, str(e))
+            raise
         fbuf, pos = bufs[0], 1
         now = time.monotonic()
         for msg_id, nargs, task_mac in tasks:
@@ -321,6 +325,18 @@ class Controller:
                 log.warning("dropped a task with a duplicate msg_id %r", msg_id)
                 continue
             self._new_task(Record(msg_id, client, task_bufs, task_mac, flags), now)
+
+    def _refuse(self, client: bytes, tasks: Any, why: str) -> None:
+        """Answer each task of a submission we cannot take with an error result (no record
+        is kept), rather than leave its submitter waiting for it."""
+        now = time.time()
+        for task in tasks if isinstance(tasks, list) else ():
+            msg_id = task[0] if isinstance(task, tuple) and task else None
+            if isinstance(msg_id, str):
+                error = ("WireError", f"the controller refused task {msg_id}: {why} (are the "
+                         "client and the cluster running different versions of ipylb?)", "")
+                self._send_client(client, wire.RESULT,
+                                  (msg_id, None, "error", None, now, "", "", error, now))
 
     def _new_task(self, rec: Record, now: float) -> None:
         self.store.add(rec)
@@ -356,8 +372,10 @@ class Controller:
     def _known(self, msg_ids: list[str]) -> list[Record]:
         unknown = [m for m in msg_ids if m not in self.store]
         if unknown:
-            raise KeyError(f"no such task(s): {', '.join(map(repr, unknown))} "
-                           "(never submitted to this cluster, or purged)")
+            raise KeyError(f"no such task(s): {', '.join(map(repr, unknown))} (never submitted "
+                           "to this cluster, purged, dropped from memory once finished (the "
+                           "controller's --store-limit-mb; --db sqlite keeps them), or still "
+                           "unfinished when an earlier controller of this cluster stopped)")
         return [self.store[m] for m in msg_ids]
 
     def _req_get_result(self, client: bytes, msg_ids: list[str]) -> list[str]:
