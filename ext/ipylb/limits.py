@@ -20,7 +20,7 @@ MAX_ENGINES = 1024
 # More than this many engines per CPU draws a warning.
 WARN_PER_CPU = 4
 # Start-up progress appears once waiting for engines has taken this long (seconds).
-PROGRESS_AFTER_S = 1.0
+PROGRESS_AFTER_S = 3.0
 
 
 def check_engine_count(n: object, option: str = "engines", minimum: int = 1) -> str | None:
@@ -48,26 +48,33 @@ def progress_enabled() -> bool:
 
 
 class StartProgress:
-    """``ipylb: 12/64 engines up`` on stderr, rewritten in place, once a wait for engines
-    has lasted ``PROGRESS_AFTER_S`` (a quick start shows nothing)."""
+    """``ipylb: 12/64 engines up`` on stderr once a start has lasted ``PROGRESS_AFTER_S``
+    (a quick start shows nothing): rewritten in place on a terminal or in a notebook,
+    elsewhere (a log) a line each time the count changes."""
 
     def __init__(self, total: int) -> None:
         self.total = total
         self.t0 = time.monotonic()
-        self.shown = False
+        self.shown = -1  # the count last shown
         self.enabled = progress_enabled()
+        err = sys.stderr
+        self.in_place = type(err).__name__ == "OutStream" or getattr(err, "isatty", bool)()
 
     def update(self, up: int) -> None:
         """Show ``up`` of ``total`` engines registered (if the wait has lasted long enough)."""
-        if not self.enabled or (not self.shown and time.monotonic() - self.t0 < PROGRESS_AFTER_S):
+        up = min(up, self.total)
+        if not self.enabled or up == self.shown or (
+                self.shown < 0 and time.monotonic() - self.t0 < PROGRESS_AFTER_S):
             return
-        self.shown = True
-        sys.stderr.write(f"\ripylb: {min(up, self.total)}/{self.total} engines up")
+        self.shown = up
+        text = f"ipylb: {up}/{self.total} engines up"
+        sys.stderr.write(f"\r{text}" if self.in_place else f"{text}\n")
         sys.stderr.flush()
 
     def done(self, up: int) -> None:
-        """End the line if one was shown."""
-        if self.shown:
+        """Show the final count and end the line, if anything was shown."""
+        if self.shown >= 0:
             self.update(up)
-            sys.stderr.write("\n")
-            sys.stderr.flush()
+            if self.in_place:
+                sys.stderr.write("\n")
+                sys.stderr.flush()

@@ -28,7 +28,8 @@ import zmq
 
 from .. import compat, shm, wire
 from ..error import SerializationError, UnmetDependency, safe_str
-from ..serialize import dumps, loads, reason
+from ..serialize import dumps, reason
+from . import unpickle
 from .capture import Capture
 
 # A task's error text (characters): the value of the exception, and its traceback.
@@ -177,10 +178,10 @@ class TaskChannel:
 
     # -- running -----------------------------------------------------------------
 
-    def _function(self, frame: Any) -> Any:
+    def _function(self, frame: Any, msg_id: str) -> Any:
         key = bytes(frame.buffer if isinstance(frame, zmq.Frame) else frame)
         if key != self._fn_key:
-            self._fn = self._bind_interactive(loads([key]))
+            self._fn = self._bind_interactive(unpickle.function([key], msg_id))
             self._fn_key = key
         return self._fn
 
@@ -231,8 +232,8 @@ class TaskChannel:
         saved = self.capture.begin()
         try:
             self.signer.check_bufs(bufs, bufs_mac)
-            f = self._function(bufs[0])
-            args, kwargs = loads(bufs[1:])
+            f = self._function(bufs[0], msg_id)
+            args, kwargs = unpickle.arguments(bufs[1:], msg_id)
             previous = _set_sigint(signal.default_int_handler)
             try:
                 value = f(*args, **kwargs)
