@@ -33,7 +33,8 @@ USAGE = """usage: ipylb [-h] [-V] {demo,bench,cluster,engine} ...
   demo           run the task interface's examples on local engines (ipylb demo --help)
   bench          measure ipylb beside ipyparallel (ipylb bench --help)
   cluster        start, stop or inspect a standalone cluster (ipylb cluster --help)
-  engine         add engines to a running cluster (ipylb engine add -n K)
+  engine         add engines to a running cluster (ipylb engine add -n K), or run
+                 engines here for a controller elsewhere (ipylb engine join --help)
   -V, --version  versions of ipylb, Python, ipykernel, jupyter_client, pyzmq, cloudpickle
   -h, --help     this text
 """
@@ -113,7 +114,16 @@ def _parser() -> argparse.ArgumentParser:
     start.add_argument("--hwm", type=int, default=1,
                        help="at most this many tasks outstanding per engine (0: no limit)")
     start.add_argument("--ip", default="127.0.0.1",
-                       help="address the controller listens on (127.0.0.1: this machine only)")
+                       help="address the controller listens on (127.0.0.1: this machine only; 0.0.0.0: every interface, for engines and "
+                            "clients on other hosts)")
+    start.add_argument("--location", default=None,
+                       help="host name or address other hosts reach the controller at "
+                            "(default with --ip 0.0.0.0: this host's routable address)")
+    start.add_argument("--curve", action="store_true",
+                       help="encrypt the controller's sockets with CurveZMQ (keys made per "
+                            "cluster, in the 0600 connection file)")
+    start.add_argument("--heartbeat-timeout", type=float, default=10.0,
+                       help="seconds of heartbeat silence before an engine counts as dead")
     start.add_argument("--db", default="memory", choices=["memory", "sqlite"],
                        help="where finished task records live: sqlite keeps them (and the "
                             "key) in the profile's directory, so a restart reloads them")
@@ -140,6 +150,26 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("-n", "--engines", type=int, default=1, help="how many")
     profile(add)
     add.set_defaults(func=engine_add)
+    join = engine.add_parser(
+        "join", help="run engines on this host for a controller on another host (foreground)",
+        formatter_class=fmt)
+    join.add_argument("-n", "--engines", type=int, default=1, help="how many")
+    where = join.add_mutually_exclusive_group()
+    where.add_argument("--profile", default=None,
+                       help="the cluster whose ipylb-PROFILE.json is in this host's Jupyter "
+                            "runtime directory (default: default)")
+    where.add_argument("--cluster-file", default=None,
+                       help="the cluster's connection file (copied here, or on a shared "
+                            "filesystem; keep it 0600: its key lets its reader run code)")
+    where.add_argument("--url", default=None, help=argparse.SUPPRESS)
+    join.add_argument("--key-file", default=None, help=argparse.SUPPRESS)
+    join.add_argument("--ip", default=None,
+                      help="where the engines' Jupyter channels listen; the controller must "
+                           "reach it (default: this host's address on the route to the "
+                           "controller)")
+    join.add_argument("--timeout", type=float, default=60.0,
+                      help="seconds the engines have to register")
+    join.set_defaults(func=engine_join)
     return p
 
 
@@ -201,7 +231,12 @@ def cluster_start(args: argparse.Namespace) -> int:
         sys.executable, "-m", "ipylb.controller", "--connection-file", str(path),
         "--engines", str(args.engines), "--scheme", args.scheme, "--hwm", str(args.hwm),
         "--ip", args.ip, "--log-level", args.log_level,
+        "--heartbeat-timeout", str(args.heartbeat_timeout),
     ]
+    if args.location:
+        cmd += ["--location", args.location]
+    if args.curve:
+        cmd.append("--curve")
     if args.db == "sqlite":
         cmd += ["--db-file", str(connection.profile_dir(args.profile) / "tasks.sqlite")]
     if args.daemon:
@@ -353,17 +388,21 @@ def cluster_status(args: argparse.Namespace) -> int:
     if rc is None:
         return _not_running(args.profile)
     try:
-        qs, ids, info = rc.queue_status(), rc.ids, rc.cluster_info
+        qs, ids, info, hosts = rc.queue_status(), rc.ids, rc.cluster_info, rc.engine_info()
     finally:
         rc.close()
     engines = {k: v for k, v in qs.items() if k != "unassigned"}
     print(f"cluster {args.profile!r}: controller pid {info.get('pid')}, "
           f"scheme {info.get('scheme')}, hwm {info.get('hwm')}")
     print(f"connection file: {path}")
+    print(f"clients connect to {info.get('client_url')}, engines to {info.get('engine_url')}"
+          f"{' (CurveZMQ)' if info.get('curve_serverkey') else ''}")
     print(f"engines: {len(ids)}")
     for e in sorted(engines):
         s = engines[e]
-        print(f"  engine {e}: queue {s['queue']}, tasks {s['tasks']}, completed {s['completed']}")
+        host = hosts.get(e, {}).get("hostname", "?")
+        print(f"  engine {e} on {host}: queue {s['queue']}, tasks {s['tasks']}, "
+              f"completed {s['completed']}")
     print(f"unassigned: {qs.get('unassigned', 0)}")
     print(f"tasks done: {sum(s['completed'] for s in engines.values())}")
     return 0
@@ -392,6 +431,21 @@ def engine_add(args: argparse.Namespace) -> int:
         return 1
     finally:
         rc.close()
+
+
+def engine_join(args: argparse.Namespace) -> int:
+    """Run engines here for a cluster whose controller may be on another host."""
+    from . import join
+
+    if args.engines < 1:
+        _say("-n must be at least 1")
+        return 1
+    try:
+        path = join.resolve(args.profile, args.cluster_file, args.url, args.key_file)
+        return join.join(path, args.engines, args.ip, args.timeout)
+    except NoCluster as e:
+        _say(str(e))
+        return 1
 
 
 if __name__ == "__main__":

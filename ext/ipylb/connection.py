@@ -166,3 +166,100 @@ def sweep_leftovers(grace_s: float = LEFTOVER_GRACE_S) -> list[str]:
             path.unlink(missing_ok=True)
             removed.append(path.name)
     return removed
+
+
+# -- addresses that work from other hosts -------------------------------------------
+
+_WILDCARDS = ("0.0.0.0", "*", "::", "[::]", "")
+
+
+def is_wildcard(ip: str) -> bool:
+    """Whether ``ip`` means "every interface" (a bind address, not one to connect to)."""
+    return ip in _WILDCARDS
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or name) is this machine's loopback."""
+    import ipaddress
+
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def host_address() -> str:
+    """An address of this host that other hosts can connect to (ipyparallel's "location"):
+    the host's name if it resolves to a non-loopback address here, else the first
+    non-loopback IPv4 (then IPv6) address of an interface that is up, else 127.0.0.1."""
+    import psutil
+
+    name = socket.gethostname()
+    try:
+        resolved = {a[4][0] for a in socket.getaddrinfo(name, None)}
+    except OSError:
+        resolved = set()
+    if resolved and not any(is_loopback(a) for a in resolved):
+        return name
+    up = {n for n, s in psutil.net_if_stats().items() if s.isup}
+    for family in (socket.AF_INET, socket.AF_INET6):
+        for nic, addrs in psutil.net_if_addrs().items():
+            for a in addrs:
+                if nic in up and a.family == family and not is_loopback(a.address) \
+                        and not a.address.startswith("fe80"):
+                    return a.address
+    return "127.0.0.1"
+
+
+def connect_url(bound: str, location: str | None = None) -> str:
+    """The url others connect to for a socket bound at ``bound`` (``tcp://IP:PORT``).
+
+    A wildcard bind (``0.0.0.0``, ``::``) is replaced by ``location`` or, if none, by
+    :func:`host_address`: ``tcp://0.0.0.0:PORT`` would make a peer on another host
+    connect to itself.  An explicit ``location`` replaces any address (a NAT, a DNS name)."""
+    scheme, _, rest = bound.partition("://")
+    host, _, port = rest.rpartition(":")
+    if location is None and not is_wildcard(host):
+        return bound
+    where = location or host_address()
+    if ":" in where and not where.startswith("["):
+        where = f"[{where}]"
+    return f"{scheme}://{where}:{port}"
+
+
+def split_url(url: str) -> tuple[str, int]:
+    """``tcp://HOST:PORT`` -> (HOST, PORT); ValueError for anything else."""
+    scheme, _, rest = url.partition("://")
+    host, _, port = rest.rpartition(":")
+    if scheme != "tcp" or not host or not port.isdigit():
+        raise ValueError(f"not a tcp://HOST:PORT url: {url!r}")
+    return host.strip("[]"), int(port)
+
+
+def route_address(host: str, port: int) -> str:
+    """The local address this host would use to reach ``host:port`` (no packet is sent:
+    connecting a UDP socket only asks the kernel for a route)."""
+    import socket
+
+    info = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
+    with socket.socket(info[0], socket.SOCK_DGRAM) as s:
+        s.connect(info[4])
+        return s.getsockname()[0]
+
+
+def secure(sock: Any, info: dict[str, Any]) -> None:
+    """Before ``sock`` connects to the controller described by ``info``: if the cluster
+    runs with CurveZMQ (``ipylb cluster start --curve``), encrypt the connection under
+    the controller's public key, with a fresh key pair of our own."""
+    server = info.get("curve_serverkey")
+    if not server:
+        return
+    import zmq
+
+    public, secret = zmq.curve_keypair()
+    sock.curve_serverkey = server.encode()
+    sock.curve_publickey = public
+    sock.curve_secretkey = secret

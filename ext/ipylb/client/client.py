@@ -145,6 +145,7 @@ class Client:
         self._send_sock.setsockopt(zmq.IDENTITY, cid + b"s")
         self._send_sock.setsockopt(zmq.LINGER, 1000)
         self._send_sock.setsockopt(zmq.SNDHWM, 0)
+        connection.secure(self._send_sock, info)
         self._send_sock.connect(info["client_url"])
         self._send_lock = threading.Lock()
         self._ids = itertools.count()
@@ -180,6 +181,7 @@ class Client:
         sock.setsockopt(zmq.IDENTITY, signer.sender)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
+        connection.secure(sock, self._info)
         sock.connect(url)
         try:
             domain = shm.domain() if signer.shm_prefix else None
@@ -217,7 +219,8 @@ class Client:
                 if now - heard > PING_AFTER_S and now - pinged > PING_AFTER_S:
                     wire.send(sock, signer.pack(wire.REQUEST, (-1, "ping", None)))
                     pinged = now
-            wire.send(sock, signer.pack(wire.BYE, None))
+            if self._welcome.is_set():  # else no connection completed: a send would block
+                wire.send(sock, signer.pack(wire.BYE, None))
         finally:
             sock.close(linger=200)
 

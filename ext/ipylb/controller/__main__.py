@@ -31,6 +31,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--hwm", type=int, default=1,
                    help="max outstanding tasks per engine, 0: no limit (default 1)")
     p.add_argument("--ip", default="127.0.0.1")
+    p.add_argument("--location", default=None,
+                   help="host name or address other hosts reach this one at (default: "
+                        "this host's routable address when --ip is 0.0.0.0 or ::)")
+    p.add_argument("--curve", action="store_true",
+                   help="encrypt the controller's sockets with CurveZMQ")
     p.add_argument("--parent-pid", type=int, default=None)
     p.add_argument("--log-level", default="WARNING")
     p.add_argument("--db-file", default=None,
@@ -56,7 +61,8 @@ def main(argv: list[str] | None = None) -> None:
         ctl = Controller(key, ip=args.ip, scheme=args.scheme, hwm=args.hwm,
                          launcher=launcher, parent_pid=args.parent_pid,
                          heartbeat_timeout=args.heartbeat_timeout,
-                         store=TaskStore(args.store_limit_mb << 20, db))
+                         store=TaskStore(args.store_limit_mb << 20, db),
+                         location=args.location, curve=args.curve)
     except (ValueError, zmq.ZMQError) as e:  # unknown scheme, an --ip not on this machine
         print(f"error: {e}", flush=True)
         sys.exit(1)
@@ -66,6 +72,13 @@ def main(argv: list[str] | None = None) -> None:
         "shm_domain": ctl.shm_domain, "shm_prefix": ctl.shm_prefix,
         "db": "sqlite" if db is not None else "memory",  # what survives it (clients say so)
     }
+    if ctl.curve_public is not None:
+        info["curve_serverkey"] = ctl.curve_public.decode()
+    elif not connection.is_loopback(args.ip):
+        logging.getLogger("ipylb.controller").warning(
+            "listening on %s without --curve: every message is authenticated (HMAC under the "
+            "cluster key) but travels unencrypted; start the cluster with --curve on networks "
+            "others can read", args.ip)
     connection.write(args.connection_file, info)
     stop_on_signals(ctl)
     try:

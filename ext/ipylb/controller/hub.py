@@ -19,7 +19,7 @@ from typing import Any
 
 import zmq
 
-from .. import compat, limits, shm, wire
+from .. import compat, connection, limits, shm, wire
 from ..core import events as ev
 from ..core.scheduler import Scheduler
 from ..error import PURE_REFUSES
@@ -50,7 +50,13 @@ class Controller:
         parent_pid: int | None = None,
         heartbeat_timeout: float = 10.0,
         store: TaskStore | None = None,
+        location: str | None = None,
+        curve: bool = False,
     ) -> None:
+        """``ip``: the address to listen on (``0.0.0.0``: every interface); ``location``:
+        the host name or address written into urls for other hosts (default: this host's
+        routable address when ``ip`` is a wildcard); ``curve``: encrypt the two sockets
+        with CurveZMQ under a key pair made for this run (HMAC signing stays)."""
         self.ctx = zmq.Context.instance()
         # A fresh name each run: messages recorded in an earlier run are not for us.
         nonce = os.urandom(8).hex()
@@ -73,11 +79,16 @@ class Controller:
         self.store.inline = self.signer.inline
         self.launcher = launcher
         self.parent_pid = parent_pid
+        # CurveZMQ: peers know our public key from the connection file; theirs are not
+        # checked (no ZAP handler): who may talk is decided by the HMAC key, as without curve.
+        self.curve_public, self._curve_secret = zmq.curve_keypair() if curve else (None, None)
         self.clients = self._router(ip)
         self.engines = self._router(ip)
         self.engines.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.client_url = self.clients.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.engine_url = self.engines.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.client_url = connection.connect_url(
+            self.clients.getsockopt_string(zmq.LAST_ENDPOINT), location)
+        self.engine_url = connection.connect_url(
+            self.engines.getsockopt_string(zmq.LAST_ENDPOINT), location)
         self.poller = zmq.Poller()
         self.heartbeats = Heartbeats(self.ctx, timeout=heartbeat_timeout)
         self.engine_ident: dict[int, bytes] = {}
@@ -114,6 +125,12 @@ class Controller:
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.SNDHWM, 0)
         s.setsockopt(zmq.RCVHWM, 0)
+        if self._curve_secret is not None:
+            s.curve_server = True
+            s.curve_secretkey = self._curve_secret
+        if ":" in ip:  # an IPv6 address (or ::)
+            s.setsockopt(zmq.IPV6, 1)
+            ip = f"[{ip.strip('[]')}]"
         s.bind(f"tcp://{ip}:0")
         return s
 

@@ -34,8 +34,12 @@ def exit_reason(returncode: int | None) -> str:
 class EngineLauncher:
     """Starts engine kernels from the ``ipylb-engine`` kernelspec and notices when they die."""
 
-    def __init__(self, cluster_file: str, cwd: str | None = None, kernel_name: str = KERNEL_NAME) -> None:
+    def __init__(self, cluster_file: str, cwd: str | None = None, kernel_name: str = KERNEL_NAME,
+                 ip: str | None = None) -> None:
+        """``ip``: where the engines' Jupyter channels listen (tcp), for engines whose
+        controller is on another host; None: unix sockets in the runtime dir."""
         self.cluster_file = cluster_file
+        self.ip = ip
         self.cwd = cwd or os.getcwd()
         self.kernel_name = kernel_name
         self.pending: dict[str, KernelManager] = {}  # tag -> manager, not registered yet
@@ -48,8 +52,12 @@ class EngineLauncher:
             # Local engines talk to Jupyter frontends over unix sockets in the private runtime
             # dir, next to their connection files (`jupyter console --existing` finds them).
             base = runtime_dir() / f"kernel-ipylb-{tag}"
-            km = KernelManager(kernel_name=self.kernel_name, transport="ipc", ip=str(base),
-                               connection_file=f"{base}.json")
+            if self.ip is None:
+                km = KernelManager(kernel_name=self.kernel_name, transport="ipc", ip=str(base),
+                                   connection_file=f"{base}.json")
+            else:  # the controller (another host) pings their heartbeat over tcp
+                km = KernelManager(kernel_name=self.kernel_name, transport="tcp", ip=self.ip,
+                                   connection_file=f"{base}.json")
             env = {**os.environ, "IPYLB_CLUSTER_FILE": self.cluster_file, "IPYLB_ENGINE_TAG": tag}
             # The engine's own stdout goes where our log goes: our stdout is a pipe that
             # the process which started us closes once we are ready.

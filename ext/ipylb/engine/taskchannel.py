@@ -26,7 +26,7 @@ from typing import Any
 
 import zmq
 
-from .. import compat, shm, wire
+from .. import compat, connection, shm, wire
 from ..error import SerializationError, UnmetDependency, safe_str
 from ..serialize import dumps, reason
 from . import unpickle
@@ -35,6 +35,10 @@ from .capture import Capture
 # A task's error text (characters): the value of the exception, and its traceback.
 EVALUE_LIMIT = 64 * 1024
 TRACEBACK_LIMIT = 256 * 1024
+
+# The engine pings the controller this often, and leaves after this long without an answer.
+CONTROLLER_PING_S = 2.0
+CONTROLLER_SILENCE_S = 20.0
 
 
 def _set_sigint(handler: Any) -> Any:
@@ -98,7 +102,13 @@ class TaskChannel:
         self.sock = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, ident)
         self.sock.setsockopt(zmq.LINGER, 0)
+        # zmq pings the controller: a host that vanished (no tcp reset) counts as a disconnect.
+        self.sock.setsockopt(zmq.HEARTBEAT_IVL, int(CONTROLLER_PING_S * 1000))
+        self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(CONTROLLER_SILENCE_S * 1000))
+        connection.secure(self.sock, cluster)
+        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.sock.connect(cluster["engine_url"])
+        self.engine_url = cluster["engine_url"]
         self.connection_file = connection_file
         self.engine_id: int | None = None
         self.inbox: deque[tuple[int, Any, list[Any], bytes]] = deque()
@@ -121,7 +131,19 @@ class TaskChannel:
         }
         wire.send(self.sock, self.signer.pack(wire.REGISTER, meta))
         loop.add_reader(self.sock.FD, self._on_readable)
+        loop.add_reader(self.monitor.FD, self._on_monitor)
         loop.call_soon(self._on_readable)
+
+    def _on_monitor(self) -> None:
+        """The connection to the controller dropped: it stopped or died, or its host is
+        gone (no reconnection can bring back its tasks).  A registered engine leaves, so
+        an ``ipylb engine join`` on another host ends with its controller."""
+        while self.monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            self.monitor.recv_multipart()
+            if self.engine_id is not None:
+                self.capture.log(f"ipylb engine {self.engine_id}: the connection to the "
+                                 f"controller at {self.engine_url} is gone; exiting")
+                self.kernel.io_loop.add_callback(self.kernel.io_loop.stop)
 
     def _heartbeat_url(self) -> str:
         """Where the kernel's standard heartbeat channel answers (the controller pings it)."""
@@ -131,8 +153,7 @@ class TaskChannel:
             return ""
         if app.transport == "ipc":
             return f"ipc://{app.ip}-{port}"
-        ip = "127.0.0.1" if app.ip in ("0.0.0.0", "") else app.ip
-        return f"tcp://{ip}:{port}"
+        return connection.connect_url(f"tcp://{app.ip}:{port}")
 
     # -- receiving ---------------------------------------------------------------
 

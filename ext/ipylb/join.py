@@ -1,0 +1,149 @@
+"""``ipylb engine join``: engine kernels on this host for a controller on another host.
+
+This is what a job script, a container or an SSH session runs.  The engines are
+ordinary kernels from the ``ipylb-engine`` kernelspec, started through
+jupyter_client (:class:`~ipylb.controller.launcher.EngineLauncher`, as the
+controller starts its own); their Jupyter channels listen on tcp at an address
+the controller can reach, because the controller watches them by heartbeat.  The
+command stays in the foreground until every engine has ended (the controller
+stopped them, or it is gone: an engine leaves when its connection to the
+controller drops) or it gets SIGINT/SIGTERM, which stops them.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from . import connection
+from .error import NoCluster
+
+# How long the controller has to accept a tcp connection before we say it cannot be reached.
+REACH_TIMEOUT_S = 3.0
+# How often the foreground loop looks at the engines' processes.
+POLL_S = 0.5
+
+
+def _say(text: str) -> None:
+    print(f"ipylb engine join: {text}", file=sys.stderr, flush=True)
+
+
+def unreachable(url: str, timeout: float = REACH_TIMEOUT_S) -> str | None:
+    """Why a tcp connection to ``url`` fails from this host (a sentence), or None if it
+    opens.  A loopback url gets the likely cause: the controller was started without
+    ``--ip``, so only processes on its own host can reach it."""
+    host, port = connection.split_url(url)
+    try:
+        socket.create_connection((host, port), timeout).close()
+        return None
+    except TimeoutError:
+        why = f"no answer from {host}:{port} within {timeout:.0f} s (a firewall drops the " \
+              "traffic, or that address is not routable from this host)"
+    except ConnectionRefusedError:
+        why = f"nothing listens at {host}:{port} on the host that address leads to"
+    except socket.gaierror as e:
+        return f"cannot resolve the controller's host name {host!r}: {e.strerror}; start the " \
+               "controller with --location set to a name or address this host can resolve"
+    except OSError as e:
+        why = f"cannot connect to {host}:{port}: {e.strerror or e}"
+    if connection.is_loopback(host):
+        return (f"the controller listens on {host}, a loopback address: only processes on its "
+                f"own host can reach it ({why}). Start it with `ipylb cluster start --ip 0.0.0.0` "
+                "(or the address of an interface this host can reach), then copy its new "
+                "connection file here.")
+    return f"{why}. Is the controller running, and are its ports open to this host?"
+
+
+def resolve(profile: str | None, cluster_file: str | None, url: str | None,
+            key_file: str | None) -> Path:
+    """The connection file the engines read: ``--cluster-file``, the profile's, or one
+    written here (0600) from ``--url`` and ``--key-file``."""
+    if url is not None or key_file is not None:
+        raise ValueError("--url/--key-file are not supported yet: copy the cluster's connection "
+                         "file to this host (mode 0600) and pass --cluster-file")
+    if cluster_file is not None:
+        return Path(cluster_file).resolve()
+    return connection.profile_file(profile or "default")
+
+
+def join(path: Path, n: int, ip: str | None, timeout: float) -> int:
+    """Start ``n`` engines for the cluster of connection file ``path``; serve until they
+    end.  Returns the exit status: 0 when the controller stopped them or a signal did,
+    1 when they could not join or some died."""
+    from .client.client import Client
+    from .controller.launcher import EngineLauncher
+
+    info = connection.read(path)
+    for field in ("engine_url", "client_url"):
+        why = unreachable(info[field])
+        if why is not None:
+            _say(f"cannot reach the controller: {why}")
+            return 1
+    host, port = connection.split_url(info["engine_url"])
+    ip = ip or connection.route_address(host, port)
+    try:
+        rc = Client(path, timeout=timeout)
+    except NoCluster:
+        _say(f"the controller at {info['client_url']} accepts connections but did not answer "
+             f"within {timeout:.0f} s: {path} is probably not its current connection file "
+             "(a restarted cluster has a new key); copy the new one here")
+        return 1
+    launcher = EngineLauncher(str(path), ip=ip)
+    stop = threading.Event()
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        launcher.start(n)
+        ids = _wait_registered(rc, launcher, n, timeout, stop)
+        rc.close()
+        if ids is None:
+            return 0 if stop.is_set() else 1
+        _say(f"{n} engine(s) joined the cluster at {info['engine_url']} as engine(s) "
+             f"{', '.join(map(str, ids))}; their Jupyter channels listen on {ip}. "
+             "Ctrl-C stops them.")
+        return _serve(launcher, stop)
+    finally:
+        rc.close()
+        launcher.stop_all()
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _wait_registered(rc: Any, launcher: Any, n: int, timeout: float,
+                     stop: threading.Event) -> list[int] | None:
+    """Wait until the controller lists every engine we started (by tag); None (said why)
+    if one dies first, a signal comes, or ``timeout`` passes."""
+    tags = set(launcher.pending)
+    waited = 0.0
+    while waited < timeout:
+        for engine_id, meta in rc.engine_info().items():
+            if meta.get("tag") in tags:
+                launcher.registered(meta["tag"], engine_id)
+        if not launcher.pending:
+            return sorted(launcher.running)
+        dead = launcher.poll_dead()
+        if dead:
+            _say("; ".join(reason for _id, reason in dead))
+            return None
+        if stop.wait(POLL_S):
+            return None
+        waited += POLL_S
+    _say(f"{len(launcher.pending)} of {n} engine(s) did not register within {timeout:.0f} s "
+         "(their log is above)")
+    return None
+
+
+def _serve(launcher: Any, stop: threading.Event) -> int:
+    """Until every engine has ended or a signal comes; 1 if an engine died on its own."""
+    status = 0
+    while launcher.running and not stop.wait(POLL_S):
+        for engine_id, reason in launcher.poll_dead():
+            if reason != "its process exited with code 0":
+                status = 1
+            _say(f"engine {engine_id} ended: {reason}")
+    if not stop.is_set():
+        _say("every engine has ended")
+    return status

@@ -1,0 +1,163 @@
+"""Engines for a controller elsewhere, on loopback only (tests/test_multihost.py does it
+across two network namespaces): addresses written for other hosts, `ipylb engine join`,
+an unreachable controller explained, CurveZMQ on the controller's sockets.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+
+import ipylb
+import pytest
+from ipylb import connection
+from ipylb.error import NoCluster
+from test_cluster import IPYLB, gone, ipylb_cmd, runtime  # noqa: F401 - a fixture
+
+
+@pytest.mark.parametrize(("bound", "location", "want"), [
+    ("tcp://127.0.0.1:5000", None, "tcp://127.0.0.1:5000"),
+    ("tcp://0.0.0.0:5000", "node7.example", "tcp://node7.example:5000"),
+    ("tcp://0.0.0.0:5000", "fd00::7", "tcp://[fd00::7]:5000"),
+    ("tcp://[::]:5000", "node7", "tcp://node7:5000"),
+    ("tcp://10.0.0.3:5000", "gw.example", "tcp://gw.example:5000"),  # NAT: location wins
+])
+def test_connect_url(bound, location, want):
+    assert connection.connect_url(bound, location) == want
+
+
+def test_wildcard_is_replaced_by_a_routable_address():
+    url = connection.connect_url("tcp://0.0.0.0:5000")
+    host, port = connection.split_url(url)
+    assert port == 5000 and host not in ("0.0.0.0", "*", "")
+    assert host == connection.host_address()
+
+
+@pytest.mark.parametrize(("host", "loop"), [
+    ("127.0.0.1", True), ("127.3.4.5", True), ("localhost", True), ("[::1]", True),
+    ("192.0.2.1", False), ("node7", False),
+])
+def test_is_loopback(host, loop):
+    assert connection.is_loopback(host) is loop
+
+
+def _start(profile: str, *extra: str) -> dict:
+    out = ipylb_cmd("cluster", "start", "-n", "0", "--daemon", "--profile", profile, *extra)
+    assert out.returncode == 0, out.stderr
+    return json.loads(open(out.stdout.strip()).read())
+
+
+def test_join_serves_until_the_controller_stops(runtime):  # noqa: F811
+    info = _start("j", "--heartbeat-timeout", "3")
+    path = runtime / "ipylb-j.json"
+    join = subprocess.Popen([IPYLB, "engine", "join", "-n", "2", "--cluster-file", str(path)],
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    try:
+        rc = ipylb.Client(path)
+        rc.wait_for_engines(2, 120)
+        engines = rc.engine_info()
+        # Their Jupyter channels are on tcp (the controller pings them there), on the
+        # address that routes to the controller: here loopback.
+        assert all(e["heartbeat"].startswith("tcp://127.0.0.1:") for e in engines.values())
+        assert sorted(rc.load_balanced_view().map_sync(lambda x: x + 1, range(6))) == [1, 2, 3,
+                                                                                       4, 5, 6]
+        # One engine killed: its heartbeat goes silent, the controller drops it, join says so.
+        victim = engines[0]["pid"]
+        rc.close()
+        import os
+        os.kill(victim, signal.SIGKILL)
+        rc = ipylb.Client(path)
+        deadline = time.monotonic() + 30
+        while rc.ids != [1]:
+            assert time.monotonic() < deadline, rc.ids
+            time.sleep(0.1)
+        rc.close()
+        assert ipylb_cmd("cluster", "stop", "--profile", "j").returncode == 0
+        _out, err = join.communicate(timeout=60)
+    finally:
+        join.kill()
+    assert "2 engine(s) joined the cluster at " + info["engine_url"] in err
+    assert "engine 0 ended: killed by SIGKILL" in err
+    assert "engine 1 ended: its process exited with code 0" in err
+    assert join.returncode == 1  # one engine died on its own
+    assert gone([e["pid"] for e in engines.values()])
+
+
+def test_join_a_signal_stops_the_engines(runtime):  # noqa: F811
+    _start("s")
+    join = subprocess.Popen([IPYLB, "engine", "join", "--profile", "s"],
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    try:
+        rc = ipylb.Client(profile="s")
+        rc.wait_for_engines(1, 120)
+        pid = rc.engine_info()[0]["pid"]
+        join.send_signal(signal.SIGTERM)
+        join.wait(60)
+        assert join.returncode == 0
+        assert gone([pid])
+        deadline = time.monotonic() + 30
+        while rc.ids:  # the controller sees it go
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        rc.close()
+    finally:
+        join.kill()
+
+
+def test_join_unreachable_controller_says_why(runtime, tmp_path):  # noqa: F811
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = tmp_path / "gone.json"
+    connection.write(path, {"key": "k", "controller_id": "c", "client_url":
+                            f"tcp://127.0.0.1:{port}", "engine_url": f"tcp://127.0.0.1:{port}"})
+    t = time.monotonic()
+    out = ipylb_cmd("engine", "join", "--cluster-file", str(path), timeout=30)
+    assert time.monotonic() - t < 10
+    assert out.returncode == 1
+    assert "listens on 127.0.0.1, a loopback address" in out.stderr
+    assert "--ip 0.0.0.0" in out.stderr
+
+
+def test_join_wrong_key_says_so(runtime, tmp_path):  # noqa: F811
+    info = _start("k")
+    path = tmp_path / "old.json"
+    connection.write(path, {**info, "key": "not-the-key"})
+    out = ipylb_cmd("engine", "join", "--cluster-file", str(path), "--timeout", "3")
+    assert out.returncode == 1
+    assert "not its current connection file" in out.stderr
+
+
+def test_curve(runtime):  # noqa: F811
+    info = _start("c", "--curve")
+    assert len(info["curve_serverkey"]) == 40  # z85 of a 32-byte key
+    engines = subprocess.Popen([IPYLB, "engine", "join", "-n", "1", "--profile", "c"],
+                               stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    try:
+        with ipylb.Client(profile="c") as rc:
+            rc.wait_for_engines(1, 120)
+            assert rc.load_balanced_view().apply_sync(lambda: 42) == 42
+        # Without the server's key no handshake completes: not even a valid HMAC gets in.
+        plain = runtime / "plain.json"
+        connection.write(plain, {k: v for k, v in info.items() if k != "curve_serverkey"})
+        with pytest.raises(NoCluster, match="no ipylb controller answered"):
+            ipylb.Client(plain, timeout=3)
+    finally:
+        ipylb_cmd("cluster", "stop", "--profile", "c")
+        engines.wait(60)
+
+
+def test_plaintext_warning_only_off_loopback(runtime):  # noqa: F811
+    _start("w")
+    log = (runtime / "ipylb-w.log").read_text()
+    assert "without --curve" not in log
+    ipylb_cmd("cluster", "stop", "--profile", "w")
+    # 0.0.0.0 with loopback written as the location: nothing leaves this machine.
+    info = _start("w", "--ip", "0.0.0.0", "--location", "127.0.0.1")
+    assert info["client_url"].startswith("tcp://127.0.0.1:")
+    log = (runtime / "ipylb-w.log").read_text()
+    assert log.count("authenticated (HMAC under the cluster key) but travels unencrypted") == 1
