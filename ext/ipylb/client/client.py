@@ -9,6 +9,7 @@ thread-safe, so each has one owner.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import itertools
 import threading
 import time
@@ -181,6 +182,10 @@ class Client:
         sock.setsockopt(zmq.IDENTITY, signer.sender)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
+        # Never block this thread on a send: with no connection (a handshake refused, as
+        # CurveZMQ's is without the right server key) it would never return, and close()
+        # would destroy the socket under it.
+        sock.setsockopt(zmq.SNDTIMEO, 0)
         connection.secure(sock, self._info)
         sock.connect(url)
         try:
@@ -217,9 +222,10 @@ class Client:
                     self._controller_gone(reason)
                     return
                 if now - heard > PING_AFTER_S and now - pinged > PING_AFTER_S:
-                    wire.send(sock, signer.pack(wire.REQUEST, (-1, "ping", None)))
                     pinged = now
-            if self._welcome.is_set():  # else no connection completed: a send would block
+                    with contextlib.suppress(zmq.Again):
+                        wire.send(sock, signer.pack(wire.REQUEST, (-1, "ping", None)))
+            with contextlib.suppress(zmq.Again):
                 wire.send(sock, signer.pack(wire.BYE, None))
         finally:
             sock.close(linger=200)
