@@ -18,8 +18,9 @@ import uuid
 import warnings
 import weakref
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +159,9 @@ class Client:
         self._engine_ids: list[int] = []
         self._engine_failures: list[str] = []
         self.failures: deque[Metadata] = deque(maxlen=FAILURES_KEPT)
+        # msg_ids this client submitted, oldest first (ipyparallel's rc.history; an int job
+        # is an index into it); imap's tasks are left out, so an endless imap stays flat.
+        self.history: list[str] = []
         self._state = threading.Condition()
         self._welcome = threading.Event()
         self._refused: str | None = None  # why the controller (or we) refused the handshake
@@ -386,7 +390,7 @@ class Client:
         return f"{self.session}-{next(self._ids)}"
 
     def _submit(self, fbuf: Any, flags: dict[str, Any] | None, ar: Any,
-                tasks: list[tuple[str, list[Any]]], base: int = 0) -> None:
+                tasks: list[tuple[str, list[Any]]], base: int = 0, record: bool = True) -> None:
         """Send tasks that share one function frame, in as few messages as possible.
 
         Each task is ``(msg_id, arg_frames)``, filed as item ``base + i`` of ``ar`` (an
@@ -413,6 +417,8 @@ class Client:
                 self._check_open()
                 for i, (msg_id, _args) in enumerate(batch, base + start):
                     self._pending[msg_id] = (ar, i)
+                if record:
+                    self.history.extend(msg_id for msg_id, _args in batch)
                 wire.send(self._send_sock, self._signer.pack(wire.SUBMIT, (flags, metas), bufs, b""))
 
     def _request(self, op: str, arg: Any = None, timeout: float | None = 30.0) -> Any:
@@ -485,7 +491,7 @@ class Client:
                             hasattr(inner, "add_done_callback") and hasattr(inner, "result")):
                         jobs.append(inner)
             else:
-                msg_id = str(job)
+                msg_id = _msg_ids(job, self.history)[0] if type(job) is int else str(job)
                 if msg_id not in self._outcomes:
                     waiting = self._pending.get(msg_id)
                     if waiting is None:
@@ -555,7 +561,7 @@ class Client:
         """An AsyncHubResult for tasks by msg_id (or AsyncResult), pending ones included,
         submitted by any client of this cluster.  Unknown ids raise KeyError."""
         single = isinstance(indices_or_msg_ids, str)
-        msg_ids = _msg_ids(indices_or_msg_ids)
+        msg_ids = _msg_ids(indices_or_msg_ids, self.history)
         ar = AsyncHubResult(self, msg_ids, single=single)
         ask = []
         for i, msg_id in enumerate(msg_ids):
@@ -587,8 +593,9 @@ class Client:
     def resubmit(self, indices_or_msg_ids: Any) -> AsyncHubResult:
         """Run finished tasks again under new msg_ids; ``get()`` gives their results in
         the given order.  Unknown or pending ids raise."""
-        old = _msg_ids(indices_or_msg_ids)
+        old = _msg_ids(indices_or_msg_ids, self.history)
         new = [self._new_msg_id() for _ in old]
+        self.history.extend(new)
         ar = AsyncHubResult(self, new)
         for i, msg_id in enumerate(new):
             self._pending[msg_id] = (ar, i)
@@ -604,14 +611,68 @@ class Client:
         """Forget finished tasks here and on the controller (``"all"``, or AsyncResults/msg_ids).
 
         Their results can no longer be fetched; waiting for them raises KeyError."""
-        msg_ids = None if isinstance(jobs, str) and jobs == "all" else _msg_ids(jobs)
+        msg_ids = None if isinstance(jobs, str) and jobs == "all" else _msg_ids(jobs, self.history)
         forgotten = self._request("purge", msg_ids)
         for msg_id in forgotten:
             self._outcomes.pop(msg_id, None)
 
+    def purge_hub_results(self, jobs: Any = "all") -> None:
+        """Forget finished tasks on the controller only (``"all"``, or jobs): this client's
+        cache (``rc.results``) keeps what it has (ipyparallel).  Pending ones raise
+        ValueError, unknown ones KeyError."""
+        self._request("purge", None if isinstance(jobs, str) and jobs == "all"
+                      else _msg_ids(jobs, self.history))
+
+    def purge_local_results(self, jobs: Any = "all") -> None:
+        """Drop finished results from this client's cache (``rc.results``) only
+        (``"all"``, or jobs); the controller still has them for ``get_result``.
+        RuntimeError for a task still pending here (as ipyparallel)."""
+        if isinstance(jobs, str) and jobs == "all":
+            self._outcomes.clear()
+            return
+        msg_ids = _msg_ids(jobs, self.history)
+        pending = [m for m in msg_ids if m in self._pending]
+        if pending:
+            raise RuntimeError(f"cannot purge task(s) still pending: {', '.join(pending[:5])}"
+                               f"{' ...' if len(pending) > 5 else ''}; wait for them first")
+        for msg_id in msg_ids:
+            self._outcomes.pop(msg_id, None)
+
+    @property
+    def results(self) -> Results:
+        """This client's cache of finished tasks: ``{msg_id: value, or the task's error
+        as an exception object}`` (read-only; ipyparallel's ``rc.results``)."""
+        return Results(self)
+
+    def hub_history(self, timeout: float | None = 30.0) -> list[str]:
+        """msg_ids of every task the controller has a record of (any client's, pending
+        ones too), oldest submission first (ipyparallel)."""
+        return self._request("hub_history", None, timeout)
+
+    def db_query(self, query: dict[str, Any], keys: list[str] | None = None,
+                 timeout: float | None = 30.0) -> list[dict[str, Any]]:
+        """Records of tasks (any client's, pending ones too) that meet ``query``, in
+        ipyparallel's form: ``{key: value}`` for equality or ``{key: {op: value}}`` with
+        op one of ``$lt $gt $lte $gte $ne $in $nin``, all conditions together.  Keys:
+        ``msg_id``, ``status`` ("ok", "error", "pending"), ``engine_id``, ``submitted``,
+        ``started``, ``completed`` (datetimes, or seconds since the epoch).  Returns dicts
+        of ``keys`` (default all: those plus ``client``, ``stdout``, ``stderr``, ``error``
+        as an exception object), oldest submission first.  ValueError/TypeError for a
+        query ipylb cannot answer.  Answered from the controller's records, or by SQL
+        on indexed columns with ``--db sqlite``."""
+        rows = self._request("db_query", (_epoch_query(query), keys), timeout)
+        for r in rows:
+            for k in ("submitted", "started", "completed"):
+                if r.get(k) is not None:
+                    r[k] = datetime.fromtimestamp(r[k])
+            if r.get("error") is not None:
+                r["error"] = Outcome((r["msg_id"], r.get("engine_id"), r.get("status"), None, None,
+                                      "", "", tuple(r["error"])), [], b"").error()
+        return rows
+
     def abort(self, jobs: Any) -> None:
         """Tasks in ``jobs`` that have not started never run; they fail with TaskAborted."""
-        self._request("abort", _msg_ids(jobs))
+        self._request("abort", _msg_ids(jobs, self.history))
 
     def dashboard(self) -> Any:
         """A live ipywidgets panel of this cluster (queue depth, engines, throughput,
@@ -738,6 +799,40 @@ def _shutdown_all() -> None:
         c.shutdown() if c._local is not None else c.close()
 
 
+class Results(Mapping):
+    """``rc.results``: msg_id -> value (or the error as an exception object) for the
+    finished tasks in the client's cache; values are unpickled when read."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    def __getitem__(self, msg_id: str) -> Any:
+        outcome = self._client._outcomes[msg_id]
+        return outcome.value(self._client) if outcome.ok else outcome.error()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._client._outcomes))
+
+    def __len__(self) -> int:
+        return len(self._client._outcomes)
+
+
+def _epoch_query(query: Any) -> Any:
+    """A db_query with datetimes as seconds since the epoch (what the controller keeps)."""
+    if not isinstance(query, dict):
+        return query  # the controller says what is wrong with it
+
+    def conv(v: Any) -> Any:
+        if isinstance(v, datetime):
+            return v.timestamp()
+        if isinstance(v, (list, tuple, set, frozenset)):
+            return [conv(x) for x in v]
+        return v
+
+    return {k: {op: conv(v) for op, v in t.items()} if isinstance(t, dict) else conv(t)
+            for k, t in query.items()}
+
+
 def _engine_list(targets: Any, registered: list[int]) -> list[int]:
     """Engine ids from ``targets`` (an int or an iterable of ints); IndexError names any
     that is not registered (as ipyparallel), TypeError anything that is not an id."""
@@ -758,14 +853,21 @@ def _as_list(jobs: Any) -> list[Any]:
     return list(jobs)
 
 
-def _msg_ids(jobs: Any) -> list[str]:
-    """msg_ids of AsyncResults and/or msg_id strings."""
+def _msg_ids(jobs: Any, history: list[str] | None = None) -> list[str]:
+    """msg_ids of AsyncResults and/or msg_id strings (and, given ``history``, ints:
+    indices into it, as ipyparallel)."""
     out: list[str] = []
     for job in _as_list(jobs):
         if isinstance(job, AsyncResult):
             out.extend(job.msg_ids)
         elif isinstance(job, str):
             out.append(job)
+        elif history is not None and type(job) is int:
+            try:
+                out.append(history[job])
+            except IndexError:
+                raise IndexError(f"job {job}: this client has submitted {len(history)} "
+                                 "task(s) (rc.history)") from None
         else:
             raise TypeError(f"expected an AsyncResult or a msg_id string, got {type(job).__name__}")
     return out

@@ -160,7 +160,7 @@ class IMapIterator(Iterator[Any]):
         with col.cond:
             col.unanswered += len(tasks)
         try:
-            client._submit(self._fbuf, self._flags, col, tasks, base=first)
+            client._submit(self._fbuf, self._flags, col, tasks, base=first, record=False)
         except BaseException:
             with col.cond:
                 col.unanswered -= len(tasks)

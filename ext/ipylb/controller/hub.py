@@ -25,7 +25,7 @@ from ..core.scheduler import Scheduler
 from ..error import PURE_REFUSES
 from .heartbeat import Heartbeats
 from .launcher import EngineLauncher
-from .records import Record, TaskStore
+from .records import Record, TaskStore, parse_query
 
 log = logging.getLogger("ipylb.controller")
 
@@ -115,6 +115,8 @@ class Controller:
             "get_result": self._req_get_result,
             "resubmit": self._req_resubmit,
             "purge": self._req_purge,
+            "db_query": self._req_db_query,
+            "hub_history": lambda _c, _a: [r["msg_id"] for r in self.store.query([], ["msg_id"])],
             "ping": lambda _c, _a: None,  # a client's liveness check
         }
 
@@ -423,6 +425,11 @@ class Controller:
             flags = rec.flags and {"retries": rec.flags.get("retries", 0),
                                    "targets": rec.flags.get("targets")}
             self._new_task(Record(new, client, rec.bufs, rec.bufs_mac, flags or None), now)
+
+    def _req_db_query(self, _client: bytes, arg: Any) -> list[dict[str, Any]]:
+        """``rc.db_query(query, keys)``: the records that meet an ipyparallel-style query."""
+        query, keys = arg
+        return self.store.query(parse_query(query), keys)
 
     def _req_purge(self, _client: bytes, msg_ids: list[str] | None) -> list[str]:
         """Forget finished tasks (None: all of them); pending ones cannot be purged."""
