@@ -1,0 +1,91 @@
+"""Engines on another host, for real: two network namespaces joined by a veth pair
+(tests/netns.py), the controller in A listening on 192.0.2.1, engines in B started by
+`ipylb engine join` (their /dev/shm is their own, so every payload travels inline).
+
+Root only (CI runs as root); elsewhere it skips and says why.  Every process that
+sends to 192.0.2.x runs inside A or B; the namespaces, and everything in them, are
+removed at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+import netns  # noqa: E402
+
+pytestmark = pytest.mark.skipif(netns.unavailable() is not None,
+                                reason=str(netns.unavailable()))
+
+DRIVER = str(Path(__file__).with_name("multihost_driver.py"))
+
+
+@pytest.fixture(scope="module")
+def hosts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hosts")
+    with netns.hosts(root) as h:
+        yield h
+
+
+def _join(hosts, cluster_file: Path, n: int = 2) -> subprocess.Popen:
+    return hosts.popen("b", [netns.IPYLB, "engine", "join", "-n", str(n), "--cluster-file",
+                             str(cluster_file)], stderr=subprocess.PIPE)
+
+
+@pytest.mark.parametrize("curve", [False, True], ids=["plain", "curve"])
+def test_engines_in_b(hosts, curve):
+    profile = "curve" if curve else "plain"
+    cluster_file = hosts.start_cluster(profile, netns.A_IP, *(["--curve"] if curve else []))
+    info = json.loads(cluster_file.read_text())
+    assert info["engine_url"].startswith(f"tcp://{netns.A_IP}:")
+    assert ("curve_serverkey" in info) is curve
+    join = _join(hosts, cluster_file)
+    try:
+        mark = hosts.root / f"victim-{profile}"
+        out = hosts.run("a", [sys.executable, DRIVER, str(cluster_file), str(mark)], timeout=240)
+        assert out.returncode == 0, out.stderr
+        seen = json.loads(out.stdout)
+    finally:
+        hosts.stop_cluster(profile)
+        _, err = join.communicate(timeout=60)
+    engines = seen["engines"]
+    # The controller in A pings each engine's Jupyter heartbeat in B, at B's address.
+    assert all(e["heartbeat"].startswith(f"tcp://{netns.B_IP}:") for e in engines.values())
+    assert all(e["shm_domain"] is None for e in engines.values())  # nothing shared: inline
+    assert seen["map"] == [x * x for x in range(32)]
+    assert seen["follow_same_engine"] and seen["after_started_after"]
+    assert seen["payload_ok"]  # 8 MB there and back
+    # SIGKILL of the engine running the task: no process of A's to watch, the heartbeat
+    # notices; the task's retry ran on the other engine in B.
+    survivor = [e["pid"] for e in engines.values() if e["pid"] != seen["killed"]]
+    assert seen["retried_on"] == survivor[0]
+    assert len(seen["ids_after"]) == 1
+    log = (hosts.runtime["a"] / f"ipylb-{profile}.log").read_text()
+    assert "stopped answering heartbeats" in log
+    assert ("without --curve" in log) is not curve  # the plaintext warning, once
+    assert log.count("without --curve") <= 1
+    # join in B saw its engine killed, then the controller stop the other one, and ended.
+    assert "ended: killed by SIGKILL" in err
+    assert "every engine has ended" in err
+    assert join.returncode == 1
+
+
+def test_loopback_controller_is_unreachable_and_join_says_why(hosts):
+    cluster_file = hosts.start_cluster("lo", "127.0.0.1")
+    try:
+        t0 = time.monotonic()
+        out = hosts.run("b", [netns.IPYLB, "engine", "join", "--cluster-file", str(cluster_file)],
+                        timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        hosts.stop_cluster("lo")
+    assert out.returncode == 1
+    assert took < 15
+    assert "the controller listens on 127.0.0.1, a loopback address" in out.stderr
+    assert "ipylb cluster start --ip 0.0.0.0" in out.stderr
