@@ -5,13 +5,17 @@ from __future__ import annotations
 from ipylb.bench import core_micro
 
 
-def test_micro_benchmark_prints_a_row_per_size_and_the_pair_cost(capsys):
-    core_micro.main(["--sizes", "200,400", "--repeats", "2000", "--runs", "1"])
+def test_micro_benchmark_prints_a_row_per_engine_count_and_size_and_pair_costs(capsys):
+    core_micro.main(["--sizes", "200,400", "--engines", "2,5", "--repeats", "300", "--runs", "1"])
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
-    assert [r[0] for r in rows] == ["200", "400"]
-    assert all(float(r[3].replace(",", "")) > 0 for r in rows)  # overall events/s
-    assert "TaskSubmitted + TaskDone pair" in out
+    assert [(r[0], r[1]) for r in rows] == [("2", "200"), ("2", "400"), ("5", "200"), ("5", "400")]
+    assert all(float(r[4].replace(",", "")) > 0 for r in rows)  # overall events/s
+    pairs = {line.split()[0]: line.split()[1:] for line in out.splitlines()
+             if line.split() and line.split()[0] in core_micro.SCHEMES}
+    assert set(pairs) == set(core_micro.SCHEMES)
+    assert all(len(v) == 3 and float(v[0]) > 0 for v in pairs.values())  # E=2, E=5, ratio
+
 
 
 def test_workload_mixes_plain_and_dependent_tasks_on_earlier_ones():

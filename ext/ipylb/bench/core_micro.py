@@ -1,14 +1,18 @@
-"""Micro benchmark of the pure scheduler core: is its cost flat in the queue length?
+"""Micro benchmark of the pure scheduler core: is its cost flat in queued tasks and engines?
 
-For each N it submits N tasks up front (a mix of plain tasks and tasks ``after``
-one or two earlier tasks within a window), so the core holds N waiting/ready
-tasks, then plays 4 engines that finish whatever they were assigned, oldest
-first, until every task is delivered.  It prints events per second for the
-submission phase, the completion phase and overall: if scheduling cost grew with
-the queue, the rate would fall as N grows.  It also prints the cost of one plain
-TaskSubmitted + TaskDone pair with idle engines, the shell's hot path.
+For each engine count E and task count N it submits N tasks up front (a mix of
+plain tasks and tasks ``after`` one or two earlier tasks within a window), so the
+core holds N waiting/ready tasks, then plays E engines that finish whatever they
+were assigned, oldest first, until every task is delivered.  It prints events per
+second for the submission phase, the completion phase and overall: if scheduling
+cost grew with the queue or the engines, the cost per event would grow along a
+row or down a column.  Then, per scheme, the cost of one plain TaskSubmitted +
+TaskDone pair with every engine but one busy (the free one anywhere in LRU
+order: where a scan over engines would show).  Times are this process's CPU time
+(``time.process_time``), so a machine shared with other jobs skews them less.
 
-Run: ``python -m ipylb.bench.core_micro [--sizes 1000,10000,100000] [--engines 4]``.
+Run: ``ipylb bench --core`` or ``python -m ipylb.bench.core_micro [--engines 4,64,1000]
+[--sizes 1000,10000,100000,1000000]``.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from collections.abc import Sequence
 
 from ipylb.core.events import Assign, DepSpec, EngineAdded, TaskDone, TaskSubmitted
 from ipylb.core.scheduler import Scheduler
+from ipylb.core.schemes import SCHEMES
 
 
 def _workload(n: int, seed: int, window: int = 50) -> list[TaskSubmitted]:
@@ -49,12 +54,12 @@ def run_dag(n: int, engines: int = 4, seed: int = 0) -> tuple[float, float, int]
     for e in range(engines):
         handle(EngineAdded(e, 0.0))
     subs = _workload(n, seed)
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     for ev in subs:
         for c in handle(ev):
             if c.__class__ is Assign:
                 running.append((c.task_id, c.engine_id))
-    t1 = time.perf_counter()
+    t1 = time.process_time()
     done = 0
     while running:
         tid, eid = running.popleft()
@@ -62,7 +67,7 @@ def run_dag(n: int, engines: int = 4, seed: int = 0) -> tuple[float, float, int]
             if c.__class__ is Assign:
                 running.append((c.task_id, c.engine_id))
         done += 1
-    t2 = time.perf_counter()
+    t2 = time.process_time()
     if done != n:
         raise RuntimeError(f"only {done} of {n} tasks completed")
     return t1 - t0, t2 - t1, n + done
@@ -88,43 +93,60 @@ def best_of(n: int, engines: int, runs: int, collect: bool) -> tuple[float, floa
     return best  # type: ignore[return-value]
 
 
-def pair_cost(repeats: int = 200_000, engines: int = 4) -> float:
-    """Microseconds for one plain TaskSubmitted + TaskDone with idle engines."""
-    core = Scheduler()
+def pair_cost(repeats: int = 200_000, engines: int = 4, scheme: str = "leastload",
+              busy: bool = False) -> float:
+    """Microseconds for one plain TaskSubmitted + TaskDone; with ``busy``, every engine but
+    one runs a task that never ends, and the free one is half way along the LRU order."""
+    core = Scheduler(scheme=scheme, seed=1)
     handle = core.handle
     for e in range(engines):
         handle(EngineAdded(e, 0.0))
+    if busy:
+        # Tasks for every engine; finish the one of the middle engine, so that the only free
+        # engine sits among busy ones in LRU order.
+        held = [handle(TaskSubmitted(f"busy{i}", 0.0))[0] for i in range(engines)]
+        mid = held[engines // 2]
+        handle(TaskDone(mid.task_id, mid.engine_id, True, 0.0))
     subs = [TaskSubmitted(f"p{i}", 0.0) for i in range(repeats)]
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     for ev in subs:
         a = handle(ev)[0]
         handle(TaskDone(a.task_id, a.engine_id, True, 0.0))
-    return (time.perf_counter() - t0) / repeats * 1e6
+    return (time.process_time() - t0) / repeats * 1e6
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Print the events/second table and the plain pair cost."""
+    """Print the events/second table per engine count and the pair cost per scheme."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", default="1000,10000,100000", help="comma-separated task counts")
-    p.add_argument("--engines", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=200_000, help="pairs for the plain-pair cost")
-    p.add_argument("--runs", type=int, default=3, help="best of this many runs per size")
+    p.add_argument("--sizes", default="1000,10000,100000,1000000", help="comma-separated task counts")
+    p.add_argument("--engines", default="4,64,1000", help="comma-separated engine counts")
+    p.add_argument("--repeats", type=int, default=100_000, help="pairs for each pair cost")
+    p.add_argument("--runs", type=int, default=3,
+                   help="best of this many runs per size (one above 10,000 tasks)")
     args = p.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",") if s]
-    print(f"ipylb core micro benchmark: {args.engines} engines, hwm=1, leastload; "
-          f"N tasks queued up front (half plain, half after 1-2 recent tasks), then completed")
-    print(f"{'N tasks':>9} {'submit ev/s':>12} {'complete ev/s':>14} {'overall ev/s':>13}"
-          f" {'µs/event':>9} {'overall, GC paused':>19}")
-    run_dag(2_000, args.engines)  # warm up (first-call costs, allocator)
-    for n in sizes:
-        runs = max(1, args.runs if n <= 10_000 else args.runs - 1)
-        ts, tc, events = best_of(n, args.engines, runs, collect=True)
-        ts2, tc2, _ = best_of(n, args.engines, runs, collect=False)
-        print(f"{n:>9,} {n / ts:>12,.0f} {n / tc:>14,.0f} {events / (ts + tc):>13,.0f}"
-              f" {(ts + tc) / events * 1e6:>9.2f} {events / (ts2 + tc2):>19,.0f}")
-    us = min(pair_cost(args.repeats // 4, args.engines) for _ in range(4))
-    print(f"plain TaskSubmitted + TaskDone pair (idle engines, best of 4): {us:.2f} µs "
-          f"= {2 / us:.2f} M events/s (incl. building the events and commands)")
+    counts = [int(s) for s in args.engines.split(",") if s]
+    print("ipylb core micro benchmark: hwm=1, leastload; N tasks queued up front "
+          "(half plain, half after 1-2 recent tasks), then completed by E engines")
+    print(f"{'E':>5} {'N tasks':>9} {'submit ev/s':>12} {'complete ev/s':>14} {'overall ev/s':>13}"
+          f" {'µs/event':>9} {'µs/event, GC paused':>20}")
+    run_dag(2_000, counts[0])  # warm up (first-call costs, allocator)
+    per_event = []
+    for engines in counts:
+        for n in sizes:
+            runs = max(1, args.runs if n <= 10_000 else 1)
+            ts, tc, events = best_of(n, engines, runs, collect=True)
+            ts2, tc2, _ = best_of(n, engines, runs, collect=False)
+            us = (ts2 + tc2) / events * 1e6
+            per_event.append(us)
+            print(f"{engines:>5} {n:>9,} {n / ts:>12,.0f} {n / tc:>14,.0f} {events / (ts + tc):>13,.0f}"
+                  f" {(ts + tc) / events * 1e6:>9.2f} {us:>20.2f}")
+    print(f"µs/event with the GC paused, slowest / fastest: {max(per_event) / min(per_event):.2f}")
+    print("plain TaskSubmitted + TaskDone pair, every engine but one busy (best of 3), µs:")
+    print(f"{'scheme':<12}" + "".join(f"{f'E={e}':>9}" for e in counts) + f"{'slowest/fastest':>17}")
+    for scheme in SCHEMES:
+        row = [min(pair_cost(args.repeats // 3, e, scheme, busy=True) for _ in range(3)) for e in counts]
+        print(f"{scheme:<12}" + "".join(f"{us:>9.2f}" for us in row) + f"{max(row) / min(row):>17.2f}")
 
 
 if __name__ == "__main__":

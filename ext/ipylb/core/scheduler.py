@@ -130,6 +130,7 @@ from .events import (
     TaskUnmet,
     Tick,
 )
+from .free import FreeEngines
 
 __all__ = ["Scheduler", "WAITING", "READY", "ASSIGNED", "DONE", "FAILED"]
 
@@ -160,7 +161,8 @@ def _ids(items: Any) -> str:
 class _Engine:
     """One registered engine: its FIFO of outstanding tasks and its private queue."""
 
-    __slots__ = ("id", "alive", "used", "load", "completed", "queue", "heap", "followers")
+    __slots__ = ("id", "alive", "used", "load", "completed", "queue", "heap", "followers",
+                 "key", "pos")
 
     def __init__(self, engine_id: int) -> None:
         self.id = engine_id
@@ -171,6 +173,8 @@ class _Engine:
         self.queue: deque[_Task] = deque()  # assigned tasks; [0] is running
         self.heap: list[tuple[int, int, _Task]] = []  # (seq, gen, task) restricted to here
         self.followers: set[_Task] = set()  # unfinished tasks whose follow deps ran here
+        self.key = 0  # LRU key: lower = assigned longer ago (see .free)
+        self.pos = -1  # owned by the FreeEngines index
 
     def __repr__(self) -> str:
         return f"<engine {self.id} load={self.load}{'' if self.alive else ' dead'}>"
@@ -283,9 +287,10 @@ class Scheduler:
             raise ValueError(f"hwm must be an int >= 0 (0: no limit), not {hwm!r}")
         self.hwm = hwm
         self._cap = hwm or _BIG
-        # With one free slot per engine every free engine has load 0, so leastload
-        # (like lru) is "the first free engine in LRU order": no list needed.
-        self._first_free = scheme == "lru" or (scheme == "leastload" and hwm == 1)
+        # Engines with a free slot, indexed for the scheme's pick in O(log engines).
+        self._free = FreeEngines(scheme, self._cap)
+        self._stamp = 0  # LRU keys of assignments: 1, 2, ...
+        self._unused_stamp = -_BIG  # LRU keys of engines never assigned: below those
         self._rng = random.Random(seed)
         self._validate = validate
         self._tasks: dict[str, _Task] = {}
@@ -435,6 +440,8 @@ class Scheduler:
                 if e.load == self._cap:
                     self._nfree -= 1
                 self._lru.move_to_end(e.id)
+                e.key = self._stamp = self._stamp + 1
+                self._free.update(e)
                 e.used = True
                 self._story.append((tid, None, ASSIGNED, e.id, self._now))
                 out.append(Assign(tid, e.id))
@@ -519,6 +526,7 @@ class Scheduler:
         if e.load == self._cap:
             self._nfree += 1
         e.load -= 1
+        self._free.update(e)
         e.completed += 1
         x = t.x
         if ev.success:
@@ -584,6 +592,8 @@ class Scheduler:
         unused = [u for u in self._lru.values() if not u.used]
         used = [u for u in self._lru.values() if u.used]
         self._lru = OrderedDict((u.id, u) for u in (*unused, e, *used))
+        e.key = self._unused_stamp = self._unused_stamp + 1
+        self._free.registered(e)
         self._nfree += 1
         self._story.append((None, None, None, f"engine {eid} added", self._now))
         if self._ready_excl:
@@ -608,6 +618,7 @@ class Scheduler:
         if e.load < self._cap:
             self._nfree -= 1
         e.alive = False
+        self._free.unregistered(e)
         e.heap = []
         self._story.append((None, None, None, f"engine {e.id} removed: {reason}", self._now))
         outstanding = list(e.queue)
@@ -726,15 +737,9 @@ class Scheduler:
     # ------------------------------------------------------------- placement
 
     def _pick_plain(self) -> _Engine | None:
-        """A free engine for an unconstrained task, by the scheme; None if there is none."""
-        cap = self._cap
-        if self._first_free:
-            for e in self._lru.values():
-                if e.load < cap:
-                    return e
-            return None
-        free = [e for e in self._lru.values() if e.load < cap]
-        return self._choose(free) if free else None
+        """A free engine for an unconstrained task, by the scheme; None if there is none.
+        O(log engines): see :mod:`.free`."""
+        return self._free.pick(self._rng)
 
     def _choose(self, cands: list[_Engine]) -> _Engine:
         if len(cands) == 1:
@@ -756,6 +761,8 @@ class Scheduler:
         if e.load == self._cap:
             self._nfree -= 1
         self._lru.move_to_end(e.id)
+        e.key = self._stamp = self._stamp + 1
+        self._free.update(e)
         e.used = True
         self._unassigned -= 1
         if t.x is not None:
@@ -1000,6 +1007,7 @@ class Scheduler:
         if e.load == self._cap:
             self._nfree += 1
         e.load -= 1
+        self._free.update(e)
 
     # ------------------------------------------------------------ dependencies
 
@@ -1345,6 +1353,8 @@ class Scheduler:
                 need(t.state is ASSIGNED and t.engine is e, f"{t} queued on {e} but not assigned there")
             assigned += e.load
         need(nfree == self._nfree, f"free engine count {self._nfree} != {nfree}")
+        wrong = self._free.check(list(self._lru.values()))
+        need(wrong is None, f"free-engine index: {wrong}")
         plain_ids = {id(t) for t in self._plain} | {id(t) for _, t in self._plain_late}
         heap_entries = {(e.id, id(t), g) for e in self._engines.values() for _, g, t in e.heap}
         unassigned = 0
