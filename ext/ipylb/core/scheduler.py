@@ -888,7 +888,13 @@ class Scheduler:
         ref = x.refused or ()
         tg = x.targets
         if x.follow is None:
-            base = [e for e in self._lru.values() if e not in ref]
+            if tg is not None and len(tg) < len(self._engines):  # its targets only, not a scan
+                eng = self._engines
+                base = sorted((eng[i] for i in tg if i in eng), key=_by_key)
+                base = [e for e in base if e not in ref]
+                tg = None
+            else:
+                base = [e for e in self._lru.values() if e not in ref]
         elif x.follow.spec.all:
             e = x.f_engine
             base = [e] if e is not None and e.alive and e not in ref else []
@@ -1419,6 +1425,11 @@ class Scheduler:
 def _wt_live(t: _Task, token: int) -> bool:
     """Whether a walltime timer is still the running attempt's."""
     return t.state is ASSIGNED and t.x.wt_token == token  # type: ignore[union-attr]
+
+
+def _by_key(e: _Engine) -> int:
+    """LRU order: the engine assigned longest ago first."""
+    return e.key
 
 
 def _by_seq(t: _Task) -> int:
