@@ -4,9 +4,13 @@ cannot take, a task whose record is gone."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
+
 import ipylb
 import pytest
-from ipylb import wire
+from ipylb import connection, wire
 from ipylb.client.asyncresult import Outcome
 from ipylb.error import RemoteError, WireError
 from test_pending import TIMEOUT, Gate, wait_at_gate
@@ -54,3 +58,89 @@ def test_a_malformed_result_from_the_controller_still_ends_the_wait(rc, view, ga
         assert other.get_result(msg_id).get(TIMEOUT) == "late"
     with pytest.raises(RemoteError, match="malformed"):
         ar.get(TIMEOUT)
+
+
+class Proxy:
+    """A TCP forwarder between clients and the controller's client socket, which the test
+    can cut (every connection closed, new ones refused) and restore."""
+
+    def __init__(self, target: str) -> None:
+        host, port = target.removeprefix("tcp://").rsplit(":", 1)
+        self.target = (host, int(port))
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.links: list[socket.socket] = []
+        self._listen()
+
+    def _listen(self) -> None:
+        threading.Thread(target=self._accept, args=(self.server,), daemon=True).start()
+
+    def _accept(self, server: socket.socket) -> None:
+        while True:
+            try:
+                a, _ = server.accept()
+            except OSError:  # closed by cut()
+                return
+            b = socket.create_connection(self.target)
+            self.links += [a, b]
+            for src, dst in ((a, b), (b, a)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        with contextlib.suppress(OSError):
+            self.server.shutdown(socket.SHUT_RDWR)  # wakes the accept() under way (Linux)
+        self.server.close()
+        for s in self.links:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+        self.links = []
+
+    def restore(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", self.port))
+        self._listen()
+
+    def close(self) -> None:
+        self.cut()
+
+
+def test_results_sent_while_a_client_was_disconnected_reach_it_once_it_is_back(rc, gate):
+    """The connection to the controller breaks while a task runs and its result is sent
+    meanwhile (the socket drops it); once zmq has reconnected, the client asks again
+    (was: it waited forever, pings answered and all)."""
+    info = dict(rc._info)
+    proxy = Proxy(info["client_url"])
+    info["client_url"] = f"tcp://127.0.0.1:{proxy.port}"
+    path = connection.runtime_dir() / f"ipylb-h9ctl-proxy-{proxy.port}.json"
+    connection.write(path, info)
+    try:
+        with ipylb.Client(str(path)) as far:
+            view = far.load_balanced_view()
+            assert view.apply_async(square, 3).get(TIMEOUT) == 9  # through the proxy
+            ar = view.apply_async(wait_at_gate, gate.port)
+            conn = gate.running()
+            proxy.cut()
+            conn.sendall(b"while away")
+            # The controller has the result (another client gets it), ours was dropped.
+            assert rc.get_result(ar.msg_ids[0]).get(TIMEOUT) == "while away"
+            assert not ar.ready()
+            proxy.restore()
+            assert ar.get(TIMEOUT) == "while away"
+            assert view.apply_async(square, 7).get(TIMEOUT) == 49  # and it serves on
+    finally:
+        proxy.close()
+        path.unlink(missing_ok=True)
+
+
+def square(x):
+    return x * x

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from .. import compat, connection, limits, shm, wire
 from ..error import ClientClosed, ControllerGone, NoCluster, VersionMismatch
@@ -192,13 +193,27 @@ class Client:
         sock.setsockopt(zmq.SNDTIMEO, 0)
         connection.secure(sock, self._info)
         sock.connect(url)
+        monitor = None
         try:
-            domain = shm.domain() if signer.shm_prefix else None
-            wire.send(sock, signer.pack(wire.HELLO, {"shm_domain": domain,
-                                                     "versions": compat.versions()}))
+            hello = {"shm_domain": shm.domain() if signer.shm_prefix else None,
+                     "versions": compat.versions()}
+            wire.send(sock, signer.pack(wire.HELLO, hello))
+            # A broken connection (zmq reconnects by itself) loses what the controller sent
+            # meanwhile: once it is back, say hello again and ask for what has not come.
+            monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+            broken = False
             recv, unpack, handle = wire.recv, signer.unpack, self._on_message
             heard = pinged = checked = time.monotonic()
             while not self._closed:
+                if monitor.poll(0):
+                    event = recv_monitor_message(monitor)["event"]
+                    if event == zmq.EVENT_DISCONNECTED:
+                        broken = True
+                    elif broken:
+                        broken = False
+                        wire.send(sock, signer.pack(wire.HELLO, hello))
+                        missing = [*self._pending, *self._watchers]
+                        wire.send(sock, signer.pack(wire.REQUEST, (-1, "redeliver", missing)))
                 if sock.poll(200):
                     heard = time.monotonic()
                     while True:
@@ -232,6 +247,9 @@ class Client:
             with contextlib.suppress(zmq.Again):
                 wire.send(sock, signer.pack(wire.BYE, None))
         finally:
+            if monitor is not None:
+                sock.disable_monitor()
+                monitor.close(0)
             sock.close(linger=200)
 
     def _controller_exited(self) -> str | None:
@@ -272,6 +290,7 @@ class Client:
                         b.claim()
             outcome = Outcome.received(meta, bufs, mac)
             msg_id = outcome.meta[0]
+            again = msg_id in self._outcomes  # sent twice (asked again after a reconnection)
             self._outcomes[msg_id] = outcome
             pending = self._pending
             waiting = pending.pop(msg_id, None)
@@ -283,8 +302,8 @@ class Client:
             if self._watchers:
                 for ar, i in self._watchers.pop(msg_id, ()):
                     ar._deliver(i, outcome)
-            if not outcome.ok:  # after delivery: nothing here may keep a result from its waiter
-                self.failures.append(outcome.metadata(None))
+            if not outcome.ok and not again:  # after delivery: nothing here may keep a result
+                self.failures.append(outcome.metadata(None))  # from its waiter
         elif kind == wire.REPLY:
             fut = self._replies.pop(meta[0], None)
             if fut is not None:

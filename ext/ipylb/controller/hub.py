@@ -117,6 +117,7 @@ class Controller:
             "purge": self._req_purge,
             "db_query": self._req_db_query,
             "hub_history": lambda _c, _a: [r["msg_id"] for r in self.store.query([], ["msg_id"])],
+            "redeliver": self._req_redeliver,
             "ping": lambda _c, _a: None,  # a client's liveness check
         }
 
@@ -409,6 +410,29 @@ class Controller:
             else:
                 self._send_result(client, rec)
         return pending
+
+    def _req_redeliver(self, client: bytes, msg_ids: Any) -> None:
+        """A client whose connection broke (and came back) asks again for the results it
+        has not received: results sent meanwhile were dropped by the socket.  Finished
+        tasks are sent now, pending ones will be when they finish, and a task whose record
+        is gone since is answered with an error, so none is left without an answer."""
+        if not isinstance(msg_ids, list):
+            raise TypeError("redeliver takes a list of msg_ids")
+        now = time.time()
+        for msg_id in msg_ids:
+            rec = self.store.get(msg_id) if isinstance(msg_id, str) else None
+            if rec is None:
+                if isinstance(msg_id, str):
+                    lost = ("WireError", f"task {msg_id}'s result was sent while this client "
+                            "was disconnected from the controller, and its record is gone "
+                            "since (purged, or dropped by the controller's memory budget): "
+                            "submit it again", "")
+                    self._send_client(client, wire.RESULT,
+                                      (msg_id, None, "error", None, now, "", "", lost, None))
+            elif rec.result is not None:
+                self._send_result(client, rec)
+            elif client != rec.client and client not in rec.watchers:
+                rec.watchers.append(client)
 
     def _req_resubmit(self, client: bytes, pairs: list[tuple[str, str]]) -> None:
         """Run finished tasks again under new msg_ids (chosen by the client)."""
