@@ -94,6 +94,8 @@ def check_retry_is_pending(rc, view, gate, tmp_path):
             rc.resubmit([msg_id])
         status = rc.queue_status()
         assert (busy(status), status["unassigned"]) == (1, 0)
+        assert other.db_query({"msg_id": msg_id}, keys=["status"]) == [
+            {"msg_id": msg_id, "status": "pending"}]
         assert not ar.ready()
         conn.sendall(b"second attempt")
         assert ar.get(TIMEOUT) == "second attempt"
