@@ -66,9 +66,11 @@ def measure(mode: str, items: int, engines: int, scheme: str, hwm: int) -> dict:
         out = subprocess.run([sys.executable, "-m", "ipylb.bench.imap", "--child", mode,
                               "--items", str(items), "--profile", PROFILE],
                              check=True, capture_output=True, text=True).stdout
+        result = json.loads(out.strip().splitlines()[-1])
+        print(json.dumps(result), flush=True)  # kept even if stopping the cluster fails
     finally:
         _ipylb("cluster", "stop", "--profile", PROFILE)
-    return json.loads(out.strip().splitlines()[-1])
+    return result
 
 
 def main(argv: list[str] | None = None) -> None:
