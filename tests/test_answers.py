@@ -5,6 +5,7 @@ cannot take, a task whose record is gone."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
 import threading
 
@@ -12,6 +13,7 @@ import ipylb
 import pytest
 from ipylb import connection, wire
 from ipylb.client.asyncresult import Outcome
+from ipylb.controller.records import Record, TaskDB, TaskStore
 from ipylb.error import RemoteError, WireError
 from test_pending import TIMEOUT, Gate, wait_at_gate
 
@@ -144,3 +146,18 @@ def test_results_sent_while_a_client_was_disconnected_reach_it_once_it_is_back(r
 
 def square(x):
     return x * x
+
+
+def test_a_record_the_database_cannot_take_is_kept_in_memory(tmp_path, caplog):
+    """A failing SQLite write (a full disk; here a read-only database) used to raise out of
+    the controller's delivery of a result, dropping the commands after it (the next
+    task's Assign: a task that then never ran)."""
+    store = TaskStore(db=TaskDB(tmp_path / "tasks.sqlite"))
+    store.db.db.execute("PRAGMA query_only = ON")  # every write now fails
+    rec = Record("t0", b"client-x-r", [b"f"], b"mac")
+    rec.result = (0, "ok", 1.0, 2.0, "", "", None)
+    store.add(rec)
+    with caplog.at_level(logging.WARNING, logger="ipylb.controller"):
+        assert store.finished(rec) == []
+    assert "t0 was not saved to the database" in caplog.text
+    assert store.get("t0") is rec

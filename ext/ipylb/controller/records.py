@@ -343,7 +343,8 @@ class TaskStore:
         if self.db is not None:
             try:
                 self.db.save(rec, self.inline)
-            except WireError as e:  # a segment vanished from under us: keep serving
+            except (WireError, sqlite3.Error) as e:  # a segment vanished, the disk is full...:
+                # keep serving (raising here would drop the commands after this Deliver)
                 log.warning("task %s was not saved to the database: %s", rec.msg_id, e)
         if rec.msg_id in self._finished:  # finished again (a retry's final result)
             self._finished_bytes -= self._finished.pop(rec.msg_id)
