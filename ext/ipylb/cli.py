@@ -170,6 +170,30 @@ def _parser() -> argparse.ArgumentParser:
     join.add_argument("--timeout", type=float, default=60.0,
                       help="seconds the engines have to register")
     join.set_defaults(func=engine_join)
+    sub = engine.add_parser(
+        "submit", formatter_class=fmt,
+        help="run engines as a batch job (SLURM, PBS, LSF) that runs `ipylb engine join`")
+    sub.add_argument("-n", "--engines", type=int, required=True, help="how many, in all")
+    sub.add_argument("--scheduler", required=True, choices=["slurm", "pbs", "lsf"])
+    sub.add_argument("--nodes", type=int, default=1,
+                     help="spread the engines over this many nodes (srun/pbsdsh/blaunch)")
+    sub.add_argument("--time", default=None, help="walltime: minutes, MM:SS or HH:MM:SS")
+    sub.add_argument("--partition", "--queue", default=None,
+                     help="SLURM partition, PBS or LSF queue")
+    sub.add_argument("--sbatch-arg", "--qsub-arg", "--bsub-arg", dest="extra", action="append",
+                     default=[], help="one more directive for the job script, e.g. "
+                                      "--sbatch-arg=--account=abc (repeatable)")
+    sub.add_argument("--dry-run", action="store_true", help="print the job script, submit nothing")
+    profile(sub)
+    sub.add_argument("--cluster-file", default=None,
+                     help="the connection file the job's nodes read (default: the profile's)")
+    sub.set_defaults(func=engine_submit)
+    can = engine.add_parser("cancel", formatter_class=fmt,
+                            help="cancel the batch jobs `ipylb engine submit` started")
+    profile(can)
+    can.add_argument("--cluster-file", default=None)
+    can.add_argument("--job", default=None, help="only this job id (default: all of them)")
+    can.set_defaults(func=engine_cancel)
     return p
 
 
@@ -446,6 +470,47 @@ def engine_join(args: argparse.Namespace) -> int:
     except NoCluster as e:
         _say(str(e))
         return 1
+
+
+def _batch_cluster_file(args: argparse.Namespace) -> Path:
+    return (Path(args.cluster_file).resolve() if args.cluster_file
+            else connection.profile_file(args.profile))
+
+
+def engine_submit(args: argparse.Namespace) -> int:
+    """Write a job script running `ipylb engine join`; print it or submit it."""
+    from . import batch
+
+    path = _batch_cluster_file(args)
+    job = batch.Job(args.engines, path, args.nodes, args.time, args.partition, tuple(args.extra),
+                    name=f"ipylb-engines-{path.stem.removeprefix('ipylb-')}")
+    try:
+        if args.dry_run:
+            print(batch.script(args.scheduler, job), end="")
+            return 0
+        connection.read(path)  # the cluster must exist before its engines are queued
+        job_id = batch.submit(args.scheduler, job)
+    except (RuntimeError, NoCluster) as e:
+        _say(str(e))
+        return 1
+    _say(f"submitted {args.scheduler} job {job_id}: {_engines(args.engines)} register when it "
+         f"starts (`ipylb cluster status --profile {args.profile}` shows them); "
+         f"`ipylb engine cancel --profile {args.profile}` cancels it. Its nodes must see {path}.")
+    print(job_id, flush=True)
+    return 0
+
+
+def engine_cancel(args: argparse.Namespace) -> int:
+    """Cancel the batch jobs submitted for this cluster."""
+    from . import batch
+
+    try:
+        ids = batch.cancel(_batch_cluster_file(args), args.job)
+    except RuntimeError as e:
+        _say(f"cancelling failed: {e}")
+        return 1
+    _say(f"cancelled job(s) {', '.join(ids)}" if ids else "no submitted jobs to cancel")
+    return 0
 
 
 if __name__ == "__main__":
