@@ -11,6 +11,7 @@ from ..dependency import dependent, to_spec
 from ..error import PURE_REFUSES
 from ..serialize import dumps_args, dumps_function
 from .asyncresult import AsyncMapResult, AsyncResult
+from .autochunk import map_auto
 from .client import _engine_list
 from .imap import IMapIterator
 
@@ -155,10 +156,16 @@ class LoadBalancedView:
 
     # -- map ---------------------------------------------------------------------
 
-    def map(self, f: Callable, *sequences: Any, block: bool | None = None, chunksize: int = 1,
-            ordered: bool = True, return_exceptions: bool = False) -> Any:
+    def map(self, f: Callable, *sequences: Any, block: bool | None = None,
+            chunksize: int | str = 1, ordered: bool = True, return_exceptions: bool = False) -> Any:
         """Parallel, load-balanced ``map(f, *sequences)``: a list if blocking, else an
         AsyncMapResult (iterable as results arrive).
+
+        ``chunksize``: items per task (1, the default, as in ipyparallel: one msg_id per
+        item), or ``"auto"``: sized from the time the first items take, so that each task
+        carries ~50 ms of work and every engine gets several (see
+        :mod:`ipylb.client.autochunk`; ``map_async`` then returns once the first item is
+        done, within 2 s).
 
         ``return_exceptions``: a failed item's exception object takes its place in the
         list (and in iteration) instead of a CompositeError being raised (ipyparallel);
@@ -168,23 +175,28 @@ class LoadBalancedView:
         block = self.block if block is None else block
         return ar.get() if block else ar
 
-    def map_sync(self, f: Callable, *sequences: Any, chunksize: int = 1, ordered: bool = True,
+    def map_sync(self, f: Callable, *sequences: Any, chunksize: int | str = 1, ordered: bool = True,
                  return_exceptions: bool = False) -> list[Any]:
         """``map`` that waits and returns the list."""
         return self.map_async(f, *sequences, chunksize=chunksize, ordered=ordered,
                               return_exceptions=return_exceptions).get()
 
-    def map_async(self, f: Callable, *sequences: Any, chunksize: int = 1,
+    def map_async(self, f: Callable, *sequences: Any, chunksize: int | str = 1,
                   ordered: bool = True, return_exceptions: bool = False) -> AsyncMapResult:
         """``map`` that returns an AsyncMapResult at once."""
         if not callable(f):
             raise TypeError(f"map needs a callable, got {type(f).__name__}")
         if not sequences:
             raise TypeError("map() needs at least one sequence")
-        if not isinstance(chunksize, int) or chunksize < 1:
-            raise ValueError(f"chunksize must be an int >= 1, got {chunksize!r}")
+        if chunksize != "auto" and (type(chunksize) is not int or chunksize < 1):
+            raise ValueError(f"chunksize must be an int >= 1 or 'auto', got {chunksize!r}")
         items = list(zip(*sequences))
         flags = self._task_flags(f)
+        if chunksize == "auto":
+            ar = map_auto(self.client, dumps_function(_Chunk(f)), flags, items, ordered,
+                          _name(f), return_exceptions)
+            self._results.add(ar)
+            return ar
         chunks = [items[i:i + chunksize] for i in range(0, len(items), chunksize)]
         if chunksize == 1:
             fbuf = dumps_function(f)
@@ -219,7 +231,7 @@ class LoadBalancedView:
 
     # -- decorator ---------------------------------------------------------------
 
-    def parallel(self, block: bool | None = None, chunksize: int = 1, ordered: bool = True,
+    def parallel(self, block: bool | None = None, chunksize: int | str = 1, ordered: bool = True,
                  return_exceptions: bool = False) -> Callable[[Callable], ParallelFunction]:
         """Decorator: ``f.map(seq)`` maps in parallel, ``f(x)`` runs one task."""
         return lambda f: ParallelFunction(self, f, block, chunksize, ordered, return_exceptions)
@@ -228,7 +240,7 @@ class LoadBalancedView:
 class ParallelFunction:
     """A function made parallel by ``@view.parallel()``."""
 
-    def __init__(self, view: LoadBalancedView, f: Callable, block: bool | None, chunksize: int,
+    def __init__(self, view: LoadBalancedView, f: Callable, block: bool | None, chunksize: int | str,
                  ordered: bool, return_exceptions: bool = False) -> None:
         self.view, self.func = view, f
         self.block, self.chunksize, self.ordered = block, chunksize, ordered

@@ -1,0 +1,86 @@
+"""``map(..., chunksize="auto")``: chunks sized from the measured item time (real engines)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from ipylb.client import autochunk
+from ipylb.error import CompositeError
+
+
+def double(x):
+    return 2 * x
+
+
+def nap(x):
+    time.sleep(x)
+    return x
+
+
+def inverse(x):
+    return 1 / x
+
+
+def test_chunk_for_hides_overhead_and_keeps_engines_busy_to_the_end():
+    # A no-op: capped so that each engine still gets CHUNKS_PER_ENGINE chunks.
+    assert autochunk.chunk_for(1e-6, 200_000, 2) == 200_000 // (2 * autochunk.CHUNKS_PER_ENGINE)
+    # 10 ms items: 5 per chunk make the 50 ms target.
+    assert autochunk.chunk_for(0.01, 10_000, 2) == 5
+    # Slow items, or none back in time: one per chunk, as chunksize=1.
+    assert autochunk.chunk_for(1.0, 100, 2) == 1
+    assert autochunk.chunk_for(None, 100, 2) == 1
+    assert autochunk.chunk_for(1e-6, 3, 4) == 1
+
+
+def test_trivial_items_travel_in_big_chunks(view):
+    ar = view.map_async(double, range(20_000), chunksize="auto")
+    assert ar.get(120) == [2 * x for x in range(20_000)]
+    assert len(ar) == 20_000
+    # A one-item probe's time includes the engine's cost per task (~0.1 ms), so chunks come
+    # out a few hundred items long for a trivial function: far fewer tasks than items.
+    assert len(ar.msg_ids) <= 20_000 // 20
+    assert list(ar) == [2 * x for x in range(20_000)]  # iteration flattens the chunks too
+
+
+def test_items_slower_than_the_probe_wait_go_one_per_task(view, monkeypatch):
+    monkeypatch.setattr(autochunk, "PROBE_WAIT_S", 0.3)
+    items = [0.45] * 6
+    t0 = time.monotonic()
+    ar = view.map_async(nap, items, chunksize="auto")
+    assert time.monotonic() - t0 < autochunk.PROBE_WAIT_S + 5  # map_async does not run the map
+    assert ar.get(60) == items
+    assert len(ar.msg_ids) == 6
+
+
+def test_auto_keeps_failures_in_place(view):
+    items = [1, 2, 0, 4] * 50
+    with pytest.raises(CompositeError):
+        view.map_sync(inverse, items, chunksize="auto")
+    out = view.map_sync(inverse, items, chunksize="auto", return_exceptions=True)
+    assert len(out) == len(items)
+    assert [type(v).__name__ for v in out[:4]][:2] == ["float", "float"]
+    assert all(isinstance(v, Exception) for v, x in zip(out, items, strict=True) if x == 0)
+    assert all(v == 1 / x for v, x in zip(out, items, strict=True)
+               if x != 0 and not isinstance(v, Exception))
+
+
+def test_auto_on_an_empty_or_tiny_input(view):
+    assert view.map_sync(double, [], chunksize="auto") == []
+    assert view.map_sync(double, [3], chunksize="auto") == [6]
+    assert view.parallel(block=True, chunksize="auto")(double).map(range(5)) == [0, 2, 4, 6, 8]
+
+
+def test_an_unpicklable_item_after_the_probe_raises_and_leaves_nothing_running(rc, view):
+    import threading
+
+    items = [1] * 40 + [threading.Lock()]
+    with pytest.raises(Exception, match="lock"):
+        view.map_async(double, items, chunksize="auto")
+    assert rc.wait(timeout=30)  # the probe tasks answered (ran or aborted): nothing pending
+
+
+@pytest.mark.parametrize("bad", ["fast", 0, 2.5, True])
+def test_bad_chunksize_says_what_is_allowed(view, bad):
+    with pytest.raises(ValueError, match="int >= 1 or 'auto'"):
+        view.map_async(double, range(3), chunksize=bad)
