@@ -307,7 +307,9 @@ def test_ids_queue_status_and_wait(rc, view):
     qs = rc.queue_status()
     assert set(qs) == {0, 1, "unassigned"}
     assert qs["unassigned"] == 0
-    assert all(set(v) == {"queue", "completed", "tasks"} for k, v in qs.items() if k != "unassigned")
+    # API.md's three counts, plus (issue 12) how often the engine's slot was restarted
+    assert all(set(v) == {"queue", "completed", "tasks", "restarts"} and v["restarts"] == 0
+               for k, v in qs.items() if k != "unassigned")
 
 
 def test_queue_status_counts_unassigned(rc, view):

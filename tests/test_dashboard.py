@@ -101,7 +101,7 @@ def test_several_dashboards_update_independently(rc, view):
 
 
 def test_dead_engine_shown_and_thread_ends_with_the_client():
-    with ipylb.Client(engines=2) as rc:
+    with ipylb.Client(engines=2, restart=False) as rc:
         dash = Dashboard(rc)
         pid = rc.engine_info()[1]["pid"]
         os.kill(pid, signal.SIGKILL)

@@ -1,6 +1,7 @@
 """Retries, engine death, abort, resubmit and get_result on real engines.
 
-Killing engines spoils a cluster, so each test that does starts its own.
+Killing engines spoils a cluster, so each test that does starts its own, with restarts
+off (restarts: tests/test_restarts.py).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def wait_until(predicate, timeout=30.0):
 
 @pytest.fixture
 def rc3():
-    rc = ipylb.Client(engines=3, heartbeat_timeout=2.0)
+    rc = ipylb.Client(engines=3, heartbeat_timeout=2.0, restart=False)
     yield rc
     rc.shutdown()
 
@@ -268,7 +269,7 @@ def test_resubmit_pending_or_unknown_raises(rc, view):
 
 
 def test_losing_every_engine_warns_about_the_waiting_tasks():
-    with ipylb.Client(engines=1) as rc:
+    with ipylb.Client(engines=1, restart=False) as rc:
         view = rc.load_balanced_view()
         pid = view.apply_sync(engine_pid)
         running = view.apply_async(sleep_then, 1, 30)

@@ -377,3 +377,11 @@ def test_a_client_closed_elsewhere_is_forgotten(shell, rc, capsys):
     assert "%lb_start -n 4" in usage_error(shell, "%%lb\n1", capsys)
     ok(shell, "%lb_stop")
     assert "no cluster to stop" in capsys.readouterr().out
+
+
+def test_lb_walltime_interrupts_the_cell(lb):
+    """``%%lb --walltime S`` (issue 12): the cell is interrupted past S seconds."""
+    r = run(lb, "%%lb --walltime 1\nimport time\ntime.sleep(60)")
+    assert type(r.error_in_exec).__name__ == "WalltimeExceeded", r.error_in_exec
+    assert "walltime of 1s" in str(r.error_in_exec)
+    assert ok(lb, "%%lb --walltime 5\n6 * 7") == 42

@@ -81,6 +81,7 @@ class Dashboard:
         self.widget.add_class("ipylb-dash")
         self.rows: list[EngineRow] = []
         self.unassigned = 0
+        self.restarts = 0  # restarts of the live engines' slots
         self.throughput: float | None = None
         self._last: dict[int, dict[str, int]] = {}  # every engine seen, dead ones included
         self._samples: deque[tuple[float, int]] = deque()
@@ -139,7 +140,8 @@ class Dashboard:
 
     def _update(self, status: dict[Any, Any], now: float) -> None:
         self.unassigned = int(status.get("unassigned", 0))
-        live = {k: v for k, v in status.items() if k != "unassigned"}
+        live = {k: v for k, v in status.items() if isinstance(k, int)}
+        self.restarts = sum(v.get("restarts", 0) for v in live.values())
         self._last.update((int(k), v) for k, v in live.items())
         rows = []
         for eid in sorted(self._last):
@@ -167,7 +169,8 @@ class Dashboard:
         self.summary.value = (
             f'<div class="ipylb-summary"><b>ipylb</b> · queue depth (unassigned): '
             f'<span class="ipylb-queue-depth">{self.unassigned}</span> · engines: '
-            f'<span class="ipylb-live">{live}</span> · throughput: '
+            f'<span class="ipylb-live">{live}</span> · restarts: '
+            f'<span class="ipylb-restarts">{self.restarts}</span> · throughput: '
             f'<span class="ipylb-throughput">{rate}</span> tasks/s (last minute){note}</div>'
         )
 

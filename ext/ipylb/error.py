@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 PURE_REFUSES = (
-    "the 'pure' scheme runs tasks without dependencies, retries or timeouts; "
+    "the 'pure' scheme runs tasks without dependencies, retries, timeouts or walltimes; "
     "start the cluster with another scheme (e.g. scheme='leastload') to use them"
 )
 
@@ -147,6 +147,12 @@ class EngineError(_SchedulerError):
     """The engine running a task died."""
 
 
+class WalltimeExceeded(_SchedulerError):
+    """A task ran longer than its ``walltime``: it was interrupted (KeyboardInterrupt), or
+    its engine was restarted when it did not stop within the grace period.  The message
+    says the limit, how long it ran, and which (API.md; ipylb's own)."""
+
+
 class ClientClosed(_SchedulerError, RuntimeError):
     """The client was closed (or its cluster shut down) before the task's result arrived;
     also raised by a closed client's methods (a RuntimeError too)."""
@@ -180,5 +186,5 @@ class UnmetDependency(IpylbError):
 SCHEDULER_ERRORS: dict[str, type[_SchedulerError]] = {
     c.__name__: c
     for c in (ImpossibleDependency, InvalidDependency, DependencyTimeout, TaskAborted, EngineError,
-              ClientClosed, ControllerGone, DeserializationError)
+              WalltimeExceeded, ClientClosed, ControllerGone, DeserializationError)
 }

@@ -92,7 +92,8 @@ def join(path: Path, n: int, ip: str | None, timeout: float) -> int:
              f"within {timeout:.0f} s: {path} is probably not its current connection file "
              "(a restarted cluster has a new key); copy the new one here")
         return 1
-    launcher = EngineLauncher(str(path), ip=ip)
+    # Not restarted here: they end when their controller stops them (exit code 0).
+    launcher = EngineLauncher(str(path), ip=ip, restart=False)
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -126,7 +127,7 @@ def _wait_registered(rc: Any, launcher: Any, n: int, timeout: float,
             return sorted(launcher.running)
         dead = launcher.poll_dead()
         if dead:
-            _say("; ".join(reason for _id, reason in dead))
+            _say("; ".join(reason for _id, reason, _fate in dead))
             return None
         if stop.wait(POLL_S):
             return None
@@ -140,7 +141,7 @@ def _serve(launcher: Any, stop: threading.Event) -> int:
     """Until every engine has ended or a signal comes; 1 if an engine died on its own."""
     status = 0
     while launcher.running and not stop.wait(POLL_S):
-        for engine_id, reason in launcher.poll_dead():
+        for engine_id, reason, _fate in launcher.poll_dead():
             if reason != "its process exited with code 0":
                 status = 1
             _say(f"engine {engine_id} ended: {reason}")

@@ -229,6 +229,9 @@ class LbMagics(Magics):
     @argument("--timeout", type=float, default=0,
               help="seconds the task may wait for its dependencies (0: forever)")
     @argument("--retries", type=int, default=0, help="attempts after a failure")
+    @argument("--walltime", type=float, default=0, metavar="S",
+              help="seconds the cell may run (0: no limit); then it is interrupted, and it "
+                   "fails with WalltimeExceeded")
     @argument("-b", "--block", dest="block", action="store_true", default=True,
               help="wait and show the result (the default)")
     @argument("-a", "--noblock", dest="block", action="store_false",
@@ -253,7 +256,7 @@ class LbMagics(Magics):
         filename = f"<lb-cell {self.shell.execution_count}>"
         try:
             with self.view.temp_flags(after=after, follow=follow, timeout=args.timeout,
-                                      retries=args.retries):
+                                      retries=args.retries, walltime=args.walltime):
                 ar = self.view.apply_async(run_source, source, filename)
         except (TypeError, ValueError) as e:
             raise UsageError(str(e)) from None

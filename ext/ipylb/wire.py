@@ -57,8 +57,8 @@ HELLO, SUBMIT, REQUEST, BYE = 1, 2, 3, 4
 WELCOME, RESULT, REPLY, EVENT = 11, 12, 13, 14
 # Controller -> engine.
 REGISTERED, TASK, CANCEL, STOP, REFUSED = 21, 22, 23, 24, 25
-# Engine -> controller.
-REGISTER, DONE = 31, 32
+# Engine -> controller (STARTED: a task with a walltime began to run).
+REGISTER, DONE, STARTED = 31, 32, 33
 
 _SHA256 = hashlib.sha256
 _DIGEST = 32

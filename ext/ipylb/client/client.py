@@ -74,10 +74,12 @@ class Client:
         hwm: int | None = None,
         timeout: float = CONNECT_TIMEOUT_S,
         heartbeat_timeout: float | None = None,
+        restart: bool | None = None,
     ) -> None:
-        """``scheme`` (default leastload), ``hwm`` (default 1) and ``heartbeat_timeout``
-        (default 10 s) configure the cluster ``engines=N`` starts; a running cluster has its
-        own, set by ``ipylb cluster start``."""
+        """``scheme`` (default leastload), ``hwm`` (default 1), ``heartbeat_timeout``
+        (default 10 s) and ``restart`` (default True: an engine whose kernel dies is restarted
+        through jupyter_client, within its KernelRestarter's limit) configure the cluster
+        ``engines=N`` starts; a running cluster has its own, set by ``ipylb cluster start``."""
         self._local: LocalCluster | None = None
         if engines is not None and (url_or_file is not None or profile is not None):
             given = "a connection file or url" if url_or_file is not None else f"profile={profile!r}"
@@ -95,11 +97,13 @@ class Client:
                 warnings.warn(hint, RuntimeWarning, stacklevel=2)
             progress = limits.StartProgress(engines)  # its clock starts with the cluster's
             self._local = LocalCluster(engines, scheme or "leastload", 1 if hwm is None else hwm,
-                                       10.0 if heartbeat_timeout is None else heartbeat_timeout)
+                                       10.0 if heartbeat_timeout is None else heartbeat_timeout,
+                                       restart=True if restart is None else restart)
             info = self._local.info
         else:
             given = [n for n, v in (("scheme", scheme), ("hwm", hwm),
-                                    ("heartbeat_timeout", heartbeat_timeout)) if v is not None]
+                                    ("heartbeat_timeout", heartbeat_timeout),
+                                    ("restart", restart)) if v is not None]
             if given:
                 raise ValueError(
                     f"{', '.join(given)} configure(s) a cluster this client starts (engines=N); "
@@ -335,6 +339,9 @@ class Client:
                 self._warned_empty = True
                 _callbacks.call(warnings.warn, f"every engine of the cluster is gone: {event[1]} "
                                 f"task(s) wait for a new one ({ADD_ENGINES})", RuntimeWarning, 1)
+            elif event[0] == "engine_down":  # jupyter_client's restarter gave up on a slot
+                _callbacks.call(warnings.warn, f"an engine of the cluster stays down: {event[1]}",
+                                RuntimeWarning, 1)
             elif event[0] == "engine_failed":
                 self._engine_failures.append(event[1])
             self._state.notify_all()
@@ -521,9 +528,10 @@ class Client:
 
     def queue_status(self, targets: int | list[int] | None = None, verbose: bool = False,
                      timeout: float | None = 30.0) -> dict[Any, Any]:
-        """``{engine_id: {"queue": n, "completed": n, "tasks": n}, ..., "unassigned": n}``:
-        per engine, tasks queued behind the running one, finished, running; and tasks not
-        yet on any engine.  ``targets`` (an engine id or a list; None: all) limits it to
+        """``{engine_id: {"queue": n, "completed": n, "tasks": n, "restarts": n}, ...,
+        "unassigned": n}``: per engine, tasks queued behind the running one, finished,
+        running, and (ipylb) how many times the controller restarted the kernel of its slot
+        before it (a restarted kernel is a new engine id); and tasks not yet on any engine.  ``targets`` (an engine id or a list; None: all) limits it to
         those engines, and an int gives just that engine's dict (as in ipyparallel).
         ``verbose``: lists of msg_ids instead of counts (``completed``: those still on
         record).  IndexError for an engine id that is not registered."""
@@ -535,7 +543,7 @@ class Client:
             return status
         if isinstance(targets, int):
             return status[targets]
-        return {k: v for k, v in status.items() if k in wanted or k == "unassigned"}
+        return {k: v for k, v in status.items() if k in wanted or not isinstance(k, int)}
 
     @property
     def closed(self) -> bool:

@@ -78,12 +78,14 @@ class LocalCluster:
     """A controller child process plus its engines, owned by one client."""
 
     def __init__(self, engines: int, scheme: str = "leastload", hwm: int = 1,
-                 heartbeat_timeout: float = 10.0) -> None:
+                 heartbeat_timeout: float = 10.0, restart: bool = True) -> None:
         limits.check_engine_count(engines)  # the caller has shown its warning, if any
         if scheme not in SCHEMES:
             raise ValueError(f"unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
         if not isinstance(hwm, int) or isinstance(hwm, bool) or hwm < 0:
             raise ValueError(f"hwm must be an int >= 0 (0: no limit), got {hwm!r}")
+        if not isinstance(restart, bool):
+            raise ValueError(f"restart must be True or False, got {restart!r}")
         check_kernelspec()
         self.connection_file: Path = (
             connection.runtime_dir() / f"ipylb-local-{os.getpid()}-{uuid.uuid4().hex[:8]}.json"
@@ -95,6 +97,7 @@ class LocalCluster:
             "--hwm", str(hwm),
             "--parent-pid", str(os.getpid()),
             "--heartbeat-timeout", str(heartbeat_timeout),
+            *([] if restart else ["--no-restart"]),
         ]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
                                      text=True, env=_engine_env())

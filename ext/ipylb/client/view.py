@@ -18,7 +18,7 @@ from .imap import IMapIterator
 if TYPE_CHECKING:
     from .client import Client
 
-_FLAGS = ("block", "retries", "timeout", "after", "follow", "targets")
+_FLAGS = ("block", "retries", "timeout", "after", "follow", "targets", "walltime")
 # What a view's attributes may be: its flags and its two private parts.  Anything else
 # raises, so a misspelt or foreign flag (``v.tragets = [0]``) is never silently ignored.
 _ATTRS = frozenset((*_FLAGS, "client", "_results"))
@@ -44,8 +44,12 @@ class LoadBalancedView:
     Flags (attributes): ``block`` (apply/map wait for results), ``retries``,
     ``timeout`` (seconds a task may wait to be assigned; 0/None: forever),
     ``after`` (run when these tasks are done), ``follow`` (run where they ran),
-    ``targets`` (an engine id or a list: tasks run only on those; None: any).  Flags are
-    validated when set; setting an attribute that is not a flag raises AttributeError.
+    ``targets`` (an engine id or a list: tasks run only on those; None: any),
+    ``walltime`` (seconds each attempt may run, 0/None: no limit; past it the task is
+    interrupted, its engine restarted if it does not stop within a grace period, 5 s by
+    default, and it fails with ``WalltimeExceeded``, an attempt for ``retries``: API.md;
+    each chunk of a map has it).  Flags are validated when set; setting an attribute that
+    is not a flag raises AttributeError.
     """
 
     def __init__(self, client: Client, targets: int | list[int] | None = None) -> None:
@@ -56,6 +60,7 @@ class LoadBalancedView:
         self.timeout: float | None = 0
         self.after: Any = []
         self.follow: Any = []
+        self.walltime: float | None = 0
         # What this view submitted and someone still holds (wait() with no jobs waits for it).
         self._results: weakref.WeakSet[AsyncResult] = weakref.WeakSet()
 
@@ -113,12 +118,14 @@ class LoadBalancedView:
         if self.client.scheme == "pure" and isinstance(f, dependent):
             raise ValueError(f"{_name(f)} has functional dependencies: {PURE_REFUSES}")
         targets = self.targets
-        if not (self.after or self.follow or self.retries or self.timeout or targets is not None):
+        if not (self.after or self.follow or self.retries or self.timeout or targets is not None
+                or self.walltime):
             return None
         if self.client.scheme == "pure":
-            raise ValueError(f"after/follow/retries/timeout/targets are set: {PURE_REFUSES}")
+            raise ValueError(f"after/follow/retries/timeout/targets/walltime are set: {PURE_REFUSES}")
         _validate("retries", self.retries)
         _validate("timeout", self.timeout)
+        _validate("walltime", self.walltime)
         return {
             "after": to_spec(self.after) if self.after else None,
             "follow": to_spec(self.follow) if self.follow else None,
@@ -127,6 +134,7 @@ class LoadBalancedView:
             # checked against the engines registered now (IndexError), as ipyparallel does
             "targets": None if targets is None else frozenset(
                 _engine_list(targets, self.client.ids)),
+            "walltime": self.walltime or None,
         }
 
     # -- apply -------------------------------------------------------------------
@@ -269,11 +277,11 @@ def _validate(name: str, value: Any) -> None:
     elif name == "retries":
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"retries must be an int >= 0, got {value!r}")
-    elif name == "timeout":
+    elif name in ("timeout", "walltime"):
         if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
-            raise TypeError(f"timeout must be a number of seconds or None, got {value!r}")
-        if value is not None and value < 0:
-            raise ValueError(f"timeout must be >= 0 seconds (0 or None: never), got {value!r}")
+            raise TypeError(f"{name} must be a number of seconds or None, got {value!r}")
+        if value is not None and not value >= 0:
+            raise ValueError(f"{name} must be >= 0 seconds (0 or None: no limit), got {value!r}")
     elif name in ("after", "follow"):
         to_spec(value)  # raises TypeError for anything that is not ids/results/Dependency
     elif name == "targets" and value is not None:

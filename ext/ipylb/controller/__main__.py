@@ -44,6 +44,16 @@ def main(argv: list[str] | None = None) -> None:
                    help="memory for finished task records before the oldest are dropped")
     p.add_argument("--heartbeat-timeout", type=float, default=10.0,
                    help="seconds of heartbeat silence after which an engine counts as dead")
+    p.add_argument("--no-restart", dest="restart", action="store_false",
+                   help="leave an engine whose kernel died down (default: restart it)")
+    p.add_argument("--restart-limit", type=int, default=5,
+                   help="restarts in a row after which an engine slot stays down (jupyter_client's "
+                        "KernelRestarter.restart_limit; default 5)")
+    p.add_argument("--restart-stable", type=float, default=10.0,
+                   help="seconds a restarted kernel must live for its restart to count as a "
+                        "success (KernelRestarter.stable_start_time; default 10)")
+    p.add_argument("--walltime-grace", type=float, default=5.0,
+                   help="seconds after a walltime interrupt before the engine is restarted (default 5)")
     args = p.parse_args(argv)
     try:
         limits.check_engine_count(args.engines, "--engines", minimum=0)
@@ -56,11 +66,14 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger("ipylb.controller").info("removed stale runtime files: %s", swept)
     db = TaskDB(args.db_file) if args.db_file else None
     key = db.key(wire.new_key()) if db is not None else wire.new_key()
-    launcher = EngineLauncher(args.connection_file)
+    launcher = EngineLauncher(args.connection_file, restart=args.restart,
+                              restart_limit=args.restart_limit,
+                              stable_start_time=args.restart_stable)
     try:
         ctl = Controller(key, ip=args.ip, scheme=args.scheme, hwm=args.hwm,
                          launcher=launcher, parent_pid=args.parent_pid,
                          heartbeat_timeout=args.heartbeat_timeout,
+                         walltime_grace=args.walltime_grace,
                          store=TaskStore(args.store_limit_mb << 20, db),
                          location=args.location, curve=args.curve)
     except (ValueError, zmq.ZMQError) as e:  # unknown scheme, an --ip not on this machine

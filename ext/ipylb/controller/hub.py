@@ -52,6 +52,7 @@ class Controller:
         store: TaskStore | None = None,
         location: str | None = None,
         curve: bool = False,
+        walltime_grace: float = 5.0,
     ) -> None:
         """``ip``: the address to listen on (``0.0.0.0``: every interface); ``location``:
         the host name or address written into urls for other hosts (default: this host's
@@ -73,7 +74,8 @@ class Controller:
         # "pure" is plain least-load with nothing per task but the routing: no dependencies,
         # retries or timeouts (refused at submission); with hwm=0, no limit on each engine's
         # pipeline either (the fastest path).
-        self.core = Scheduler(scheme="leastload" if scheme == "pure" else scheme, hwm=hwm)
+        self.core = Scheduler(scheme="leastload" if scheme == "pure" else scheme, hwm=hwm,
+                              walltime_grace=walltime_grace)
         self.scheme, self.hwm = scheme, hwm
         self.store = store if store is not None else TaskStore()
         self.store.inline = self.signer.inline
@@ -94,6 +96,8 @@ class Controller:
         self.engine_ident: dict[int, bytes] = {}
         self.engine_of: dict[bytes, int] = {}
         self.engine_info: dict[int, dict[str, Any]] = {}
+        # Jupyter clients of our engines' kernels, made on the first walltime interrupt.
+        self.kernel_clients: dict[int, Any] = {}
         self.listeners: set[bytes] = set()  # client receive sockets that said hello
         # The version handshake (ipylb.compat): ours, and the clients refused (by the prefix
         # their two sockets share), whose submissions are dropped unread.
@@ -191,11 +195,15 @@ class Controller:
             shm.sweep_orphans(self.shm_prefix, ORPHAN_GRACE_S)
             self._next_orphan_sweep = now + ORPHAN_SWEEP_S
         if self.launcher is not None:
-            for engine_id, reason in self.launcher.poll_dead():
-                if engine_id is None:
+            for engine_id, reason, fate in self.launcher.poll_dead():
+                if engine_id is not None:
+                    self._engine_gone(engine_id, f"{reason}; restarting it" if fate else reason, now)
+                elif fate != "restarting it":
                     self._broadcast(("engine_failed", reason))
-                else:
-                    self._engine_gone(engine_id, reason, now)
+                if fate == "down":  # jupyter_client's restarter gave up on the slot
+                    log.error("an engine stays down: %s", reason)
+                    self._broadcast(("engine_down", reason))
+                    self._check_stranded()
         for engine_id, reason in self.heartbeats.tick(now):
             self._engine_gone(engine_id, reason, now)
             km = self.launcher.manager(engine_id) if self.launcher is not None else None
@@ -209,6 +217,11 @@ class Controller:
         kind, _sender, meta, bufs, bufs_mac = self.signer.unpack(frames[1:])
         if kind == wire.DONE:
             self._on_done(ident, meta, bufs, bufs_mac)
+        elif kind == wire.STARTED:
+            engine_id = self.engine_of.get(ident)
+            if engine_id is None or not isinstance(meta, str):
+                raise wire.WireError("a start report from an unregistered engine, or without a msg_id")
+            self._execute(self.core.handle(ev.TaskStarted(meta, engine_id, time.monotonic())))
         elif kind == wire.REGISTER:
             self._on_register(ident, meta)
         else:
@@ -224,6 +237,8 @@ class Controller:
             log.warning("refused an engine: %s", refusal)
             wire.send(self.engines, [ident, *self.signer.pack(wire.REFUSED, refusal, to=ident)])
             self._broadcast(("engine_failed", f"an engine was refused: {refusal}"))
+            if self.launcher is not None:  # a restart would be refused again
+                self.launcher.no_restart(meta.get("tag", ""))
             return
         engine_id = self._next_engine
         self._next_engine += 1
@@ -232,7 +247,9 @@ class Controller:
         self.engine_info[engine_id] = meta
         self._note_domain(ident, meta.get("shm_domain"))
         if self.launcher is not None:
-            self.launcher.registered(meta.get("tag", ""), engine_id)
+            restarts = self.launcher.registered(meta.get("tag", ""), engine_id)
+            if restarts is not None:
+                meta["restarts"] = restarts  # of its slot before it: engine_info() shows it
         wire.send(self.engines, [ident, *self.signer.pack(wire.REGISTERED, engine_id, to=ident)])
         if meta.get("heartbeat"):
             self.poller.register(
@@ -251,13 +268,22 @@ class Controller:
         hb = self.heartbeats.remove(engine_id)
         if hb is not None:
             self.poller.unregister(hb)
+        kc = self.kernel_clients.pop(engine_id, None)
+        if kc is not None:
+            kc.stop_channels()
         log.warning("engine %d is gone: %s", engine_id, reason)
         self._broadcast(("engines", self._engine_list()))
         self._execute(self.core.handle(ev.EngineRemoved(engine_id, reason, now)))
-        if not self.engine_ident:  # tell clients, rather than let their tasks wait in silence
-            waiting = self.core.queue_status()["unassigned"]
-            if waiting:
-                self._broadcast(("stranded", waiting))
+        self._check_stranded()
+
+    def _check_stranded(self) -> None:
+        """No engine is left, and none is being restarted: tell clients, rather than let
+        their tasks wait in silence."""
+        if self.engine_ident or (self.launcher is not None and self.launcher.pending):
+            return
+        waiting = self.core.queue_status()["unassigned"]
+        if waiting:
+            self._broadcast(("stranded", waiting))
 
     def _on_done(self, ident: bytes, meta: tuple, bufs: list[Any], bufs_mac: bytes) -> None:
         engine_id = self.engine_of.get(ident)
@@ -387,7 +413,11 @@ class Controller:
     # -- requests ----------------------------------------------------------------
 
     def _req_queue_status(self, _client: bytes, verbose: Any) -> dict[Any, Any]:
-        return self.core.queue_status(verbose=verbose is True)
+        status = self.core.queue_status(verbose=verbose is True)
+        for engine_id, info in self.engine_info.items():  # how often its slot was restarted
+            if engine_id in status:
+                status[engine_id]["restarts"] = info.get("restarts", 0)
+        return status
 
     def _known(self, msg_ids: list[str]) -> list[Record]:
         unknown = [m for m in msg_ids if m not in self.store]
@@ -446,8 +476,7 @@ class Controller:
             raise ValueError(f"msg_id(s) already in use: {', '.join(clash)}")
         now = time.monotonic()
         for rec, (_old, new) in zip(recs, pairs):
-            flags = rec.flags and {"retries": rec.flags.get("retries", 0),
-                                   "targets": rec.flags.get("targets")}
+            flags = rec.flags and {k: rec.flags.get(k) for k in ("retries", "targets", "walltime")}
             self._new_task(Record(new, client, rec.bufs, rec.bufs_mac, flags or None), now)
 
     def _req_db_query(self, _client: bytes, arg: Any) -> list[dict[str, Any]]:
@@ -524,7 +553,9 @@ class Controller:
                     except wire.WireError as e:  # its segment vanished: as an engine would say
                         unsendable.append((c, str(e)))
                         continue
-                frames = self.signer.pack(wire.TASK, (c.task_id,), bufs, mac, ident)
+                # A task with a walltime asks its engine to report its start.
+                head = (c.task_id, 1) if rec.flags and rec.flags.get("walltime") else (c.task_id,)
+                frames = self.signer.pack(wire.TASK, head, bufs, mac, ident)
                 if not self._to_engine(ident, frames):
                     unreachable.append(c.engine_id)
             elif t is ev.Deliver:  # only ever in answer to the TaskDone of _attempt_ended
@@ -543,6 +574,10 @@ class Controller:
                 ident = self.engine_ident[c.engine_id]
                 if not self._to_engine(ident, self.signer.pack(wire.CANCEL, c.task_id, to=ident)):
                     unreachable.append(c.engine_id)
+            elif t is ev.Interrupt:
+                self._interrupt_task(c.engine_id, c.task_id)
+            elif t is ev.RestartEngine:
+                self._restart_engine(c.engine_id, c.reason)
         for engine_id in unreachable:
             self._engine_gone(engine_id, "its connection to the controller is gone",
                               time.monotonic())
@@ -551,6 +586,38 @@ class Controller:
             result = (c.engine_id, "error", None, time.time(), "", "", ("WireError", why, ""),
                       rec.submitted)
             self._attempt_ended(rec, c.engine_id, False, result, [], b"", time.monotonic())
+
+    def _interrupt_task(self, engine_id: int, task_id: str) -> None:
+        """A task's walltime expired: interrupt it on its engine, through the kernel's Jupyter
+        control channel (``ipylb_interrupt_request``, served by the engine's control thread
+        while the task runs: see ipylb.engine.kernel).  Only that task: the engine checks it
+        is still the one running."""
+        km = self.launcher.manager(engine_id) if self.launcher is not None else None
+        if km is None:
+            log.warning("task %s passed its walltime on engine %d, which this controller did not "
+                        "start: it cannot be interrupted from here", task_id, engine_id)
+            return
+        kc = self.kernel_clients.get(engine_id)
+        if kc is None:
+            kc = self.kernel_clients[engine_id] = km.client(context=self.ctx)
+        kc.control_channel.send(kc.session.msg("ipylb_interrupt_request", {"msg_id": task_id}))
+        log.info("task %s passed its walltime: interrupting it on engine %d", task_id, engine_id)
+
+    def _restart_engine(self, engine_id: int, reason: str) -> None:
+        """The core gave up on an engine whose task ignored its walltime interrupt: forget the
+        engine and restart its kernel through jupyter_client (the new kernel registers as a
+        new engine).  An engine we did not start is told to stop instead."""
+        ident = self.engine_ident.get(engine_id)
+        km = self.launcher.manager(engine_id) if self.launcher is not None else None
+        failed = self.launcher.restart(engine_id) if km is not None else None  # type: ignore[union-attr]
+        self._engine_gone(engine_id, f"restarted: {reason}", time.monotonic())
+        if failed:
+            log.error("engine %d stays down: %s", engine_id, failed)
+            self._broadcast(("engine_down", f"engine {engine_id}: {failed}"))
+        if km is None and ident is not None:
+            log.warning("engine %d was not started by this controller: told to stop, not restarted",
+                        engine_id)
+            self._to_engine(ident, self.signer.pack(wire.STOP, None, to=ident))
 
     def _to_engine(self, ident: bytes, frames: list[Any]) -> bool:
         """Send to an engine; False if it has disconnected (it is then treated as dead)."""
@@ -614,7 +681,7 @@ def _check_flags(flags: Any) -> None:
     if flags is None:
         return
     if not isinstance(flags, dict) or not flags.keys() <= {"after", "follow", "timeout", "retries",
-                                                           "targets"}:
+                                                           "targets", "walltime"}:
         raise wire.WireError("malformed task flags")
     targets = flags.get("targets")
     if targets is not None and not (isinstance(targets, frozenset) and targets
@@ -631,6 +698,9 @@ def _check_flags(flags: Any) -> None:
     timeout, retries = flags.get("timeout"), flags.get("retries", 0)
     if timeout is not None and (type(timeout) not in (int, float) or not timeout >= 0):
         raise wire.WireError("malformed timeout in task flags")
+    walltime = flags.get("walltime")
+    if walltime is not None and (type(walltime) not in (int, float) or not walltime >= 0):
+        raise wire.WireError("malformed walltime in task flags")
     if type(retries) is not int or retries < 0:
         raise wire.WireError("malformed retries in task flags")
 

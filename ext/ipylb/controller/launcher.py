@@ -1,4 +1,11 @@
-"""Starting, watching and stopping engine kernels through jupyter_client."""
+"""Starting, watching, restarting and stopping engine kernels through jupyter_client.
+
+Restarts use jupyter_client's own machinery: each engine's :class:`EngineKernelManager`
+gets a :class:`~jupyter_client.restarter.KernelRestarter` (its policy: restart a kernel whose
+process died, and give up after ``restart_limit`` restarts in a row that each died within
+``stable_start_time`` seconds of the previous death), polled from the controller's
+housekeeping instead of a tornado timer.  A restarted kernel registers as a new engine.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +17,8 @@ import uuid
 from typing import Any
 
 from jupyter_client import KernelManager
+from jupyter_client.restarter import KernelRestarter
+from traitlets import Bool, Unicode
 
 from ..connection import KERNEL_NAME, runtime_dir
 
@@ -31,19 +40,74 @@ def exit_reason(returncode: int | None) -> str:
     return f"its process exited with code {returncode}"
 
 
+class PolledRestarter(KernelRestarter):
+    """jupyter_client's KernelRestarter whose ``poll`` the controller calls from its
+    housekeeping (the way IOLoopKernelRestarter calls it from a tornado PeriodicCallback)."""
+
+    active = Bool(False)
+
+    def start(self) -> None:
+        """Start watching (KernelManager calls this after each start of the kernel)."""
+        self.active = True
+
+    def stop(self) -> None:
+        """Stop watching (on shutdown, and after giving up)."""
+        self.active = False
+
+
+class EngineKernelManager(KernelManager):
+    """The KernelManager of one engine slot: ``tag`` names the slot (the engine registers
+    with it, restarts included); ``autorestart`` (jupyter_client's switch) gives it a
+    :class:`PolledRestarter`; ``restarts`` counts its kernel's restarts."""
+
+    tag = Unicode()
+    restarts = 0
+
+    def start_restarter(self) -> None:
+        """As jupyter_client's IOLoopKernelManager does: a restarter while autorestart is on."""
+        if self.autorestart and self.has_kernel:
+            if self._restarter is None:
+                self._restarter = PolledRestarter(kernel_manager=self, parent=self, log=self.log)
+            self._restarter.start()
+
+    def stop_restarter(self) -> None:
+        """Pause the restarter (jupyter_client calls this when it shuts the kernel down)."""
+        if self._restarter is not None:
+            self._restarter.stop()
+
+    @property
+    def restarter(self) -> PolledRestarter | None:
+        """The restarter, when one is watching the kernel now."""
+        r = self._restarter
+        return r if r is not None and r.active else None
+
+
 class EngineLauncher:
-    """Starts engine kernels from the ``ipylb-engine`` kernelspec and notices when they die."""
+    """Starts engine kernels from the ``ipylb-engine`` kernelspec, notices when they die,
+    and (``restart``) restarts them through jupyter_client's KernelRestarter.
+
+    ``restart_limit`` and ``stable_start_time`` are KernelRestarter's (defaults 5 and
+    10 s): a slot whose kernel dies more than ``restart_limit`` times in a row, each time
+    within ``stable_start_time`` of the last death, stays down.
+    """
 
     def __init__(self, cluster_file: str, cwd: str | None = None, kernel_name: str = KERNEL_NAME,
-                 ip: str | None = None) -> None:
+                 ip: str | None = None, restart: bool = True, restart_limit: int = 5,
+                 stable_start_time: float = 10.0) -> None:
         """``ip``: where the engines' Jupyter channels listen (tcp), for engines whose
         controller is on another host; None: unix sockets in the runtime dir."""
         self.cluster_file = cluster_file
         self.ip = ip
         self.cwd = cwd or os.getcwd()
         self.kernel_name = kernel_name
-        self.pending: dict[str, KernelManager] = {}  # tag -> manager, not registered yet
-        self.running: dict[int, KernelManager] = {}  # engine id -> manager
+        self.autorestart = restart
+        self.restart_limit = restart_limit
+        self.stable_start_time = stable_start_time
+        self.pending: dict[str, EngineKernelManager] = {}  # tag -> manager, not registered yet
+        self.running: dict[int, EngineKernelManager] = {}  # engine id -> manager
+        self.restarts = 0  # kernels restarted, all slots together
+        # What the restarters' callbacks saw during one poll: (engine id, reason, fate).
+        self._seen: list[tuple[int | None, str, str]] = []
 
     def start(self, n: int) -> None:
         """Start ``n`` engines; they boot in parallel and register themselves."""
@@ -53,40 +117,93 @@ class EngineLauncher:
             # dir, next to their connection files (`jupyter console --existing` finds them).
             base = runtime_dir() / f"kernel-ipylb-{tag}"
             if self.ip is None:
-                km = KernelManager(kernel_name=self.kernel_name, transport="ipc", ip=str(base),
-                                   connection_file=f"{base}.json")
+                km = EngineKernelManager(kernel_name=self.kernel_name, transport="ipc",
+                                         ip=str(base), connection_file=f"{base}.json", tag=tag,
+                                         autorestart=self.autorestart)
             else:  # the controller (another host) pings their heartbeat over tcp
-                km = KernelManager(kernel_name=self.kernel_name, transport="tcp", ip=self.ip,
-                                   connection_file=f"{base}.json")
+                km = EngineKernelManager(kernel_name=self.kernel_name, transport="tcp",
+                                         ip=self.ip, connection_file=f"{base}.json", tag=tag,
+                                         autorestart=self.autorestart)
             env = {**os.environ, "IPYLB_CLUSTER_FILE": self.cluster_file, "IPYLB_ENGINE_TAG": tag}
             # The engine's own stdout goes where our log goes: our stdout is a pipe that
             # the process which started us closes once we are ready.
             km.start_kernel(env=env, cwd=self.cwd, stdout=sys.stderr.fileno())
+            r = km._restarter
+            if r is not None:
+                r.restart_limit, r.stable_start_time = self.restart_limit, self.stable_start_time
+                r.add_callback(lambda km=km: self._died(km, "restarting it"), "restart")
+                r.add_callback(lambda km=km: self._died(km, "down"), "dead")
             self.pending[tag] = km
 
-    def registered(self, tag: str, engine_id: int) -> None:
-        """An engine we started has registered as ``engine_id``."""
+    def registered(self, tag: str, engine_id: int) -> int | None:
+        """An engine we started has registered as ``engine_id``; returns how many times its
+        slot's kernel was restarted before (None: not one of ours)."""
         km = self.pending.pop(tag, None)
-        if km is not None:
-            self.running[engine_id] = km
+        if km is None:
+            return None
+        self.running[engine_id] = km
+        return km.restarts
 
-    def manager(self, engine_id: int) -> KernelManager | None:
+    def no_restart(self, tag: str) -> None:
+        """Do not restart the kernel of slot ``tag`` when it ends (it was refused)."""
+        km = self.pending.get(tag)
+        if km is not None:
+            km.stop_restarter()
+
+    def manager(self, engine_id: int) -> EngineKernelManager | None:
         """The KernelManager of an engine this launcher started."""
         return self.running.get(engine_id)
 
-    def poll_dead(self) -> list[tuple[int | None, str]]:
-        """Engines whose process has ended since the last call: (engine id or None, reason)."""
-        dead: list[tuple[int | None, str]] = []
-        for tag, km in list(self.pending.items()):
-            if not km.is_alive():
-                del self.pending[tag]
-                dead.append((None, f"an engine failed to start: {self._reason(km)}"))
-        for engine_id, km in list(self.running.items()):
-            if not km.is_alive():
-                del self.running[engine_id]
-                dead.append((engine_id, self._reason(km)))
-                km.cleanup_resources()
-        return dead
+    def restart(self, engine_id: int) -> str | None:
+        """Restart the kernel of ``engine_id`` now (KernelManager.restart_kernel; for a task
+        past its walltime): the slot waits for the new kernel to register.  Returns why the
+        restart failed (the slot is then down), or None."""
+        km = self.running.pop(engine_id)
+        try:
+            km.restart_kernel(now=True)
+        except Exception as e:
+            km.cleanup_resources()
+            return f"restarting its kernel failed: {type(e).__name__}: {e}"
+        self.pending[km.tag] = km
+        km.restarts += 1
+        self.restarts += 1
+        return None
+
+    def poll_dead(self) -> list[tuple[int | None, str, str]]:
+        """Engines whose process has ended since the last call: (engine id or None if it had
+        not registered yet, reason, fate).  fate: "restarting it" (the restarter is starting
+        a new kernel in the slot), "down" (the restarter gave up: restart_limit reached), or
+        "" (restarts are off)."""
+        seen = self._seen
+        for km in [*self.pending.values(), *self.running.values()]:
+            r = km.restarter
+            if r is not None:
+                r.poll()  # a death fires _died through the restarter's callbacks
+            elif not km.is_alive():
+                self._died(km, "")
+        self._seen = []
+        return seen
+
+    def _died(self, km: EngineKernelManager, fate: str) -> None:
+        """A slot's kernel died (called before the restarter restarts it, or gives up)."""
+        engine_id = next((i for i, m in self.running.items() if m is km), None)
+        if engine_id is not None:
+            del self.running[engine_id]
+        else:
+            self.pending.pop(km.tag, None)
+        reason = self._reason(km)
+        if engine_id is None:
+            reason = f"an engine failed to start: {reason}"
+        if fate == "restarting it":
+            km.restarts += 1
+            self.restarts += 1
+            self.pending[km.tag] = km
+        else:
+            km.cleanup_resources()
+            if fate == "down":
+                reason += (f"; its kernel died {self.restart_limit + 1} times in a row, each within "
+                           f"{self.stable_start_time:g}s, so it is not restarted again")
+        self._seen.append((engine_id, reason, fate))
 
     @staticmethod
     def _reason(km: KernelManager) -> str:

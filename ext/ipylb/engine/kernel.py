@@ -7,6 +7,7 @@ import os
 import sys
 import threading
 import time
+from typing import Any
 
 from ipykernel.ipkernel import IPythonKernel
 
@@ -29,9 +30,26 @@ def _exit_when_orphaned(parent: int, connection_file: str) -> None:
 
 
 class EngineKernel(IPythonKernel):
-    """An IPython kernel that also takes ipylb tasks from the controller."""
+    """An IPython kernel that also takes ipylb tasks from the controller.
+
+    Besides Jupyter's control messages it answers ``ipylb_interrupt_request`` (content
+    ``{"msg_id": ...}``): interrupt that task if it is the one running (the controller sends
+    it when a task's walltime expires).  Like ``interrupt_request`` it is served by the
+    control thread while the main thread runs the task; it has no reply.
+    """
 
     implementation = "ipylb-engine"
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.control_handlers["ipylb_interrupt_request"] = self.ipylb_interrupt_request
+
+    def ipylb_interrupt_request(self, _stream: Any, _ident: Any, parent: dict[str, Any]) -> None:
+        """Interrupt the running task named by ``parent["content"]["msg_id"]``."""
+        channel = getattr(self, "task_channel", None)
+        msg_id = parent["content"].get("msg_id")
+        if channel is not None and isinstance(msg_id, str):
+            channel.interrupt(msg_id)
 
     def start(self) -> None:  # type: ignore[override]
         super().start()

@@ -8,6 +8,11 @@ raises KeyboardInterrupt in it, so ``interrupt_kernel`` stops it, ``time.sleep``
 included.  Each task's output is what it wrote to fds 1 and 2 (:mod:`.capture`).  Whatever
 a task does, it gets an answer: a failure while reporting it (an exception whose ``str``
 fails, a result that does not pickle, ...) becomes the task's error.
+
+Walltime interrupts are for one task only (:meth:`TaskChannel.interrupt`): a task with a
+walltime reports its start (STARTED), and the controller's interrupt for it names it; if
+that task has ended by the time the signal is handled, the signal is ignored, so it never
+stops the task after it.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import dis
 import os
 import signal
 import socket
+import threading
 import traceback
 import types
 import uuid
@@ -113,6 +119,11 @@ class TaskChannel:
         self.engine_id: int | None = None
         self.inbox: deque[tuple[int, Any, list[Any], bytes]] = deque()
         self.cancelled: set[str] = set()
+        # The task running now, and the one a walltime interrupt is for (see interrupt()).
+        self.running: str | None = None
+        self.interrupt_for: str | None = None
+        self._lock = threading.Lock()
+        self._sigint = self._on_sigint
         # The last function frame and what it unpickled to: a map sends the same one each time.
         self._fn_key: bytes = b""
         self._fn: Any = None
@@ -232,18 +243,40 @@ class TaskChannel:
                 ns[k] = _rehome(v, ns) if _shares_globals(v, shipped) else v
         return _rehome(f, ns)
 
+    # -- interrupts ---------------------------------------------------------------
+
+    def interrupt(self, msg_id: str) -> bool:
+        """Interrupt task ``msg_id`` if it is the one running (KeyboardInterrupt in it);
+        False if it is not.  Called from another thread (the kernel's control thread)."""
+        with self._lock:
+            if self.running != msg_id:
+                return False
+            self.interrupt_for = msg_id
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # type: ignore[arg-type]
+        return True
+
+    def _on_sigint(self, _signum: int, _frame: Any) -> None:
+        """SIGINT while a task runs: KeyboardInterrupt, unless it is a walltime interrupt
+        meant for a task that has already ended (then the task running now goes on)."""
+        target, self.interrupt_for = self.interrupt_for, None
+        running = self.running
+        if running is None or (target is not None and target != running):
+            return
+        raise KeyboardInterrupt
+
     def _run(self, meta: tuple, bufs: list[Any], bufs_mac: bytes) -> list[Any]:
         """Run one task; return the frames of its DONE message (never raises)."""
         msg_id = meta[0]
         started = _now()
         try:
-            return self._attempt(msg_id, started, bufs, bufs_mac)
+            return self._attempt(msg_id, started, bufs, bufs_mac, len(meta) > 1)
         except BaseException as e:  # reporting failed: the task still gets an answer
             error = (_safe_name(e), f"the engine could not report the outcome of task {msg_id}: "
                      f"{_safe_name(e)}: {safe_str(e, EVALUE_LIMIT)}", "")
             return self.signer.pack(wire.DONE, (msg_id, "error", started, _now(), "", "", error))
 
-    def _attempt(self, msg_id: str, started: float, bufs: list[Any], bufs_mac: bytes) -> list[Any]:
+    def _attempt(self, msg_id: str, started: float, bufs: list[Any], bufs_mac: bytes,
+                 walltime: bool) -> list[Any]:
         if msg_id in self.cancelled:
             self.cancelled.discard(msg_id)
             error = ("TaskAborted", f"task {msg_id} was aborted before it started", "")
@@ -255,10 +288,15 @@ class TaskChannel:
             self.signer.check_bufs(bufs, bufs_mac)
             f = self._function(bufs[0], msg_id)
             args, kwargs = unpickle.arguments(bufs[1:], msg_id)
-            previous = _set_sigint(signal.default_int_handler)
+            if walltime:  # its clock starts when the controller hears this
+                wire.send(self.sock, self.signer.pack(wire.STARTED, msg_id))
+            with self._lock:
+                self.running, self.interrupt_for = msg_id, None
+            previous = _set_sigint(self._sigint)
             try:
                 value = f(*args, **kwargs)
             finally:
+                self.running = None
                 _set_sigint(previous)
             output = self.capture.end(saved)
             saved = None

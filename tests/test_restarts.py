@@ -1,0 +1,135 @@
+"""Engines come back: a kernel that dies is restarted through jupyter_client's
+KernelRestarter, as a new engine id; off with restart=False / --no-restart; a slot that
+keeps dying stays down and clients are told."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import ipylb
+import pytest
+from ipylb import connection
+from ipylb.error import EngineError
+
+
+def pid():
+    import os
+
+    return os.getpid()
+
+
+def nap(seconds):
+    import time
+
+    time.sleep(seconds)
+    return seconds
+
+
+def nap_pid(seconds):
+    import os
+    import time
+
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def wait_until(predicate, timeout=30.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what} not reached in {timeout} s"
+        time.sleep(0.05)  # remote state, polled: there is no event to wait on
+
+
+def test_killed_engine_comes_back_as_a_new_engine_and_tasks_keep_working():
+    with ipylb.Client(engines=2) as rc:
+        view = rc.load_balanced_view()
+        assert [rc.queue_status()[e]["restarts"] for e in rc.ids] == [0, 0]
+        victim = rc.engine_info()[0]["pid"]
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: 2 in rc.ids, 60, "engine 0's slot back as engine 2")
+        assert rc.ids == [1, 2]  # a new engine id; the dead one is gone
+        assert [rc.queue_status()[e]["restarts"] for e in rc.ids] == [0, 1]
+        info = rc.engine_info()[2]
+        assert info["restarts"] == 1 and info["pid"] != victim
+        assert rc.engine_info()[1]["restarts"] == 0
+        # Tasks keep working, on both engines, the new one included.
+        pids = {view.apply_async(nap_pid, 0.3) for _ in range(4)}
+        assert {ar.get(30) for ar in pids} == {info["pid"], rc.engine_info()[1]["pid"]}
+
+
+def test_running_task_on_a_killed_engine_follows_the_death_rules():
+    with ipylb.Client(engines=1) as rc:
+        view = rc.load_balanced_view()
+        engine_pid = view.apply_sync(pid)
+        doomed = view.apply_async(nap, 60)
+        wait_until(lambda: rc.queue_status()[rc.ids[0]]["tasks"] == 1, what="the task running")
+        os.kill(engine_pid, signal.SIGKILL)
+        with pytest.raises(EngineError, match="SIGKILL.*restarting it"):
+            doomed.get(30)
+        assert view.apply_async(pid).get(60) != engine_pid  # the restarted kernel serves
+
+
+def test_restart_false_leaves_a_dead_engine_down():
+    with ipylb.Client(engines=2, restart=False) as rc:
+        victim_id = rc.ids[0]
+        os.kill(rc.engine_info()[victim_id]["pid"], signal.SIGKILL)
+        wait_until(lambda: rc.ids == [1], 15, "the dead engine dropped")
+        with pytest.raises(TimeoutError):  # a restart would register within a second or two
+            rc.wait_for_engines(2, timeout=4)
+        assert rc.ids == [1] and rc.queue_status()[1]["restarts"] == 0
+
+
+def _ipylb(*args, env):
+    ipylb_cmd = str(Path(sys.executable).with_name("ipylb"))
+    return subprocess.run([ipylb_cmd, *args], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_cluster_restart_limit_reached_stays_down_and_clients_are_warned():
+    """`ipylb cluster start --restart-limit 1 --restart-stable 60`: the second death in a
+    row of one slot is past jupyter_client's limit: the slot stays down, the controller
+    logs it, clients get a RuntimeWarning, and `ipylb cluster status` counts the restart."""
+    profile = f"h12a-{uuid.uuid4().hex[:6]}"
+    env = dict(os.environ)
+    started = _ipylb("cluster", "start", "-n", "2", "--daemon", "--profile", profile,
+                     "--restart-limit", "1", "--restart-stable", "60", env=env)
+    assert started.returncode == 0, started.stderr
+    try:
+        with ipylb.Client(profile=profile) as rc:
+            first = rc.engine_info()[0]["pid"]
+            os.kill(first, signal.SIGKILL)
+            wait_until(lambda: 2 in rc.ids, 60, "engine 0 restarted as engine 2")
+            assert rc.queue_status()[2]["restarts"] == 1
+            with pytest.warns(RuntimeWarning, match="stays down.*not restarted again") as seen:
+                os.kill(rc.engine_info()[2]["pid"], signal.SIGKILL)
+                wait_until(lambda: len(seen) > 0, 30, "the warning")
+            assert rc.ids == [1]
+            assert rc.load_balanced_view().apply_sync(os.getpid) == rc.engine_info()[1]["pid"]
+        status = _ipylb("cluster", "status", "--profile", profile, env=env)
+        assert "engines: 1" in status.stdout and "engine 1: queue 0, tasks 0, completed 1, " \
+            "restarts 0" in status.stdout
+        log = connection.log_file(profile).read_text()
+        assert "an engine stays down" in log and "killed by SIGKILL" in log
+    finally:
+        _ipylb("cluster", "stop", "--profile", profile, env=env)
+
+
+def test_no_restart_flag_of_cluster_start():
+    profile = f"h12a-{uuid.uuid4().hex[:6]}"
+    env = dict(os.environ)
+    started = _ipylb("cluster", "start", "-n", "1", "--daemon", "--profile", profile,
+                     "--no-restart", env=env)
+    assert started.returncode == 0, started.stderr
+    try:
+        with ipylb.Client(profile=profile) as rc:
+            os.kill(rc.engine_info()[0]["pid"], signal.SIGKILL)
+            wait_until(lambda: rc.ids == [], 15, "the dead engine dropped")
+            with pytest.raises(TimeoutError):  # a restart would register within a second or two
+                rc.wait_for_engines(1, timeout=4)
+    finally:
+        _ipylb("cluster", "stop", "--profile", profile, env=env)
