@@ -5,11 +5,13 @@ keeps dying stays down and clients are told."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 import uuid
+import warnings
 from pathlib import Path
 
 import ipylb
@@ -72,7 +74,9 @@ def test_running_task_on_a_killed_engine_follows_the_death_rules():
         os.kill(engine_pid, signal.SIGKILL)
         with pytest.raises(EngineError, match="SIGKILL.*restarting it"):
             doomed.get(30)
-        assert view.apply_async(pid).get(60) != engine_pid  # the restarted kernel serves
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no "the cluster has no engines": one is coming back
+            assert view.apply_async(pid).get(60) != engine_pid  # the restarted kernel serves
 
 
 def test_restart_false_leaves_a_dead_engine_down():
@@ -111,8 +115,8 @@ def test_cluster_restart_limit_reached_stays_down_and_clients_are_warned():
             assert rc.ids == [1]
             assert rc.load_balanced_view().apply_sync(os.getpid) == rc.engine_info()[1]["pid"]
         status = _ipylb("cluster", "status", "--profile", profile, env=env)
-        assert "engines: 1" in status.stdout and "engine 1: queue 0, tasks 0, completed 1, " \
-            "restarts 0" in status.stdout
+        assert "engines: 1" in status.stdout
+        assert re.search(r"engine 1 on \S+: queue 0, tasks 0, completed 1, restarts 0", status.stdout)
         log = connection.log_file(profile).read_text()
         assert "an engine stays down" in log and "killed by SIGKILL" in log
     finally:

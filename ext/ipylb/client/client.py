@@ -339,6 +339,8 @@ class Client:
                 self._warned_empty = True
                 _callbacks.call(warnings.warn, f"every engine of the cluster is gone: {event[1]} "
                                 f"task(s) wait for a new one ({ADD_ENGINES})", RuntimeWarning, 1)
+            elif event[0] == "restarting":  # engines are coming back: no "no engines" warning
+                self._warned_empty = True
             elif event[0] == "engine_down":  # jupyter_client's restarter gave up on a slot
                 _callbacks.call(warnings.warn, f"an engine of the cluster stays down: {event[1]}",
                                 RuntimeWarning, 1)

@@ -272,6 +272,8 @@ class Controller:
         if kc is not None:
             kc.stop_channels()
         log.warning("engine %d is gone: %s", engine_id, reason)
+        if not self.engine_ident and self.launcher is not None and self.launcher.pending:
+            self._broadcast(("restarting", len(self.launcher.pending)))  # before "no engines"
         self._broadcast(("engines", self._engine_list()))
         self._execute(self.core.handle(ev.EngineRemoved(engine_id, reason, now)))
         self._check_stranded()
