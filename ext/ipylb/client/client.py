@@ -205,20 +205,17 @@ class Client:
             # A broken connection (zmq reconnects by itself) loses what the controller sent
             # meanwhile: once it is back, say hello again and ask for what has not come.
             monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+            poller = zmq.Poller()  # kept: cheaper per wake-up than sock.poll()
+            poller.register(sock, zmq.POLLIN)
+            poller.register(monitor, zmq.POLLIN)
             broken = False
             recv, unpack, handle = wire.recv, signer.unpack, self._on_message
             heard = pinged = checked = time.monotonic()
             while not self._closed:
-                if monitor.poll(0):
-                    event = recv_monitor_message(monitor)["event"]
-                    if event == zmq.EVENT_DISCONNECTED:
-                        broken = True
-                    elif broken:
-                        broken = False
-                        wire.send(sock, signer.pack(wire.HELLO, hello))
-                        missing = [*self._pending, *self._watchers]
-                        wire.send(sock, signer.pack(wire.REQUEST, (-1, "redeliver", missing)))
-                if sock.poll(200):
+                ready = poller.poll(200)
+                if ready and ready[-1][0] is monitor:  # listed in registration order
+                    broken = self._link_event(sock, signer, monitor, hello, broken)
+                if ready and ready[0][0] is sock:
                     heard = time.monotonic()
                     while True:
                         try:
@@ -255,6 +252,26 @@ class Client:
                 sock.disable_monitor()
                 monitor.close(0)
             sock.close(linger=200)
+
+    def _link_event(self, sock: zmq.Socket, signer: wire.Signer, monitor: zmq.Socket,
+                    hello: dict[str, Any], broken: bool) -> bool:
+        """The receiving socket's connection broke or came back; returns whether it is
+        broken now.  Once back, ask for what the controller sent meanwhile (it was lost)."""
+        while True:
+            try:
+                event = recv_monitor_message(monitor, zmq.NOBLOCK)["event"]
+            except zmq.Again:
+                return broken
+            if event == zmq.EVENT_DISCONNECTED:
+                broken = True
+            elif broken:
+                try:
+                    wire.send(sock, signer.pack(wire.HELLO, hello))
+                    missing = [*self._pending, *self._watchers]
+                    wire.send(sock, signer.pack(wire.REQUEST, (-1, "redeliver", missing)))
+                except zmq.Again:  # gone again already: the next reconnection asks
+                    continue
+                broken = False
 
     def _controller_exited(self) -> str | None:
         """Why the controller's process is gone, if it ran on this machine and is."""
