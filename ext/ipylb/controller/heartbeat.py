@@ -4,6 +4,11 @@ Every engine kernel has Jupyter's standard heartbeat channel, an echo served by 
 thread of its own (it answers while a long task runs, so a busy engine is not a
 dead one).  The controller pings each engine there; one that stays silent for
 ``timeout`` seconds is dead (frozen, unreachable, or gone on another machine).
+
+Silence counts only while the controller pings: if it was itself too busy to ping
+on time (draining a burst of 200,000 submissions on a loaded machine took it 30 s),
+the time it was away is not held against the engines, which could not answer pings
+that were never sent.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ class Heartbeats:
         self.last_answer: dict[int, float] = {}
         self.engine_of: dict[zmq.Socket, int] = {}
         self._next_ping = 0.0
+        self._last_tick: float | None = None
 
     def add(self, engine_id: int, url: str, now: float) -> zmq.Socket:
         """Start watching an engine; returns the socket to poll for answers."""
@@ -55,6 +61,11 @@ class Heartbeats:
 
     def tick(self, now: float) -> list[tuple[int, str]]:
         """Send pings when due; return (engine_id, reason) for engines silent too long."""
+        last, self._last_tick = self._last_tick, now
+        away = 0.0 if last is None else now - last - self.interval
+        if away > 0:  # we did not ping meanwhile: that silence is ours, not theirs
+            for engine_id in self.last_answer:
+                self.last_answer[engine_id] += away
         if now >= self._next_ping:
             self._next_ping = now + self.interval
             for sock in self.socks.values():
