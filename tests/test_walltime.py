@@ -192,3 +192,23 @@ def test_task_ignoring_sigint_costs_its_engine_and_tasks_behind_it_survive():
         assert rc.ids == [behind.metadata.engine_id]
         assert rc.queue_status()[rc.ids[0]]["restarts"] == 1
         assert rc.engine_info()[rc.ids[0]]["pid"] == new_pid
+
+
+def test_interrupts_racing_the_end_of_their_task_never_hit_the_next_task():
+    """Tasks that end right at their walltime, each followed at once on the same engine
+    (hwm=2: it is already there) by a task without a walltime: the interrupts that arrive
+    just too late are ignored, so every follower succeeds."""
+    with ipylb.Client(engines=1, hwm=2) as rc:
+        view = rc.load_balanced_view()
+        racers, followers = [], []
+        for i in range(30):
+            with view.temp_flags(walltime=0.3):
+                racers.append(view.apply_async(nap, 0.2 + 0.01 * i))  # 0.2 .. 0.49 s
+            followers.append(view.apply_async(nap, 0.1))
+        assert [ar.get(60) for ar in followers] == [0.1] * 30
+        outcomes = [ar.get(60, return_exceptions=True) for ar in racers]
+        interrupted = sum(isinstance(o, WalltimeExceeded) for o in outcomes)
+        assert 0 < interrupted < 30, outcomes  # both sides of the deadline were exercised
+        assert all(isinstance(o, WalltimeExceeded) or o == 0.2 + 0.01 * i
+                   for i, o in enumerate(outcomes))
+        assert rc.queue_status()[rc.ids[0]]["restarts"] == 0
