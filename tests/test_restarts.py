@@ -17,6 +17,7 @@ from pathlib import Path
 import ipylb
 import pytest
 from ipylb import connection
+from ipylb.dashboard import Dashboard
 from ipylb.error import EngineError
 
 
@@ -60,6 +61,13 @@ def test_killed_engine_comes_back_as_a_new_engine_and_tasks_keep_working():
         info = rc.engine_info()[2]
         assert info["restarts"] == 1 and info["pid"] != victim
         assert rc.engine_info()[1]["restarts"] == 0
+        # The dashboard (it reads the client's public API) shows the restart.
+        dash = Dashboard(rc)
+        try:
+            wait_until(lambda: '<span class="ipylb-restarts">1</span>' in dash.summary.value, 15,
+                       "the dashboard showing 1 restart")
+        finally:
+            dash.close()
         # Tasks keep working, on both engines, the new one included.
         pids = {view.apply_async(nap_pid, 0.3) for _ in range(4)}
         assert {ar.get(30) for ar in pids} == {info["pid"], rc.engine_info()[1]["pid"]}
