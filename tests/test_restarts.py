@@ -4,6 +4,7 @@ keeps dying stays down and clients are told."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -85,6 +86,20 @@ def test_running_task_on_a_killed_engine_follows_the_death_rules():
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # no "the cluster has no engines": one is coming back
             assert view.apply_async(pid).get(60) != engine_pid  # the restarted kernel serves
+
+
+def test_a_hung_engine_found_by_its_heartbeat_is_restarted():
+    with ipylb.Client(engines=2, heartbeat_timeout=2.0) as rc:
+        hung = rc.engine_info()[1]["pid"]
+        os.kill(hung, signal.SIGSTOP)
+        try:
+            wait_until(lambda: 2 in rc.ids, 60, "engine 1's slot back as engine 2")
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(hung, signal.SIGCONT)
+        assert rc.ids == [0, 2] and rc.engine_info()[2]["pid"] != hung
+        assert rc.queue_status()[2]["restarts"] == 1
+        assert rc.load_balanced_view().map_sync(nap, [0.01] * 4) == [0.01] * 4
 
 
 def test_restart_false_leaves_a_dead_engine_down():

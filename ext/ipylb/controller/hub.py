@@ -205,10 +205,16 @@ class Controller:
                     self._broadcast(("engine_down", reason))
                     self._check_stranded()
         for engine_id, reason in self.heartbeats.tick(now):
-            self._engine_gone(engine_id, reason, now)
             km = self.launcher.manager(engine_id) if self.launcher is not None else None
-            if km is not None:  # ours but hung: make sure it is really gone
-                km.shutdown_kernel(now=True)
+            if km is None or not self.launcher.autorestart:  # type: ignore[union-attr]
+                self._engine_gone(engine_id, reason, now)
+                if km is not None:  # ours but hung: make sure it is really gone
+                    km.shutdown_kernel(now=True)
+                continue
+            failed = self.launcher.restart(engine_id)  # type: ignore[union-attr]  # hung: a new kernel
+            self._engine_gone(engine_id, f"{reason}; {failed or 'restarting it'}", now)
+            if failed:
+                self._broadcast(("engine_down", f"engine {engine_id}: {failed}"))
 
     # -- engines -----------------------------------------------------------------
 
@@ -662,6 +668,8 @@ class Controller:
     def close(self) -> None:
         """Tell clients we stop, stop every engine this controller launched, close the sockets."""
         self._broadcast(("shutdown", self.stop_reason))
+        for kc in self.kernel_clients.values():
+            kc.stop_channels()
         if self.launcher is not None:
             self.launcher.stop_all()
         for ident in list(self.engine_ident.values()):
