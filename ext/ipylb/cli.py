@@ -127,18 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     start.add_argument("--db", default="memory", choices=["memory", "sqlite"],
                        help="where finished task records live: sqlite keeps them (and the "
                             "key) in the profile's directory, so a restart reloads them")
-    start.add_argument("--no-restart", dest="restart", action="store_false",
-                       help="leave an engine whose kernel died down (default: restart it through "
-                            "jupyter_client, at most --restart-limit times in a row)")
-    start.add_argument("--restart-limit", type=int, default=5,
-                       help="restarts in a row (each within --restart-stable seconds of the last "
-                            "death) after which an engine slot stays down (default: %(default)s)")
-    start.add_argument("--restart-stable", type=float, default=10.0,
-                       help="seconds a restarted kernel must live for its restart to count as a "
-                            "success (default: %(default)s)")
-    start.add_argument("--walltime-grace", type=float, default=5.0,
-                       help="seconds between a walltime interrupt and the restart of an engine "
-                            "whose task ignores it (default: %(default)s)")
+    limits.add_fault_options(start)
     start.add_argument("--daemon", action="store_true",
                        help="run in the background: return once the engines are up")
     start.add_argument("--log-level", default="WARNING",
@@ -245,8 +234,8 @@ def _not_running(profile: str) -> int:
 
 def cluster_start(args: argparse.Namespace) -> int:
     """Start a controller and its engines, in the foreground or as a daemon."""
-    if min(args.hwm, args.restart_limit, args.restart_stable, args.walltime_grace) < 0:
-        _say("--hwm, --restart-limit, --restart-stable and --walltime-grace must be >= 0")
+    if args.hwm < 0:
+        _say("--hwm must be >= 0 (0: no limit)")
         return 1
     hint = limits.check_engine_count(args.engines, "-n", minimum=0)  # ValueError: said by main()
     if hint:
@@ -268,9 +257,7 @@ def cluster_start(args: argparse.Namespace) -> int:
         "--engines", str(args.engines), "--scheme", args.scheme, "--hwm", str(args.hwm),
         "--ip", args.ip, "--log-level", args.log_level,
         "--heartbeat-timeout", str(args.heartbeat_timeout),
-        "--restart-limit", str(args.restart_limit), "--restart-stable", str(args.restart_stable),
-        "--walltime-grace", str(args.walltime_grace),
-        *([] if args.restart else ["--no-restart"]),
+        *limits.fault_argv(args),
     ]
     if args.location:
         cmd += ["--location", args.location]

@@ -6,14 +6,16 @@ Each engine is a kernel process (tens of MB, a second or so of CPU to start), so
 a count far above the machine's CPUs is almost always a typo: more than
 ``WARN_PER_CPU`` engines per CPU draws a warning, more than ``MAX_ENGINES`` is
 refused.  Also the start-up progress line (``12/64 engines up``) shown while
-many engines start.
+many engines start, and the options that limit engine restarts and walltime kills.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import time
+from typing import Any
 
 # More engines than this are refused, however many CPUs (one controller, one machine).
 MAX_ENGINES = 1024
@@ -78,3 +80,43 @@ class StartProgress:
             if self.in_place:
                 sys.stderr.write("\n")
                 sys.stderr.flush()
+
+
+# -- engine restarts and walltime kills: the options of `ipylb cluster start` and of the
+# controller (`python -m ipylb.controller`), defined once.  The defaults are jupyter_client's
+# KernelRestarter's (restart_limit, stable_start_time) and API.md's grace period.
+RESTART_LIMIT = 5
+RESTART_STABLE_S = 10.0
+WALLTIME_GRACE_S = 5.0
+
+
+def _at_least_zero(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if not value >= 0:
+            raise argparse.ArgumentTypeError(f"must be >= 0, not {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def add_fault_options(p: argparse.ArgumentParser) -> None:
+    """Add --no-restart, --restart-limit, --restart-stable and --walltime-grace to ``p``."""
+    p.add_argument("--no-restart", dest="restart", action="store_false",
+                   help="leave an engine whose kernel died down (default: restart it through "
+                        "jupyter_client, at most --restart-limit times in a row)")
+    p.add_argument("--restart-limit", type=_at_least_zero(int), default=RESTART_LIMIT,
+                   help="restarts in a row (each within --restart-stable seconds of the last "
+                        "death) after which an engine slot stays down (default: %(default)s)")
+    p.add_argument("--restart-stable", type=_at_least_zero(float), default=RESTART_STABLE_S,
+                   help="seconds a restarted kernel must live for its restart to count as a "
+                        "success (default: %(default)s)")
+    p.add_argument("--walltime-grace", type=_at_least_zero(float), default=WALLTIME_GRACE_S,
+                   help="seconds between a walltime interrupt and the restart of an engine "
+                        "whose task ignores it (default: %(default)s)")
+
+
+def fault_argv(args: argparse.Namespace) -> list[str]:
+    """The options :func:`add_fault_options` parsed into ``args``, as a command line again."""
+    return ["--restart-limit", str(args.restart_limit), "--restart-stable", str(args.restart_stable),
+            "--walltime-grace", str(args.walltime_grace), *([] if args.restart else ["--no-restart"])]

@@ -44,16 +44,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="memory for finished task records before the oldest are dropped")
     p.add_argument("--heartbeat-timeout", type=float, default=10.0,
                    help="seconds of heartbeat silence after which an engine counts as dead")
-    p.add_argument("--no-restart", dest="restart", action="store_false",
-                   help="leave an engine whose kernel died down (default: restart it)")
-    p.add_argument("--restart-limit", type=int, default=5,
-                   help="restarts in a row after which an engine slot stays down (jupyter_client's "
-                        "KernelRestarter.restart_limit; default 5)")
-    p.add_argument("--restart-stable", type=float, default=10.0,
-                   help="seconds a restarted kernel must live for its restart to count as a "
-                        "success (KernelRestarter.stable_start_time; default 10)")
-    p.add_argument("--walltime-grace", type=float, default=5.0,
-                   help="seconds after a walltime interrupt before the engine is restarted (default 5)")
+    limits.add_fault_options(p)
     args = p.parse_args(argv)
     try:
         limits.check_engine_count(args.engines, "--engines", minimum=0)
