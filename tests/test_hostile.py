@@ -268,7 +268,7 @@ def test_a_result_that_does_not_unpickle_in_the_client_is_a_clear_error(rc, view
 
 @pytest.mark.parametrize("abuse", ["close sys.stdout", "close buffer", "close raw", "detach",
                                    "replace sys.stdout", "stdout None", "close fd 1",
-                                   "close fd 2", "dup2 devnull"])
+                                   "close fd 2", "close both"])
 def test_a_task_that_breaks_its_streams_leaves_the_next_one_captured(view, abuse):
     def breaks(abuse):
         import io
@@ -292,11 +292,9 @@ def test_a_task_that_breaks_its_streams_leaves_the_next_one_captured(view, abuse
             os.close(1)
         elif abuse == "close fd 2":
             os.close(2)
-        elif abuse == "dup2 devnull":
-            fd = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(fd, 1)
-            os.dup2(fd, 2)
-            os.close(fd)
+        elif abuse == "close both":
+            os.close(1)
+            os.close(2)
         return abuse
 
     ar = view.apply_async(breaks, abuse)
@@ -366,16 +364,34 @@ def test_child_processes_write_to_their_task(view):
     assert ar.stderr == "child err\nshell err\n"
 
 
-def test_a_child_that_outlives_its_task_does_not_hold_it(view):
+def test_a_child_that_outlives_its_task_writes_to_the_task_running_then(view, tmp_path):
+    go, done = tmp_path / "go", tmp_path / "done"
+
     def spawn():
         import subprocess
 
-        subprocess.Popen(["sh", "-c", "sleep 0.5; echo late"])
-        return "spawned"
+        subprocess.Popen(["sh", "-c", f"while [ ! -e {go} ]; do sleep 0.02; done; "
+                                      f"echo late; touch {done}"])
+        print("spawned")
 
-    started = time.monotonic()
-    assert view.apply_sync(spawn) == "spawned"
-    assert time.monotonic() - started < 30  # the task ended without waiting for the child
+    def meanwhile():
+        import os
+        import time
+
+        open(go, "w").close()
+        deadline = time.monotonic() + 30
+        while not os.path.exists(done):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        print("meanwhile")
+
+    first = view.apply_async(spawn)
+    first.get(60)  # the task ended without waiting for its child
+    with view.temp_flags(follow=first):
+        second = view.apply_async(meanwhile)
+        second.get(60)
+    assert first.stdout == "spawned\n"
+    assert second.stdout == "late\nmeanwhile\n"
 
 
 def test_signal_handlers_a_task_changes_do_not_stop_interrupts(rc, view, tmp_path):

@@ -15,10 +15,11 @@ thread flushes the streams and reads what is still in the pipes itself, under th
 lock: everything written before the end is the task's, nothing later is.  Child processes
 that outlive a task write to whichever task runs when they write, or between tasks.
 
-Cost on the hot path: two attribute swaps to start a task; two flushes, two ``dup2`` (a task
-that closed fd 1 or 2 gets them back), one ``poll`` and a lock to end it.  ipykernel's own
-machinery is not used per task: its stream buffers output for its IO thread and would need a
-round trip to that thread at the end of every task.
+Cost on the hot path: two attribute swaps to start a task; four flushes, one ``poll`` (which
+also tells if the task closed fd 1 or 2: they are given back) and a lock to end it.  A task
+that points fd 1 or 2 elsewhere (``dup2``) and leaves them so is not undone, as in a kernel.
+ipykernel's own machinery is not used per task: its stream buffers output for its IO thread
+and would need a round trip to that thread at the end of every task.
 """
 
 from __future__ import annotations
@@ -79,13 +80,16 @@ class _Sink:
             self.data += chunk[:room]
         self.dropped += len(chunk) - max(room, 0)
 
-    def text(self, name: str) -> str:
+    def take(self, name: str) -> str:
+        """The text so far (with a note of what was dropped), and start over empty."""
         if not self.data and not self.dropped:
             return ""
         text = self.data.decode("utf-8", "replace")
         if self.dropped:
             text += (f"\n[ipylb: {self.dropped} more bytes of {name} were dropped: a task keeps "
                      f"at most {OUTPUT_LIMIT} bytes per stream (IPYLB_OUTPUT_LIMIT)]\n")
+        self.data = bytearray()
+        self.dropped = 0
         return text
 
 
@@ -99,7 +103,8 @@ class Capture:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._sinks: tuple[_Sink, _Sink] | None = None
+        self._pair = (_Sink(), _Sink())  # one task's at a time, emptied by end()
+        self._sinks: tuple[_Sink, _Sink] | None = None  # the pair while a task runs
         self._original = (os.dup(1), os.dup(2))  # where output went before (not inherited)
         self._open()
         self.streams = _streams()
@@ -121,6 +126,8 @@ class Capture:
         self._poll = select.poll()
         for r in reads:
             self._poll.register(r, select.POLLIN)
+        for fd in (1, 2):  # only POLLNVAL, if a task closes them
+            self._poll.register(fd, 0)
         threading.Thread(target=self._pump, args=(self._reads,), daemon=True,
                          name="ipylb-output").start()
 
@@ -175,7 +182,7 @@ class Capture:
 
     def begin(self) -> tuple[Any, Any]:
         """Start filing output under a new task; returns what ``end`` restores."""
-        self._sinks = (_Sink(), _Sink())
+        self._sinks = self._pair
         saved = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = self.streams
         return saved
@@ -185,25 +192,27 @@ class Capture:
         and return the task's (stdout, stderr) text."""
         sys.stdout, sys.stderr = saved
         try:
-            os.dup2(self._writes[0], 1)
-            os.dup2(self._writes[1], 2)
-        except OSError:
-            self._reopen()
-        try:
             for s in self.streams:
                 s.flush()
-        except Exception:  # detached, or its raw file closed: new streams for the next task
+        except Exception:  # detached, or its file closed: new streams for the next task
             self.streams = _streams()
         for s in (sys.__stdout__, sys.__stderr__):
             try:
                 s.flush()  # type: ignore[union-attr]
             except Exception:
                 pass
+        closed = broken = False
         with self._lock:
             sinks = self._sinks
             self._sinks = None
             try:
-                for fd, _ev in self._poll.poll(0):
+                # One poll: the pipes with output left, and fds 1 or 2 if the task closed them.
+                for fd, ev in self._poll.poll(0):
+                    if fd <= 2:
+                        closed = True
+                        continue
+                    if ev & _BAD:
+                        raise OSError(f"fd {fd} closed")
                     # What is in the pipe now was written before the task ended.
                     i = self._reads.index(fd)
                     left = _pending(fd)
@@ -213,12 +222,17 @@ class Capture:
                             break
                         sinks[i].add(chunk)  # type: ignore[index]
                         left -= len(chunk)
-                broken = False
+            except OSError:
+                broken = True
+        if closed and not broken:
+            try:
+                os.dup2(self._writes[0], 1)
+                os.dup2(self._writes[1], 2)
             except OSError:
                 broken = True
         if broken:
             self._reopen()
-        return sinks[0].text("stdout"), sinks[1].text("stderr")  # type: ignore[index]
+        return sinks[0].take("stdout"), sinks[1].take("stderr")  # type: ignore[index]
 
     def log(self, text: str) -> None:
         """Write a line of the engine's own to the controller's log (never a task's output)."""
