@@ -11,10 +11,12 @@ from __future__ import annotations
 import threading
 import time
 
+import ipylb
 import pytest
 from ipylb.engine.capture import OUTPUT_LIMIT
 from ipylb.engine.taskchannel import EVALUE_LIMIT, TRACEBACK_LIMIT
 from ipylb.error import RemoteError, SerializationError
+from test_pending import Gate, wait_at_gate
 
 
 def meet(marker_dir, n):
@@ -421,3 +423,60 @@ def test_signal_handlers_a_task_changes_do_not_stop_interrupts(rc, view, tmp_pat
     with pytest.raises(RemoteError) as info:
         ar.get(30)
     assert info.value.ename == "KeyboardInterrupt"
+
+
+# -- the controller's and the client's side ----------------------------------------------
+
+
+def test_a_retry_after_an_exception_that_cannot_be_formatted(rc, view, tmp_path):
+    """The first attempt fails in the worst way (its exception's str() raises); the task
+    stays pending, another client waits for its final outcome, and the retry answers."""
+
+    def odd_then_fine(marker):
+        import os
+
+        class Odd(Exception):
+            def __str__(self):
+                raise ValueError("no str")
+
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return "second attempt"
+        raise Odd()
+
+    with view.temp_flags(retries=1):
+        ar = view.apply_async(odd_then_fine, str(tmp_path / "first"))
+    with ipylb.Client(rc.cluster_info["client_url"]) as other:
+        assert other.get_result(ar.msg_ids[0]).get(90) == "second attempt"
+    assert ar.get(90) == "second attempt"
+    assert ar.metadata.status == "ok"
+
+
+def test_done_callbacks_that_raise_or_block_hold_up_no_result(view):
+    release = threading.Event()
+    blocked, later = threading.Event(), threading.Event()
+
+    def raises(_f):
+        raise RuntimeError("a callback's bug")
+
+    def blocks(_f):
+        blocked.set()
+        release.wait(120)
+
+    gate = Gate()
+    try:
+        first = view.apply_async(wait_at_gate, gate.port)
+        conn = gate.running()  # not finished until the test says so
+        first.add_done_callback(raises)
+        first.add_done_callback(blocks)
+        conn.sendall(b"go")
+        assert blocked.wait(90)
+        second = view.apply_async(abs, -2)
+        second.add_done_callback(lambda f: later.set())
+        assert second.get(90) == 2 and later.wait(90)
+        assert view.map_sync(abs, [-3, -4]) == [3, 4]
+        assert first.get(90) == "go"
+    finally:
+        release.set()
+        gate.close()
