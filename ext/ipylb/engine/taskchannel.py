@@ -247,7 +247,12 @@ class TaskChannel:
 
     def interrupt(self, msg_id: str) -> bool:
         """Interrupt task ``msg_id`` if it is the one running (KeyboardInterrupt in it);
-        False if it is not.  Called from another thread (the kernel's control thread)."""
+        False if it is not.  Called from another thread (the kernel's control thread).
+
+        The check and the signal happen under the lock a walltime task takes as it ends,
+        and that end clears the target: so a target is never left behind to swallow a
+        later interrupt, and a signal that lands after the task ended finds another task
+        (or none) running and is ignored by :meth:`_on_sigint`."""
         with self._lock:
             if self.running != msg_id:
                 return False
@@ -290,13 +295,16 @@ class TaskChannel:
             args, kwargs = unpickle.arguments(bufs[1:], msg_id)
             if walltime:  # its clock starts when the controller hears this
                 wire.send(self.sock, self.signer.pack(wire.STARTED, msg_id))
-            with self._lock:
-                self.running, self.interrupt_for = msg_id, None
+            self.running = msg_id
             previous = _set_sigint(self._sigint)
             try:
                 value = f(*args, **kwargs)
             finally:
-                self.running = None
+                if walltime:  # an interrupt() racing this end has signalled, or never will
+                    with self._lock:
+                        self.running = self.interrupt_for = None
+                else:  # nothing targets a task without a walltime
+                    self.running = None
                 _set_sigint(previous)
             output = self.capture.end(saved)
             saved = None
