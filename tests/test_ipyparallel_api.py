@@ -289,16 +289,24 @@ def test_imap_leaving_early_aborts_the_rest_and_keeps_nothing(rc, view):
 
 def test_imap_input_error_comes_after_the_results_before_it(view):
     def items():
-        yield from [0.3, 0, 0]
+        yield from [0.8, 0, 0]
         raise ValueError("bad input item")
 
+    before = set(view.client.hub_history())
     it = view.imap(nap, items(), max_outstanding=2)
     got = []
     with pytest.raises(ValueError, match="bad input item"):
         for r in it:
             got.append(r)
-    assert got == [0.3, 0, 0]  # nothing in flight was lost
+    assert got == [0.8, 0, 0]  # nothing in flight was lost
     assert next(it, "end") == "end"
+    ran = [m for m in view.client.hub_history() if m not in before]
+    assert sorted(view.client.get_result(ran).get(10)) == [0, 0, 0.8]  # the controller has them
+    got = []
+    with pytest.raises(ValueError, match="bad input item"):
+        for r in view.imap(nap, items(), ordered=False):
+            got.append(r)
+    assert got == [0, 0, 0.8]  # in completion order, then the error
     bad = view.imap(square, [1, 2, threading.Lock()])  # an item that cannot be pickled
     assert next(bad) == 1 and next(bad) == 4
     with pytest.raises(SerializationError, match="could not pickle"):
