@@ -97,18 +97,18 @@ def test_get_dict(rc, view):
 def test_split(view):
     ar = view.apply_async(nap, 0)
     assert ar.split() == (ar,)
-    amr = view.map_async(nap, [0.3, 0, 0])
+    amr = view.map_async(nap, [1.0, 0, 0])
     parts = amr.split()
     assert parts is amr.split() and len(parts) == 3
     done, _ = concurrent.futures.wait(parts, timeout=10,
                                       return_when=concurrent.futures.FIRST_COMPLETED)
     assert parts[0] not in done  # the slow one finishes last
-    assert [p.get(10) for p in parts] == [[0.3], [0], [0]]
+    assert [p.get(10) for p in parts] == [[1.0], [0], [0]]
     chunked = view.map_async(inverse, [1, 2, 4], chunksize=2)
     chunked.wait(10)
     assert [p.get(10) for p in chunked.split()] == [[1.0, 0.5], [0.25]]
     hub = view.client.get_result(amr.msg_ids)
-    assert [p.get(10) for p in hub.split()] == [0.3, 0, 0]
+    assert [p.get(10) for p in hub.split()] == [1.0, 0, 0]
 
 
 def test_wait_interactive_with_return_exceptions(view, monkeypatch, capsys):
