@@ -1,6 +1,6 @@
 """imap against map_async over the same no-op items: client peak memory and throughput.
 
-    python -m ipylb.bench.imap --items 1000000 [--engines 2] [--scheme pure --hwm 0]
+    python -m ipylb.bench.imap --items 1000000 [--engines 2] [--scheme leastload --hwm 1]
         [--rounds 1] [--modes imap,map_async]
 
 Each measurement runs in a fresh client process (so its peak RSS, ``ru_maxrss``, is
@@ -63,10 +63,12 @@ def measure(mode: str, items: int, engines: int, scheme: str, hwm: int) -> dict:
     _ipylb("cluster", "start", "-n", str(engines), "--scheme", scheme, "--hwm", str(hwm),
            "--profile", PROFILE, "--daemon")
     try:
-        out = subprocess.run([sys.executable, "-m", "ipylb.bench.imap", "--child", mode,
-                              "--items", str(items), "--profile", PROFILE],
-                             check=True, capture_output=True, text=True).stdout
-        result = json.loads(out.strip().splitlines()[-1])
+        done = subprocess.run([sys.executable, "-m", "ipylb.bench.imap", "--child", mode,
+                               "--items", str(items), "--profile", PROFILE],
+                              capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"the {mode} run failed: {done.stderr.strip()[-2000:]}")
+        result = json.loads(done.stdout.strip().splitlines()[-1])
         print(json.dumps(result), flush=True)  # kept even if stopping the cluster fails
     finally:
         _ipylb("cluster", "stop", "--profile", PROFILE)
@@ -78,8 +80,8 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--items", type=int, default=1_000_000, help="items per run (default 1000000)")
     p.add_argument("--engines", type=int, default=2, help="engines (default 2)")
-    p.add_argument("--scheme", default="pure", help="cluster scheme (default pure)")
-    p.add_argument("--hwm", type=int, default=0, help="cluster hwm (default 0: no limit)")
+    p.add_argument("--scheme", default="leastload", help="cluster scheme (default leastload)")
+    p.add_argument("--hwm", type=int, default=1, help="cluster hwm (default 1)")
     p.add_argument("--rounds", type=int, default=1, help="alternating rounds (default 1)")
     p.add_argument("--modes", default="imap,map_async", help="default imap,map_async")
     p.add_argument("--child", help=argparse.SUPPRESS)
