@@ -160,3 +160,19 @@ def test_no_restart_flag_of_cluster_start():
                 rc.wait_for_engines(1, timeout=4)
     finally:
         _ipylb("cluster", "stop", "--profile", profile, env=env)
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, (5,), (-1, 10.0), (5, -1), (5.0, 10), (True, 1)])
+def test_restart_policy_is_checked_before_anything_starts(bad):
+    with pytest.raises(ValueError, match=r"restart must be True, False or \(limit, seconds\)"):
+        ipylb.Client(engines=1, restart=bad)
+
+
+def test_restart_policy_of_a_private_cluster():
+    """Client(engines=N, restart=(limit, seconds)): KernelRestarter's two numbers; with limit 0
+    the first death of a slot is already past it."""
+    with ipylb.Client(engines=2, restart=(0, 60.0)) as rc:
+        with pytest.warns(RuntimeWarning, match="died 1 time in a row") as seen:
+            os.kill(rc.engine_info()[0]["pid"], signal.SIGKILL)
+            wait_until(lambda: len(seen) > 0, 30, "the warning")
+        assert rc.ids == [1]

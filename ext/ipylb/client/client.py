@@ -74,12 +74,15 @@ class Client:
         hwm: int | None = None,
         timeout: float = CONNECT_TIMEOUT_S,
         heartbeat_timeout: float | None = None,
-        restart: bool | None = None,
+        restart: bool | tuple[int, float] | None = None,
     ) -> None:
         """``scheme`` (default leastload), ``hwm`` (default 1), ``heartbeat_timeout``
-        (default 10 s) and ``restart`` (default True: an engine whose kernel dies is restarted
-        through jupyter_client, within its KernelRestarter's limit) configure the cluster
-        ``engines=N`` starts; a running cluster has its own, set by ``ipylb cluster start``."""
+        (default 10 s) and ``restart`` configure the cluster ``engines=N`` starts; a running
+        cluster has its own, set by ``ipylb cluster start``.  ``restart``: True (the default:
+        an engine whose kernel dies is restarted through jupyter_client's KernelRestarter, a
+        slot that dies more than 5 times in a row within 10 s of each death stays down),
+        False (never), or ``(limit, seconds)`` for that policy's two numbers (its
+        ``restart_limit`` and ``stable_start_time``)."""
         self._local: LocalCluster | None = None
         if engines is not None and (url_or_file is not None or profile is not None):
             given = "a connection file or url" if url_or_file is not None else f"profile={profile!r}"
@@ -550,8 +553,9 @@ class Client:
         """``{engine_id: {"queue": n, "completed": n, "tasks": n, "restarts": n}, ...,
         "unassigned": n}``: per engine, tasks queued behind the running one, finished,
         running, and (ipylb) how many times the controller restarted the kernel of its slot
-        before it (a restarted kernel is a new engine id); and tasks not yet on any engine.  ``targets`` (an engine id or a list; None: all) limits it to
-        those engines, and an int gives just that engine's dict (as in ipyparallel).
+        before it (a restarted kernel is a new engine id); and tasks not yet on any engine.
+        ``targets`` (an engine id or a list; None: all) limits it to those engines, and an
+        int gives just that engine's dict (as in ipyparallel).
         ``verbose``: lists of msg_ids instead of counts (``completed``: those still on
         record).  IndexError for an engine id that is not registered."""
         wanted = None

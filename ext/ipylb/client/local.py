@@ -74,18 +74,34 @@ def read_ready(proc: subprocess.Popen, timeout: float = READY_TIMEOUT_S) -> str:
     return line
 
 
+def _restart_policy(restart: object) -> list[str]:
+    """The controller's options for ``Client(restart=...)``: True, False or (limit, seconds)."""
+    if restart is True:
+        return []
+    if restart is False:
+        return ["--no-restart"]
+    if isinstance(restart, tuple) and len(restart) == 2 and \
+            type(restart[0]) is int and restart[0] >= 0 and \
+            isinstance(restart[1], (int, float)) and not isinstance(restart[1], bool) and \
+            restart[1] >= 0:
+        return ["--restart-limit", str(restart[0]), "--restart-stable", str(restart[1])]
+    raise ValueError(f"restart must be True, False or (limit, seconds): an int >= 0 and a number "
+                     f"of seconds >= 0 (at most `limit` restarts in a row, each within `seconds` "
+                     f"of the last death), got {restart!r}")
+
+
 class LocalCluster:
     """A controller child process plus its engines, owned by one client."""
 
     def __init__(self, engines: int, scheme: str = "leastload", hwm: int = 1,
-                 heartbeat_timeout: float = 10.0, restart: bool = True) -> None:
+                 heartbeat_timeout: float = 10.0,
+                 restart: bool | tuple[int, float] = True) -> None:
         limits.check_engine_count(engines)  # the caller has shown its warning, if any
         if scheme not in SCHEMES:
             raise ValueError(f"unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
         if not isinstance(hwm, int) or isinstance(hwm, bool) or hwm < 0:
             raise ValueError(f"hwm must be an int >= 0 (0: no limit), got {hwm!r}")
-        if not isinstance(restart, bool):
-            raise ValueError(f"restart must be True or False, got {restart!r}")
+        policy = _restart_policy(restart)
         check_kernelspec()
         self.connection_file: Path = (
             connection.runtime_dir() / f"ipylb-local-{os.getpid()}-{uuid.uuid4().hex[:8]}.json"
@@ -97,7 +113,7 @@ class LocalCluster:
             "--hwm", str(hwm),
             "--parent-pid", str(os.getpid()),
             "--heartbeat-timeout", str(heartbeat_timeout),
-            *([] if restart else ["--no-restart"]),
+            *policy,
         ]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
                                      text=True, env=_engine_env())

@@ -201,8 +201,10 @@ class EngineLauncher:
         else:
             km.cleanup_resources()
             if fate == "down":
-                reason += (f"; its kernel died {self.restart_limit + 1} times in a row, each within "
-                           f"{self.stable_start_time:g}s, so it is not restarted again")
+                n = self.restart_limit + 1
+                reason += (f"; its kernel died {n} time{'s' if n > 1 else ''} in a row, each within "
+                           f"{self.stable_start_time:g}s of the last death, so it is not restarted "
+                           "again")
         self._seen.append((engine_id, reason, fate))
 
     @staticmethod
