@@ -6,7 +6,7 @@ import time
 
 import pytest
 from ipylb.client import autochunk
-from ipylb.error import CompositeError
+from ipylb.error import CompositeError, RemoteError
 
 
 def double(x):
@@ -84,3 +84,49 @@ def test_an_unpicklable_item_after_the_probe_raises_and_leaves_nothing_running(r
 def test_bad_chunksize_says_what_is_allowed(view, bad):
     with pytest.raises(ValueError, match="int >= 1 or 'auto'"):
         view.map_async(double, range(3), chunksize=bad)
+
+
+# -- imap ----------------------------------------------------------------------------
+
+
+def test_imap_auto_grows_its_chunks_and_yields_every_item_in_order(view):
+    it = view.imap(double, range(5000), chunksize="auto")
+    assert list(it) == [2 * x for x in range(5000)]
+    assert it._next_index < 5000 // 5  # tasks: the first ones carry one item, later ones many
+
+
+def test_imap_chunks_unordered(view):
+    assert sorted(view.imap(double, range(100), chunksize=7, ordered=False)) == \
+        [2 * x for x in range(100)]
+
+
+def test_imap_a_failed_chunk_stands_for_each_of_its_items(view):
+    out = list(view.imap(inverse, [1, 2, 0, 4, 5, 8], chunksize=3, return_exceptions=True))
+    assert out[0] is out[1] is out[2]  # one error, in the place of each item of its chunk
+    assert isinstance(out[0], RemoteError) and out[0].ename == "ZeroDivisionError"
+    assert out[3:] == [0.25, 0.2, 0.125]
+    it = view.imap(inverse, [1, 2, 0, 4, 5, 8], chunksize=3)
+    with pytest.raises(Exception, match="ZeroDivisionError"):
+        next(it)
+
+
+def test_imap_chunks_keep_the_items_before_an_input_error_or_an_unpicklable_item(view):
+    import threading
+
+    def numbers():
+        yield from range(4)
+        raise OSError("the input broke")
+
+    it = view.imap(double, numbers(), chunksize=3)
+    assert [next(it) for _ in range(4)] == [0, 2, 4, 6]
+    with pytest.raises(OSError, match="the input broke"):
+        next(it)
+    it = view.imap(double, [1, 2, threading.Lock(), 4], chunksize=3)
+    assert [next(it) for _ in range(2)] == [2, 4]
+    with pytest.raises(Exception, match="lock"):
+        next(it)
+
+
+def test_imap_bad_chunksize_says_what_is_allowed(view):
+    with pytest.raises(ValueError, match="int >= 1 or 'auto'"):
+        view.imap(double, range(3), chunksize="big")

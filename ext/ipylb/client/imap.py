@@ -11,6 +11,13 @@ it is yielded, then dropped here and from the client's local cache; imap tasks a
 not added to ``rc.history`` (the controller keeps their records, within its budget,
 so ``rc.get_result`` and ``rc.db_query`` still find them).
 
+Chunks (``chunksize`` > 1 or ``"auto"``): each task carries a list of items and
+returns the list of their values, yielded one by one.  The window counts items, so
+memory stays bounded the same way.  With ``"auto"`` the chunk size follows the
+measured time per item (each result's engine ``completed - started`` over its
+items, smoothed), so that a task carries ~50 ms of work (:mod:`.autochunk`); the
+first tasks carry one item each.
+
 Two objects, so that garbage collection works: :class:`IMapIterator` is what the
 caller holds; :class:`_Collector` is what the client's receiving thread files
 results into (the client references it while tasks are in flight).  When the
@@ -21,6 +28,7 @@ aborted.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -28,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..error import RemoteError, SerializationError
 from ..serialize import dumps_args, dumps_function
+from . import autochunk
 from .asyncresult import Outcome, _callbacks
 
 if TYPE_CHECKING:
@@ -85,8 +94,9 @@ class IMapIterator(Iterator[Any]):
     """
 
     def __init__(self, view: Any, f: Callable, iterables: tuple[Any, ...], ordered: bool,
-                 max_outstanding: int | str, return_exceptions: bool) -> None:
-        from .view import _name
+                 max_outstanding: int | str, return_exceptions: bool,
+                 chunksize: int | str = 1) -> None:
+        from .view import _Chunk, _name
 
         if not callable(f):
             raise TypeError(f"imap needs a callable, got {type(f).__name__}")
@@ -100,9 +110,15 @@ class IMapIterator(Iterator[Any]):
         else:
             raise ValueError(f"max_outstanding must be 'auto', 0 (no limit) or an int >= 1, "
                              f"got {max_outstanding!r}")
+        if chunksize != "auto" and (type(chunksize) is not int or chunksize < 1):
+            raise ValueError(f"chunksize must be an int >= 1 or 'auto', got {chunksize!r}")
+        self._auto = chunksize == "auto"
+        self._chunk = 1 if self._auto else chunksize
+        self._chunked = self._auto or self._chunk > 1  # tasks return lists of values
+        self._item_s: float | None = None  # "auto": smoothed seconds per item
         self._input = zip(*iterables)  # TypeError now if one is not iterable
         self._flags = view._task_flags(f)
-        self._fbuf = dumps_function(f)
+        self._fbuf = dumps_function(_Chunk(f) if self._chunked else f)
         self._client = client
         self._fname = _name(f)
         self.max_outstanding = window
@@ -110,9 +126,12 @@ class IMapIterator(Iterator[Any]):
         self.return_exceptions = return_exceptions
         self._refill_at = window - max(1, window // REFILL_FRACTION)
         self._col = _Collector(client, ordered)
-        self._inflight: dict[int, str] = {}  # index -> msg_id, submitted and not yet yielded
-        self._next_index = 0  # of the next input item
-        self._next_yield = 0  # ordered: index of the next result to yield
+        self._inflight: dict[int, str] = {}  # task index -> msg_id, submitted, not yet yielded
+        self._sizes: dict[int, int] = {}  # chunked: task index -> its number of items
+        self._items = 0  # items in flight (the window counts these)
+        self._ready: deque[Any] = deque()  # chunked: values of a chunk not yet yielded
+        self._next_index = 0  # of the next task
+        self._next_yield = 0  # ordered: index of the next task to yield
         self._input_error: BaseException | None = None
         self._exhausted = False
         self._done = False
@@ -137,24 +156,67 @@ class IMapIterator(Iterator[Any]):
 
     # -- submitting --------------------------------------------------------------
 
+    def _chunk_size(self) -> int:
+        """Items per task now: the fixed chunksize, or for "auto" ~TARGET_S of measured work
+        (one item until a result says how long one takes), and never so many that the
+        window holds fewer than CHUNKS_PER_ENGINE tasks per engine."""
+        if not self._auto or self._item_s is None:
+            return self._chunk
+        per_task = math.ceil(autochunk.TARGET_S / max(self._item_s, 1e-7))
+        window = min(self.max_outstanding, FILL_MAX)
+        return max(1, min(per_task, window // (autochunk.CHUNKS_PER_ENGINE * max(len(self._client), 1))))
+
     def _fill(self) -> None:
         """Submit input items until the window is full (or the input ends or fails)."""
-        if self._exhausted or len(self._inflight) > self._refill_at:
+        if self._exhausted or self._items > self._refill_at:
             return
         client, col = self._client, self._col
-        room = min(self.max_outstanding - len(self._inflight), FILL_MAX)
+        room = min(self.max_outstanding - self._items, FILL_MAX)
         tasks: list[tuple[str, list[Any]]] = []
+        sizes: list[int] = []
         first = self._next_index
+        size = self._chunk_size()
+        chunk: list[tuple] = []
+
+        def flush() -> None:
+            """Submit the chunk read so far; if it does not pickle, its items one by one
+            up to the one that does not (which raises)."""
+            nonlocal chunk
+            items, chunk = chunk, []
+            if not items:
+                return
+            try:
+                tasks.append((client._new_msg_id(), dumps_args((items,), {})))
+                sizes.append(len(items))
+            except Exception:
+                for item in items:
+                    tasks.append((client._new_msg_id(), dumps_args(([item],), {})))
+                    sizes.append(1)
+                raise
+
+        read = 0
         try:
             for item in self._input:
-                tasks.append((client._new_msg_id(), dumps_args(item, {})))
-                if len(tasks) >= room:
+                read += 1
+                if not self._chunked:
+                    tasks.append((client._new_msg_id(), dumps_args(item, {})))
+                    sizes.append(1)
+                else:
+                    chunk.append(item)
+                    if len(chunk) >= size:
+                        flush()
+                if read >= room:
                     break
             else:
                 self._exhausted = True
+            flush()
         except Exception as e:  # the input iterator raised, or an item does not pickle
             self._exhausted = True
             self._input_error = e
+            try:
+                flush()  # the items read before the input raised
+            except Exception as earlier:  # one of them does not pickle: that came first
+                self._input_error = earlier
         if not tasks:
             return
         with col.cond:
@@ -167,11 +229,16 @@ class IMapIterator(Iterator[Any]):
             raise
         for i, (msg_id, _args) in enumerate(tasks, first):
             self._inflight[i] = msg_id
+        if self._chunked:
+            self._sizes.update(enumerate(sizes, first))
+        self._items += sum(sizes)
         self._next_index = first + len(tasks)
 
     # -- yielding ----------------------------------------------------------------
 
     def __next__(self) -> Any:
+        if self._ready:
+            return self._ready.popleft()
         if self._done:
             raise StopIteration
         self._fill()
@@ -197,16 +264,34 @@ class IMapIterator(Iterator[Any]):
                 raise error
             raise StopIteration
         del self._inflight[index]
+        n = self._sizes.pop(index, 1)
+        self._items -= n
         self._client._outcomes.pop(outcome.meta[0], None)  # no per-item record stays behind
         try:
             if not outcome.ok:
                 raise outcome.error()
-            return outcome.value(self._client)
+            value = outcome.value(self._client)
         except (RemoteError, SerializationError) as e:
             if self.return_exceptions:
+                self._ready.extend([e] * (n - 1))  # a failed chunk stands for each of its items
                 return e
             self.close()  # like a generator that raised: finished, the rest aborted
             raise
+        if not self._chunked:
+            return value
+        if self._auto:
+            self._measured(outcome, n)
+        self._ready.extend(value[1:])
+        return value[0]
+
+    def _measured(self, outcome: Outcome, n: int) -> None:
+        """Fold one result's seconds per item (its engine's timestamps) into the estimate."""
+        started, completed = outcome.meta[3], outcome.meta[4]
+        if not (isinstance(started, float) and isinstance(completed, float)):
+            return
+        per_item = max(completed - started, 0.0) / n
+        est = self._item_s
+        self._item_s = per_item if est is None else 0.7 * est + 0.3 * per_item
 
     # -- stopping ----------------------------------------------------------------
 
@@ -232,6 +317,7 @@ class IMapIterator(Iterator[Any]):
             waiting = col.unanswered
         ids = list(self._inflight.values())
         self._inflight.clear()
+        self._ready.clear()
         if waiting and ids:
             # Not from here: close() may run in garbage collection on any thread, even the
             # client's receiving one, which must not wait for the controller's answer.

@@ -222,7 +222,8 @@ class LoadBalancedView:
         return ar
 
     def imap(self, f: Callable, *iterables: Any, ordered: bool = True,
-             max_outstanding: int | str = "auto", return_exceptions: bool = False) -> IMapIterator:
+             max_outstanding: int | str = "auto", return_exceptions: bool = False,
+             chunksize: int | str = 1) -> IMapIterator:
         """Lazy, load-balanced ``map(f, *iterables)``: an iterator of results that reads
         its input only as results are consumed, so endless iterables work and client
         memory stays flat (ipyparallel's ``imap``).
@@ -234,8 +235,13 @@ class LoadBalancedView:
         input raises, the results of the items before it are yielded, then its error is
         raised.  ``break``, ``close()`` or dropping the iterator aborts the tasks not
         started yet.  Flags (targets, after, retries...) apply to every task; imap tasks
-        are not added to ``rc.history``."""
-        return IMapIterator(self, f, iterables, ordered, max_outstanding, return_exceptions)
+        are not added to ``rc.history``.
+
+        ``chunksize``: items per task (1: ipyparallel's), or ``"auto"``: one at first, then
+        ~50 ms of measured work per task (:mod:`ipylb.client.imap`); ``max_outstanding``
+        then counts items, and a failed chunk stands for each of its items."""
+        return IMapIterator(self, f, iterables, ordered, max_outstanding, return_exceptions,
+                            chunksize)
 
     # -- decorator ---------------------------------------------------------------
 
