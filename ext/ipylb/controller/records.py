@@ -336,7 +336,8 @@ class TaskStore:
         return rec
 
     def finished(self, rec: Record) -> list[str]:
-        """``rec`` has its final result; returns the msg_ids evicted to stay within budget.
+        """``rec`` has its final result (once per record: the controller calls this only on
+        the core's Deliver or Fail); returns the msg_ids evicted to stay within budget.
 
         Evicted records live on in the database if there is one; without one they
         are gone (the caller tells the scheduler core to forget them)."""
@@ -346,8 +347,6 @@ class TaskStore:
             except (WireError, sqlite3.Error) as e:  # a segment vanished, the disk is full...:
                 # keep serving (raising here would drop the commands after this Deliver)
                 log.warning("task %s was not saved to the database: %s", rec.msg_id, e)
-        if rec.msg_id in self._finished:  # finished again (a retry's final result)
-            self._finished_bytes -= self._finished.pop(rec.msg_id)
         size = rec.nbytes()
         self._finished[rec.msg_id] = size
         self._finished_bytes += size
