@@ -6,12 +6,13 @@ once per map, before it chooses:
 
 1. Probe: the first items, two per registered engine, go out as tasks of one
    item each (they are the map's first tasks: their results are kept).
-2. Once some engine has returned two of them (its second ran warm: a first
-   call may import modules), the fastest probe so far gives the time one item
-   takes on an engine (the engine's own ``started``/``completed``; the client's
-   clock if the engine did not say).  If none has come after ``PROBE_WAIT_S``,
-   items are slow and chunks hold one item; if only first calls have, the
-   fastest of those stands (an overestimate: smaller chunks, never wrong).
+2. Once they are all back, the fastest gives the time one item takes on an
+   engine (the engine's own ``started``/``completed``; the client's clock if the
+   engine did not say).  The fastest, because each engine's second probe runs
+   warm (a first call may import modules) and a loaded machine only ever adds
+   time.  If none has come after ``PROBE_WAIT_S``, items are slow and chunks hold
+   one item; if only some have, the fastest of those stands (an overestimate:
+   smaller chunks, never wrong).
 3. The rest go out in chunks of ``TARGET_S / item time`` items, but at least
    ``CHUNKS_PER_ENGINE`` chunks per engine (so the last chunks to finish are
    short) and at least one item.
@@ -67,8 +68,6 @@ class _Probe:
         self.cond = threading.Condition(threading.Lock())
         self.n = n
         self.got: dict[int, Outcome] = {}
-        self.per_engine: dict[Any, int] = {}  # probe results so far, by engine id
-        self.warm = False  # some engine has returned a second probe
         self.seconds: list[float] = []  # each probe's item time, as they come
         self.target: AsyncMapResult | None = None
         self.sent = time.time()
@@ -79,9 +78,6 @@ class _Probe:
             if target is None:
                 self.got[index] = outcome
                 self.seconds.append(self._took(outcome))
-                eid = outcome.meta[1]
-                self.per_engine[eid] = self.per_engine.get(eid, 0) + 1
-                self.warm = self.warm or self.per_engine[eid] > 1
                 self.cond.notify_all()
                 return
         target._deliver(index, outcome)
@@ -101,10 +97,10 @@ class _Probe:
         return target.wait(timeout)
 
     def item_seconds(self, wait_s: float) -> float | None:
-        """Seconds an item takes: the fastest probe once one ran warm (or all are back),
-        waiting up to ``wait_s``; the fastest so far after that; None if none came."""
+        """Seconds an item takes: the fastest probe once all are back, waiting up to
+        ``wait_s``; the fastest so far after that; None if none came."""
         with self.cond:
-            self.cond.wait_for(lambda: self.warm or len(self.got) == self.n, wait_s)
+            self.cond.wait_for(lambda: len(self.got) == self.n, wait_s)
             return min(self.seconds, default=None)
 
     def hand_over(self, ar: AsyncMapResult) -> None:

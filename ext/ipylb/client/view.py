@@ -172,8 +172,8 @@ class LoadBalancedView:
         ``chunksize``: items per task (1, the default, as in ipyparallel: one msg_id per
         item), or ``"auto"``: sized from the time the first items take, so that each task
         carries ~50 ms of work and every engine gets several (see
-        :mod:`ipylb.client.autochunk`; ``map_async`` then returns once the first item is
-        done, within 2 s).
+        :mod:`ipylb.client.autochunk`; ``map_async`` then returns once the first items,
+        two per engine, are done, within 2 s).
 
         ``return_exceptions``: a failed item's exception object takes its place in the
         list (and in iteration) instead of a CompositeError being raised (ipyparallel);
