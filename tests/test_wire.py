@@ -119,3 +119,38 @@ def test_large_buffers_are_authenticated_chunk_by_chunk():
     big[2 * wire.CHUNK + 5] = 1  # one byte in the third chunk
     with pytest.raises(wire.WireError, match="payload"):
         b.check_bufs([big], mac)
+
+
+def test_forgotten_senders_stay_refused(monkeypatch):
+    """A receiver forgets senders gone for a while (their replay state would grow forever)
+    and still refuses their old messages: a floor, the highest seq it forgot, which an
+    unknown sender must exceed; seqs never run below the sender's clock in microseconds."""
+    clock = [1_700_000_000 * 10**9]  # ns
+    monkeypatch.setattr(wire, "_time_ns", lambda: clock[0])
+    key = b"k" * 64
+    rx = wire.Signer(key, b"rx")
+    gone, back = wire.Signer(key, b"gone", b"rx"), wire.Signer(key, b"back", b"rx")
+    old = [gone.pack(wire.REQUEST, i) for i in range(3)]
+    for frames in old:
+        rx.unpack(frames)
+    rx.unpack(back.pack(wire.HELLO, None))
+    clock[0] += 400 * 10**9  # 400 s later; "back" was silent too
+    live = wire.Signer(key, b"live", b"rx")
+    rx.unpack(live.pack(wire.HELLO, None))
+    assert rx.senders == 3
+    assert sorted(rx.forget_idle(300.0)) == [b"back", b"gone"]
+    assert rx.senders == 1
+    for frames in old:  # accepted once each: refused for good, though "gone" is forgotten
+        with pytest.raises(wire.WireError, match="replayed"):
+            rx.unpack(frames)
+    assert rx.unpack(back.pack(wire.REQUEST, "again"))[2] == "again"  # its seq caught up
+    assert rx.unpack(wire.Signer(key, b"new", b"rx").pack(wire.HELLO, 1))[2] == 1
+    assert rx.forget_idle(300.0) == []
+
+
+def test_oversized_counts_frames_not_segments():
+    from ipylb.shm import Segment
+
+    seg = Segment.__new__(Segment)
+    assert wire.oversized([b"x" * 10, memoryview(b"y" * 20)], 15) == 20
+    assert wire.oversized([b"x" * 10, seg], 15) == 0

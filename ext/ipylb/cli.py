@@ -128,6 +128,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="where finished task records live: sqlite keeps them (and the "
                             "key) in the profile's directory, so a restart reloads them")
     limits.add_fault_options(start)
+    start.add_argument("--max-frame-mb", type=int, default=256,
+                       help="the largest frame (MiB) a client or engine may send the controller "
+                            "(a larger one is refused before it is read); arrays between "
+                            "processes of this machine go through shared memory, not frames")
     start.add_argument("--daemon", action="store_true",
                        help="run in the background: return once the engines are up")
     start.add_argument("--log-level", default="WARNING",
@@ -263,6 +267,7 @@ def cluster_start(args: argparse.Namespace) -> int:
         cmd += ["--location", args.location]
     if args.curve:
         cmd.append("--curve")
+    cmd += ["--max-frame-mb", str(args.max_frame_mb)]
     if args.db == "sqlite":
         cmd += ["--db-file", str(connection.profile_dir(args.profile) / "tasks.sqlite")]
     if args.daemon:

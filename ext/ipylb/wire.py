@@ -28,7 +28,11 @@ authenticates the same bytes, and an 8 MB array is hashed on every core.
 
 Replay: ``seq`` grows strictly for each ``sender``; a receiver drops a message
 whose seq is not above the last one it accepted from that sender, and one not
-addressed ``to`` it.  The controller's name carries a fresh nonce each run, so a
+addressed ``to`` it.  A sender's seq is also never below its clock in
+microseconds, so a receiver can forget senders gone for a while
+(:meth:`Signer.forget_idle`) and still refuse their old messages: it keeps one
+floor, the highest seq it forgot, and a sender it does not know must be above
+it.  (So hosts' clocks must agree within the time after which peers are forgotten.)  The controller's name carries a fresh nonce each run, so a
 message recorded in one run is refused by the next (even one that reuses the key
 to read stored results), and one meant for engine A is refused by engine B.
 Nothing is unpickled before its signature checks out.
@@ -40,6 +44,7 @@ import hashlib
 import hmac
 import os
 import pickle
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -69,6 +74,7 @@ _SEGMENT_TAG = 1 << 63
 
 
 _SNDMORE, _RCVMORE, _NOBLOCK = int(zmq.SNDMORE), int(zmq.RCVMORE), int(zmq.NOBLOCK)
+_time_ns = time.time_ns
 
 
 def send(sock: zmq.Socket, frames: Sequence[Any]) -> None:
@@ -90,6 +96,17 @@ def recv(sock: zmq.Socket) -> list[Any]:
     while more(_RCVMORE):
         frames.append(get(_NOBLOCK, copy=False))
     return frames
+
+
+def oversized(frames: Sequence[Any], limit: int) -> int:
+    """The size in bytes of the first of ``frames`` larger than ``limit`` (0: none).
+    Shared-memory segments travel as empty frames and do not count."""
+    for b in frames:
+        if type(b) is not Segment:
+            n = _nbytes(_view(b))
+            if n > limit:
+                return n
+    return 0
 
 
 def new_key() -> bytes:
@@ -123,8 +140,9 @@ class Signer:
         self.peer = peer
         self.shm_prefix = shm_prefix
         self._owns_segments = owns_segments
-        self._seq = 0
+        self._seq = _time_ns() // 1000  # never below our clock in us (see forget_idle)
         self._last_seen: dict[bytes, int] = {}
+        self._floor = 0  # the highest seq of a sender forgotten
 
     # -- producing -------------------------------------------------------------
 
@@ -152,7 +170,8 @@ class Signer:
         """Frames for one message to ``to`` (default: the peer); pass ``bufs_mac`` to
         forward another producer's buffers.  A Segment among ``bufs`` travels as its
         name, size, device and inode in the signed head, an empty frame in its place."""
-        self._seq += 1
+        seq, now = self._seq + 1, _time_ns() // 1000
+        self._seq = seq = seq if seq > now else now
         if bufs_mac is None:
             bufs_mac = self.bufs_mac(bufs)
         segs: tuple = ()
@@ -162,7 +181,7 @@ class Signer:
                              for i, b in enumerate(bufs) if type(b) is Segment)
                 bufs = [b"" if type(b) is Segment else b for b in bufs]
                 break
-        head = pickle.dumps((kind, self.sender, self.peer if to is None else to, self._seq, meta,
+        head = pickle.dumps((kind, self.sender, self.peer if to is None else to, seq, meta,
                              bufs_mac, segs), 5)
         return [hmac.digest(self._key, head, "sha256"), head, *bufs]
 
@@ -187,13 +206,28 @@ class Signer:
             raise WireError(f"unreadable message head: {e!r}") from None
         if to != self.sender:
             raise WireError(f"a message for {to!r} reached {self.sender!r}: replayed or misrouted")
-        if seq <= self._last_seen.get(sender, 0):
+        if seq <= self._last_seen.get(sender, self._floor):
             raise WireError(f"replayed or out-of-order message from {sender!r} (seq {seq})")
         self._last_seen[sender] = seq
         bufs = list(frames[2:])
         if segs:
             self._segments(bufs, segs)
         return kind, sender, meta, bufs, bufs_mac
+
+    @property
+    def senders(self) -> int:
+        """How many senders' replay state is kept."""
+        return len(self._last_seen)
+
+    def forget_idle(self, idle_s: float) -> list[bytes]:
+        """Forget the senders whose last message is older than ``idle_s`` seconds (by its
+        seq, their clock); returns them.  Their old messages stay refused: each seq they
+        sent is at most the floor, which a sender not known must exceed."""
+        horizon = _time_ns() // 1000 - int(idle_s * 1e6)
+        gone = [sender for sender, seq in self._last_seen.items() if seq < horizon]
+        for sender in gone:
+            self._floor = max(self._floor, self._last_seen.pop(sender))
+        return gone
 
     def _segments(self, bufs: list[Any], segs: Any) -> None:
         """Put the segments a head describes in their places among ``bufs``."""

@@ -28,7 +28,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from .. import compat, connection, limits, shm, wire
-from ..error import ClientClosed, ControllerGone, NoCluster, VersionMismatch
+from ..error import ClientClosed, ControllerGone, NoCluster, SerializationError, VersionMismatch
 from .asyncresult import AsyncHubResult, AsyncResult, Metadata, Outcome, _callbacks
 from .local import LocalCluster
 
@@ -123,6 +123,8 @@ class Client:
                 )
         self._info = info
         self._closed = False
+        # The largest frame the controller reads (bytes; 0: not said, an older controller).
+        self._max_frame: int = info.get("max_frame_bytes") or 0
         # Why the controller is gone (None while it serves): pending results have failed
         # with ControllerGone, and new submissions raise it.
         self._gone: str | None = None
@@ -213,6 +215,9 @@ class Client:
             poller.register(monitor, zmq.POLLIN)
             broken = False
             recv, unpack, handle = wire.recv, signer.unpack, self._on_message
+            # Pings also keep this socket known to the controller, which forgets a listener
+            # silent for its forget_after (results flowing to us are not heard from us).
+            keepalive = min(float(self._info.get("forget_after") or 300.0) / 4, 60.0)
             heard = pinged = checked = time.monotonic()
             while not self._closed:
                 ready = poller.poll(200)
@@ -231,11 +236,11 @@ class Client:
                             continue
                         except Exception:  # a bug here must not stop results arriving
                             traceback.print_exc()
-                    if self._gone is None:
-                        continue
                 now = time.monotonic()
+                if now - checked < PID_CHECK_S and self._gone is None:
+                    continue  # (results flowing: the checks below twice a second at most)
                 reason = self._gone
-                if reason is None and now - checked >= PID_CHECK_S:
+                if reason is None:
                     checked = now
                     reason = self._controller_exited()
                 if reason is None and now - heard > CONTROLLER_TIMEOUT_S:
@@ -244,7 +249,9 @@ class Client:
                 if reason is not None:
                     self._controller_gone(reason)
                     return
-                if now - heard > PING_AFTER_S and now - pinged > PING_AFTER_S:
+                if (now - heard > PING_AFTER_S and now - pinged > PING_AFTER_S) \
+                        or now - pinged > keepalive:
+                    wire.send(sock, signer.pack(wire.REQUEST, (-1, "ping", None)))
                     pinged = now
                     with contextlib.suppress(zmq.Again):
                         wire.send(sock, signer.pack(wire.REQUEST, (-1, "ping", None)))
@@ -451,19 +458,31 @@ class Client:
             self._warned_empty = True
             warnings.warn(f"the cluster has no engines: tasks wait until one registers "
                           f"({ADD_ENGINES})", RuntimeWarning, stacklevel=3)
-        mac, placer = self._signer.bufs_mac, self._placer
+        mac, placer, limit = self._signer.bufs_mac, self._placer, self._max_frame
+        n = limit and wire.oversized([fbuf], limit)
+        if n:
+            raise SerializationError(_too_big("the function", n, limit))
         for start in range(0, len(tasks), SUBMIT_BATCH):
             batch = tasks[start:start + SUBMIT_BATCH]
-            metas, bufs = [], [fbuf]
-            for msg_id, args in batch:
+            metas, bufs, sent = [], [fbuf], []
+            for i, (msg_id, args) in enumerate(batch, base + start):
                 if placer is not None and len(args) > 1:
                     args = placer.place(args)
+                n = limit and wire.oversized(args, limit)
+                if n:  # the controller would refuse the message (and drop us): fail it here
+                    why = _too_big(f"task {msg_id}'s arguments", n, limit)
+                    self._outcomes[msg_id] = failed = Outcome.lost(msg_id, why, "SerializationError")
+                    ar._deliver(i, failed)
+                    continue
                 metas.append((msg_id, len(args), mac([fbuf, *args])))
                 bufs.extend(args)
+                sent.append((msg_id, i))
+            if not sent:
+                continue
             # Under the lock, so that close() either sees these as pending or refuses them.
             with self._send_lock:
                 self._check_open()
-                for i, (msg_id, _args) in enumerate(batch, base + start):
+                for msg_id, i in sent:
                     self._pending[msg_id] = (ar, i)
                 if record:
                     self.history.extend(msg_id for msg_id, _args in batch)
@@ -895,6 +914,12 @@ def _engine_list(targets: Any, registered: list[int]) -> list[int]:
         raise IndexError(f"no such engine(s): {', '.join(map(str, missing))}; the engines "
                          f"registered now are {registered} (rc.ids)")
     return ids
+
+
+def _too_big(what: str, n: int, limit: int) -> str:
+    return (f"{what} pickled to a frame of {n} bytes, over the cluster's limit of {limit} bytes "
+            "(`ipylb cluster start --max-frame-mb`); on the controller's machine, arrays and "
+            "bytes go through shared memory instead: pass large data as numpy arrays or bytes")
 
 
 def _as_list(jobs: Any) -> list[Any]:

@@ -17,7 +17,7 @@ import zmq
 
 from .. import connection, limits, wire
 from ..error import NoCluster
-from .hub import Controller, stop_on_signals
+from .hub import FORGET_AFTER_S, MAX_FRAME_BYTES, Controller, stop_on_signals
 from .launcher import EngineLauncher
 from .records import TaskDB, TaskStore
 
@@ -45,6 +45,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--heartbeat-timeout", type=float, default=10.0,
                    help="seconds of heartbeat silence after which an engine counts as dead")
     limits.add_fault_options(p)
+    p.add_argument("--max-frame-mb", type=int, default=MAX_FRAME_BYTES >> 20,
+                   help="the largest frame a peer may send, in MiB (a larger one disconnects it)")
+    p.add_argument("--forget-after", type=float, default=FORGET_AFTER_S,
+                   help="seconds after which a silent client's (or engine's) state is dropped")
     args = p.parse_args(argv)
     try:
         limits.check_engine_count(args.engines, "--engines", minimum=0)
@@ -66,7 +70,8 @@ def main(argv: list[str] | None = None) -> None:
                          heartbeat_timeout=args.heartbeat_timeout,
                          walltime_grace=args.walltime_grace,
                          store=TaskStore(args.store_limit_mb << 20, db),
-                         location=args.location, curve=args.curve)
+                         location=args.location, curve=args.curve,
+                         max_frame_bytes=args.max_frame_mb << 20, forget_after=args.forget_after)
     except (ValueError, zmq.ZMQError) as e:  # unknown scheme, an --ip not on this machine
         print(f"error: {e}", flush=True)
         sys.exit(1)
@@ -75,6 +80,8 @@ def main(argv: list[str] | None = None) -> None:
         "pid": os.getpid(), "scheme": args.scheme, "hwm": ctl.hwm,
         "shm_domain": ctl.shm_domain, "shm_prefix": ctl.shm_prefix,
         "db": "sqlite" if db is not None else "memory",  # what survives it (clients say so)
+        "max_frame_bytes": ctl.max_frame_bytes,  # clients and engines check before sending
+        "forget_after": ctl.forget_after,  # clients ping well within it
     }
     if ctl.curve_public is not None:
         info["curve_serverkey"] = ctl.curve_public.decode()

@@ -35,6 +35,23 @@ HOUSEKEEPING_S = 0.25
 # never claimed its link) are removed this long after they were written, checked this often.
 ORPHAN_GRACE_S = 300.0
 ORPHAN_SWEEP_S = 60.0
+# Peers (clients, engines) not heard from for this long are forgotten: their replay state
+# (wire.Signer.forget_idle: a floor keeps their old messages refused) and, for a client, its
+# place among the listeners.  Live clients ping when idle, live engines answer for their
+# tasks, so only the gone are forgotten.  Hosts' clocks must agree within this (see wire.py).
+FORGET_AFTER_S = 300.0
+FORGET_SWEEP_S = 30.0
+# The largest frame a peer may send (bytes): zmq reads a frame's size before its bytes and
+# disconnects a peer that announces more, so nobody, authenticated or not, makes us buffer
+# a bigger one.  Clients and engines check their frames against it before sending (it is in
+# the connection file); large arrays between processes of this machine go through shared
+# memory and are not frames at all.  ``ipylb cluster start --max-frame-mb`` changes it.
+MAX_FRAME_BYTES = 256 << 20
+# What a registration may carry, and the types of the fields (others are kept as they come);
+# pid and heartbeat are required: an engine nobody can watch could hold its tasks forever.
+_REGISTER_FIELDS = {"connection_file": str, "pid": int, "hostname": str, "tag": str,
+                    "heartbeat": str, "shm_domain": (str, type(None))}
+_REGISTER_REQUIRED = ("pid", "heartbeat")
 
 
 class Controller:
@@ -53,6 +70,8 @@ class Controller:
         location: str | None = None,
         curve: bool = False,
         walltime_grace: float = 5.0,
+        max_frame_bytes: int = MAX_FRAME_BYTES,
+        forget_after: float = FORGET_AFTER_S,
     ) -> None:
         """``ip``: the address to listen on (``0.0.0.0``: every interface); ``location``:
         the host name or address written into urls for other hosts (default: this host's
@@ -84,6 +103,10 @@ class Controller:
         # CurveZMQ: peers know our public key from the connection file; theirs are not
         # checked (no ZAP handler): who may talk is decided by the HMAC key, as without curve.
         self.curve_public, self._curve_secret = zmq.curve_keypair() if curve else (None, None)
+        self.max_frame_bytes = max_frame_bytes
+        self.forget_after = forget_after
+        self._forget_sweep = min(FORGET_SWEEP_S, forget_after / 4)
+        self._next_forget = time.monotonic() + self._forget_sweep
         self.clients = self._router(ip)
         self.engines = self._router(ip)
         self.engines.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -123,6 +146,7 @@ class Controller:
             "hub_history": lambda _c, _a: [r["msg_id"] for r in self.store.query([], ["msg_id"])],
             "redeliver": self._req_redeliver,
             "ping": lambda _c, _a: None,  # a client's liveness check
+            "validate": lambda _c, _a: self.validate(),
         }
 
     def _router(self, ip: str) -> zmq.Socket:
@@ -138,6 +162,7 @@ class Controller:
         if ":" in ip:  # an IPv6 address (or ::)
             s.setsockopt(zmq.IPV6, 1)
             ip = f"[{ip.strip('[]')}]"
+        s.setsockopt(zmq.MAXMSGSIZE, self.max_frame_bytes)
         s.bind(f"tcp://{ip}:0")
         return s
 
@@ -191,6 +216,9 @@ class Controller:
             log.warning("parent process %s is gone: shutting down", self.parent_pid)
             self.stop(f"the process that started it (pid {self.parent_pid}) is gone")
             return
+        if now >= self._next_forget:
+            self._forget_idle_peers()
+            self._next_forget = now + self._forget_sweep
         if self.shm_prefix and now >= self._next_orphan_sweep:
             shm.sweep_orphans(self.shm_prefix, ORPHAN_GRACE_S)
             self._next_orphan_sweep = now + ORPHAN_SWEEP_S
@@ -233,8 +261,17 @@ class Controller:
         else:
             raise wire.WireError(f"unexpected message kind {kind!r} on the engine socket")
 
+    def _forget_idle_peers(self) -> None:
+        """Forget peers not heard from for ``forget_after`` s: replay state, listener place."""
+        for sender in self.signer.forget_idle(self.forget_after):
+            if sender in self.listeners:
+                self.listeners.discard(sender)
+                self.remote.discard(sender)
+                log.info("forgot client %r: not heard from for %.0f s", sender, self.forget_after)
+
     def _on_register(self, ident: bytes, meta: dict[str, Any]) -> None:
-        if not isinstance(meta, dict):  # checked before any state changes: no ghost engine
+        # Checked before any state changes: no ghost engine, no engine half registered.
+        if not isinstance(meta, dict):
             raise wire.WireError(f"a registration without engine info ({type(meta).__name__})")
         refusal = compat.mismatch(
             self.versions, meta.get("versions"), "the cluster's controller",
@@ -246,7 +283,19 @@ class Controller:
             if self.launcher is not None:  # a restart would be refused again
                 self.launcher.no_restart(meta.get("tag", ""))
             return
+        bad = [k for k, t in _REGISTER_FIELDS.items() if k in meta and not isinstance(meta[k], t)]
+        bad += [k for k in _REGISTER_REQUIRED if not meta.get(k)]
+        if bad:
+            raise wire.WireError(f"a registration with missing or malformed field(s) "
+                                 f"{', '.join(bad)}")
+        if ident in self.engine_of:
+            raise wire.WireError(f"engine {self.engine_of[ident]} registered a second time")
         engine_id = self._next_engine
+        try:  # every engine is watched: one that stops answering is dead after heartbeat_timeout
+            hb = self.heartbeats.add(engine_id, meta["heartbeat"], time.monotonic())
+        except zmq.ZMQError as e:
+            raise wire.WireError(f"a registration with a heartbeat url zmq refuses: {e}") from None
+        self.poller.register(hb, zmq.POLLIN)
         self._next_engine += 1
         self.engine_ident[engine_id] = ident
         self.engine_of[ident] = engine_id
@@ -257,9 +306,6 @@ class Controller:
             if restarts is not None:
                 meta["restarts"] = restarts  # of its slot before it: engine_info() shows it
         wire.send(self.engines, [ident, *self.signer.pack(wire.REGISTERED, engine_id, to=ident)])
-        if meta.get("heartbeat"):
-            self.poller.register(
-                self.heartbeats.add(engine_id, meta["heartbeat"], time.monotonic()), zmq.POLLIN)
         log.info("engine %d registered (pid %s)", engine_id, meta.get("pid"))
         self._broadcast(("engines", self._engine_list()))
         self._execute(self.core.handle(ev.EngineAdded(engine_id, time.monotonic())))
@@ -297,6 +343,8 @@ class Controller:
         engine_id = self.engine_of.get(ident)
         if engine_id is None:
             raise wire.WireError(f"a result from an unregistered engine {ident!r}")
+        if type(meta) is not tuple or len(meta) < 7 or type(meta[0]) is not str:
+            raise wire.WireError("a malformed result")
         msg_id, status = meta[0], meta[1]
         rec = self.store.get(msg_id)
         if rec is None:
@@ -332,8 +380,12 @@ class Controller:
                 raise wire.WireError("a submission from a client refused at its hello")
             self._on_submit(ident, meta, bufs, bufs_mac)
         elif kind == wire.REQUEST:
+            if type(meta) is not tuple or len(meta) != 3 or type(meta[1]) is not str:
+                raise wire.WireError("a malformed request")
             req_id, op, arg = meta
             reply_to = ident[:-1] + b"r"
+            if ident == reply_to:  # a receiving socket's ping: it listens (again, if forgotten)
+                self.listeners.add(ident)
             try:
                 value, ok = self._requests[op](reply_to, arg), True
             except Exception as e:  # a KeyError's str() is its repr: send the message itself
@@ -363,6 +415,8 @@ class Controller:
 
     def _on_submit(self, ident: bytes, meta: tuple, bufs: list[Any], _mac: bytes) -> None:
         """One or more tasks sharing a function frame; each carries its own MAC."""
+        if type(meta) is not tuple or len(meta) != 2 or type(meta[1]) is not list or not bufs:
+            raise wire.WireError("a malformed submission")
         flags, tasks = meta
         client = ident[:-1] + b"r"
         try:
@@ -370,9 +424,18 @@ class Controller:
         except wire.WireError as e:
             self._refuse(client, tasks, str(e))
             raise
-        fbuf, pos = bufs[0], 1
+        fbuf, pos, end = bufs[0], 1, len(bufs)
         now = time.monotonic()
-        for msg_id, nargs, task_mac in tasks:
+        for k, task in enumerate(tasks):
+            # Each task checked before it is kept (those before a malformed one are valid;
+            # it and those after it are refused).
+            if type(task) is not tuple or len(task) != 3 or type(task[0]) is not str \
+                    or type(task[1]) is not int or not 0 <= task[1] <= end - pos \
+                    or type(task[2]) is not bytes:
+                why = f"a malformed task in a submission ({task!r:.80})"
+                self._refuse(client, tasks[k:], why)
+                raise wire.WireError(why)
+            msg_id, nargs, task_mac = task
             task_bufs = [fbuf, *bufs[pos:pos + nargs]]
             pos += nargs
             if msg_id in self.store.records:
@@ -419,6 +482,26 @@ class Controller:
         return sorted(self.engine_ident)
 
     # -- requests ----------------------------------------------------------------
+
+    def validate(self) -> dict[str, int]:
+        """Check the scheduler core's invariants and that this shell agrees with it; raise
+        AssertionError naming the first broken one.  Sound at any time a request is served:
+        the core changes only inside ``handle``, which runs to completion between messages.
+        (The ``validate`` request: tests and ``ipylb soak`` ask for it while serving.)
+
+        Returns the sizes of what grows with use: listeners, peers' replay state, records."""
+        self.core.validate()
+        engines = set(self.core.engines)
+        if engines != set(self.engine_ident):
+            raise AssertionError(f"engines registered here {sorted(self.engine_ident)} "
+                                 f"!= the scheduler's {sorted(engines)}")
+        if {v: k for k, v in self.engine_ident.items()} != self.engine_of:
+            raise AssertionError("engine ids and socket identities do not match one to one")
+        for msg_id, rec in self.store.records.items():
+            if rec.result is None and self.core.task_state(msg_id) is None:
+                raise AssertionError(f"task {msg_id} is pending here, unknown to the scheduler")
+        return {"listeners": len(self.listeners), "senders": self.signer.senders,
+                "records": len(self.store.records), "engines": len(self.engine_ident)}
 
     def _req_queue_status(self, _client: bytes, verbose: Any) -> dict[Any, Any]:
         status = self.core.queue_status(verbose=verbose is True)

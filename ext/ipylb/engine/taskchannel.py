@@ -93,6 +93,10 @@ def _remote_traceback(e: BaseException) -> str:
     return "".join(traceback.format_exception(type(e), e, tb))
 
 
+# Of a task's output too large to send, the last this many characters of each stream are kept.
+OUTPUT_KEPT_ON_OVERSIZE = 64 << 10
+
+
 class TaskChannel:
     """Serves tasks for one engine kernel."""
 
@@ -115,6 +119,8 @@ class TaskChannel:
         self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.sock.connect(cluster["engine_url"])
         self.engine_url = cluster["engine_url"]
+        # The largest frame the controller reads (0: no limit given).
+        self.max_frame: int = cluster.get("max_frame_bytes") or 0
         self.connection_file = connection_file
         self.engine_id: int | None = None
         self.inbox: deque[tuple[int, Any, list[Any], bytes]] = deque()
@@ -327,7 +333,17 @@ class TaskChannel:
         error: tuple[str, str, str] | None, result: list[Any],
     ) -> list[Any]:
         meta = (msg_id, status, started, _now(), output[0], output[1], error)
-        return self.signer.pack(wire.DONE, meta, result)
+        frames = self.signer.pack(wire.DONE, meta, result)
+        n = self.max_frame and wire.oversized(frames, self.max_frame)
+        if n:  # the controller would refuse it (and drop our connection): fail the task instead
+            error = ("SerializationError",
+                     f"the result of task {msg_id} (its value or its output) is a frame of {n} "
+                     f"bytes, over the cluster's limit of {self.max_frame} bytes (ipylb cluster "
+                     "start --max-frame-mb): return or print less, or write it to a file", "")
+            keep = OUTPUT_KEPT_ON_OVERSIZE
+            meta = (msg_id, "error", started, meta[3], meta[4][-keep:], meta[5][-keep:], error)
+            frames = self.signer.pack(wire.DONE, meta)
+        return frames
 
 
 def _pickle_result(msg_id: str, value: Any) -> list[Any]:
