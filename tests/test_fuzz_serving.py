@@ -19,7 +19,7 @@ import ipylb
 import pytest
 import zmq
 import zmq.utils.monitor
-from ipylb import wire
+from ipylb import compat, wire
 from ipylb.error import RemoteError
 from ipylb.fuzz import KINDS, Fuzzer
 
@@ -164,7 +164,7 @@ def test_gone_peers_are_forgotten_and_their_messages_stay_refused(cluster):
     sock.setsockopt(zmq.IDENTITY, ident)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(cluster.info["client_url"])
-    hello = wire.Signer(key, ident, to).pack(wire.HELLO, {})
+    hello = wire.Signer(key, ident, to).pack(wire.HELLO, {"versions": compat.versions()})
     hello = [bytes(f) for f in hello]
     sock.send_multipart(hello)
     assert sock.poll(10_000), "no welcome"

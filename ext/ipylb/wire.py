@@ -219,6 +219,10 @@ class Signer:
         """How many senders' replay state is kept."""
         return len(self._last_seen)
 
+    def knows(self, sender: bytes) -> bool:
+        """Whether ``sender``'s replay state is kept (it was heard from, not forgotten)."""
+        return sender in self._last_seen
+
     def forget_idle(self, idle_s: float) -> list[bytes]:
         """Forget the senders whose last message is older than ``idle_s`` seconds (by its
         seq, their clock); returns them.  Their old messages stay refused: each seq they

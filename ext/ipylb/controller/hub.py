@@ -264,6 +264,10 @@ class Controller:
     def _forget_idle_peers(self) -> None:
         """Forget peers not heard from for ``forget_after`` s: replay state, listener place."""
         for sender in self.signer.forget_idle(self.forget_after):
+            prefix = sender[:-1]  # a client's two sockets: <prefix>s and <prefix>r
+            if prefix in self.refused and not (self.signer.knows(prefix + b"s")
+                                               or self.signer.knows(prefix + b"r")):
+                self.refused.discard(prefix)  # its messages are refused by the floor now
             if sender in self.listeners:
                 self.listeners.discard(sender)
                 self.remote.discard(sender)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import sys
@@ -18,14 +19,20 @@ from .taskchannel import TaskChannel
 PARENT_POLL_S = 0.5
 
 
+def _remove_files_if_orphaned(parent: int, connection_file: str) -> None:
+    """Remove our kernel connection file and ipc sockets if the process that launched us
+    is gone: nobody else will (a living launcher's KernelManager does it itself)."""
+    if connection_file and os.getppid() != parent:
+        remove_kernel_files(connection_file)
+
+
 def _exit_when_orphaned(parent: int, connection_file: str) -> None:
     """Exit once the launching process is gone, so a killed client leaves no engine behind,
-    and no file either: our kernel connection file and ipc sockets (nobody else will)."""
+    and no file either."""
     while True:
         time.sleep(PARENT_POLL_S)
         if os.getppid() != parent:
-            if connection_file:
-                remove_kernel_files(connection_file)
+            _remove_files_if_orphaned(parent, connection_file)
             os._exit(1)
 
 
@@ -53,14 +60,19 @@ class EngineKernel(IPythonKernel):
 
     def start(self) -> None:  # type: ignore[override]
         super().start()
+        # In place of ipykernel's parent poller (see EngineApp), also for a plain kernel.
+        connection_file = getattr(self.parent, "abs_connection_file", "")
+        parent = os.getppid()
+        threading.Thread(target=_exit_when_orphaned, args=(parent, connection_file),
+                         daemon=True, name="ipylb-parent-watch").start()
+        # Also when we leave on our own because the controller went (the task channel sees
+        # its connection drop before this thread sees it is orphaned).
+        atexit.register(_remove_files_if_orphaned, parent, connection_file)
         path = os.environ.get("IPYLB_CLUSTER_FILE")
         if not path:
             print("ipylb engine: IPYLB_CLUSTER_FILE is not set; serving cells only", file=sys.__stderr__)
             return
         with open(path) as f:
             cluster = json.load(f)
-        connection_file = getattr(self.parent, "abs_connection_file", "")
-        threading.Thread(target=_exit_when_orphaned, args=(os.getppid(), connection_file),
-                         daemon=True, name="ipylb-parent-watch").start()
         self.task_channel = TaskChannel(self, cluster, connection_file)
         self.task_channel.start(self.io_loop.asyncio_loop)
