@@ -251,10 +251,9 @@ class Client:
                     return
                 if (now - heard > PING_AFTER_S and now - pinged > PING_AFTER_S) \
                         or now - pinged > keepalive:
-                    wire.send(sock, signer.pack(wire.REQUEST, (-1, "ping", None)))
-                    pinged = now
                     with contextlib.suppress(zmq.Again):
                         wire.send(sock, signer.pack(wire.REQUEST, (-1, "ping", None)))
+                    pinged = now
             with contextlib.suppress(zmq.Again):
                 wire.send(sock, signer.pack(wire.BYE, None))
         finally:
