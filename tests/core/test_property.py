@@ -13,6 +13,11 @@ not do.  After every event it checks:
 * a task fails with ImpossibleDependency exactly when the rules say it can no
   longer run (never too early, and in the same call as the cause);
 * timeouts fire exactly for tasks still unassigned at their deadline;
+* walltimes: an Interrupt comes exactly once an attempt has run its walltime since its
+  TaskStarted, a RestartEngine exactly once it has then run the grace period too (the
+  engine is gone, its running task fails with WalltimeExceeded or is retried, the tasks
+  queued behind it are queued again), and an interrupted attempt that fails is a
+  WalltimeExceeded (or retried);
 * no ready task waits while an engine it may use has a free slot, and a slot
   goes to the oldest task that may use it;
 * every task ends (delivered or failed) once engines remain.
@@ -34,6 +39,7 @@ from ipylb.core.events import (
     IMPOSSIBLE,
     INVALID,
     TIMEOUT,
+    WALLTIME,
     AbortRequested,
     Assign,
     Cancel,
@@ -42,8 +48,11 @@ from ipylb.core.events import (
     EngineAdded,
     EngineRemoved,
     Fail,
+    Interrupt,
+    RestartEngine,
     TaskDone,
     TaskForgotten,
+    TaskStarted,
     TaskSubmitted,
     TaskUnmet,
     Tick,
@@ -52,6 +61,7 @@ from ipylb.core.scheduler import Scheduler
 from ipylb.core.schemes import SCHEMES
 
 SWITCHES = [(True, False)] * 4 + [(False, True)] + [(True, True)] * 2
+GRACE = 1.0  # the walltime grace period the worlds' cores run with
 
 
 class Info:
@@ -76,6 +86,12 @@ class Info:
         self.ran = False  # an attempt ran (failed or died): the timeout is over
         self.abort = False
         self.cancelled = False
+        self.walltime = ev.walltime or 0.0
+        self.started: float | None = None  # the running attempt's TaskStarted
+        self.interrupted: float | None = None  # ... and its Interrupt
+
+    def attempt_over(self) -> None:
+        self.started = self.interrupted = None
 
 
 class World:
@@ -85,7 +101,8 @@ class World:
         self.seed = seed
         self.n_tasks = n_tasks
         self.hwm = hwm
-        self.core = Scheduler(scheme=scheme, hwm=hwm, seed=seed, validate=validate)
+        self.core = Scheduler(scheme=scheme, hwm=hwm, seed=seed, validate=validate,
+                              walltime_grace=GRACE)
         self.now = 0.0
         self.live: dict[int, deque[str]] = {}
         self.next_eid = 0
@@ -205,6 +222,14 @@ class World:
         cmds = self.core.handle(event)
         expect_fail = dict(expect_fail or {})
         allow_fail = dict(allow_fail or {})
+        for c in cmds:  # an engine restarted for a walltime: its tasks as when it dies
+            if isinstance(c, RestartEngine):
+                assert c.engine_id in self.live, f"{c}: no such engine"
+                head = self.tasks[self.live[c.engine_id][0]]
+                assert head.interrupted is not None and self.now >= head.interrupted + GRACE, \
+                    f"{c} before {head.tid} had its grace period"
+                self.bump("restart")
+                self.drop_engine(c.engine_id, expect_fail, WALLTIME)
         delivered = set()
         seen_fail = set()
         for c in cmds:
@@ -216,6 +241,16 @@ class World:
             elif isinstance(c, Fail):
                 self.check_fail(c, expect_fail, allow_fail)
                 seen_fail.add(c.task_id)
+            elif isinstance(c, Interrupt):
+                i = self.tasks[c.task_id]
+                q = self.live.get(c.engine_id)
+                assert q and q[0] == c.task_id, f"{c}: not the task running there"
+                assert i.started is not None and i.interrupted is None, f"{c}: {i.started}"
+                assert self.now >= i.started + i.walltime, f"{c} before its walltime"
+                i.interrupted = self.now
+                self.bump("interrupt")
+            elif isinstance(c, RestartEngine):
+                pass  # done above
             elif isinstance(c, Cancel):
                 assert expect_cancel == (c.task_id, c.engine_id), f"unexpected {c}"
                 expect_cancel = None
@@ -274,6 +309,8 @@ class World:
         elif c.error == TIMEOUT:
             assert i.assigned is None and i.timeout and not i.ran, c
             assert self.now >= i.submitted + i.timeout, c
+        elif c.error == WALLTIME:
+            raise AssertionError(f"WalltimeExceeded the oracle did not expect: {c}")
         else:
             raise AssertionError(f"unexpected {c}")
         i.final, i.error, i.engine, i.assigned = "sched", c.error, None, None
@@ -287,6 +324,9 @@ class World:
             if i.assigned is not None:
                 assert state == "assigned", (tid, state)
                 assert tid in self.live[i.assigned], f"{tid} lost from engine {i.assigned}"
+                if i.started is not None and self.now >= i.started + i.walltime:
+                    assert i.interrupted is not None, f"{tid} past its walltime, not interrupted"
+                    assert self.now < i.interrupted + GRACE, f"{tid}'s engine outlived the grace"
                 continue
             assert state in ("waiting", "ready"), (tid, state)
             why = self.impossible(i)
@@ -321,11 +361,13 @@ class World:
         if recent and rng.random() < 0.2:
             follow = self.spec(rng.sample(recent, min(rng.choice((1, 1, 2)), len(recent))), 0.5)
         timeout = rng.uniform(0.5, 6) if rng.random() < 0.15 else None
+        walltime = rng.uniform(0.2, 3) if rng.random() < 0.15 else None
         retries = rng.choice((0, 0, 0, 1, 2))
         targets = None
         if rng.random() < 0.15:  # some engines, maybe gone or not registered yet
             targets = frozenset(rng.sample(range(self.next_eid + 2), rng.choice((1, 1, 2))))
-        ev = TaskSubmitted(tid, self.now, after, follow, timeout, retries, targets=targets)
+        ev = TaskSubmitted(tid, self.now, after, follow, timeout, retries, targets=targets,
+                           walltime=walltime)
         p_fail = rng.choice((0,) * 12 + (0.3, 0.5, 1.0))
         i = Info(tid, ev, p_fail, rng.choice((0,) * 12 + (0.5, 1.0)))
         wanted = (after.ids if after else frozenset()) | (follow.ids if follow else frozenset())
@@ -347,11 +389,20 @@ class World:
         busy = [x for x, q in self.live.items() if q]
         if not busy:
             return
-        e = self.rng.choice(busy) if e is None else e
+        self.now += 0.01
+        if self.core.next_deadline() is not None and self.core.next_deadline() <= self.now:
+            # What falls due first (an Interrupt, a restart) comes at the start of the
+            # engine's report, as a Tick would: let one bring it, then report.
+            self.send(Tick(self.now))
+            busy = [x for x, q in self.live.items() if q]
+            if not busy:
+                return
+        e = self.rng.choice(busy) if e is None or e not in busy else e
         tid = self.live[e].popleft()
         i = self.tasks[tid]
         i.assigned = None
-        self.now += 0.01
+        interrupted = i.interrupted is not None
+        i.attempt_over()
         if not i.cancelled and self.refuses(tid, e):
             i.refused.add(e)
             self.bump("unmet")
@@ -359,6 +410,16 @@ class World:
             self.send(TaskUnmet(tid, e, self.now), expect_fail=exp)
             return
         ok = not i.cancelled and self.rng.random() >= i.p_fail
+        if interrupted and not ok:  # stopped by its walltime's interrupt
+            if i.retries > 0 and not i.abort:
+                i.retries -= 1
+                i.ran = True
+                i.failed_on.add(e)
+                self.bump("walltime_retry")
+                self.send(TaskDone(tid, e, False, self.now))
+            else:
+                self.send(TaskDone(tid, e, False, self.now), expect_fail={tid: WALLTIME})
+            return
         if not ok and i.retries > 0 and not i.abort:
             i.retries -= 1
             i.ran = True
@@ -409,24 +470,40 @@ class World:
         if not self.live:
             return
         e = self.rng.choice(sorted(self.live))
+        expect: dict[str, str] = {}
+        self.drop_engine(e, expect, ENGINE_ERROR)
+        self.bump("engine_removed")
+        self.send(EngineRemoved(e, "killed", self.now), expect_fail=expect)
+
+    def drop_engine(self, e: int, expect: dict[str, str], error: str) -> None:
+        """Engine ``e`` is gone: what the rules say of its tasks (``error``: of the running
+        one, unless it had been interrupted for its walltime)."""
         q = self.live.pop(e)
-        expect, allow = {}, {}
         for n, tid in enumerate(q):
             i = self.tasks[tid]
             i.assigned = None
             if n == 0:
+                why = WALLTIME if i.interrupted is not None else error
+                i.attempt_over()
                 if i.retries > 0 and not i.abort:
                     i.retries -= 1
                     i.ran = True
                     i.failed_on.add(e)
                 else:
-                    expect[tid] = ENGINE_ERROR
+                    expect[tid] = why
             elif i.abort:
                 expect[tid] = ABORTED
             else:
                 self.bump("requeued_behind")
-        self.bump("engine_removed")
-        self.send(EngineRemoved(e, "killed", self.now), expect_fail=expect, allow_fail=allow)
+
+    def report_starts(self) -> None:
+        """Engines report the start of the walltime task they run (if not done yet)."""
+        for e, q in list(self.live.items()):
+            if q and e in self.live:
+                i = self.tasks[q[0]]
+                if i.walltime and i.started is None and not i.cancelled:
+                    i.started = self.now
+                    self.send(TaskStarted(i.tid, e, self.now))
 
     def forget(self) -> None:
         done = [t for t in self.order[-200:] if self.tasks[t].final and t not in self.forgotten]
@@ -440,6 +517,7 @@ class World:
     def run(self) -> None:
         rng = self.rng
         while len(self.order) < self.n_tasks:
+            self.report_starts()
             r = rng.random()
             if r < 0.36:
                 self.submit()
@@ -462,6 +540,7 @@ class World:
         for _ in range(50 * self.n_tasks):
             if not self.pending:
                 break
+            self.report_starts()
             if not self.live:
                 self.add_engine()
             elif any(self.live.values()):
@@ -514,7 +593,8 @@ def test_random_graph_2000_tasks(scheme, hwm, seed):
     s = w.stats
     # the run exercised every rule, not just the easy path
     for key in ("assign", "retry", "unmet", IMPOSSIBLE, TIMEOUT, ABORTED, ENGINE_ERROR,
-                INVALID, "engine_removed", "follow_all", "follow_any", "targets", "assign_targeted"):
+                INVALID, "engine_removed", "follow_all", "follow_any", "targets", "assign_targeted",
+                "interrupt", "restart", WALLTIME):
         assert s.get(key, 0) > 0, (key, s)
     if hwm != 1:  # tasks queue behind others on an engine
         assert s.get("cancel", 0) > 0, s
