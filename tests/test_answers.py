@@ -8,11 +8,14 @@ import contextlib
 import logging
 import socket
 import threading
+import time
 
 import ipylb
 import pytest
-from ipylb import connection, wire
+import zmq
+from ipylb import compat, connection, wire
 from ipylb.client.asyncresult import Outcome
+from ipylb.controller.hub import Controller
 from ipylb.controller.records import Record, TaskDB, TaskStore
 from ipylb.error import RemoteError, WireError
 from test_pending import TIMEOUT, Gate, wait_at_gate
@@ -161,3 +164,64 @@ def test_a_record_the_database_cannot_take_is_kept_in_memory(tmp_path, caplog):
         assert store.finished(rec) == []
     assert "t0 was not saved to the database" in caplog.text
     assert store.get("t0") is rec
+
+
+def test_a_result_sent_just_before_its_engine_is_declared_dead_is_delivered():
+    """An engine's result waits in the controller's socket when the engine is declared dead
+    (its heartbeat silent; the same for a process exit): the result is taken first, so the
+    task that finished succeeds instead of failing with EngineError (or running again).
+
+    A real Controller object on real sockets, driven step by step (time is an argument of
+    its housekeeping); the engine and the client are plain DEALER sockets of the test."""
+    key = wire.new_key()
+    ctl = Controller(key, heartbeat_timeout=5.0)
+    ctx = zmq.Context.instance()
+    socks = []
+
+    def dealer(ident: bytes, url: str) -> zmq.Socket:
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.IDENTITY, ident)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(url)
+        socks.append(s)
+        return s
+
+    def serve(sock: zmq.Socket, handler) -> None:  # one turn of the controller's loop
+        assert sock.poll(10_000)
+        ctl._drain(sock, handler)
+
+    def receive(sock: zmq.Socket, signer: wire.Signer):
+        assert sock.poll(10_000)
+        kind, _sender, meta, bufs, _mac = signer.unpack(sock.recv_multipart())
+        return kind, meta, bufs
+
+    try:
+        silent_heartbeat = ctx.socket(zmq.ROUTER)  # takes pings, never answers
+        socks.append(silent_heartbeat)
+        hb_port = silent_heartbeat.bind_to_random_port("tcp://127.0.0.1")
+        engine = dealer(b"engine-h9", ctl.engine_url)
+        submit, results = dealer(b"client-h9-s", ctl.client_url), dealer(b"client-h9-r", ctl.client_url)
+        esign = wire.Signer(key, b"engine-h9", ctl.ident)
+        ssign, rsign = wire.Signer(key, b"client-h9-s", ctl.ident), wire.Signer(key, b"client-h9-r")
+        engine.send_multipart(esign.pack(wire.REGISTER, {
+            "heartbeat": f"tcp://127.0.0.1:{hb_port}", "versions": compat.versions(), "pid": 1}))
+        serve(ctl.engines, ctl._on_engine)
+        assert receive(engine, esign)[0] == wire.REGISTERED
+        task = [b"function", b"argument"]
+        submit.send_multipart(ssign.pack(wire.SUBMIT, (None, [("t1", 1, ssign.bufs_mac(task))]),
+                                         task, b""))
+        serve(ctl.clients, ctl._on_client)
+        kind, meta, _ = receive(engine, esign)
+        assert (kind, meta) == (wire.TASK, ("t1",))
+        now = time.time()
+        engine.send_multipart(esign.pack(wire.DONE, ("t1", "ok", now, now, "", "", None),
+                                         [b"the result"]))
+        assert ctl.engines.poll(10_000)  # it waits in the controller's socket, unread
+        ctl._housekeeping(time.monotonic() + 60)  # a minute of heartbeat silence: dead
+        assert ctl.engine_ident == {}
+        kind, meta, bufs = receive(results, rsign)
+        assert (kind, meta[0], meta[2], bufs) == (wire.RESULT, "t1", "ok", [b"the result"])
+    finally:
+        for s in socks:
+            s.close(0)
+        ctl.close()

@@ -222,8 +222,13 @@ class Controller:
         if self.shm_prefix and now >= self._next_orphan_sweep:
             shm.sweep_orphans(self.shm_prefix, ORPHAN_GRACE_S)
             self._next_orphan_sweep = now + ORPHAN_SWEEP_S
+        # Before an engine's death fails (or re-runs) its task: a result it sent just before
+        # may still wait in our socket, so take what is there first.
         if self.launcher is not None:
-            for engine_id, reason, fate in self.launcher.poll_dead():
+            dead = self.launcher.poll_dead()
+            if dead:
+                self._drain(self.engines, self._on_engine)
+            for engine_id, reason, fate in dead:
                 if engine_id is not None:
                     self._engine_gone(engine_id, f"{reason}; restarting it" if fate else reason, now)
                 elif fate != "restarting it":
@@ -232,7 +237,10 @@ class Controller:
                     log.error("an engine stays down: %s", reason)
                     self._broadcast(("engine_down", reason))
                     self._check_stranded()
-        for engine_id, reason in self.heartbeats.tick(now):
+        silent = self.heartbeats.tick(now)
+        if silent:
+            self._drain(self.engines, self._on_engine)
+        for engine_id, reason in silent:
             km = self.launcher.manager(engine_id) if self.launcher is not None else None
             if km is None or not self.launcher.autorestart:  # type: ignore[union-attr]
                 self._engine_gone(engine_id, reason, now)
