@@ -331,3 +331,15 @@ def test_imap_keeps_no_record_per_item(rc, view):
         view.imap(square, range(3), max_outstanding=-1)
     with pytest.raises(TypeError, match="at least one iterable"):
         view.imap(square)
+
+
+def test_imap_of_a_closed_client_fails_instead_of_waiting(rc):
+    from ipylb import Client
+    from ipylb.error import ClientClosed
+
+    other = Client(rc._local.connection_file)
+    it = other.load_balanced_view().imap(nap, [0.5, 0.5, 0.5])
+    other.close()
+    with pytest.raises(ClientClosed, match="get_result"):
+        next(it)
+    assert next(it, "end") == "end"
