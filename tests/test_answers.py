@@ -225,3 +225,18 @@ def test_a_result_sent_just_before_its_engine_is_declared_dead_is_delivered():
         for s in socks:
             s.close(0)
         ctl.close()
+
+
+def test_wait_on_a_msg_id_another_client_submitted_and_this_one_fetched(rc, view, gate):
+    """rc.wait(msg_id) knew only this client's own submissions: for a task fetched with
+    get_result it raised KeyError ('never submitted') while the task was pending."""
+    ar = view.apply_async(wait_at_gate, gate.port)
+    conn = gate.running()
+    with ipylb.Client(rc.cluster_info["client_url"]) as other:
+        hub = other.get_result(ar.msg_ids[0])
+        assert other.wait(ar.msg_ids[0], timeout=0) is False  # pending, and known
+        conn.sendall(b"done")
+        assert other.wait(ar.msg_ids[0], timeout=TIMEOUT) is True
+        assert hub.get(0) == "done"
+        with pytest.raises(KeyError, match="never submitted here"):
+            other.wait("no-such-task", timeout=0)

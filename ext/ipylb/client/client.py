@@ -559,9 +559,12 @@ class Client:
             else:
                 msg_id = _msg_ids(job, self.history)[0] if type(job) is int else str(job)
                 if msg_id not in self._outcomes:
-                    waiting = self._pending.get(msg_id)
-                    if waiting is None:
-                        raise KeyError(f"no such task: {msg_id!r} (never submitted, or purged)")
+                    waiting = self._pending.get(msg_id) or next(iter(self._watchers.get(msg_id, ())), None)
+                    if waiting is None:  # neither submitted here nor fetched with get_result
+                        if msg_id in self._outcomes:  # (or its result has just come)
+                            continue
+                        raise KeyError(f"no such task: {msg_id!r} (never submitted here, nor "
+                                       "fetched with get_result; or purged)")
                     if not waiting[0].wait(left):
                         return False
         return True
