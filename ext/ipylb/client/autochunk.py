@@ -41,8 +41,10 @@ if TYPE_CHECKING:
 # the probes meanwhile, so a long wait costs no engine time; a short one would take a
 # cold start or a loaded machine for slow items (and send trivial items one by one).
 PROBE_WAIT_S = 2.0
-# The work one chunk should carry, in seconds: ~100x a task's round trip here.
-TARGET_S = 0.05
+# The work one chunk should carry, in seconds: joblib's minimum ideal batch duration
+# (~400 task round trips here).  A one-item probe's time includes the engine's own cost
+# per task (~0.1 ms), so for trivial items chunks come out ~2,000 items long.
+TARGET_S = 0.2
 # The rest of the map is cut into at least this many chunks per engine.
 CHUNKS_PER_ENGINE = 4
 # Probe tasks (one item each) per engine.

@@ -15,7 +15,7 @@ Chunks (``chunksize`` > 1 or ``"auto"``): each task carries a list of items and
 returns the list of their values, yielded one by one.  The window counts items, so
 memory stays bounded the same way.  With ``"auto"`` the chunk size follows the
 measured time per item (each result's engine ``completed - started`` over its
-items, smoothed), so that a task carries ~50 ms of work (:mod:`.autochunk`); the
+items, smoothed), so that a task carries ~0.2 s of work (:mod:`.autochunk`); the
 first tasks carry one item each.
 
 Two objects, so that garbage collection works: :class:`IMapIterator` is what the

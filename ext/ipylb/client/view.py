@@ -171,7 +171,7 @@ class LoadBalancedView:
 
         ``chunksize``: items per task (1, the default, as in ipyparallel: one msg_id per
         item), or ``"auto"``: sized from the time the first items take, so that each task
-        carries ~50 ms of work and every engine gets several (see
+        carries ~0.2 s of work and every engine gets several (see
         :mod:`ipylb.client.autochunk`; ``map_async`` then returns once the first items,
         two per engine, are done, within 2 s).
 
@@ -238,7 +238,7 @@ class LoadBalancedView:
         are not added to ``rc.history``.
 
         ``chunksize``: items per task (1: ipyparallel's), or ``"auto"``: one at first, then
-        ~50 ms of measured work per task (:mod:`ipylb.client.imap`); ``max_outstanding``
+        ~0.2 s of measured work per task (:mod:`ipylb.client.imap`); ``max_outstanding``
         then counts items, and a failed chunk stands for each of its items."""
         return IMapIterator(self, f, iterables, ordered, max_outstanding, return_exceptions,
                             chunksize)
