@@ -49,6 +49,7 @@ class Hosts:
         self.ns = {"a": f"ipylb{tag}a", "b": f"ipylb{tag}b"}
         self.root = root
         self.runtime = {h: root / h for h in "ab"}
+        self.extra_env: dict[str, str] = {}
         for d in self.runtime.values():
             d.mkdir(mode=0o700, exist_ok=True)
 
@@ -83,7 +84,8 @@ class Hosts:
 
     def env(self, host: str) -> dict[str, str]:
         return {**os.environ, "JUPYTER_RUNTIME_DIR": str(self.runtime[host]),
-                "JUPYTER_DATA_DIR": str(self.root / "data"), "IPYLB_PROGRESS": "0"}
+                "JUPYTER_DATA_DIR": str(self.root / "data"), "IPYLB_PROGRESS": "0",
+                **self.extra_env}
 
     def run(self, host: str, argv: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run(self.argv(host, argv), env=self.env(host), capture_output=True,
@@ -93,10 +95,10 @@ class Hosts:
         return subprocess.Popen(self.argv(host, argv), env=self.env(host),
                                 stdin=subprocess.DEVNULL, text=True, **kw)
 
-    def start_cluster(self, profile: str, ip: str = A_IP, *extra: str) -> Path:
+    def start_cluster(self, profile: str, ip: str = A_IP, *extra: str, engines: int = 0) -> Path:
         """A controller in A (no engines of its own); returns a copy of its connection
         file in B's runtime dir (as a user copies it, or a shared filesystem shows it)."""
-        out = self.run("a", [IPYLB, "cluster", "start", "-n", "0", "--daemon", "--ip", ip,
+        out = self.run("a", [IPYLB, "cluster", "start", "-n", str(engines), "--daemon", "--ip", ip,
                              "--profile", profile, "--heartbeat-timeout", "3", *extra])
         assert out.returncode == 0, out.stderr
         src = self.runtime["a"] / f"ipylb-{profile}.json"
@@ -107,6 +109,49 @@ class Hosts:
 
     def stop_cluster(self, profile: str) -> None:
         self.run("a", [IPYLB, "cluster", "stop", "--profile", profile])
+
+
+def ssh_unavailable() -> str | None:
+    """Why an sshd cannot be started in B (None: it can)."""
+    missing = [t for t in ("/usr/sbin/sshd", "ssh-keygen") if shutil.which(t) is None]
+    if missing:
+        return f"not installed: {', '.join(missing)} (apt-get install openssh-server)"
+    try:
+        import gateway_provisioners  # noqa: F401
+    except ImportError:
+        return "gateway_provisioners is not installed (pip install gateway_provisioners)"
+    return None
+
+
+def start_sshd(h: Hosts) -> dict[str, str]:
+    """An sshd in B on 192.0.2.2:22 with a throw-away host key, accepting a throw-away user
+    key for root; returns the environment (HOME with that key and B's host key in
+    known_hosts) under which paramiko, in A, logs in to B.  h.down() ends it."""
+    d = h.root / "ssh"
+    home = h.root / "home"
+    (home / ".ssh").mkdir(parents=True, mode=0o700)
+    d.mkdir(mode=0o700)
+    for key in (d / "host_key", home / ".ssh" / "id_ed25519"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
+                       check=True, timeout=30)
+    (d / "authorized_keys").write_text((home / ".ssh" / "id_ed25519.pub").read_text())
+    host_pub = (d / "host_key.pub").read_text().split()
+    (home / ".ssh" / "known_hosts").write_text(f"{B_IP} {host_pub[0]} {host_pub[1]}\n")
+    (d / "sshd_config").write_text("\n".join([
+        f"ListenAddress {B_IP}", "Port 22", f"HostKey {d / 'host_key'}",
+        f"AuthorizedKeysFile {d / 'authorized_keys'}", "PermitRootLogin prohibit-password",
+        "PasswordAuthentication no", "KbdInteractiveAuthentication no", "UsePAM no",
+        "StrictModes no", f"PidFile {d / 'sshd.pid'}", "",
+    ]))
+    Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege separation directory
+    proc = h.popen("b", ["/usr/sbin/sshd", "-D", "-e", "-f", str(d / "sshd_config")],
+                   stderr=open(d / "sshd.log", "w"))
+    wait_for(lambda: (d / "sshd.pid").exists() or proc.poll() is not None, 30, "sshd start")
+    assert proc.poll() is None, (d / "sshd.log").read_text()
+    return {"HOME": str(home), "GP_REMOTE_USER": "root", "GP_SSH_PORT": "22",
+            "GP_RESPONSE_IP": A_IP, "KERNEL_LAUNCH_TIMEOUT": "40", "GP_KERNEL_LOG_DIR": str(h.root),
+            # gateway_provisioners refuses kernels for root by default; CI runs as root.
+            "GP_UNAUTHORIZED_USERS": "nobody"}
 
 
 @contextlib.contextmanager

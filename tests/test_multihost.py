@@ -89,3 +89,38 @@ def test_loopback_controller_is_unreachable_and_join_says_why(hosts):
     assert took < 15
     assert "the controller listens on 127.0.0.1, a loopback address" in out.stderr
     assert "ipylb cluster start --ip 0.0.0.0" in out.stderr
+
+
+@pytest.mark.skipif(netns.ssh_unavailable() is not None, reason=str(netns.ssh_unavailable()))
+def test_engines_in_b_over_ssh_by_a_kernel_provisioner(hosts):
+    """(b): the controller starts its engines in B itself, over SSH, through
+    gateway_provisioners' DistributedProvisioner and a kernelspec from `ipylb kernelspec
+    install`; the key stays in the 0600 connection file, whose path alone is in the
+    kernelspec (and so in the remote command line)."""
+    hosts.extra_env = netns.start_sshd(hosts)
+    cluster_file = hosts.runtime["a"] / "ipylb-ssh.json"
+    out = hosts.run("a", [netns.IPYLB, "kernelspec", "install", "--name", "ssh-engines", "--user",
+                          "--provisioner", "distributed-provisioner", "--provisioner-config",
+                          json.dumps({"remote_hosts": [netns.B_IP]}),
+                          "--cluster-file", str(cluster_file)])
+    assert out.returncode == 0, out.stderr
+    spec = json.loads((hosts.root / "data" / "kernels" / "ssh-engines" / "kernel.json").read_text())
+    assert spec["env"] == {"IPYLB_CLUSTER_FILE": str(cluster_file), "IPYLB_DETACHED": "1"}
+    try:
+        hosts.start_cluster("ssh", netns.A_IP, "--kernel", "ssh-engines", engines=2)
+        key = json.loads(cluster_file.read_text())["key"]
+        assert key not in json.dumps(spec)
+        out = hosts.run("a", [sys.executable, DRIVER, str(cluster_file),
+                              str(hosts.root / "victim-ssh")], timeout=240)
+        assert out.returncode == 0, out.stderr
+        seen = json.loads(out.stdout)
+    finally:
+        hosts.stop_cluster("ssh")
+        hosts.extra_env = {}
+    engines = seen["engines"]
+    assert all(e["heartbeat"].startswith(f"tcp://{netns.B_IP}:") for e in engines.values())
+    assert all(e["shm_domain"] is None for e in engines.values())
+    assert seen["map"] == [x * x for x in range(32)]
+    assert seen["follow_same_engine"] and seen["after_started_after"] and seen["payload_ok"]
+    survivor = [e["pid"] for e in engines.values() if e["pid"] != seen["killed"]]
+    assert seen["retried_on"] == survivor[0]

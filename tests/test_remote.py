@@ -161,3 +161,27 @@ def test_plaintext_warning_only_off_loopback(runtime):  # noqa: F811
     assert info["client_url"].startswith("tcp://127.0.0.1:")
     log = (runtime / "ipylb-w.log").read_text()
     assert log.count("authenticated (HMAC under the cluster key) but travels unencrypted") == 1
+
+
+def test_kernelspec_install_and_engines_from_it(runtime):  # noqa: F811
+    """Engines from another kernelspec (here jupyter_client's local provisioner, named
+    explicitly): Client(kernel=), cluster start --kernel, engine add --kernel."""
+    out = ipylb_cmd("kernelspec", "install", "--name", "my-engines", "--user",
+                    "--provisioner", "local-provisioner")
+    assert out.returncode == 0, out.stderr
+    spec = json.loads((runtime / "data" / "kernels" / "my-engines" / "kernel.json").read_text())
+    assert spec["argv"][1:] == ["-m", "ipylb.engine", "-f", "{connection_file}"]
+    assert spec["metadata"]["kernel_provisioner"] == {"provisioner_name": "local-provisioner",
+                                                      "config": {}}
+    with ipylb.Client(engines=1, kernel="my-engines") as rc:
+        assert rc.load_balanced_view().apply_sync(lambda: 6 * 7) == 42
+    _start("k2", "--kernel", "my-engines")
+    assert ipylb_cmd("engine", "add", "--profile", "k2", "--kernel", "my-engines").returncode == 0
+    with ipylb.Client(profile="k2") as rc:
+        assert len(rc.ids) == 1
+        assert rc.load_balanced_view().apply_sync(lambda: 1) == 1
+    ipylb_cmd("cluster", "stop", "--profile", "k2")
+    with pytest.raises(ValueError, match="no Jupyter kernelspec 'nope'"):
+        ipylb.Client(engines=1, kernel="nope")
+    bad = ipylb_cmd("kernelspec", "install", "--name", "x", "--provisioner", "no-such")
+    assert bad.returncode == 1 and "no kernel provisioner 'no-such'" in bad.stderr

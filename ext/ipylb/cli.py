@@ -10,6 +10,7 @@ Client, so the CLI needs nothing the key does not already grant.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -28,7 +29,7 @@ ENGINE_START_TIMEOUT_S = 120.0
 # How long `cluster stop` waits for the controller (and so its engines) to be gone.
 STOP_TIMEOUT_S = 30.0
 
-USAGE = """usage: ipylb [-h] [-V] {demo,bench,soak,cluster,engine} ...
+USAGE = """usage: ipylb [-h] [-V] {demo,bench,soak,cluster,engine,kernelspec} ...
 
   demo           run the task interface's examples on local engines (ipylb demo --help)
   bench          measure ipylb beside ipyparallel (ipylb bench --help)
@@ -37,6 +38,7 @@ USAGE = """usage: ipylb [-h] [-V] {demo,bench,soak,cluster,engine} ...
   cluster        start, stop or inspect a standalone cluster (ipylb cluster --help)
   engine         add engines to a running cluster (ipylb engine add -n K), or run
                  engines here for a controller elsewhere (ipylb engine join --help)
+  kernelspec     write a kernelspec for engines started by any kernel provisioner
   -V, --version  versions of ipylb, Python, ipykernel, jupyter_client, pyzmq, cloudpickle
   -h, --help     this text
 """
@@ -84,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         from .soak import main as soak_main
 
         soak_main(rest)
-    elif cmd in ("cluster", "engine"):
+    elif cmd in ("cluster", "engine", "kernelspec"):
         args = _parser().parse_args(argv)
         try:
             sys.exit(args.func(args))
@@ -128,6 +130,9 @@ def _parser() -> argparse.ArgumentParser:
     start.add_argument("--curve", action="store_true",
                        help="encrypt the controller's sockets with CurveZMQ (keys made per "
                             "cluster, in the 0600 connection file)")
+    start.add_argument("--kernel", default=None,
+                       help="start engines from this kernelspec (its provisioner decides "
+                            "where: `ipylb kernelspec install`); default ipylb-engine")
     start.add_argument("--heartbeat-timeout", type=float, default=10.0,
                        help="seconds of heartbeat silence before an engine counts as dead")
     start.add_argument("--db", default="memory", choices=["memory", "sqlite"],
@@ -159,6 +164,8 @@ def _parser() -> argparse.ArgumentParser:
     add = engine.add_parser("add", help="start more engines for a running cluster",
                             formatter_class=fmt)
     add.add_argument("-n", "--engines", type=int, default=1, help="how many")
+    add.add_argument("--kernel", default=None,
+                     help="from this kernelspec (default: the cluster's)")
     profile(add)
     add.set_defaults(func=engine_add)
     join = engine.add_parser(
@@ -181,6 +188,25 @@ def _parser() -> argparse.ArgumentParser:
     join.add_argument("--timeout", type=float, default=60.0,
                       help="seconds the engines have to register")
     join.set_defaults(func=engine_join)
+    ks = top.add_parser("kernelspec", help="kernelspecs for engines").add_subparsers(
+        dest="action", required=True)
+    inst = ks.add_parser("install", formatter_class=fmt,
+                         help="write a kernelspec whose kernels are engines, for any provisioner")
+    inst.add_argument("--name", required=True, help="the kernelspec's name")
+    inst.add_argument("--provisioner", default=None,
+                      help="a jupyter_client kernel provisioner, e.g. distributed-provisioner "
+                           "(gateway_provisioners' SSH one); default: local processes")
+    inst.add_argument("--provisioner-config", default="{}", type=json.loads,
+                      help='its config, JSON, e.g. \'{"remote_hosts": ["node1", "node2"]}\'')
+    inst.add_argument("--cluster-file", default=None,
+                      help="the connection file the engines read (its path goes in the "
+                           "kernelspec's env, never the key; it must be on a filesystem the "
+                           "engines' hosts share)")
+    inst.add_argument("--python", default=None,
+                      help="the interpreter on the engines' hosts (default: this one)")
+    inst.add_argument("--user", action="store_true",
+                      help="install in the user's Jupyter data dir (default: this environment)")
+    inst.set_defaults(func=kernelspec_install)
     sub = engine.add_parser(
         "submit", formatter_class=fmt,
         help="run engines as a batch job (SLURM, PBS, LSF) that runs `ipylb engine join`")
@@ -274,6 +300,8 @@ def cluster_start(args: argparse.Namespace) -> int:
     if args.curve:
         cmd.append("--curve")
     cmd += ["--max-frame-mb", str(args.max_frame_mb)]
+    if args.kernel:
+        cmd += ["--kernel", args.kernel]
     if args.db == "sqlite":
         cmd += ["--db-file", str(connection.profile_dir(args.profile) / "tasks.sqlite")]
     if args.daemon:
@@ -458,7 +486,7 @@ def engine_add(args: argparse.Namespace) -> int:
             hint = limits.check_engine_count(before + args.engines, "engines in all")
             if hint:
                 _say(hint)
-        rc.add_engines(args.engines)
+        rc.add_engines(args.engines, args.kernel)
         rc._await_engines(before + args.engines, ENGINE_START_TIMEOUT_S,
                           limits.StartProgress(before + args.engines))
         _say(f"added {_engines(args.engines)} to cluster {args.profile!r}: "
@@ -484,6 +512,21 @@ def engine_join(args: argparse.Namespace) -> int:
     except NoCluster as e:
         _say(str(e))
         return 1
+
+
+def kernelspec_install(args: argparse.Namespace) -> int:
+    """Write an engine kernelspec."""
+    from . import kernelspec
+
+    try:
+        where = kernelspec.install(args.name, args.provisioner, args.provisioner_config,
+                                   args.cluster_file, args.python, args.user)
+    except ValueError as e:
+        _say(str(e))
+        return 1
+    _say(f"installed kernelspec {args.name!r} in {where}; start engines from it with "
+         f"`ipylb cluster start --kernel {args.name}` or `ipylb engine add --kernel {args.name}`")
+    return 0
 
 
 def _batch_cluster_file(args: argparse.Namespace) -> Path:

@@ -75,6 +75,7 @@ class Client:
         timeout: float = CONNECT_TIMEOUT_S,
         heartbeat_timeout: float | None = None,
         restart: bool | tuple[int, float] | None = None,
+        kernel: str | None = None,
     ) -> None:
         """``scheme`` (default leastload), ``hwm`` (default 1), ``heartbeat_timeout``
         (default 10 s) and ``restart`` configure the cluster ``engines=N`` starts; a running
@@ -82,7 +83,8 @@ class Client:
         an engine whose kernel dies is restarted through jupyter_client's KernelRestarter, a
         slot that dies more than 5 times in a row within 10 s of each death stays down),
         False (never), or ``(limit, seconds)`` for that policy's two numbers (its
-        ``restart_limit`` and ``stable_start_time``)."""
+        ``restart_limit`` and ``stable_start_time``).  ``kernel``: the kernelspec engines are
+        started from, with any jupyter_client provisioner (default ``ipylb-engine``)."""
         self._local: LocalCluster | None = None
         if engines is not None and (url_or_file is not None or profile is not None):
             given = "a connection file or url" if url_or_file is not None else f"profile={profile!r}"
@@ -101,12 +103,13 @@ class Client:
             progress = limits.StartProgress(engines)  # its clock starts with the cluster's
             self._local = LocalCluster(engines, scheme or "leastload", 1 if hwm is None else hwm,
                                        10.0 if heartbeat_timeout is None else heartbeat_timeout,
-                                       restart=True if restart is None else restart)
+                                       restart=True if restart is None else restart,
+                                       kernel=kernel)
             info = self._local.info
         else:
             given = [n for n, v in (("scheme", scheme), ("hwm", hwm),
                                     ("heartbeat_timeout", heartbeat_timeout),
-                                    ("restart", restart)) if v is not None]
+                                    ("restart", restart), ("kernel", kernel)) if v is not None]
             if given:
                 raise ValueError(
                     f"{', '.join(given)} configure(s) a cluster this client starts (engines=N); "
@@ -599,15 +602,16 @@ class Client:
         """The cluster's connection details, without its key: urls, controller pid, scheme, hwm."""
         return {k: v for k, v in self._info.items() if k != "key"}
 
-    def add_engines(self, n: int) -> None:
-        """Ask the controller to start ``n`` more engines on its machine (they register
-        shortly; ``wait_for_engines`` waits for them).  ``n`` follows the engine-count rule
-        of :mod:`ipylb.limits` (ValueError above ``MAX_ENGINES``, a warning above a few per
-        CPU)."""
+    def add_engines(self, n: int, kernel: str | None = None) -> None:
+        """Ask the controller to start ``n`` more engines (they register shortly;
+        ``wait_for_engines`` waits for them), from kernelspec ``kernel`` (default: the
+        cluster's), whose provisioner decides where they run.  ``n`` follows the
+        engine-count rule of :mod:`ipylb.limits` (ValueError above ``MAX_ENGINES``, a
+        warning above a few per CPU)."""
         hint = limits.check_engine_count(n, "n")
         if hint:
             warnings.warn(hint, RuntimeWarning, stacklevel=2)
-        self._request("add_engines", n)
+        self._request("add_engines", n if kernel is None else (n, kernel))
 
     def stop_cluster(self, timeout: float | None = 30.0) -> None:
         """Stop the cluster this client is connected to (controller and its engines)."""

@@ -29,11 +29,16 @@ SCHEMES = ("leastload", "lru", "plainrandom", "twobin", "weighted", "pure")
 READY_TIMEOUT_S = 60.0
 
 
-def check_kernelspec() -> None:
-    """Raise a helpful error if the engine kernelspec is not installed."""
+def check_kernelspec(name: str = KERNEL_NAME) -> None:
+    """Raise a helpful error if the engine kernelspec ``name`` is not installed."""
     try:
-        KernelSpecManager().get_kernel_spec(KERNEL_NAME)
+        KernelSpecManager().get_kernel_spec(name)
     except NoSuchKernel:
+        if name != KERNEL_NAME:
+            raise ValueError(
+                f"no Jupyter kernelspec {name!r} (`jupyter kernelspec list` shows those "
+                "installed); `ipylb kernelspec install --name NAME` writes one for engines"
+            ) from None
         raise RuntimeError(
             f"the Jupyter kernelspec {KERNEL_NAME!r} is not installed in this environment "
             f"({sys.prefix}). Reinstall ipylb with `pip install ipylb` (or `pip install -e .` "
@@ -95,14 +100,14 @@ class LocalCluster:
 
     def __init__(self, engines: int, scheme: str = "leastload", hwm: int = 1,
                  heartbeat_timeout: float = 10.0,
-                 restart: bool | tuple[int, float] = True) -> None:
+                 restart: bool | tuple[int, float] = True, kernel: str | None = None) -> None:
         limits.check_engine_count(engines)  # the caller has shown its warning, if any
         if scheme not in SCHEMES:
             raise ValueError(f"unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
         if not isinstance(hwm, int) or isinstance(hwm, bool) or hwm < 0:
             raise ValueError(f"hwm must be an int >= 0 (0: no limit), got {hwm!r}")
         policy = _restart_policy(restart)
-        check_kernelspec()
+        check_kernelspec(kernel or KERNEL_NAME)
         self.connection_file: Path = (
             connection.runtime_dir() / f"ipylb-local-{os.getpid()}-{uuid.uuid4().hex[:8]}.json"
         )
@@ -114,6 +119,7 @@ class LocalCluster:
             "--parent-pid", str(os.getpid()),
             "--heartbeat-timeout", str(heartbeat_timeout),
             *policy,
+            *(["--kernel", kernel] if kernel else []),
         ]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
                                      text=True, env=_engine_env())

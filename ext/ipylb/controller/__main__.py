@@ -16,6 +16,7 @@ import sys
 import zmq
 
 from .. import connection, limits, wire
+from ..connection import KERNEL_NAME
 from ..error import NoCluster
 from .hub import FORGET_AFTER_S, MAX_FRAME_BYTES, Controller, stop_on_signals
 from .launcher import EngineLauncher
@@ -34,6 +35,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--location", default=None,
                    help="host name or address other hosts reach this one at (default: "
                         "this host's routable address when --ip is 0.0.0.0 or ::)")
+    p.add_argument("--kernel", default=None,
+                   help="the kernelspec engines are started from (any provisioner)")
     p.add_argument("--curve", action="store_true",
                    help="encrypt the controller's sockets with CurveZMQ")
     p.add_argument("--parent-pid", type=int, default=None)
@@ -61,7 +64,8 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger("ipylb.controller").info("removed stale runtime files: %s", swept)
     db = TaskDB(args.db_file) if args.db_file else None
     key = db.key(wire.new_key()) if db is not None else wire.new_key()
-    launcher = EngineLauncher(args.connection_file, restart=args.restart,
+    launcher = EngineLauncher(args.connection_file, kernel_name=args.kernel or KERNEL_NAME,
+                              restart=args.restart,
                               restart_limit=args.restart_limit,
                               stable_start_time=args.restart_stable)
     try:

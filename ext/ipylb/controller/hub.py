@@ -630,13 +630,17 @@ class Controller:
         self.stop_reason = reason
         self._running = False
 
-    def _req_add_engines(self, _client: bytes, n: Any) -> int:
-        """``ipylb engine add``: launch ``n`` more engines; they register like the first
-        ones, and the scheduler hands them waiting tasks as soon as they do."""
+    def _req_add_engines(self, _client: bytes, arg: Any) -> int:
+        """``ipylb engine add``: launch ``n`` more engines (``arg``: n, or (n, kernelspec
+        name)); they register like the first ones, and the scheduler hands them waiting
+        tasks as soon as they do."""
         if self.launcher is None:
             raise ValueError("this controller does not launch engines")
+        n, kernel = arg if isinstance(arg, tuple | list) and len(arg) == 2 else (arg, None)
         limits.check_engine_count(n, "the number of engines to add")
-        self.launcher.start(n)
+        if kernel is not None and not isinstance(kernel, str):
+            raise ValueError(f"a kernelspec name is a str, got {kernel!r}")
+        self.launcher.start(n, kernel)
         return n
 
     # -- carrying out the core's decisions --------------------------------------

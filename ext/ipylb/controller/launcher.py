@@ -82,6 +82,13 @@ class EngineKernelManager(KernelManager):
         return r if r is not None and r.active else None
 
 
+def _local(km: KernelManager) -> bool:
+    """Whether ``km``'s kernel is a child process here.  Others (a remote provisioner's,
+    whose poll is a network round trip that can fail while the kernel lives) are watched
+    by heartbeat, like any engine on another host."""
+    return getattr(km.provisioner, "process", None) is not None
+
+
 class EngineLauncher:
     """Starts engine kernels from the ``ipylb-engine`` kernelspec, notices when they die,
     and (``restart``) restarts them through jupyter_client's KernelRestarter.
@@ -109,25 +116,34 @@ class EngineLauncher:
         # What the restarters' callbacks saw during one poll: (engine id, reason, fate).
         self._seen: list[tuple[int | None, str, str]] = []
 
-    def start(self, n: int) -> None:
-        """Start ``n`` engines; they boot in parallel and register themselves."""
+    def start(self, n: int, kernel_name: str | None = None) -> None:
+        """Start ``n`` engines (from kernelspec ``kernel_name``, default this launcher's);
+        they boot in parallel and register themselves."""
+        kernel_name = kernel_name or self.kernel_name
         for _ in range(n):
-            tag = uuid.uuid4().hex[:12]
+            # The tag is also the kernel id: what remote provisioners pass on to the engine
+            # (a full uuid, as they expect); short for ours (it names unix socket paths).
+            tag = uuid.uuid4().hex[:12] if kernel_name == KERNEL_NAME else str(uuid.uuid4())
             # Local engines talk to Jupyter frontends over unix sockets in the private runtime
             # dir, next to their connection files (`jupyter console --existing` finds them).
             base = runtime_dir() / f"kernel-ipylb-{tag}"
-            if self.ip is None:
-                km = EngineKernelManager(kernel_name=self.kernel_name, transport="ipc",
+            if kernel_name != KERNEL_NAME:
+                # Another kernelspec: its provisioner (local, SSH, Kubernetes, a batch system)
+                # decides where the kernel runs and how its channels are reached.
+                km = EngineKernelManager(kernel_name=kernel_name, tag=tag,
+                                         autorestart=self.autorestart)
+            elif self.ip is None:
+                km = EngineKernelManager(kernel_name=kernel_name, transport="ipc",
                                          ip=str(base), connection_file=f"{base}.json", tag=tag,
                                          autorestart=self.autorestart)
             else:  # the controller (another host) pings their heartbeat over tcp
-                km = EngineKernelManager(kernel_name=self.kernel_name, transport="tcp",
+                km = EngineKernelManager(kernel_name=kernel_name, transport="tcp",
                                          ip=self.ip, connection_file=f"{base}.json", tag=tag,
                                          autorestart=self.autorestart)
             env = {**os.environ, "IPYLB_CLUSTER_FILE": self.cluster_file, "IPYLB_ENGINE_TAG": tag}
             # The engine's own stdout goes where our log goes: our stdout is a pipe that
             # the process which started us closes once we are ready.
-            km.start_kernel(env=env, cwd=self.cwd, stdout=sys.stderr.fileno())
+            km.start_kernel(kernel_id=tag, env=env, cwd=self.cwd, stdout=sys.stderr.fileno())
             r = km._restarter
             if r is not None:
                 r.restart_limit, r.stable_start_time = self.restart_limit, self.stable_start_time
@@ -176,6 +192,8 @@ class EngineLauncher:
         "" (restarts are off)."""
         seen = self._seen
         for km in [*self.pending.values(), *self.running.values()]:
+            if not _local(km):  # watched by heartbeat
+                continue
             r = km.restarter
             if r is not None:
                 r.poll()  # a death fires _died through the restarter's callbacks

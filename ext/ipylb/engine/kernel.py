@@ -63,8 +63,12 @@ class EngineKernel(IPythonKernel):
         # In place of ipykernel's parent poller (see EngineApp), also for a plain kernel.
         connection_file = getattr(self.parent, "abs_connection_file", "")
         parent = os.getppid()
-        threading.Thread(target=_exit_when_orphaned, args=(parent, connection_file),
-                         daemon=True, name="ipylb-parent-watch").start()
+        # Not for a remote provisioner's engine (its kernelspec sets IPYLB_DETACHED): one
+        # started over SSH by `nohup ... &` outlives that shell; it leaves when its
+        # connection to the controller drops (see TaskChannel).
+        if not os.environ.get("IPYLB_DETACHED"):
+            threading.Thread(target=_exit_when_orphaned, args=(parent, connection_file),
+                             daemon=True, name="ipylb-parent-watch").start()
         # Also when we leave on our own because the controller went (the task channel sees
         # its connection drop before this thread sees it is orphaned).
         atexit.register(_remove_files_if_orphaned, parent, connection_file)

@@ -141,7 +141,8 @@ class TaskChannel:
             "connection_file": self.connection_file,
             "pid": os.getpid(),
             "hostname": socket.gethostname(),
-            "tag": os.environ.get("IPYLB_ENGINE_TAG", ""),
+            # Remote provisioners pass on only KERNEL_ID: the launcher makes it the tag too.
+            "tag": os.environ.get("IPYLB_ENGINE_TAG") or os.environ.get("KERNEL_ID", ""),
             "heartbeat": self._heartbeat_url(),
             "shm_domain": shm.domain() if self.placer is not None else None,
             "versions": compat.versions(),
