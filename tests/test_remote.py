@@ -185,3 +185,19 @@ def test_kernelspec_install_and_engines_from_it(runtime):  # noqa: F811
         ipylb.Client(engines=1, kernel="nope")
     bad = ipylb_cmd("kernelspec", "install", "--name", "x", "--provisioner", "no-such")
     assert bad.returncode == 1 and "no kernel provisioner 'no-such'" in bad.stderr
+
+
+def test_fixed_ports(runtime):  # noqa: F811
+    import socket
+
+    with socket.socket() as a, socket.socket() as b:
+        a.bind(("127.0.0.1", 0))
+        b.bind(("127.0.0.1", 0))
+        pa, pb = a.getsockname()[1], b.getsockname()[1]
+    info = _start("fp", "--client-port", str(pa), "--engine-port", str(pb))
+    assert (info["client_url"], info["engine_url"]) == (f"tcp://127.0.0.1:{pa}",
+                                                        f"tcp://127.0.0.1:{pb}")
+    taken = ipylb_cmd("cluster", "start", "-n", "0", "--daemon", "--profile", "fp2",
+                      "--client-port", str(pa))
+    assert taken.returncode == 1 and "Address already in use" in taken.stderr
+    ipylb_cmd("cluster", "stop", "--profile", "fp")

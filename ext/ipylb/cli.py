@@ -127,6 +127,11 @@ def _parser() -> argparse.ArgumentParser:
     start.add_argument("--location", default=None,
                        help="host name or address other hosts reach the controller at "
                             "(default with --ip 0.0.0.0: this host's routable address)")
+    start.add_argument("--client-port", type=int, default=0,
+                       help="the port clients connect to (0: any free one); fixed ports suit "
+                            "firewalls and Kubernetes Services")
+    start.add_argument("--engine-port", type=int, default=0,
+                       help="the port engines connect to (0: any free one)")
     start.add_argument("--curve", action="store_true",
                        help="encrypt the controller's sockets with CurveZMQ (keys made per "
                             "cluster, in the 0600 connection file)")
@@ -299,6 +304,7 @@ def cluster_start(args: argparse.Namespace) -> int:
         cmd += ["--location", args.location]
     if args.curve:
         cmd.append("--curve")
+    cmd += ["--client-port", str(args.client_port), "--engine-port", str(args.engine_port)]
     cmd += ["--max-frame-mb", str(args.max_frame_mb)]
     if args.kernel:
         cmd += ["--kernel", args.kernel]

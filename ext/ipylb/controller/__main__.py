@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--location", default=None,
                    help="host name or address other hosts reach this one at (default: "
                         "this host's routable address when --ip is 0.0.0.0 or ::)")
+    p.add_argument("--client-port", type=int, default=0, help="0: any free port")
+    p.add_argument("--engine-port", type=int, default=0, help="0: any free port")
     p.add_argument("--kernel", default=None,
                    help="the kernelspec engines are started from (any provisioner)")
     p.add_argument("--curve", action="store_true",
@@ -75,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
                          walltime_grace=args.walltime_grace,
                          store=TaskStore(args.store_limit_mb << 20, db),
                          location=args.location, curve=args.curve,
+                         ports=(args.client_port, args.engine_port),
                          max_frame_bytes=args.max_frame_mb << 20, forget_after=args.forget_after)
     except (ValueError, zmq.ZMQError) as e:  # unknown scheme, an --ip not on this machine
         print(f"error: {e}", flush=True)

@@ -72,11 +72,13 @@ class Controller:
         walltime_grace: float = 5.0,
         max_frame_bytes: int = MAX_FRAME_BYTES,
         forget_after: float = FORGET_AFTER_S,
+        ports: tuple[int, int] = (0, 0),
     ) -> None:
         """``ip``: the address to listen on (``0.0.0.0``: every interface); ``location``:
         the host name or address written into urls for other hosts (default: this host's
         routable address when ``ip`` is a wildcard); ``curve``: encrypt the two sockets
-        with CurveZMQ under a key pair made for this run (HMAC signing stays)."""
+        with CurveZMQ under a key pair made for this run (HMAC signing stays); ``ports``:
+        the client and engine ports (0: any free one)."""
         self.ctx = zmq.Context.instance()
         # A fresh name each run: messages recorded in an earlier run are not for us.
         nonce = os.urandom(8).hex()
@@ -107,8 +109,8 @@ class Controller:
         self.forget_after = forget_after
         self._forget_sweep = min(FORGET_SWEEP_S, forget_after / 4)
         self._next_forget = time.monotonic() + self._forget_sweep
-        self.clients = self._router(ip)
-        self.engines = self._router(ip)
+        self.clients = self._router(ip, ports[0])
+        self.engines = self._router(ip, ports[1])
         self.engines.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.client_url = connection.connect_url(
             self.clients.getsockopt_string(zmq.LAST_ENDPOINT), location)
@@ -149,7 +151,7 @@ class Controller:
             "validate": lambda _c, _a: self.validate(),
         }
 
-    def _router(self, ip: str) -> zmq.Socket:
+    def _router(self, ip: str, port: int = 0) -> zmq.Socket:
         # tcp even on one machine: measured here, an 8 MB message crosses a unix socket
         # 2.5x slower than tcp loopback.
         s = self.ctx.socket(zmq.ROUTER)
@@ -163,7 +165,7 @@ class Controller:
             s.setsockopt(zmq.IPV6, 1)
             ip = f"[{ip.strip('[]')}]"
         s.setsockopt(zmq.MAXMSGSIZE, self.max_frame_bytes)
-        s.bind(f"tcp://{ip}:0")
+        s.bind(f"tcp://{ip}:{port}")
         return s
 
     # -- main loop ---------------------------------------------------------------
