@@ -270,7 +270,7 @@ def test_a_result_that_does_not_unpickle_in_the_client_is_a_clear_error(rc, view
 
 @pytest.mark.parametrize("abuse", ["close sys.stdout", "close buffer", "close raw", "detach",
                                    "replace sys.stdout", "stdout None", "close fd 1",
-                                   "close fd 2", "close both"])
+                                   "close fd 2", "close both", "reconfigure"])
 def test_a_task_that_breaks_its_streams_leaves_the_next_one_captured(view, abuse):
     def breaks(abuse):
         import io
@@ -294,6 +294,8 @@ def test_a_task_that_breaks_its_streams_leaves_the_next_one_captured(view, abuse
             os.close(1)
         elif abuse == "close fd 2":
             os.close(2)
+        elif abuse == "reconfigure":
+            sys.stdout.reconfigure(encoding="latin-1")
         elif abuse == "close both":
             os.close(1)
             os.close(2)
@@ -305,7 +307,7 @@ def test_a_task_that_breaks_its_streams_leaves_the_next_one_captured(view, abuse
     with view.temp_flags(follow=ar):  # on the engine that was abused
         after = view.apply_async(every_stream)
         assert after.get(60) == (1, 2)
-    assert after.stdout == "py\nfd\nchild\n" and after.stderr == "err\n"
+    assert after.stdout == "py \u00e9\nfd\nchild\n" and after.stderr == "err\n"
 
 
 def every_stream():
@@ -313,7 +315,7 @@ def every_stream():
     import subprocess
     import sys
 
-    print("py")
+    print("py \u00e9")
     os.write(1, b"fd\n")
     subprocess.run(["echo", "child"], check=True)
     print("err", file=sys.stderr)

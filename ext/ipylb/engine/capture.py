@@ -194,7 +194,9 @@ class Capture:
         try:
             for s in self.streams:
                 s.flush()
-        except Exception:  # detached, or its file closed: new streams for the next task
+                if s.encoding != "utf-8":  # reconfigured by the task: we decode UTF-8
+                    raise ValueError
+        except Exception:  # detached, its file closed, re-encoded: new streams for the next task
             self.streams = _streams()
         for s in (sys.__stdout__, sys.__stderr__):
             try:
