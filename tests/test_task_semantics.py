@@ -245,30 +245,36 @@ def test_the_fast_path_never_accepts_less_than_cloudpickle(value, cycles):
 # -- 4. engine state survives; names only read follow the client ---------------------------
 
 
-def test_load_once_state_survives_other_tasks_and_read_names_follow_the_client(view):
+def test_load_once_state_survives_other_tasks_and_read_names_follow_the_client(view, tmp_path):
     tag = uuid.uuid4().hex[:8]
     ns = interactive(
         f"MODEL_{tag} = None\n"
-        f"LOADS_{tag} = 0\n"
         f"SCALE_{tag} = 2\n"
+        f"LOADS = {str(tmp_path)!r}\n"
         "def load():\n"
-        f"    global LOADS_{tag}\n"
-        f"    LOADS_{tag} += 1\n"
+        "    import os, uuid\n"
+        "    open(os.path.join(LOADS, uuid.uuid4().hex), 'w').close()  # counted on disk\n"
         "    return lambda x: x * 10\n"
         "def predict(x):\n"
         f"    global MODEL_{tag}\n"
         f"    if MODEL_{tag} is None:\n"
         f"        MODEL_{tag} = load()\n"
-        f"    return MODEL_{tag}(x), LOADS_{tag}\n"
+        f"    return MODEL_{tag}(x)\n"
         "def scaled(x):\n"
         f"    return x * SCALE_{tag}\n"
     )
+
+    def loads() -> int:
+        return len(list(tmp_path.iterdir()))
+
     first = view.apply_async(ns["predict"], 1)
-    assert first.get(60) == (10, 1)
+    assert first.get(60) == 10 and loads() == 1
     with view.temp_flags(follow=first):  # the same engine, deterministically
         assert view.apply_sync(ns["scaled"], 1) == 2
-        assert view.apply_sync(ns["predict"], 2) == (20, 1)  # load() did not run again
+        assert view.apply_sync(ns["predict"], 2) == 20
+        assert loads() == 1  # load() did not run again
         ns[f"SCALE_{tag}"] = 5  # a name the functions only read: the client's new value wins
         assert view.apply_sync(ns["scaled"], 1) == 5
         ns[f"MODEL_{tag}"] = None  # assigned with `global`: the engine's own, kept
-        assert view.apply_sync(ns["predict"], 3) == (30, 1)
+        assert view.apply_sync(ns["predict"], 3) == 30
+        assert loads() == 1
