@@ -35,7 +35,7 @@ def queue_depth(dash):
 
 
 def engine_states(dash):
-    return re.findall(r'data-engine="(\d+)"><td>\d+</td><td class="ipylb-(\w+)"', dash.engines.value)
+    return re.findall(r'data-engine="(\d+)"><td>\d+</td><td>[^<]*</td><td class="ipylb-(\w+)"', dash.engines.value)
 
 
 @pytest.fixture
@@ -49,6 +49,11 @@ def test_one_row_per_engine(dash, rc):
     assert dash.engines.value.count('<tr class="ipylb-engine"') == len(rc.ids) == 2
     assert [int(e) for e, _ in engine_states(dash)] == rc.ids
     assert dash.interval <= 0.5  # at least twice a second
+    # Each engine's host (local engines: this machine's name; tests/test_multihost.py shows
+    # remote ones with their address).
+    import socket
+    assert [r.host for r in dash.rows] == [socket.gethostname()] * 2
+    assert f"<td>{socket.gethostname()}</td>" in dash.engines.value
 
 
 def test_queue_depth_and_busy_engines_update_live(dash, view):

@@ -10,6 +10,7 @@ removed at the end.
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -51,9 +52,12 @@ def test_engines_in_b(hosts, curve):
         out = hosts.run("a", [sys.executable, DRIVER, str(cluster_file), str(mark)], timeout=240)
         assert out.returncode == 0, out.stderr
         seen = json.loads(out.stdout)
+        status = hosts.run("a", [netns.IPYLB, "cluster", "status", "--profile", profile])
     finally:
         hosts.stop_cluster(profile)
         _, err = join.communicate(timeout=60)
+    # The survivor, shown with the address it runs at.
+    assert f"on {socket.gethostname()} ({netns.B_IP}): " in status.stdout
     engines = seen["engines"]
     # The controller in A pings each engine's Jupyter heartbeat in B, at B's address.
     assert all(e["heartbeat"].startswith(f"tcp://{netns.B_IP}:") for e in engines.values())

@@ -471,7 +471,7 @@ def cluster_status(args: argparse.Namespace) -> int:
     print(f"engines: {len(ids)}")
     for e in sorted(engines):
         s = engines[e]
-        host = hosts.get(e, {}).get("hostname", "?")
+        host = connection.engine_host(hosts.get(e, {}))
         print(f"  engine {e} on {host}: queue {s['queue']}, tasks {s['tasks']}, "
               f"completed {s['completed']}, restarts {s.get('restarts', 0)}")
     print(f"unassigned: {qs.get('unassigned', 0)}")

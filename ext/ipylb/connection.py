@@ -263,3 +263,18 @@ def secure(sock: Any, info: dict[str, Any]) -> None:
     sock.curve_serverkey = server.encode()
     sock.curve_publickey = public
     sock.curve_secretkey = secret
+
+
+def engine_host(meta: dict[str, Any]) -> str:
+    """Where an engine runs, from its ``engine_info()`` entry: its host name, and the address
+    the controller pings it at when that is tcp (two hosts may share a name)."""
+    name = str(meta.get("hostname") or "?")
+    url = meta.get("heartbeat") or ""
+    if isinstance(url, str) and url.startswith("tcp://"):
+        try:
+            host = split_url(url)[0]
+        except ValueError:
+            return name
+        if not is_loopback(host):
+            return f"{name} ({host})"
+    return name

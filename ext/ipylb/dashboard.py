@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import ipywidgets as widgets
 
+from . import connection
+
 if TYPE_CHECKING:
     from .client.client import Client
 
@@ -60,6 +62,7 @@ class EngineRow:
     state: str  # "busy" | "idle" | "dead"
     outstanding: int
     done: int
+    host: str = "?"  # where it runs (connection.engine_host)
 
 
 class Dashboard:
@@ -84,6 +87,7 @@ class Dashboard:
         self.restarts = 0  # restarts of the live engines' slots
         self.throughput: float | None = None
         self._last: dict[int, dict[str, int]] = {}  # every engine seen, dead ones included
+        self._hosts: dict[int, str] = {}  # engine id -> where it runs, asked once per engine
         self._samples: deque[tuple[float, int]] = deque()
         self._failures_seen: tuple[int, int] = (0, 0)
         self._stop = threading.Event()
@@ -143,15 +147,18 @@ class Dashboard:
         live = {k: v for k, v in status.items() if isinstance(k, int)}
         self.restarts = sum(v.get("restarts", 0) for v in live.values())
         self._last.update((int(k), v) for k, v in live.items())
+        if not live.keys() <= self._hosts.keys():  # a new engine: ask where it runs, once
+            info = self.client.engine_info()
+            self._hosts.update((i, connection.engine_host(m)) for i, m in info.items())
         rows = []
         for eid in sorted(self._last):
             s = self._last[eid]
             if eid in live:
                 outstanding = s["queue"] + s["tasks"]
                 rows.append(EngineRow(eid, "busy" if s["tasks"] else "idle", outstanding,
-                                      s["completed"]))
+                                      s["completed"], self._hosts.get(eid, "?")))
             else:
-                rows.append(EngineRow(eid, "dead", 0, s["completed"]))
+                rows.append(EngineRow(eid, "dead", 0, s["completed"], self._hosts.get(eid, "?")))
         self.rows = rows
         total = sum(r.done for r in rows)
         self._samples.append((now, total))
@@ -177,13 +184,13 @@ class Dashboard:
     def _render_engines(self) -> None:
         body = "".join(
             f'<tr class="ipylb-engine" data-engine="{r.engine_id}">'
-            f"<td>{r.engine_id}</td>"
+            f"<td>{r.engine_id}</td><td>{html.escape(r.host)}</td>"
             f'<td class="ipylb-{r.state}">{r.state}</td>'
             f'<td>{"–" if r.state == "dead" else r.outstanding}</td><td>{r.done}</td></tr>'
             for r in self.rows
         )
         self.engines.value = (
-            '<table class="ipylb-engines"><tr><th>engine</th><th>state</th>'
+            '<table class="ipylb-engines"><tr><th>engine</th><th>host</th><th>state</th>'
             f"<th>outstanding</th><th>done</th></tr>{body}</table>"
         )
 
