@@ -175,21 +175,23 @@ def test_property_interrupt_and_restart_happen_exactly_when_the_rule_says(
     due_int, due_kill = start + walltime, start + walltime + grace
     # The attempt ends at start + runtime, or right after the interrupt if it obeys.
     end = start + runtime
-    if obeys and end > due_int:
+    if obeys and end >= due_int:
         end = due_int + 0.01
     seen: list = []
     t = start
     while True:
         nxt = s.next_deadline()
-        if nxt is None or nxt >= end:
+        if nxt is None or nxt > end:
             break
         t = nxt
         seen.extend(s.handle(Tick(t)))
     interrupts = [c for c in seen if isinstance(c, Interrupt)]
     restarts = [c for c in seen if isinstance(c, RestartEngine)]
-    # Interrupt iff still running at start + walltime, once, for that task on that engine.
-    assert interrupts == ([Interrupt("a", 0)] if end > due_int else [])
-    assert restarts == ([RestartEngine(0, restarts[0].reason)] if end > due_kill else [])
+    # Interrupt iff still running at start + walltime, once, for that task on that engine
+    # (a timer due at the time of an event fires before the event: an end at the very
+    # deadline comes too late).
+    assert interrupts == ([Interrupt("a", 0)] if end >= due_int else [])
+    assert restarts == ([RestartEngine(0, restarts[0].reason)] if end >= due_kill else [])
     if restarts:
         # Queued tasks are not lost: back in the queue (no engine left to take them).
         assert all(s.task_state(q) == "ready" for q in behind)
@@ -198,8 +200,8 @@ def test_property_interrupt_and_restart_happen_exactly_when_the_rule_says(
         fails = [c for c in seen if isinstance(c, Fail)]
         assert [f.error for f in fails] == ([] if retries else [WALLTIME])
         return
-    out = s.handle(TaskDone("a", 0, not (obeys and end > due_int), end))
-    if end > due_int and obeys:  # interrupted, ended with KeyboardInterrupt
+    out = s.handle(TaskDone("a", 0, not (obeys and end >= due_int), end))
+    if end >= due_int and obeys:  # interrupted, ended with KeyboardInterrupt
         if retries:  # a second attempt (engine 0 again: the only one), its clock not started
             assert s.task_state("a") == "assigned" and Assign("a", 0) in out
         else:
@@ -207,3 +209,23 @@ def test_property_interrupt_and_restart_happen_exactly_when_the_rule_says(
     else:
         assert Deliver("a") in out
     assert s.next_deadline() is None  # the attempt's timers died with it
+
+
+def test_zero_grace_interrupts_and_restarts_in_the_same_event():
+    c = Core(engines=1, walltime_grace=0)
+    c.submit("a", walltime=1)
+    c.started("a", 0)
+    out = c.tick(1.0)
+    assert [type(x) for x in out] == [Interrupt, Fail, RestartEngine], out
+    assert out[1].error == WALLTIME and c.s.engines == {}
+
+
+def test_a_start_report_for_a_task_queued_behind_is_ignored():
+    c = Core(engines=1, hwm=2)
+    c.submit("a")
+    c.submit("b", walltime=1)  # queued behind a on engine 0
+    assert c.started("b", 0) == []  # an engine runs its tasks in order: a runs, not b
+    assert c.s.next_deadline() is None
+    c.done("a", 0)
+    c.started("b", 0)
+    assert c.s.next_deadline() == 1.0

@@ -696,8 +696,8 @@ class Scheduler:
         if t is None or t.state is not ASSIGNED or t.engine.id != ev.engine_id:  # type: ignore[union-attr]
             return  # stale: it moved on
         x = t.x
-        if x is None or not x.walltime or x.started is not None:
-            return  # no limit, or a duplicate report
+        if x is None or not x.walltime or x.started is not None or t.engine.queue[0] is not t:  # type: ignore[union-attr]
+            return  # no limit, a duplicate report, or not the task its engine runs now
         x.started = ev.time
         x.wt_token = self._walltimes.arm(ev.time + x.walltime, t, RUN)
         self._story.append((t.id, ASSIGNED, ASSIGNED, f"started on engine {ev.engine_id}", self._now))
@@ -705,7 +705,12 @@ class Scheduler:
     def _expire_walltimes(self, now: float, out: list[Command]) -> None:
         """Interrupt running attempts past their walltime; restart the engines of those
         still running a grace period later."""
-        for t, token, phase in self._walltimes.pop_due(now):
+        while due := self._walltimes.pop_due(now):  # a grace of 0 is due at once: loop
+            self._walltime_step(due, now, out)
+
+    def _walltime_step(self, due: list[tuple[_Task, int, int]], now: float,
+                       out: list[Command]) -> None:
+        for t, token, phase in due:
             x: _Extra = t.x  # type: ignore[assignment]
             if t.state is not ASSIGNED or x.wt_token != token:
                 continue  # stale: the attempt ended or moved
@@ -1377,6 +1382,8 @@ class Scheduler:
                 n_assigned += 1
                 need(t.engine is not None and t.engine.alive and t in t.engine.queue,
                      f"{t} assigned but not on a live engine's queue")
+                if t.x is not None and t.x.started is not None:
+                    self._check_walltime(t, need)
             if s is WAITING:
                 need(not self._met(t), f"{t} waits although its dependencies are met")
                 self._check_deps_live(t, need)
@@ -1404,6 +1411,18 @@ class Scheduler:
         need(n_assigned == assigned, f"{n_assigned} assigned tasks but engines hold {assigned}")
         for t in self._ready_excl:
             need(t.state is READY, f"{t} tracked as ready with exclusions but is {t.state}")
+
+    def _check_walltime(self, t: _Task, need: Callable[[bool, str], None]) -> None:
+        """A running attempt with a walltime: it is its engine's first task, interrupted
+        once past its walltime, and never past the grace period after that."""
+        x: _Extra = t.x  # type: ignore[assignment]
+        need(t.engine.queue[0] is t, f"{t} started but not the first task of its engine")  # type: ignore[union-attr]
+        need(x.wt_token != 0, f"{t} started without a walltime timer")
+        if x.interrupted is None:
+            need(self._now < x.started + x.walltime, f"{t} past its walltime, not interrupted")  # type: ignore[operator]
+        else:
+            need(self._now < x.interrupted + self._walltimes.grace,
+                 f"{t} past its walltime's grace period, its engine not restarted")
 
     def _check_deps_live(self, t: _Task, need: Callable[[bool, str], None]) -> None:
         """An unfinished task must not be impossible by the tallies' own account."""
