@@ -154,7 +154,7 @@ def test_queue_status_targets_and_verbose(rc, view):
     ar = view.apply_async(nap, 0)
     ar.get(10)
     one = rc.queue_status(targets=ar.engine_id)
-    assert set(one) == {"queue", "completed", "tasks"} and one["completed"] >= 1
+    assert {"queue", "completed", "tasks"} <= set(one) and one["completed"] >= 1
     assert set(rc.queue_status(targets=[1])) == {1, "unassigned"}
     verbose = rc.queue_status(verbose=True)
     assert ar.msg_id in verbose[ar.engine_id]["completed"]
