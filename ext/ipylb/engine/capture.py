@@ -31,6 +31,7 @@ import select
 import sys
 import termios
 import threading
+import time
 from typing import Any
 
 # At most this many bytes of each stream are kept per task (IPYLB_OUTPUT_LIMIT): the rest is
@@ -38,6 +39,9 @@ from typing import Any
 OUTPUT_LIMIT = int(os.environ.get("IPYLB_OUTPUT_LIMIT", 8 * 1024 * 1024))
 _PIPE_SIZE = 1024 * 1024  # fewer wake-ups of the reader for chatty tasks (Linux only)
 _CHUNK = 65536
+# While a task runs, the reader wakes at most this often (seconds): a task printing line by line
+# then costs a write per line, not also a thread switch; the pipe holds what comes meanwhile.
+_BATCH_S = 0.005
 _BAD = select.POLLERR | select.POLLNVAL
 
 
@@ -150,6 +154,9 @@ class Capture:
         while True:
             # The timeout lets a thread whose pipes were replaced notice it and end.
             events = poller.poll(1000)
+            if self._sinks is not None:  # a task writes: let it go on, read in batches
+                time.sleep(_BATCH_S)
+                events = poller.poll(0)
             idle: list[tuple[int, bytes]] = []
             with self._lock:
                 if self._reads is not reads:
