@@ -29,3 +29,19 @@ def test_soak_under_chaos_loses_nothing(tmp_path):
     assert report.validate["records"] >= report.tasks  # validate() ran and passed
     assert report.fuzz == {kind: 400 for kind in KINDS}
     assert 0 < report.rss_start < report.rss_end
+
+
+def test_kept_records_do_not_pin_receive_buffers():
+    """The controller keeps every finished task's record (for get_result): a 100-byte task
+    must not cost it a whole 8 KiB zmq receive buffer (it did: 11.4 KB of RSS per record)."""
+    import ipylb
+    import psutil
+
+    with ipylb.Client(engines=1) as rc:
+        controller = psutil.Process(rc.cluster_info["pid"])
+        view = rc.load_balanced_view()
+        view.map_sync(pow, [2] * 200, range(200))  # warm up
+        before = controller.memory_info().rss
+        assert view.map_async(pow, [2] * 10_000, range(10_000)).get(120)[-1] == 2**9999
+        per_record = (controller.memory_info().rss - before) / 10_000
+    assert per_record < 6_000, f"{per_record:.0f} bytes of controller memory per task record"

@@ -98,14 +98,28 @@ def recv(sock: zmq.Socket) -> list[Any]:
     return frames
 
 
+# A received frame smaller than this is copied out before it is kept for long (a task record):
+# libzmq receives small messages into shared 8 KiB batch buffers, and a kept zmq.Frame pins
+# its whole buffer.  Measured: a 20,000-task map of pow kept 11.4 KB of controller RSS per
+# task record with the frames kept as received, 3.2 KB with them copied.
+DETACH_BELOW = 64 << 10
+
+
+def detach(frames: list[Any]) -> list[Any]:
+    """``frames`` with each small zmq.Frame copied into bytes of its own (see DETACH_BELOW)."""
+    return [bytes(f.buffer) if type(f) is zmq.Frame and len(f) < DETACH_BELOW else f
+            for f in frames]
+
+
 def oversized(frames: Sequence[Any], limit: int) -> int:
     """The size in bytes of the first of ``frames`` larger than ``limit`` (0: none).
     Shared-memory segments travel as empty frames and do not count."""
     for b in frames:
-        if type(b) is not Segment:
-            n = _nbytes(_view(b))
-            if n > limit:
-                return n
+        t = type(b)
+        n = len(b) if t is bytes else b.nbytes if t is memoryview else \
+            0 if t is Segment else _nbytes(_view(b))
+        if n > limit:
+            return n
     return 0
 
 

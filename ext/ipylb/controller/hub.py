@@ -438,6 +438,7 @@ class Controller:
         except wire.WireError as e:
             self._refuse(client, tasks, str(e))
             raise
+        bufs = wire.detach(bufs)  # kept in records: pin no receive buffer
         fbuf, pos, end = bufs[0], 1, len(bufs)
         now = time.monotonic()
         for k, task in enumerate(tasks):
@@ -670,6 +671,7 @@ class Controller:
             elif t is ev.Deliver:  # only ever in answer to the TaskDone of _attempt_ended
                 rec = self.store[c.task_id]
                 msg_id, rec.result, rec.result_bufs, rec.result_mac = self._arrived  # type: ignore[misc]
+                rec.result_bufs = wire.detach(rec.result_bufs)  # kept: pin no receive buffer
                 assert msg_id == c.task_id, (msg_id, c.task_id)
                 self._deliver(rec)
             elif t is ev.Fail:
