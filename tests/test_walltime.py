@@ -23,6 +23,13 @@ def nap(seconds):
     return seconds
 
 
+def chatty_nap(seconds):
+    import time
+
+    print("working")
+    time.sleep(seconds)
+
+
 def spin(seconds):
     import time
 
@@ -101,6 +108,17 @@ def test_overrunning_task_is_interrupted_and_its_engine_serves_on(rc2, f):
     assert 1.0 <= took < 4.0, took  # a KeyboardInterrupt, not the grace period's restart
     assert rc2.ids == ids  # no engine was restarted
     assert view.apply_async(f, 0.01).get(30) == 0.01  # and the engine serves on
+
+
+def test_an_interrupted_task_keeps_its_output_and_where_it_stopped(rc2):
+    view = rc2.load_balanced_view()
+    with view.temp_flags(walltime=1):
+        ar = view.apply_async(chatty_nap, 60)
+    with pytest.raises(WalltimeExceeded) as info:
+        ar.get(30)
+    assert ar.stdout == "working\n"
+    assert "KeyboardInterrupt" in info.value.traceback and "chatty_nap" in info.value.traceback
+    assert ar.metadata.started is not None and ar.metadata.completed is not None
 
 
 def test_tasks_within_their_walltime_are_untouched(rc2):

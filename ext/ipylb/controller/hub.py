@@ -676,9 +676,17 @@ class Controller:
                 self._deliver(rec)
             elif t is ev.Fail:
                 rec = self.store[c.task_id]
-                now = time.time()
-                rec.result = (c.engine_id, "error", None, now, "", "", (c.error, c.message, ""),
-                              rec.submitted)
+                arrived = self._arrived
+                if arrived is not None and arrived[0] == c.task_id:
+                    # The verdict on the attempt the engine just reported (its walltime ran
+                    # out): keep its times, its output and where it was interrupted.
+                    r = arrived[1]
+                    tb = r[6][2] if isinstance(r[6], tuple) and len(r[6]) > 2 else ""
+                    rec.result = (c.engine_id, "error", r[2], r[3], r[4], r[5],
+                                  (c.error, c.message, tb), rec.submitted)
+                else:
+                    rec.result = (c.engine_id, "error", None, time.time(), "", "",
+                                  (c.error, c.message, ""), rec.submitted)
                 rec.result_bufs, rec.result_mac = [], b""
                 self._deliver(rec)
             elif t is ev.Cancel:
