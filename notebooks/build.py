@@ -203,7 +203,7 @@ with view.temp_flags(after=[child]):
 try:
     grandchild.get(10)
 except ImpossibleDependency as e:
-    print(e)""",
+    print(f"{type(e).__name__}: {e}")""",
     md("Without the `try`, this is what the notebook shows:"),
     ("raises", "grandchild.get(10)"),
     md("""A module that no engine can import is impossible too (ipylb does not wait forever),
@@ -215,7 +215,7 @@ def needs_missing_module():
 try:
     view.apply_sync(needs_missing_module)
 except ImpossibleDependency as e:
-    print(e)
+    print(f"{type(e).__name__}: {e}")
 
 slow = view.apply_async(stamp, "slow", 1.0)
 with view.temp_flags(after=[slow], timeout=0.2):
@@ -223,7 +223,7 @@ with view.temp_flags(after=[slow], timeout=0.2):
 try:
     impatient.get(10)
 except DependencyTimeout as e:
-    print(e)""",
+    print(f"{type(e).__name__}: {e}")""",
     md("`rc.failures` keeps the recent failures (the dashboard lists them):"),
     """for m in rc.failures:
     print(m.msg_id, m.error.ename)""",
