@@ -201,3 +201,36 @@ def test_fixed_ports(runtime):  # noqa: F811
                       "--client-port", str(pa))
     assert taken.returncode == 1 and "Address already in use" in taken.stderr
     ipylb_cmd("cluster", "stop", "--profile", "fp")
+
+
+def test_join_by_url_and_key_file(runtime, tmp_path):  # noqa: F811
+    info = _start("u")
+    key = tmp_path / "key"
+    key.write_text(info["key"] + "\n")
+    key.chmod(0o644)
+    out = ipylb_cmd("engine", "join", "--url", info["engine_url"], "--key-file", str(key))
+    assert out.returncode == 1 and "chmod 600" in out.stderr
+    key.chmod(0o600)
+    wrong = tmp_path / "wrong"
+    wrong.write_text("0" * 64)
+    wrong.chmod(0o600)
+    out = ipylb_cmd("engine", "join", "--url", info["engine_url"], "--key-file", str(wrong))
+    assert out.returncode == 1 and "is not this cluster's" in out.stderr
+    join = subprocess.Popen([IPYLB, "engine", "join", "--url", info["engine_url"],
+                             "--key-file", str(key)],
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    try:
+        with ipylb.Client(profile="u") as rc:
+            rc.wait_for_engines(1, 120)
+            assert rc.load_balanced_view().apply_sync(lambda: "joined") == "joined"
+        # What it learned, kept private beside its other connection files.
+        written = runtime / f"ipylb-joined-127.0.0.1-{connection.split_url(info['engine_url'])[1]}.json"
+        assert oct(written.stat().st_mode & 0o777) == "0o600"
+        assert {k: json.loads(written.read_text())[k] for k in
+                ("key", "controller_id", "client_url", "engine_url")} == \
+               {k: info[k] for k in ("key", "controller_id", "client_url", "engine_url")}
+        assert ipylb_cmd("cluster", "stop", "--profile", "u").returncode == 0
+        _out, err = join.communicate(timeout=60)
+    finally:
+        join.kill()
+    assert join.returncode == 0, err

@@ -184,8 +184,11 @@ def _parser() -> argparse.ArgumentParser:
     where.add_argument("--cluster-file", default=None,
                        help="the cluster's connection file (copied here, or on a shared "
                             "filesystem; keep it 0600: its key lets its reader run code)")
-    where.add_argument("--url", default=None, help=argparse.SUPPRESS)
-    join.add_argument("--key-file", default=None, help=argparse.SUPPRESS)
+    where.add_argument("--url", default=None,
+                       help="the controller's engine url (`ipylb cluster status` prints it), "
+                            "with --key-file: the rest is asked from the controller")
+    join.add_argument("--key-file", default=None,
+                      help="a file (mode 0600) holding only the cluster key, for --url")
     join.add_argument("--ip", default=None,
                       help="where the engines' Jupyter channels listen; the controller must "
                            "reach it (default: this host's address on the route to the "

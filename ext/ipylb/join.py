@@ -16,6 +16,8 @@ import signal
 import socket
 import sys
 import threading
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,8 @@ from .error import NoCluster
 
 # How long the controller has to accept a tcp connection before we say it cannot be reached.
 REACH_TIMEOUT_S = 3.0
+# How long the controller has to answer a --url probe.
+PROBE_TIMEOUT_S = 10.0
 # How often the foreground loop looks at the engines' processes.
 POLL_S = 0.5
 
@@ -59,15 +63,79 @@ def unreachable(url: str, timeout: float = REACH_TIMEOUT_S) -> str | None:
 
 
 def resolve(profile: str | None, cluster_file: str | None, url: str | None,
-            key_file: str | None) -> Path:
+            key_file: str | None, timeout: float = PROBE_TIMEOUT_S) -> Path:
     """The connection file the engines read: ``--cluster-file``, the profile's, or one
-    written here (0600) from ``--url`` and ``--key-file``."""
-    if url is not None or key_file is not None:
-        raise ValueError("--url/--key-file are not supported yet: copy the cluster's connection "
-                         "file to this host (mode 0600) and pass --cluster-file")
+    written here (0600) from what the controller at ``--url`` says, asked under the key in
+    ``--key-file`` (ValueError, NoCluster: said why)."""
+    if (url is None) != (key_file is None):
+        raise ValueError("--url and --key-file go together: the controller's engine url "
+                         "(`ipylb cluster status` prints it) and a file holding the cluster key")
+    if url is not None and key_file is not None:
+        return _from_url(url, Path(key_file), timeout)
     if cluster_file is not None:
         return Path(cluster_file).resolve()
     return connection.profile_file(profile or "default")
+
+
+def _read_key(path: Path) -> bytes:
+    try:
+        mode = path.stat().st_mode
+        key = path.read_text().strip()
+    except OSError as e:
+        raise ValueError(f"cannot read the key file {path}: {e.strerror}") from None
+    if mode & 0o077:
+        raise ValueError(f"{path} is readable by others (mode {mode & 0o777:o}): the key lets its "
+                         f"reader run code on every engine; `chmod 600 {path}` first")
+    if not key:
+        raise ValueError(f"the key file {path} is empty")
+    return key.encode()
+
+
+def _from_url(url: str, key_file: Path, timeout: float) -> Path:
+    """Ask the controller at ``url`` (its engine url) for what joining needs, under the key
+    (a signed PROBE carrying a nonce, answered by a signed ABOUT echoing it); write it with
+    the key as a private connection file in this host's runtime dir."""
+    import zmq
+
+    from . import wire
+
+    key = _read_key(key_file)
+    connection.split_url(url)  # ValueError if it is not tcp://HOST:PORT
+    why = unreachable(url)
+    if why is not None:
+        raise NoCluster(f"cannot reach the controller: {why}")
+    me = f"probe-{uuid.uuid4().hex[:12]}".encode()
+    signer = wire.Signer(key, me)
+    nonce = uuid.uuid4().hex
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.IDENTITY, me)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(url)
+        wire.send(sock, signer.pack(wire.PROBE, nonce, to=b""))
+        deadline = time.monotonic() + timeout
+        while sock.poll(max(0.0, deadline - time.monotonic()) * 1000):
+            try:
+                kind, sender, about, _b, _m = signer.unpack(wire.recv(sock))
+            except wire.WireError:
+                continue
+            if kind == wire.ABOUT and isinstance(about, dict) and about.get("nonce") == nonce:
+                break
+        else:
+            raise NoCluster(
+                f"the controller at {url} accepts connections but did not answer within "
+                f"{timeout:.0f} s: the key in {key_file} is not this cluster's (a restarted "
+                "cluster has a new one), the url is not its engine url, or it runs with "
+                "--curve (then pass its connection file with --cluster-file)")
+    finally:
+        sock.close(0)
+    info = {k: v for k, v in about.items() if k != "nonce" and v is not None}
+    info["key"] = key.decode()
+    info["controller_id"] = sender.decode()
+    host, port = connection.split_url(url)
+    path = connection.runtime_dir() / f"ipylb-joined-{host.replace(':', '_')}-{port}.json"
+    connection.write(path, info)
+    return path
 
 
 def join(path: Path, n: int, ip: str | None, timeout: float) -> int:

@@ -61,9 +61,10 @@ HELLO, SUBMIT, REQUEST, BYE = 1, 2, 3, 4
 # Controller -> client.
 WELCOME, RESULT, REPLY, EVENT = 11, 12, 13, 14
 # Controller -> engine.
-REGISTERED, TASK, CANCEL, STOP, REFUSED = 21, 22, 23, 24, 25
-# Engine -> controller (STARTED: a task with a walltime began to run).
-REGISTER, DONE, STARTED = 31, 32, 33
+REGISTERED, TASK, CANCEL, STOP, REFUSED, ABOUT = 21, 22, 23, 24, 25, 26
+# Engine -> controller (STARTED: a task with a walltime began to run; PROBE: `ipylb engine
+# join --url` asks, under the key, what it needs to join: the only kind sent to no name).
+REGISTER, DONE, STARTED, PROBE = 31, 32, 33, 34
 
 _SHA256 = hashlib.sha256
 _DIGEST = 32
@@ -140,8 +141,11 @@ class Signer:
     """Signs and checks messages under one cluster key, for one sender."""
 
     def __init__(self, key: bytes, sender: bytes, peer: bytes = b"", shm_prefix: str | None = None,
-                 owns_segments: bool = False) -> None:
+                 owns_segments: bool = False, open_kinds: frozenset[int] = frozenset()) -> None:
         """Sign as ``sender``; ``peer`` is where messages go unless ``pack(to=...)`` says.
+
+        ``open_kinds``: kinds accepted when addressed to no one (``to=b""``), from a peer
+        that does not know our name yet (the controller's PROBE).
 
         ``shm_prefix``: the names of shared-memory segments this receiver accepts
         (None: none); ``owns_segments``: the received segments are ours to remove
@@ -154,6 +158,7 @@ class Signer:
         self.peer = peer
         self.shm_prefix = shm_prefix
         self._owns_segments = owns_segments
+        self._open_kinds = open_kinds
         self._seq = _time_ns() // 1000  # never below our clock in us (see forget_idle)
         self._last_seen: dict[bytes, int] = {}
         self._floor = 0  # the highest seq of a sender forgotten
@@ -218,7 +223,7 @@ class Signer:
             kind, sender, to, seq, meta, bufs_mac, segs = pickle.loads(head)
         except Exception as e:  # signed but malformed: a peer bug, not an attack
             raise WireError(f"unreadable message head: {e!r}") from None
-        if to != self.sender:
+        if to != self.sender and not (to == b"" and kind in self._open_kinds):
             raise WireError(f"a message for {to!r} reached {self.sender!r}: replayed or misrouted")
         if seq <= self._last_seen.get(sender, self._floor):
             raise WireError(f"replayed or out-of-order message from {sender!r} (seq {seq})")

@@ -88,7 +88,8 @@ class Controller:
         self.shm_prefix = shm.controller_prefix(nonce) if self.shm_domain else None
         if self.shm_prefix:
             shm.sweep_stale()
-        self.signer = wire.Signer(key, self.ident, shm_prefix=self.shm_prefix, owns_segments=True)
+        self.signer = wire.Signer(key, self.ident, shm_prefix=self.shm_prefix, owns_segments=True,
+                                  open_kinds=frozenset({wire.PROBE}))
         # Peers that cannot map our segments (another machine): they get the bytes inline.
         self.remote: set[bytes] = set()
         self._next_orphan_sweep = 0.0
@@ -268,6 +269,11 @@ class Controller:
             self._execute(self.core.handle(ev.TaskStarted(meta, engine_id, time.monotonic())))
         elif kind == wire.REGISTER:
             self._on_register(ident, meta)
+        elif kind == wire.PROBE:  # `ipylb engine join --url`: what a joining engine needs
+            about = {"nonce": meta, "controller_id": self.ident.decode(),
+                     "client_url": self.client_url, "engine_url": self.engine_url,
+                     "curve_serverkey": self.curve_public.decode() if self.curve_public else None}
+            wire.send(self.engines, [ident, *self.signer.pack(wire.ABOUT, about, to=_sender)])
         else:
             raise wire.WireError(f"unexpected message kind {kind!r} on the engine socket")
 
