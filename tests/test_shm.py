@@ -435,24 +435,18 @@ def swap(seg: shm.Segment) -> None:
     os.close(fd)
 
 
-def test_a_task_whose_segment_vanished_fails_clearly(rc, view):
-    """E.g. systemd's RemoveIPC empties /dev/shm of a user who logged out."""
+@pytest.mark.parametrize("act,error", [
+    (lose, "is gone"),  # e.g. systemd's RemoveIPC empties /dev/shm of a user who logged out
+    # The engine maps only the inode the signed head names: another file there fails the task.
+    (swap, "not the payload segment its message describes"),
+])
+def test_a_task_whose_segment_vanished_or_was_swapped_fails_clearly_unrun(rc, view, act, error):
     arr = np.ones(BIG, "u1")
-    with after_placing(rc, lose):
+    with after_placing(rc, act):
         ar = view.apply_async(lambda x: int(x.sum()), arr)
-    with pytest.raises(RemoteError, match="is gone"):
+    with pytest.raises(RemoteError, match=error):
         ar.get(30)
     assert view.apply_sync(lambda x: int(x.sum()), arr) == BIG  # the engine serves on
-
-
-def test_a_task_whose_segment_was_swapped_for_another_file_is_refused(rc, view):
-    """The engine maps only the inode the signed head names: the task fails, unrun."""
-    arr = np.ones(BIG, "u1")
-    with after_placing(rc, swap):
-        ar = view.apply_async(lambda x: int(x.sum()), arr)
-    with pytest.raises(RemoteError, match="not the payload segment its message describes"):
-        ar.get(30)
-    assert view.apply_sync(lambda x: int(x.sum()), arr) == BIG
 
 
 def start_controller(tmp_path, *args: str) -> tuple[subprocess.Popen, str]:

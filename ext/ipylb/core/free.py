@@ -41,6 +41,8 @@ import itertools
 import random
 from typing import Any
 
+from .schemes import _two
+
 # Weight of an idle engine in the weighted scheme's integer Fenwick tree.
 _W = 1 << 50
 
@@ -169,10 +171,7 @@ class FreeEngines:
         n = len(lst)  # type: ignore[arg-type]
         if n < 2:
             return lst[0] if lst else None  # type: ignore[index]
-        a = rng.randrange(n)
-        b = rng.randrange(n - 1)
-        if b >= a:
-            b += 1
+        a, b = _two(n, rng)  # the scheme's own two distinct draws
         ea, eb = lst[a], lst[b]  # type: ignore[index]
         return ea if ea.key < eb.key else eb
 
