@@ -65,49 +65,51 @@ def _hms(time: str) -> str:
     return ":".join(f"{int(p):02d}" for p in parts)
 
 
+def _lsf_time(hms: str) -> str:
+    h, m, _s = hms.split(":")
+    return f"-W {int(h)}:{m}"
+
+
+# Per scheduler: directive prefix, how walltime and queue are asked for, and how the join
+# command runs once on each node of a multi-node job.
+_PREFIX = {"slurm": "#SBATCH", "pbs": "#PBS", "lsf": "#BSUB"}
+_TIME = {"slurm": "--time={}".format, "pbs": "-l walltime={}".format, "lsf": _lsf_time}
+_QUEUE = {"slurm": "--partition={}", "pbs": "-q {}", "lsf": "-q {}"}
+_PER_NODE = {
+    "slurm": "exec srun --ntasks-per-node=1 {}",
+    "pbs": "exec pbsdsh -u -- {}",  # -u: once on each node
+    "lsf": ("for host in $(echo $LSB_HOSTS | tr ' ' '\\n' | sort -u); do\n"
+            '    blaunch "$host" {} &\ndone\nwait'),  # once per distinct host
+}
+
+
+def _resources(scheduler: str, job: Job, per: int, log: Path) -> list[str]:
+    if scheduler == "slurm":
+        return [f"--job-name={job.name}", f"--nodes={job.nodes}", "--ntasks-per-node=1",
+                f"--cpus-per-task={per}", f"--output={log}/{job.name}-%j.log"]
+    if scheduler == "pbs":
+        return [f"-N {job.name}", f"-l select={job.nodes}:ncpus={per}", "-j oe", f"-o {log}/"]
+    return [f"-J {job.name}", f"-n {job.engines}", f'-R "span[ptile={per}]"',
+            f"-o {log}/{job.name}-%J.log"]
+
+
 def script(scheduler: str, job: Job) -> str:
-    """The job script for ``scheduler`` (slurm, pbs or lsf)."""
+    """The job script for ``scheduler`` (slurm, pbs or lsf); ValueError for another, or for
+    a request that cannot be met (see :func:`_per_node`, :func:`_hms`)."""
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
     per = _per_node(job)
     cmd = _join_command(job, per)
-    log = job.log_dir or job.cluster_file.parent
-    lines = ["#!/bin/sh"]
-    if scheduler == "slurm":
-        lines += [f"#SBATCH --job-name={job.name}", f"#SBATCH --nodes={job.nodes}",
-                  "#SBATCH --ntasks-per-node=1", f"#SBATCH --cpus-per-task={per}",
-                  f"#SBATCH --output={log}/{job.name}-%j.log"]
-        if job.time:
-            lines.append(f"#SBATCH --time={_hms(job.time)}")
-        if job.partition:
-            lines.append(f"#SBATCH --partition={job.partition}")
-        lines += [f"#SBATCH {a}" for a in job.extra]
-        run = f"exec {cmd}" if job.nodes == 1 else f"exec srun --ntasks-per-node=1 {cmd}"
-    elif scheduler == "pbs":
-        lines += [f"#PBS -N {job.name}", f"#PBS -l select={job.nodes}:ncpus={per}",
-                  "#PBS -j oe", f"#PBS -o {log}/"]
-        if job.time:
-            lines.append(f"#PBS -l walltime={_hms(job.time)}")
-        if job.partition:
-            lines.append(f"#PBS -q {job.partition}")
-        lines += [f"#PBS {a}" for a in job.extra]
-        # pbsdsh -u: once on each node of the job.
-        run = f"exec {cmd}" if job.nodes == 1 else f"exec pbsdsh -u -- {cmd}"
-    elif scheduler == "lsf":
-        lines += [f"#BSUB -J {job.name}", f"#BSUB -n {job.engines}",
-                  f'#BSUB -R "span[ptile={per}]"', f"#BSUB -o {log}/{job.name}-%J.log"]
-        if job.time:
-            h, m, _s = _hms(job.time).split(":")
-            lines.append(f"#BSUB -W {int(h)}:{m}")
-        if job.partition:
-            lines.append(f"#BSUB -q {job.partition}")
-        lines += [f"#BSUB {a}" for a in job.extra]
-        # blaunch once per distinct host of the allocation.
-        run = (f"exec {cmd}" if job.nodes == 1 else
-               "for host in $(echo $LSB_HOSTS | tr ' ' '\\n' | sort -u); do\n"
-               f"    blaunch \"$host\" {cmd} &\ndone\nwait")
-    else:
-        raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
-    lines += ["", f"# {job.engines} ipylb engine(s) for the cluster of {job.cluster_file}", run, ""]
-    return "\n".join(lines)
+    directives = _resources(scheduler, job, per, job.log_dir or job.cluster_file.parent)
+    if job.time:
+        directives.append(_TIME[scheduler](_hms(job.time)))
+    if job.partition:
+        directives.append(_QUEUE[scheduler].format(job.partition))
+    directives += job.extra
+    run = f"exec {cmd}" if job.nodes == 1 else _PER_NODE[scheduler].format(cmd)
+    return "\n".join(["#!/bin/sh", *(f"{_PREFIX[scheduler]} {d}" for d in directives), "",
+                      f"# {job.engines} ipylb engine(s) for the cluster of {job.cluster_file}",
+                      run, ""])
 
 
 SUBMIT = {"slurm": ["sbatch", "--parsable"], "pbs": ["qsub"], "lsf": ["bsub"]}

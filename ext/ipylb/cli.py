@@ -122,8 +122,8 @@ def _parser() -> argparse.ArgumentParser:
     start.add_argument("--hwm", type=int, default=1,
                        help="at most this many tasks outstanding per engine (0: no limit)")
     start.add_argument("--ip", default="127.0.0.1",
-                       help="address the controller listens on (127.0.0.1: this machine only; 0.0.0.0: every interface, for engines and "
-                            "clients on other hosts)")
+                       help="address the controller listens on (127.0.0.1: this machine only; "
+                            "0.0.0.0: every interface, for engines and clients on other hosts)")
     start.add_argument("--location", default=None,
                        help="host name or address other hosts reach the controller at "
                             "(default with --ip 0.0.0.0: this host's routable address)")
