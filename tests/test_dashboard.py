@@ -115,3 +115,38 @@ def test_dead_engine_shown_and_thread_ends_with_the_client():
         assert '<span class="ipylb-live">1</span>' in dash.summary.value
     until(lambda: not dash.running, what="the dashboard thread to stop")
     assert "stopped: the client was shut down" in dash.summary.value
+
+
+def test_activity_reports_tasks_engine_health_and_current_task(rc, view):
+    """The controller's activity request: finished tasks with their label or function,
+    per-second buckets, and each engine's host, pid, CPU, RSS and running task, which the
+    engines report themselves (psutil, every second)."""
+    first = rc.activity()
+    with view.temp_flags(label="stream"):
+        view.map(sleep_then, range(4), [0.0] * 4, block=True)
+    view.map(sleep_then, range(2), [0.0] * 2, block=True)
+    slow = view.apply_async(sleep_then, 1, 3.0)
+    got = rc.activity(first["seq"])
+    assert got["seq"] == first["seq"] + 6 and not got["skipped"]
+    assert [t[4] for t in got["tasks"]] == ["stream"] * 4 + ["sleep_then"] * 2
+    assert all(t[0] in rc.ids and t[1] <= t[2] and t[3] is True for t in got["tasks"])
+    assert sum(b[1] for bs in got["buckets"].values() for b in bs) >= 6
+
+    def running():
+        a = rc.activity(got["seq"], int(time.time()))
+        return [e for e in a["engines"].values() if e["task"] is not None] and a
+
+    deadline = time.monotonic() + 30
+    while not (now := running()):
+        assert time.monotonic() < deadline, "no engine reported the running task"
+        time.sleep(0.2)
+    (busy,) = [e for e in now["engines"].values() if e["task"] is not None]
+    assert busy["task"][0] == slow.msg_ids[0] and busy["task"][1] == "sleep_then"
+    assert 0 <= now["now"] - busy["task"][2] < 3.5
+    info = rc.engine_info()
+    for eid, e in now["engines"].items():
+        assert e["pid"] == info[eid]["pid"] and e["host"] == info[eid]["hostname"]
+        assert e["rss"] > 10 << 20 and e["cpu"] >= 0
+    assert slow.get(30) == 1
+    with pytest.raises(ValueError, match="two ints"):
+        rc._request("activity", "x")

@@ -115,9 +115,27 @@ def test_wait_interactive_with_return_exceptions(view, monkeypatch, capsys):
     monkeypatch.setenv("IPYLB_PROGRESS", "1")
     amr = view.map_async(inverse, [1, 0, 0, 2], return_exceptions=True)
     amr.wait_interactive(interval=0.01, timeout=-1)  # failures neither stop nor raise here
-    assert "4/4 tasks (2 failed)" in capsys.readouterr().out
+    err = capsys.readouterr().err  # tqdm's text bar (tqdm.auto outside a notebook)
+    last = err.replace("\r", "\n").strip().splitlines()[-1]
+    assert last.startswith("inverse: 100%") and "4/4" in last and "failed=2" in last, err
     out = amr.get()
     assert out[0] == 1.0 and out[3] == 0.5 and all(isinstance(x, error.RemoteError) for x in out[1:3])
+
+
+def test_wait_interactive_names_its_bar_by_label_and_can_be_off(view, monkeypatch, capsys):
+    monkeypatch.setenv("IPYLB_PROGRESS", "1")
+    with view.temp_flags(label="squares"):
+        amr = view.map_async(inverse, [1, 2])
+    amr.wait_interactive(interval=0.01)
+    assert capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1].startswith(
+        "squares: 100%")
+    monkeypatch.setenv("TQDM_DISABLE", "1")  # tqdm's own switch
+    view.map_async(inverse, [1, 2]).wait_interactive(interval=0.01)
+    monkeypatch.setenv("TQDM_DISABLE", "0")
+    monkeypatch.setenv("IPYLB_PROGRESS", "0")
+    ar = view.map_async(inverse, [1, 2])
+    ar.wait_interactive(interval=0.01)
+    assert ar.ready() and capsys.readouterr().err == ""
 
 
 def test_view_wait_waits_for_its_own_tasks(rc):

@@ -172,6 +172,14 @@ def test_block_with_out_binds_and_returns_the_value(lb):
     assert lb.user_ns["ar_b"].get(0) == "v"
 
 
+def test_label_names_the_cells_task(lb, rc):
+    assert ok(lb, "%%lb --label fit-model -o ar_l\n1") == 1
+    ar = lb.user_ns["ar_l"]
+    assert ar.metadata.label == "fit-model" and ar.label == "fit-model"
+    assert rc.db_query({"label": "fit-model"}, keys=[]) == [{"msg_id": ar.msg_ids[0]}]
+    assert ok(lb, "%%lb -o ar_nl\n2") == 2 and lb.user_ns["ar_nl"].metadata.label is None
+
+
 def test_after_and_follow_resolve_names(lb, rc):
     ok(lb, "%%lb -a -o ar1\nimport time\ntime.sleep(0.3)\nipylb_engine_id")
     ok(lb, "%%lb -a -o ar2 --after=ar1\nimport time\ntime.time()")

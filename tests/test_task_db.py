@@ -50,7 +50,7 @@ def test_bad_queries_say_what_is_wrong(query, error, text):
 
 
 def record(i, engine_id, status, completed):
-    rec = Record(f"t{i}", b"client-abc-r", [b"f"], b"m")
+    rec = Record(f"t{i}", b"client-abc-r", [b"f"], b"m", label=("fit", "plot", None)[i % 3])
     rec.submitted = 1000.0 + i
     if status != "pending":
         rec.result = (engine_id, status, completed - 0.5, completed, "out", "",
@@ -65,6 +65,7 @@ QUERIES = [
     {"submitted": {"$lte": 1003.0}}, {"engine_id": {"$in": [0, 2]}},
     {"engine_id": {"$nin": [0]}}, {"msg_id": {"$in": ["t1", "t7", "nope"]}},
     {"status": {"$nin": ["ok", "error"]}}, {"engine_id": 0, "status": "ok"},
+    {"label": "fit"}, {"label": None}, {"label": {"$in": ["plot"]}, "status": "ok"},
 ]
 
 
@@ -89,6 +90,7 @@ def test_sqlite_answers_as_memory_does(tmp_path):
         assert [r["msg_id"] for r in memory.query(conds)] == want, q
         assert [r["msg_id"] for r in sql.query(conds)] == want, q
         assert memory.query(conds, ["engine_id"]) == sql.query(conds, ["engine_id"]), q
+        assert memory.query(conds, ["label"]) == sql.query(conds, ["label"]), q
     assert sql.query(parse_query({"msg_id": "t3"})) == memory.query(parse_query({"msg_id": "t3"}))
 
 
@@ -138,6 +140,7 @@ def store_client(request, tmp_path, monkeypatch):
     proc = start_controller(path, tmp_path / "tasks.sqlite")
     try:
         client = ipylb.Client(str(path))
+        client.test_file = path  # (for a second client)
         client.wait_for_engines(2, 60)
         yield client
         client.close()
@@ -177,6 +180,35 @@ def test_db_query_on_real_tasks(store_client):
     with pytest.raises(ValueError, match="cannot query 'color'"):
         rc.db_query({"color": "red"})
     slow.wait(30)
+
+
+def test_label_flag_in_records_metadata_and_db_query(store_client):
+    """label (API.md, ipyparallel 9.1): a view flag, temp_flags too, kept in the task
+    record; db_query and get_result metadata show it, also for another client."""
+    rc = store_client
+    view = rc.load_balanced_view()
+    with view.temp_flags(label="warm-up"):
+        ar = view.map_async(nap, [0, 0])
+    assert view.label is None  # restored
+    view.label = "lone"
+    one = view.apply_async(nap, 0)
+    view.label = None
+    plain = view.apply_async(nap, 0)
+    for r in (ar, one, plain):
+        r.wait(30)
+    assert ar.metadata[0]["label"] == "warm-up" and one.metadata.label == "lone"
+    assert plain.metadata.label is None
+    rows = rc.db_query({"label": "warm-up"}, keys=["label", "status"])
+    assert [(r["msg_id"], r["label"], r["status"]) for r in rows] == [
+        (m, "warm-up", "ok") for m in ar.msg_ids]
+    assert [r["msg_id"] for r in rc.db_query({"label": {"$in": ["lone"]}}, keys=[])] == \
+        one.msg_ids
+    path = rc._local.connection_file if rc._local else rc.test_file
+    with ipylb.Client(str(path)) as other:  # metadata from the controller's record
+        assert other.get_result(one.msg_ids[0]).wait(30)
+        assert other.get_result(one.msg_ids[0]).metadata.label == "lone"
+    with pytest.raises(TypeError, match="label must be a str"):
+        view.label = 3
 
 
 def test_history_results_and_purges(rc, view):

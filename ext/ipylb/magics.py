@@ -232,6 +232,8 @@ class LbMagics(Magics):
     @argument("--walltime", type=float, default=0, metavar="S",
               help="seconds the cell may run (0: no limit); then it is interrupted, and it "
                    "fails with WalltimeExceeded")
+    @argument("--label", default=None, metavar="L",
+              help="name the task (in its record, db_query, metadata and the dashboard)")
     @argument("-b", "--block", dest="block", action="store_true", default=True,
               help="wait and show the result (the default)")
     @argument("-a", "--noblock", dest="block", action="store_false",
@@ -256,7 +258,8 @@ class LbMagics(Magics):
         filename = f"<lb-cell {self.shell.execution_count}>"
         try:
             with self.view.temp_flags(after=after, follow=follow, timeout=args.timeout,
-                                      retries=args.retries, walltime=args.walltime):
+                                      retries=args.retries, walltime=args.walltime,
+                                      label=args.label):
                 ar = self.view.apply_async(run_source, source, filename)
         except (TypeError, ValueError) as e:
             raise UsageError(str(e)) from None

@@ -63,8 +63,10 @@ WELCOME, RESULT, REPLY, EVENT = 11, 12, 13, 14
 # Controller -> engine.
 REGISTERED, TASK, CANCEL, STOP, REFUSED, ABOUT = 21, 22, 23, 24, 25, 26
 # Engine -> controller (STARTED: a task with a walltime began to run; PROBE: `ipylb engine
-# join --url` asks, under the key, what it needs to join: the only kind sent to no name).
-REGISTER, DONE, STARTED, PROBE = 31, 32, 33, 34
+# join --url` asks, under the key, what it needs to join: the only kind sent to no name;
+# HEALTH: an engine's CPU, memory and current task, from its own socket <engine ident>/health
+# every second).
+REGISTER, DONE, STARTED, PROBE, HEALTH = 31, 32, 33, 34, 35
 
 _SHA256 = hashlib.sha256
 _DIGEST = 32

@@ -54,7 +54,7 @@ _PENDING = object()
 _META_INDEX = {"engine_id": 1, "stdout": 5, "stderr": 6}
 # What a task's metadata holds (a pending task's has None for what is not known yet).
 METADATA_KEYS = ("msg_id", "engine_id", "status", "submitted", "started", "completed",
-                 "stdout", "stderr", "error")
+                 "stdout", "stderr", "error", "label")
 
 
 class Outcome:
@@ -63,8 +63,9 @@ class Outcome:
     __slots__ = ("meta", "bufs", "mac", "_value")
 
     def __init__(self, meta: tuple, bufs: list[Any], mac: bytes) -> None:
-        # (msg_id, engine_id, status, started, completed, stdout, stderr, error, submitted);
-        # submitted (the controller's clock) is missing from records stored by older versions.
+        # (msg_id, engine_id, status, started, completed, stdout, stderr, error, submitted,
+        # label); submitted (the controller's clock) is None in records stored by older
+        # versions, and both are missing from results made here (lost) or by older versions.
         self.meta = meta
         self.bufs = bufs
         self.mac = mac
@@ -131,6 +132,7 @@ class Outcome:
             msg_id=msg_id, engine_id=engine_id, status=status,
             submitted=_dt(submitted), started=_dt(started), completed=_dt(completed),
             stdout=stdout, stderr=stderr, error=self.error() if status != "ok" else None,
+            label=self.meta[9] if len(self.meta) > 9 else None,
         )
 
 
@@ -156,6 +158,7 @@ class AsyncResult(Future):
         self._client = client
         self.msg_ids = msg_ids
         self._fname = fname
+        self.label: str | None = None  # the view's ``label`` flag when it was submitted
         # get() and iteration return failed items' exceptions in place instead of raising
         # (ipyparallel's map(..., return_exceptions=True)); get(return_exceptions=) overrides.
         self._return_exceptions = return_exceptions
@@ -328,6 +331,7 @@ class AsyncResult(Future):
         part = AsyncResult(self._client, [self.msg_ids[index]], self._fname,
                            self._return_exceptions)
         part._submitted = self._submitted
+        part.label = self.label
         return part
 
     # -- what came back ----------------------------------------------------------
@@ -340,7 +344,7 @@ class AsyncResult(Future):
         return [
             o.metadata(self._submitted) if o is not None
             else Metadata(dict.fromkeys(METADATA_KEYS), msg_id=m, status="pending",
-                          submitted=_dt(self._submitted), stdout="", stderr="")
+                          submitted=_dt(self._submitted), stdout="", stderr="", label=self.label)
             for m, o in zip(self.msg_ids, self._outcomes)
         ]
 
@@ -500,6 +504,7 @@ class AsyncMapResult(AsyncResult):
                               True, self._fname, self._return_exceptions)
         part._chunked = self._chunked  # its get() is the list of its task's items, as in ipyparallel
         part._submitted = self._submitted
+        part.label = self.label
         return part
 
     def __iter__(self) -> Iterator[Any]:
@@ -533,6 +538,7 @@ class AsyncHubResult(AsyncMapResult):
     def _part(self, index: int) -> AsyncResult:
         part = AsyncHubResult(self._client, [self.msg_ids[index]], single=True)
         part._submitted = self._submitted
+        part.label = self.label
         return part
 
 

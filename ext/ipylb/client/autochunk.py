@@ -115,7 +115,8 @@ class _Probe:
 
 
 def map_auto(client: Client, fbuf: Any, flags: dict[str, Any] | None, items: list[tuple],
-             ordered: bool, fname: str, return_exceptions: bool) -> AsyncMapResult:
+             ordered: bool, fname: str, return_exceptions: bool,
+             label: str | None = None) -> AsyncMapResult:
     """Submit a map whose chunks are sized as the module docstring says.
 
     ``fbuf`` is the pickled chunk runner (``view._Chunk(f)``); ``items`` the argument
@@ -123,7 +124,8 @@ def map_auto(client: Client, fbuf: Any, flags: dict[str, Any] | None, items: lis
     n_probe = min(len(items), PROBES_PER_ENGINE * max(len(client), 1))
     probe = _Probe(n_probe)
     probe_tasks = [(client._new_msg_id(), dumps_args(([item],), {})) for item in items[:n_probe]]
-    client._submit(fbuf, flags, probe, probe_tasks)
+    tag = (label, fname)
+    client._submit(fbuf, flags, probe, probe_tasks, tag=tag)
     probe_ids = [msg_id for msg_id, _ in probe_tasks]
     rest = items[n_probe:]
     size = chunk_for(probe.item_seconds(PROBE_WAIT_S) if rest else None, len(rest),
@@ -140,7 +142,8 @@ def map_auto(client: Client, fbuf: Any, flags: dict[str, Any] | None, items: lis
     ids = [client._new_msg_id() for _ in chunks]
     ar = AsyncMapResult(client, probe_ids + ids, [1] * n_probe + [len(c) for c in chunks],
                         ordered, fname, return_exceptions)
+    ar.label = label
     ar._chunked = True  # every task, probes too, returns the list of its items' values
     probe.hand_over(ar)
-    client._submit(fbuf, flags, ar, list(zip(ids, arg_bufs, strict=True)), base=n_probe)
+    client._submit(fbuf, flags, ar, list(zip(ids, arg_bufs, strict=True)), base=n_probe, tag=tag)
     return ar

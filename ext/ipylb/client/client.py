@@ -447,13 +447,16 @@ class Client:
         return f"{self.session}-{next(self._ids)}"
 
     def _submit(self, fbuf: Any, flags: dict[str, Any] | None, ar: Any,
-                tasks: list[tuple[str, list[Any]]], base: int = 0, record: bool = True) -> None:
+                tasks: list[tuple[str, list[Any]]], base: int = 0, record: bool = True,
+                tag: tuple[str | None, str] = (None, "")) -> None:
         """Send tasks that share one function frame, in as few messages as possible.
 
         Each task is ``(msg_id, arg_frames)``, filed as item ``base + i`` of ``ar`` (an
         AsyncResult, or anything with its ``_deliver(index, outcome)`` and ``wait``).  Its MAC
         covers its own frames (the function's and its arguments'), so the controller
-        can forward each task to a different engine untouched.
+        can forward each task to a different engine untouched.  ``tag`` is ``(label,
+        function name)``: the controller keeps it in the tasks' records (sent once per
+        message, shared by its tasks).
         """
         self._check_open()
         if not self._engine_ids and not self._warned_empty:
@@ -488,7 +491,8 @@ class Client:
                     self._pending[msg_id] = (ar, i)
                 if record:
                     self.history.extend(msg_id for msg_id, _args in batch)
-                wire.send(self._send_sock, self._signer.pack(wire.SUBMIT, (flags, metas), bufs, b""))
+                wire.send(self._send_sock, self._signer.pack(wire.SUBMIT, (flags, metas, tag), bufs,
+                                                                 b""))
 
     def _request(self, op: str, arg: Any = None, timeout: float | None = 30.0) -> Any:
         """Ask the controller something and wait for its answer."""
@@ -622,6 +626,24 @@ class Client:
         e.g. why it waited, where it went, why it failed."""
         return self._request("story", msg_id)
 
+    def activity(self, seq: int = 0, second: int = 0,
+                 timeout: float | None = 30.0) -> dict[str, Any]:
+        """What the cluster has been doing, for monitors (the dashboard, ``ipylb top``), in
+        one round trip.  ``seq``/``second``: the ``seq`` of the previous answer and the
+        first second (epoch) of buckets wanted, so repeated calls get only what is new.
+
+        Returns a dict: ``now`` (the controller's clock, seconds since the epoch), ``seq``,
+        ``tasks`` (finished since ``seq``, oldest first, at most 2,000: ``(engine_id,
+        started, completed, ok, label or function name)``, times in seconds since the
+        epoch), ``skipped`` (True if more finished than were sent), ``buckets`` (per
+        engine, ``[second, finished, failed, busy seconds]`` for each second of the last
+        minute with a finished task), ``status`` (as :meth:`queue_status`), ``engines``
+        (per live engine: ``host``, ``pid``, ``restarts``, ``cpu`` (%), ``rss`` (bytes),
+        ``task``: ``(msg_id, label or function, started)`` or None; health is what the
+        engine reported within the last second or two, None before its first report).
+        Raises TimeoutError if the controller does not answer within ``timeout`` s."""
+        return self._request("activity", (seq, second), timeout)
+
     def engine_info(self) -> dict[int, dict[str, Any]]:
         """Per engine: pid, hostname and the kernel connection file
         (``jupyter console --existing FILE`` attaches to it)."""
@@ -730,7 +752,8 @@ class Client:
         ipyparallel's form: ``{key: value}`` for equality or ``{key: {op: value}}`` with
         op one of ``$lt $gt $lte $gte $ne $in $nin``, all conditions together.  Keys:
         ``msg_id``, ``status`` ("ok", "error", "pending"), ``engine_id``, ``submitted``,
-        ``started``, ``completed`` (datetimes, or seconds since the epoch).  Returns dicts
+        ``started``, ``completed`` (datetimes, or seconds since the epoch), ``label`` (the
+        view's ``label`` flag; None if none was given).  Returns dicts
         of ``keys`` (default all: those plus ``client``, ``stdout``, ``stderr``, ``error``
         as an exception object), oldest submission first.  ValueError/TypeError for a
         query ipylb cannot answer.  Answered from the controller's records, or by SQL

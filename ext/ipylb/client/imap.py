@@ -121,6 +121,7 @@ class IMapIterator(Iterator[Any]):
         self._fbuf = dumps_function(_Chunk(f) if self._chunked else f)
         self._client = client
         self._fname = _name(f)
+        self.label = view.label
         self.max_outstanding = window
         self.ordered = ordered
         self.return_exceptions = return_exceptions
@@ -222,7 +223,8 @@ class IMapIterator(Iterator[Any]):
         with col.cond:
             col.unanswered += len(tasks)
         try:
-            client._submit(self._fbuf, self._flags, col, tasks, base=first, record=False)
+            client._submit(self._fbuf, self._flags, col, tasks, base=first, record=False,
+                           tag=(self.label, self._fname))
         except BaseException:
             with col.cond:
                 col.unanswered -= len(tasks)

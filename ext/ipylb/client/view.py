@@ -18,7 +18,7 @@ from .imap import IMapIterator
 if TYPE_CHECKING:
     from .client import Client
 
-_FLAGS = ("block", "retries", "timeout", "after", "follow", "targets", "walltime")
+_FLAGS = ("block", "retries", "timeout", "after", "follow", "targets", "walltime", "label")
 # What a view's attributes may be: its flags and its two private parts.  Anything else
 # raises, so a misspelt or foreign flag (``v.tragets = [0]``) is never silently ignored.
 _ATTRS = frozenset((*_FLAGS, "client", "_results"))
@@ -48,7 +48,9 @@ class LoadBalancedView:
     ``walltime`` (seconds each attempt may run, 0/None: no limit; past it the task is
     interrupted, its engine restarted if it does not stop within a grace period, 5 s by
     default, and it fails with ``WalltimeExceeded``, an attempt for ``retries``: API.md;
-    each chunk of a map has it).  Flags are validated when set; setting an attribute that
+    each chunk of a map has it), ``label`` (a str naming the tasks, or None: kept in their
+    records and shown in ``db_query``, their metadata, progress bars and the dashboard, as
+    ipyparallel 9.1's ``label``).  Flags are validated when set; setting an attribute that
     is not a flag raises AttributeError.
     """
 
@@ -61,6 +63,7 @@ class LoadBalancedView:
         self.after: Any = []
         self.follow: Any = []
         self.walltime: float | None = 0
+        self.label: str | None = None
         # What this view submitted and someone still holds (wait() with no jobs waits for it).
         self._results: weakref.WeakSet[AsyncResult] = weakref.WeakSet()
 
@@ -158,7 +161,8 @@ class LoadBalancedView:
         client = self.client
         msg_id = client._new_msg_id()
         ar = AsyncResult(client, [msg_id], _name(f))
-        client._submit(fbuf, flags, ar, [(msg_id, arg_bufs)])
+        ar.label = self.label
+        client._submit(fbuf, flags, ar, [(msg_id, arg_bufs)], tag=(self.label, ar._fname))
         self._results.add(ar)
         return ar
 
@@ -202,7 +206,7 @@ class LoadBalancedView:
         flags = self._task_flags(f)
         if chunksize == "auto":
             ar = map_auto(self.client, dumps_function(_Chunk(f)), flags, items, ordered,
-                          _name(f), return_exceptions)
+                          _name(f), return_exceptions, self.label)
             self._results.add(ar)
             return ar
         chunks = [items[i:i + chunksize] for i in range(0, len(items), chunksize)]
@@ -217,7 +221,8 @@ class LoadBalancedView:
         msg_ids = [client._new_msg_id() for _ in payloads]
         ar = AsyncMapResult(client, msg_ids, [len(c) for c in chunks], ordered, _name(f),
                             return_exceptions)
-        client._submit(fbuf, flags, ar, list(zip(msg_ids, arg_bufs)))
+        ar.label = self.label
+        client._submit(fbuf, flags, ar, list(zip(msg_ids, arg_bufs)), tag=(self.label, ar._fname))
         self._results.add(ar)
         return ar
 
@@ -288,6 +293,11 @@ def _validate(name: str, value: Any) -> None:
             raise TypeError(f"{name} must be a number of seconds or None, got {value!r}")
         if value is not None and not value >= 0:
             raise ValueError(f"{name} must be >= 0 seconds (0 or None: no limit), got {value!r}")
+    elif name == "label":
+        if value is not None and not isinstance(value, str):
+            raise TypeError(f"label must be a str or None, got {value!r}")
+        if value is not None and len(value) > 200:
+            raise ValueError(f"label must be at most 200 characters, got {len(value)}")
     elif name in ("after", "follow"):
         to_spec(value)  # raises TypeError for anything that is not ids/results/Dependency
     elif name == "targets" and value is not None:

@@ -23,6 +23,7 @@ from .. import compat, connection, limits, shm, wire
 from ..core import events as ev
 from ..core.scheduler import Scheduler
 from ..error import PURE_REFUSES
+from .activity import Activity
 from .heartbeat import Heartbeats
 from .launcher import EngineLauncher
 from .records import Record, TaskStore, parse_query
@@ -122,6 +123,7 @@ class Controller:
         self.engine_ident: dict[int, bytes] = {}
         self.engine_of: dict[bytes, int] = {}
         self.engine_info: dict[int, dict[str, Any]] = {}
+        self.activity = Activity()  # for the dashboard and `ipylb top`
         # Jupyter clients of our engines' kernels, made on the first walltime interrupt.
         self.kernel_clients: dict[int, Any] = {}
         self.listeners: set[bytes] = set()  # client receive sockets that said hello
@@ -150,6 +152,7 @@ class Controller:
             "redeliver": self._req_redeliver,
             "ping": lambda _c, _a: None,  # a client's liveness check
             "validate": lambda _c, _a: self.validate(),
+            "activity": self._req_activity,
         }
 
     def _router(self, ip: str, port: int = 0) -> zmq.Socket:
@@ -259,7 +262,7 @@ class Controller:
 
     def _on_engine(self, frames: list[Any]) -> None:
         ident = frames[0].bytes
-        kind, _sender, meta, bufs, bufs_mac = self.signer.unpack(frames[1:])
+        kind, sender, meta, bufs, bufs_mac = self.signer.unpack(frames[1:])
         if kind == wire.DONE:
             self._on_done(ident, meta, bufs, bufs_mac)
         elif kind == wire.STARTED:
@@ -273,7 +276,14 @@ class Controller:
             about = {"nonce": meta, "controller_id": self.ident.decode(),
                      "client_url": self.client_url, "engine_url": self.engine_url,
                      "curve_serverkey": self.curve_public.decode() if self.curve_public else None}
-            wire.send(self.engines, [ident, *self.signer.pack(wire.ABOUT, about, to=_sender)])
+            wire.send(self.engines, [ident, *self.signer.pack(wire.ABOUT, about, to=sender)])
+        elif kind == wire.HEALTH:  # signed by the engine's own health socket
+            engine_id = self.engine_of.get(sender.removesuffix(b"/health"))
+            if engine_id is not None and sender.endswith(b"/health") and type(meta) is tuple \
+                    and len(meta) == 4:
+                cpu, rss, task, since = meta
+                self.activity.health[engine_id] = {"cpu": cpu, "rss": rss, "task": task,
+                                                   "since": since}
         else:
             raise wire.WireError(f"unexpected message kind {kind!r} on the engine socket")
 
@@ -337,6 +347,7 @@ class Controller:
         del self.engine_of[ident]
         self.remote.discard(ident)
         self.engine_info.pop(engine_id, None)
+        self.activity.forget(engine_id)
         hb = self.heartbeats.remove(engine_id)
         if hb is not None:
             self.poller.unregister(hb)
@@ -435,12 +446,18 @@ class Controller:
 
     def _on_submit(self, ident: bytes, meta: tuple, bufs: list[Any], _mac: bytes) -> None:
         """One or more tasks sharing a function frame; each carries its own MAC."""
-        if type(meta) is not tuple or len(meta) != 2 or type(meta[1]) is not list or not bufs:
+        if type(meta) is not tuple or len(meta) not in (2, 3) or type(meta[1]) is not list \
+                or not bufs:
             raise wire.WireError("a malformed submission")
-        flags, tasks = meta
+        flags, tasks = meta[:2]
+        # (label, function name), shared by the submission's tasks (a 2-tuple: none given)
+        label, func = meta[2] if len(meta) == 3 else (None, "")
         client = ident[:-1] + b"r"
         try:
             _check_flags(flags)
+            if not (label is None or type(label) is str) or type(func) is not str \
+                    or len(func) > 200 or (label is not None and len(label) > 200):
+                raise wire.WireError("a malformed label or function name in a submission")
         except wire.WireError as e:
             self._refuse(client, tasks, str(e))
             raise
@@ -462,7 +479,7 @@ class Controller:
             if msg_id in self.store.records:
                 log.warning("dropped a task with a duplicate msg_id %r", msg_id)
                 continue
-            self._new_task(Record(msg_id, client, task_bufs, task_mac, flags), now)
+            self._new_task(Record(msg_id, client, task_bufs, task_mac, flags, label, func), now)
 
     def _refuse(self, client: bytes, tasks: Any, why: str) -> None:
         """Answer each task of a submission we cannot take with an error result (no record
@@ -531,6 +548,35 @@ class Controller:
                 status[engine_id]["restarts"] = info.get("restarts", 0)
         return status
 
+    def _req_activity(self, _client: bytes, arg: Any) -> dict[str, Any]:
+        """What the dashboard draws (one round trip per refresh).  ``arg``: ``(seq, second)``
+        of its last answer (``(0, 0)`` at first).  Answers the tasks finished since ``seq``
+        (at most ``activity.ANSWER_TASKS``, each ``(engine_id, started, completed, ok, label
+        or function)``), per-engine one-second buckets ``[second, finished, failed, busy
+        seconds]`` from ``second`` on, queue status, and per live engine its host, pid,
+        restarts, health (CPU %, RSS bytes) and current task ``(msg_id, key, since)``."""
+        act = self.activity
+        if not (type(arg) is tuple and len(arg) == 2 and type(arg[0]) is int
+                and type(arg[1]) is int):
+            raise ValueError("activity takes (seq, second): two ints")
+        seq, second = arg
+        now = time.time()
+        act.prune(now)
+        last, tasks, skipped = act.since(seq)
+        engines = {}
+        for engine_id, info in self.engine_info.items():
+            h = act.health.get(engine_id, {})
+            task = h.get("task")
+            rec = self.store.records.get(task) if task else None
+            engines[engine_id] = {
+                "host": info.get("hostname", ""), "pid": info.get("pid"),
+                "restarts": info.get("restarts", 0), "cpu": h.get("cpu"), "rss": h.get("rss"),
+                "task": None if rec is None else (task, rec.label or rec.func, h.get("since")),
+            }
+        return {"now": now, "seq": last, "tasks": tasks, "skipped": skipped,
+                "buckets": {e: [x for x in b if x[0] >= second] for e, b in act.buckets.items()},
+                "status": self._req_queue_status(_client, False), "engines": engines}
+
     def _known(self, msg_ids: list[str]) -> list[Record]:
         unknown = [m for m in msg_ids if m not in self.store]
         if unknown:
@@ -589,7 +635,8 @@ class Controller:
         now = time.monotonic()
         for rec, (_old, new) in zip(recs, pairs):
             flags = rec.flags and {k: rec.flags.get(k) for k in ("retries", "targets", "walltime")}
-            self._new_task(Record(new, client, rec.bufs, rec.bufs_mac, flags or None), now)
+            self._new_task(Record(new, client, rec.bufs, rec.bufs_mac, flags or None, rec.label,
+                                  rec.func), now)
 
     def _req_db_query(self, _client: bytes, arg: Any) -> list[dict[str, Any]]:
         """``rc.db_query(query, keys)``: the records that meet an ipyparallel-style query."""
@@ -755,6 +802,8 @@ class Controller:
         return True
 
     def _deliver(self, rec: Record) -> None:
+        r = rec.result
+        self.activity.finished(r[0], r[2], r[3], r[1] == "ok", rec.label or rec.func)
         self._send_result(rec.client, rec)
         if rec.watchers:
             for client in rec.watchers:
@@ -765,7 +814,8 @@ class Controller:
             self._forget(evicted)
 
     def _send_result(self, client: bytes, rec: Record) -> None:
-        meta = (rec.msg_id, *rec.result)
+        r = rec.result  # 8 fields (7 in records stored by older versions), then the label
+        meta = (rec.msg_id, *r, None, rec.label) if len(r) == 7 else (rec.msg_id, *r, rec.label)
         bufs, mac = rec.result_bufs, rec.result_mac
         if len(bufs) > 1:  # segments: inline for a remote client, else a link it claims
             try:
@@ -774,9 +824,8 @@ class Controller:
                 else:
                     bufs = [b.link() if type(b) is shm.Segment else b for b in bufs]
             except wire.WireError as e:
-                r = rec.result
                 lost = ("WireError", f"task {rec.msg_id} finished, but its result is lost: {e}", "")
-                meta = (rec.msg_id, r[0], "error", *r[2:6], lost, *r[7:])
+                meta = (*meta[:2], "error", *meta[3:7], lost, *meta[8:])
                 bufs = []
         self._send_client(client, wire.RESULT, meta, bufs, mac)
 

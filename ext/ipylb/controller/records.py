@@ -42,6 +42,7 @@ RECORD_OVERHEAD = 1700
 QUERY_KEYS: dict[str, tuple[type, ...]] = {
     "msg_id": (str,), "status": (str,), "engine_id": (int,),
     "submitted": (int, float), "started": (int, float), "completed": (int, float),
+    "label": (str,),
 }
 ROW_KEYS = (*QUERY_KEYS, "client", "stdout", "stderr", "error")
 # ipyparallel's operators (a plain value means equality); None only with equality and $ne.
@@ -56,11 +57,16 @@ class Record:
     """One task as the controller knows it."""
 
     __slots__ = ("msg_id", "client", "bufs", "bufs_mac", "flags", "submitted", "watchers",
-                 "result", "result_bufs", "result_mac")
+                 "result", "result_bufs", "result_mac", "label", "func")
 
     def __init__(self, msg_id: str, client: bytes, bufs: list[Any], bufs_mac: bytes,
-                 flags: dict[str, Any] | None = None) -> None:
+                 flags: dict[str, Any] | None = None, label: str | None = None,
+                 func: str = "") -> None:
         self.msg_id = msg_id
+        # The submission's ``label`` flag (API.md; shared by its tasks, not a copy each) and
+        # its function's name: what the dashboard's task stream colours by.
+        self.label = label
+        self.func = func
         self.client = client  # the receive socket of the client that submitted it
         self.bufs = bufs
         self.bufs_mac = bufs_mac
@@ -155,19 +161,20 @@ def _where(conds: list[Condition]) -> tuple[str, list[Any]]:
 def row(rec: Record) -> dict[str, Any]:
     """What a query answers about one record (times: seconds since the epoch; error:
     ``(ename, evalue, traceback)`` or None; client: the submitting client's session)."""
-    return _row(rec.msg_id, rec.client, rec.submitted, rec.result)
+    return _row(rec.msg_id, rec.client, rec.submitted, rec.result, rec.label)
 
 
-def _row(msg_id: str, client: bytes, submitted: float, result: tuple | None) -> dict[str, Any]:
+def _row(msg_id: str, client: bytes, submitted: float, result: tuple | None,
+         label: str | None) -> dict[str, Any]:
     session = bytes(client)[len(b"client-"):-2].decode(errors="replace")
     if result is None:
         return {"msg_id": msg_id, "status": "pending", "engine_id": None, "submitted": submitted,
-                "started": None, "completed": None, "client": session, "stdout": "",
-                "stderr": "", "error": None}
+                "started": None, "completed": None, "label": label, "client": session,
+                "stdout": "", "stderr": "", "error": None}
     engine_id, status, started, completed, stdout, stderr, error = result[:7]
     return {"msg_id": msg_id, "status": status, "engine_id": engine_id, "submitted": submitted,
-            "started": started, "completed": completed, "client": session, "stdout": stdout,
-            "stderr": stderr, "error": error}
+            "started": started, "completed": completed, "label": label, "client": session,
+            "stdout": stdout, "stderr": stderr, "error": error}
 
 
 class TaskDB:
@@ -177,7 +184,7 @@ class TaskDB:
     the times are indexed, so ``db_query`` is a SQL query, not a scan."""
 
     _COLUMNS = {"status": "TEXT", "engine_id": "INTEGER", "submitted": "REAL",
-                "started": "REAL", "completed": "REAL"}
+                "started": "REAL", "completed": "REAL", "label": "TEXT", "func": "TEXT"}
 
     def __init__(self, path: Path | str) -> None:
         self.path = str(path)
@@ -230,23 +237,24 @@ class TaskDB:
         result_bufs, result_mac = inline(rec.result_bufs, rec.result_mac)
         self.db.execute(
             "INSERT OR REPLACE INTO tasks (msg_id, client, flags, bufs, bufs_mac, result,"
-            " result_bufs, result_mac, status, engine_id, submitted, started, completed)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " result_bufs, result_mac, status, engine_id, submitted, started, completed,"
+            " label, func) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (rec.msg_id, rec.client, pickle.dumps(rec.flags),
              _blobs(bufs), bufs_mac, pickle.dumps(rec.result),
-             _blobs(result_bufs), result_mac, *self._fields(rec.result)),
+             _blobs(result_bufs), result_mac, *self._fields(rec.result), rec.label, rec.func),
         )
 
     def load(self, msg_id: str) -> Record | None:
         """The record of ``msg_id``, or None."""
         found = self.db.execute(
-            "SELECT client, flags, bufs, bufs_mac, result, result_bufs, result_mac FROM tasks"
-            " WHERE msg_id = ?", (msg_id,)).fetchone()
+            "SELECT client, flags, bufs, bufs_mac, result, result_bufs, result_mac, label, func"
+            " FROM tasks WHERE msg_id = ?", (msg_id,)).fetchone()
         if found is None:
             return None
         # Written by this controller only (the file lives in the private profile directory).
-        client, flags, bufs, bufs_mac, result, result_bufs, result_mac = found
-        rec = Record(msg_id, client, pickle.loads(bufs), bufs_mac, pickle.loads(flags))
+        client, flags, bufs, bufs_mac, result, result_bufs, result_mac, label, func = found
+        rec = Record(msg_id, client, pickle.loads(bufs), bufs_mac, pickle.loads(flags), label,
+                     func or "")
         rec.result = pickle.loads(result)
         rec.result_bufs = pickle.loads(result_bufs)
         rec.result_mac = result_mac
@@ -268,13 +276,14 @@ class TaskDB:
         store sorts them, with the pending ones it adds); without ``details`` the pickled results are not read (client, stdout, stderr and
         error are then left out)."""
         where, params = _where(conds)
-        cols = "msg_id, status, engine_id, submitted, started, completed"
+        cols = "msg_id, status, engine_id, submitted, started, completed, label"
         if not details:
             return [dict(zip(QUERY_KEYS, r)) for r in self.db.execute(
                 f"SELECT {cols} FROM tasks WHERE {where}", params)]
-        return [_row(msg_id, client, submitted, pickle.loads(result)) for msg_id, client, submitted, result
-                in self.db.execute(f"SELECT msg_id, client, submitted, result FROM tasks WHERE {where}",
-                                   params)]
+        return [_row(msg_id, client, submitted, pickle.loads(result), label)
+                for msg_id, client, submitted, result, label in self.db.execute(
+                    f"SELECT msg_id, client, submitted, result, label FROM tasks WHERE {where}",
+                    params)]
 
     def plan(self, conds: list[Condition]) -> str:
         """SQLite's query plan for ``conds`` (to check that an index is used)."""

@@ -23,6 +23,7 @@ import os
 import signal
 import socket
 import threading
+import time
 import traceback
 import types
 import uuid
@@ -41,6 +42,9 @@ from .capture import Capture
 # A task's error text (characters): the value of the exception, and its traceback.
 EVALUE_LIMIT = 64 * 1024
 TRACEBACK_LIMIT = 256 * 1024
+
+# Seconds between two health reports (CPU %, RSS, current task) to the controller.
+HEALTH_S = 1.0
 
 # The engine pings the controller this often, and leaves after this long without an answer.
 CONTROLLER_PING_S = 2.0
@@ -127,7 +131,9 @@ class TaskChannel:
         self.cancelled: set[str] = set()
         # The task running now, and the one a walltime interrupt is for (see interrupt()).
         self.running: str | None = None
+        self.running_since = 0.0  # when it started (seconds since the epoch)
         self.interrupt_for: str | None = None
+        self._cluster = cluster
         self._lock = threading.Lock()
         self._sigint = self._on_sigint
         # The last function frame and what it unpickled to: a map sends the same one each time.
@@ -151,6 +157,38 @@ class TaskChannel:
         loop.add_reader(self.sock.FD, self._on_readable)
         loop.add_reader(self.monitor.FD, self._on_monitor)
         loop.call_soon(self._on_readable)
+        threading.Thread(target=self._report_health, daemon=True, name="ipylb-health").start()
+
+    def _report_health(self) -> None:
+        """Every HEALTH_S, tell the controller this process's CPU % and RSS (psutil) and
+        the task running now, from a socket of its own (zmq sockets are not shared
+        between threads): it works while a task holds the main thread, and for engines
+        on other hosts.  A report that cannot be sent at once is dropped."""
+        import psutil
+
+        ident = self.signer.sender + b"/health"
+        signer = wire.Signer(self._cluster["key"].encode(), ident,
+                             self._cluster["controller_id"].encode())
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, ident)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 2)
+        sock.setsockopt(zmq.SNDTIMEO, 0)
+        connection.secure(sock, self._cluster)
+        sock.connect(self.engine_url)
+        proc = psutil.Process()
+        proc.cpu_percent(None)
+        while True:  # (a daemon thread: it ends with the engine)
+            time.sleep(HEALTH_S)
+            if self.engine_id is None:
+                continue
+            task = self.running
+            meta = (proc.cpu_percent(None), proc.memory_info().rss, task,
+                    self.running_since if task else None)
+            try:
+                wire.send(sock, signer.pack(wire.HEALTH, meta))
+            except zmq.ZMQError:  # the controller is slow or gone: the next one will do
+                pass
 
     def _on_monitor(self) -> None:
         """The connection to the controller dropped: it stopped or died, or its host is
@@ -302,6 +340,7 @@ class TaskChannel:
             args, kwargs = unpickle.arguments(bufs[1:], msg_id)
             if walltime:  # its clock starts when the controller hears this
                 wire.send(self.sock, self.signer.pack(wire.STARTED, msg_id))
+            self.running_since = started
             self.running = msg_id
             previous = _set_sigint(self._sigint)
             try:

@@ -1,0 +1,82 @@
+"""What the controller keeps for the dashboard and ``ipylb top``: recent finished tasks,
+per-engine per-second counts, and the health each engine reports.
+
+Bounded whatever the rate: the last :data:`RECENT_TASKS` finished tasks are kept one by
+one (a bar each in the task stream), and every finished task is also counted in its
+engine's one-second bucket for the last :data:`WINDOW_S` seconds, so a lane still shows
+how busy an engine was when thousands of tasks a second push single tasks out of the
+deque (the stream then draws those seconds as shaded blocks).  The cost on the result
+path is one tuple and a deque append, plus a bucket update: no copies, no logging.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from itertools import islice
+from typing import Any
+
+# Finished tasks kept one by one (about 100 bytes each).
+RECENT_TASKS = 4000
+# Seconds of per-engine buckets kept (the task stream's span).
+WINDOW_S = 60
+# What ``activity`` answers at most per request (the rest comes at the next one).
+ANSWER_TASKS = 2000
+
+
+class Activity:
+    """Recent finished tasks, per-engine buckets and engine health reports."""
+
+    def __init__(self) -> None:
+        # (seq, engine_id, started, completed, ok, key): key is the label, else the function
+        self.recent: deque[tuple[int, int | None, float | None, float, bool, str]] = \
+            deque(maxlen=RECENT_TASKS)
+        self.seq = 0
+        # engine_id -> [second, finished, failed, busy seconds] per second, newest last
+        self.buckets: dict[int, deque[list[Any]]] = {}
+        # engine_id -> its last report: {"cpu": %, "rss": bytes, "task": msg_id or None,
+        # "since": start time of that task (seconds since the epoch)}
+        self.health: dict[int, dict[str, Any]] = {}
+
+    def finished(self, engine_id: int | None, started: float | None, completed: float | None,
+                 ok: bool, key: str) -> None:
+        """A task's final outcome (times: seconds since the epoch, the engine's clock)."""
+        if completed is None:
+            return
+        self.seq += 1
+        self.recent.append((self.seq, engine_id, started, completed, ok, key))
+        if engine_id is None:
+            return
+        b = self.buckets.get(engine_id)
+        if b is None:
+            b = self.buckets[engine_id] = deque(maxlen=WINDOW_S + 1)
+        sec = int(completed)
+        busy = completed - started if started is not None else 0.0
+        if b and b[-1][0] == sec:
+            last = b[-1]
+            last[1] += 1
+            last[2] += not ok
+            last[3] += busy
+        else:
+            b.append([sec, 1, int(not ok), busy])
+
+    def forget(self, engine_id: int) -> None:
+        """An engine is gone: its health report goes (its buckets stay for the window)."""
+        self.health.pop(engine_id, None)
+
+    def prune(self, now: float) -> None:
+        """Drop the buckets of engines that finished nothing in the last window (gone ones:
+        engine ids are never reused, so this bounds the dict)."""
+        old = [e for e, b in self.buckets.items() if not b or b[-1][0] < now - WINDOW_S]
+        for e in old:
+            del self.buckets[e]
+
+    def since(self, seq: int) -> tuple[int, list[tuple], bool]:
+        """Tasks finished after ``seq`` (at most :data:`ANSWER_TASKS`, the newest), the
+        newest seq, and whether some were skipped (the caller then relies on buckets)."""
+        recent = self.recent
+        new = self.seq - seq
+        if new <= 0:
+            return self.seq, [], False
+        n = min(new, len(recent), ANSWER_TASKS)
+        tasks = [t[1:] for t in islice(reversed(recent), n)][::-1]
+        return self.seq, tasks, n < new
