@@ -153,11 +153,12 @@ def join(path: Path, n: int, ip: str | None, timeout: float) -> int:
             return 1
     host, port = connection.split_url(info["engine_url"])
     ip = ip or connection.route_address(host, port)
+    answer = min(timeout, PROBE_TIMEOUT_S)  # it accepts connections: it answers at once
     try:
-        rc = Client(path, timeout=timeout)
+        rc = Client(path, timeout=answer)
     except NoCluster:
         _say(f"the controller at {info['client_url']} accepts connections but did not answer "
-             f"within {timeout:.0f} s: {path} is probably not its current connection file "
+             f"within {answer:.0f} s: {path} is probably not its current connection file "
              "(a restarted cluster has a new key); copy the new one here")
         return 1
     # Not restarted here: they end when their controller stops them (exit code 0).
