@@ -5,6 +5,7 @@ keeps dying stays down and clients are told."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -176,3 +177,31 @@ def test_restart_policy_of_a_private_cluster():
             os.kill(rc.engine_info()[0]["pid"], signal.SIGKILL)
             wait_until(lambda: len(seen) > 0, 30, "the warning")
         assert rc.ids == [1]
+
+
+def test_a_restart_that_cannot_start_the_kernel_leaves_the_slot_down(tmp_path):
+    """jupyter_client's restart_kernel raising (here: the kernelspec's program is gone) does
+    not take the controller down: the slot stays down and clients are told."""
+    launcher = tmp_path / "engine"
+    launcher.write_text(f"#!/bin/sh\nexec {sys.executable} -m ipylb.engine \"$@\"\n")
+    launcher.chmod(0o700)
+    spec = tmp_path / "kernels" / "h12a-doomed"
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps(
+        {"argv": [str(launcher), "-f", "{connection_file}"], "display_name": "doomed",
+         "language": "python"}))
+    env = {**os.environ, "JUPYTER_PATH": str(tmp_path)}
+    profile = f"h12a-{uuid.uuid4().hex[:6]}"
+    started = _ipylb("cluster", "start", "-n", "2", "--daemon", "--profile", profile,
+                     "--kernel", "h12a-doomed", env=env)
+    assert started.returncode == 0, started.stderr
+    try:
+        with ipylb.Client(profile=profile) as rc:
+            launcher.unlink()  # a restart now fails to spawn the kernel
+            with pytest.warns(RuntimeWarning, match="stays down.*restarting .*failed") as seen:
+                os.kill(rc.engine_info()[0]["pid"], signal.SIGKILL)
+                wait_until(lambda: len(seen) > 0, 30, "the warning")
+            assert rc.ids == [1]
+            assert rc.load_balanced_view().apply_sync(os.getpid) == rc.engine_info()[1]["pid"]
+    finally:
+        _ipylb("cluster", "stop", "--profile", profile, env=env)

@@ -196,11 +196,22 @@ class EngineLauncher:
                 continue
             r = km.restarter
             if r is not None:
-                r.poll()  # a death fires _died through the restarter's callbacks
+                try:
+                    r.poll()  # a death fires _died through the restarter's callbacks
+                except Exception as e:  # its restart_kernel failed: the slot is down
+                    self._restart_failed(km, e)
             elif not km.is_alive():
                 self._died(km, "")
         self._seen = []
         return seen
+
+    def _restart_failed(self, km: EngineKernelManager, e: Exception) -> None:
+        log.error("restarting an engine kernel failed: %s: %s", type(e).__name__, e)
+        km.stop_restarter()
+        self.pending.pop(km.tag, None)
+        km.cleanup_resources()
+        self._seen.append((None, f"restarting an engine's kernel failed: {type(e).__name__}: {e}",
+                           "down"))
 
     def _died(self, km: EngineKernelManager, fate: str) -> None:
         """A slot's kernel died (called before the restarter restarts it, or gives up)."""
