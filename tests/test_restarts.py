@@ -143,6 +143,8 @@ def test_cluster_restart_limit_reached_stays_down_and_clients_are_warned():
         assert re.search(r"engine 1 on \S+: queue 0, tasks 0, completed 1, restarts 0", status.stdout)
         log = connection.log_file(profile).read_text()
         assert "an engine stays down" in log and "killed by SIGKILL" in log
+        (gone,) = [line for line in log.splitlines() if "engine 2 is gone" in line]
+        assert "not restarted again" in gone and "restarting it" not in gone
     finally:
         _ipylb("cluster", "stop", "--profile", profile, env=env)
 

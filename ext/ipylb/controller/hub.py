@@ -235,9 +235,13 @@ class Controller:
             if dead:
                 self._drain(self.engines, self._on_engine)
             for engine_id, reason, fate in dead:
+                restarting = fate == "restarting it"
                 if engine_id is not None:
-                    self._engine_gone(engine_id, f"{reason}; restarting it" if fate else reason, now)
-                elif fate != "restarting it":
+                    self._engine_gone(engine_id, f"{reason}; restarting it" if restarting else reason,
+                                      now)
+                elif restarting:
+                    log.warning("%s; restarting it", reason)
+                else:
                     self._broadcast(("engine_failed", reason))
                 if fate == "down":  # jupyter_client's restarter gave up on the slot
                     log.error("an engine stays down: %s", reason)
