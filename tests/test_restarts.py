@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 import warnings
 from pathlib import Path
 
@@ -113,16 +112,27 @@ def test_restart_false_leaves_a_dead_engine_down():
         assert rc.ids == [1] and rc.queue_status()[1]["restarts"] == 0
 
 
+@pytest.fixture
+def runtime(tmp_path, monkeypatch):
+    """A private Jupyter runtime directory for this test and the clusters it starts (their
+    logs and connection files go there); a cluster a failed test left running is stopped."""
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path))
+    monkeypatch.setenv("JUPYTER_DATA_DIR", str(tmp_path / "data"))
+    yield tmp_path
+    for path in tmp_path.glob("ipylb-*.json"):
+        _ipylb("cluster", "stop", "--profile", path.stem.removeprefix("ipylb-"), env=os.environ)
+
+
 def _ipylb(*args, env):
     ipylb_cmd = str(Path(sys.executable).with_name("ipylb"))
     return subprocess.run([ipylb_cmd, *args], env=env, capture_output=True, text=True, timeout=120)
 
 
-def test_cluster_restart_limit_reached_stays_down_and_clients_are_warned():
+def test_cluster_restart_limit_reached_stays_down_and_clients_are_warned(runtime):
     """`ipylb cluster start --restart-limit 1 --restart-stable 60`: the second death in a
     row of one slot is past jupyter_client's limit: the slot stays down, the controller
     logs it, clients get a RuntimeWarning, and `ipylb cluster status` counts the restart."""
-    profile = f"h12a-{uuid.uuid4().hex[:6]}"
+    profile = "h12a"
     env = dict(os.environ)
     started = _ipylb("cluster", "start", "-n", "2", "--daemon", "--profile", profile,
                      "--restart-limit", "1", "--restart-stable", "60", env=env)
@@ -149,8 +159,8 @@ def test_cluster_restart_limit_reached_stays_down_and_clients_are_warned():
         _ipylb("cluster", "stop", "--profile", profile, env=env)
 
 
-def test_no_restart_flag_of_cluster_start():
-    profile = f"h12a-{uuid.uuid4().hex[:6]}"
+def test_no_restart_flag_of_cluster_start(runtime):
+    profile = "h12a"
     env = dict(os.environ)
     started = _ipylb("cluster", "start", "-n", "1", "--daemon", "--profile", profile,
                      "--no-restart", env=env)
@@ -181,19 +191,19 @@ def test_restart_policy_of_a_private_cluster():
         assert rc.ids == [1]
 
 
-def test_a_restart_that_cannot_start_the_kernel_leaves_the_slot_down(tmp_path):
+def test_a_restart_that_cannot_start_the_kernel_leaves_the_slot_down(runtime):
     """jupyter_client's restart_kernel raising (here: the kernelspec's program is gone) does
     not take the controller down: the slot stays down and clients are told."""
-    launcher = tmp_path / "engine"
+    launcher = runtime / "engine"
     launcher.write_text(f"#!/bin/sh\nexec {sys.executable} -m ipylb.engine \"$@\"\n")
     launcher.chmod(0o700)
-    spec = tmp_path / "kernels" / "h12a-doomed"
+    spec = runtime / "jupyter-path" / "kernels" / "h12a-doomed"
     spec.mkdir(parents=True)
     (spec / "kernel.json").write_text(json.dumps(
         {"argv": [str(launcher), "-f", "{connection_file}"], "display_name": "doomed",
          "language": "python"}))
-    env = {**os.environ, "JUPYTER_PATH": str(tmp_path)}
-    profile = f"h12a-{uuid.uuid4().hex[:6]}"
+    env = {**os.environ, "JUPYTER_PATH": str(runtime / "jupyter-path")}
+    profile = "h12a"
     started = _ipylb("cluster", "start", "-n", "2", "--daemon", "--profile", profile,
                      "--kernel", "h12a-doomed", env=env)
     assert started.returncode == 0, started.stderr
