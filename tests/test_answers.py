@@ -16,7 +16,7 @@ import zmq
 from ipylb import compat, connection, wire
 from ipylb.client.asyncresult import Outcome
 from ipylb.controller.hub import Controller
-from ipylb.controller.records import Record, TaskDB, TaskStore
+from ipylb.controller.records import Function, Record, TaskDB, TaskStore
 from ipylb.error import RemoteError, WireError
 from test_pending import TIMEOUT, Gate, wait_at_gate
 
@@ -157,7 +157,7 @@ def test_a_record_the_database_cannot_take_is_kept_in_memory(tmp_path, caplog):
     task's Assign: a task that then never ran)."""
     store = TaskStore(db=TaskDB(tmp_path / "tasks.sqlite"))
     store.db.db.execute("PRAGMA query_only = ON")  # every write now fails
-    rec = Record("t0", b"client-x-r", [b"f"], b"mac")
+    rec = Record("t0", b"client-x-r", Function(b"k", [b"f"], b""), [b"a"], b"mac")
     rec.result = (0, "ok", 1.0, 2.0, "", "", None)
     store.add(rec)
     with caplog.at_level(logging.WARNING, logger="ipylb.controller"):
@@ -207,12 +207,15 @@ def test_a_result_sent_just_before_its_engine_is_declared_dead_is_delivered():
             "heartbeat": f"tcp://127.0.0.1:{hb_port}", "versions": compat.versions(), "pid": 1}))
         serve(ctl.engines, ctl._on_engine)
         assert receive(engine, esign)[0] == wire.REGISTERED
-        task = [b"function", b"argument"]
-        submit.send_multipart(ssign.pack(wire.SUBMIT, (None, [("t1", 1, ssign.bufs_mac(task))]),
-                                         task, b""))
+        fkey = ssign.bufs_mac([b"function"])  # the function's frames, then the task's
+        submit.send_multipart(ssign.pack(
+            wire.SUBMIT, (None, (1, fkey, fkey), [("t1", 1, ssign.bufs_mac([b"argument"]))],
+                          (None, "")),
+            [b"function", b"argument"], b""))
         serve(ctl.clients, ctl._on_client)
+        assert receive(engine, esign)[:2] == (wire.FUNCTION, (fkey, []))  # once per engine
         kind, meta, _ = receive(engine, esign)
-        assert (kind, meta) == (wire.TASK, ("t1",))
+        assert (kind, meta) == (wire.TASK, ("t1", fkey))
         now = time.time()
         engine.send_multipart(esign.pack(wire.DONE, ("t1", "ok", now, now, "", "", None),
                                          [b"the result"]))

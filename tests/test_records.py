@@ -10,11 +10,14 @@ import numpy as np
 import pytest
 import zmq
 from ipylb import connection, wire
-from ipylb.controller.records import RECORD_OVERHEAD, Record, TaskDB, TaskStore
+from ipylb.controller.records import RECORD_OVERHEAD, Function, Record, TaskDB, TaskStore
+
+# A task function several records share (it is charged to none of them here).
+FN = Function(b"fkey", [b"function pickle"], b"")
 
 
 def finished(msg_id, size):
-    rec = Record(msg_id, b"client", [b"f" * size], b"mac")
+    rec = Record(msg_id, b"client", FN, [b"f" * size], b"mac")
     rec.result = (0, "ok", 1.0, 2.0, "", "", None)
     rec.result_bufs = [b"r"]
     return rec
@@ -22,7 +25,7 @@ def finished(msg_id, size):
 
 def test_store_evicts_oldest_finished_records_beyond_its_budget():
     store = TaskStore(limit_bytes=2 * (1000 + RECORD_OVERHEAD) + 500)
-    pending = Record("pending", b"c", [b"x" * 5000], b"")
+    pending = Record("pending", b"c", FN, [b"x" * 5000], b"")
     store.add(pending)
     evicted = []
     for i in range(5):

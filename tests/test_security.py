@@ -220,7 +220,7 @@ def test_signed_but_malformed_messages_do_not_crash_the_controller(cluster):
     def msg(kind: Any, meta: Any, bufs: list[bytes] = (), segs: Any = ()) -> list[bytes]:
         return signed(key, to, kind, meta, sender=m.ident, seq=next(seq), bufs=bufs, segs=segs)
 
-    task = (None, [("forged-seg", 1, b"")])
+    task = (None, (1, b"fkey", b""), [("forged-seg", 1, b"")], (None, ""))
     outside = f"{cluster.info['shm_prefix']}../../../tmp/x-1"
 
     dropped = [
@@ -230,7 +230,7 @@ def test_signed_but_malformed_messages_do_not_crash_the_controller(cluster):
         signed(key, to, wire.REQUEST, None, sender=b"m2", seq="1"),
         msg(wire.SUBMIT, "not a tuple"),
         msg(wire.SUBMIT, (None, "xyz"), [b"f"]),
-        msg(wire.SUBMIT, (None, [("forged-nobufs", 1, b"")])),
+        msg(wire.SUBMIT, (None, (1, b"fkey", b""), [("forged-nobufs", 1, b"")], (None, ""))),
         msg(wire.REQUEST, "not a tuple"),
         msg(99, None),
         msg(wire.DONE, ("x", "ok")),
@@ -248,10 +248,10 @@ def test_signed_but_malformed_messages_do_not_crash_the_controller(cluster):
     # is answered with an error result, so its submitter does not wait for it forever.
     # (Signed after the requests above: sequence numbers only grow.)
     refused = [
-        msg(wire.SUBMIT, ({"no_such_flag": 1}, [("forged-flag", 0, b"")]), [b"f"]),
-        msg(wire.SUBMIT, ({"after": 12345}, [("forged-after", 0, b"")]), [b"f"]),
-        msg(wire.SUBMIT, ({"retries": "many"}, [("forged-retries", 0, b"")]), [b"f"]),
-        msg(wire.SUBMIT, ({"timeout": "soon"}, [("forged-timeout", 0, b"")]), [b"f"]),
+        msg(wire.SUBMIT, ({"no_such_flag": 1}, (1, b"fkey", b""), [("forged-flag", 0, b"")], (None, "")), [b"f"]),
+        msg(wire.SUBMIT, ({"after": 12345}, (1, b"fkey", b""), [("forged-after", 0, b"")], (None, "")), [b"f"]),
+        msg(wire.SUBMIT, ({"retries": "many"}, (1, b"fkey", b""), [("forged-retries", 0, b"")], (None, "")), [b"f"]),
+        msg(wire.SUBMIT, ({"timeout": "soon"}, (1, b"fkey", b""), [("forged-timeout", 0, b"")], (None, "")), [b"f"]),
     ]
     try:
         for frames in dropped:

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 import ipylb
 import pytest
 from ipylb import connection
-from ipylb.controller.records import Record, TaskDB, TaskStore, matches, parse_query, row
+from ipylb.controller.records import Function, Record, TaskDB, TaskStore, matches, parse_query, row
 
 
 def inverse(x):
@@ -50,7 +50,8 @@ def test_bad_queries_say_what_is_wrong(query, error, text):
 
 
 def record(i, engine_id, status, completed):
-    rec = Record(f"t{i}", b"client-abc-r", [b"f"], b"m", label=("fit", "plot", None)[i % 3])
+    rec = Record(f"t{i}", b"client-abc-r", Function(b"k", [b"f"], b""), [b"a"], b"m",
+                 label=("fit", "plot", None)[i % 3])
     rec.submitted = 1000.0 + i
     if status != "pending":
         rec.result = (engine_id, status, completed - 0.5, completed, "out", "",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pickle
 import sys
 import types
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -168,17 +169,40 @@ def _by_reference(f: Any) -> bool:
     return mod is not None and getattr(mod, f.__qualname__, None) is f
 
 
-def dumps_function(f: Any) -> bytes:
-    """Pickle a task's function, or raise SerializationError naming it."""
+# A function whose pickle (without its out-of-band buffers) is larger than this draws a
+# warning, once per function: data a closure or global holds that cannot go out of band.
+FUNCTION_WARN_BYTES = 4 << 20
+_warned_functions: set[str] = set()
+
+
+def dumps_function(f: Any) -> list[Any]:
+    """Pickle a task's function into ``[pickle, *out_of_band_buffers]`` (as :func:`dumps`:
+    large arrays it closes over travel beside the pickle, through shared memory on one
+    host), or raise SerializationError naming it.
+
+    Warns (``UserWarning``, once per function) when the pickle itself is larger than
+    ``FUNCTION_WARN_BYTES``: such data is sent to every engine; passed as an argument (or as
+    a numpy array, which goes out of band), it would not weigh on the function."""
     try:
         if _by_reference(f):
-            return pickle.dumps(f, 5)
-        return cloudpickle.dumps(f, protocol=5)
+            return [pickle.dumps(f, 5)]
+        frames = _dumps_general(f)
     except Exception as e:
         raise SerializationError(
             f"could not pickle the function {getattr(f, '__qualname__', f)!r}: "
             f"{reason(e)}. Define it at module level or close over picklable values only."
         ) from e
+    size = len(frames[0])
+    if size > FUNCTION_WARN_BYTES:
+        name = f"{getattr(f, '__module__', '?')}.{getattr(f, '__qualname__', type(f).__name__)}"
+        if name not in _warned_functions:
+            _warned_functions.add(name)
+            warnings.warn(
+                f"the task function {name} pickles to {size / 1e6:.1f} MB: it closes over (or "
+                "uses globals holding) large data that cannot travel out of band. Pass the data "
+                "as an argument instead (a numpy array or bytes goes through shared memory).",
+                UserWarning, stacklevel=3)
+    return frames
 
 
 def dumps_args(args: tuple, kwargs: dict) -> list[Any]:

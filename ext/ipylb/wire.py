@@ -61,7 +61,7 @@ HELLO, SUBMIT, REQUEST, BYE = 1, 2, 3, 4
 # Controller -> client.
 WELCOME, RESULT, REPLY, EVENT = 11, 12, 13, 14
 # Controller -> engine.
-REGISTERED, TASK, CANCEL, STOP, REFUSED, ABOUT = 21, 22, 23, 24, 25, 26
+REGISTERED, TASK, CANCEL, STOP, REFUSED, ABOUT, FUNCTION = 21, 22, 23, 24, 25, 26, 27
 # Engine -> controller (STARTED: a task with a walltime began to run; PROBE: `ipylb engine
 # join --url` asks, under the key, what it needs to join: the only kind sent to no name;
 # HEALTH: an engine's CPU, memory and current task, from its own socket <engine ident>/health

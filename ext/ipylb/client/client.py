@@ -178,6 +178,8 @@ class Client:
         self._state = threading.Condition()
         self._welcome = threading.Event()
         self._refused: str | None = None  # why the controller (or we) refused the handshake
+        # (frames, fkey) of the last function submitted
+        self._last_function: tuple[list[Any], bytes] | None = None
         self._receiver = threading.Thread(
             target=self._receive,
             args=(wire.Signer(key, cid + b"r", controller, shm_prefix=prefix), info["client_url"]),
@@ -446,17 +448,20 @@ class Client:
     def _new_msg_id(self) -> str:
         return f"{self.session}-{next(self._ids)}"
 
-    def _submit(self, fbuf: Any, flags: dict[str, Any] | None, ar: Any,
+    def _submit(self, fbufs: list[Any], flags: dict[str, Any] | None, ar: Any,
                 tasks: list[tuple[str, list[Any]]], base: int = 0, record: bool = True,
                 tag: tuple[str | None, str] = (None, "")) -> None:
-        """Send tasks that share one function frame, in as few messages as possible.
+        """Send tasks that share one function, in as few messages as possible.
 
-        Each task is ``(msg_id, arg_frames)``, filed as item ``base + i`` of ``ar`` (an
-        AsyncResult, or anything with its ``_deliver(index, outcome)`` and ``wait``).  Its MAC
-        covers its own frames (the function's and its arguments'), so the controller
-        can forward each task to a different engine untouched.  ``tag`` is ``(label,
-        function name)``: the controller keeps it in the tasks' records (sent once per
-        message, shared by its tasks).
+        ``fbufs`` are the function's frames (:func:`ipylb.serialize.dumps_function`); each
+        task is ``(msg_id, arg_frames)``, filed as item ``base + i`` of ``ar`` (an
+        AsyncResult, or anything with its ``_deliver(index, outcome)`` and ``wait``).  The
+        function's frames have a MAC of their own, and a key (a MAC over their content): the
+        controller sends a function to each engine once and then names it by that key.
+        Each task's MAC covers its argument frames, so the controller can forward each
+        task to a different engine untouched.  ``tag`` is ``(label, function name)``: the
+        controller keeps it in the tasks' records (sent once per message, shared by its
+        tasks).
         """
         self._check_open()
         if not self._engine_ids and not self._warned_empty:
@@ -464,12 +469,13 @@ class Client:
             warnings.warn(f"the cluster has no engines: tasks wait until one registers "
                           f"({ADD_ENGINES})", RuntimeWarning, stacklevel=3)
         mac, placer, limit = self._signer.bufs_mac, self._placer, self._max_frame
-        n = limit and wire.oversized([fbuf], limit)
+        fbufs, fmac, fkey = self._function_frames(fbufs)
+        n = limit and wire.oversized(fbufs, limit)
         if n:
             raise SerializationError(_too_big("the function", n, limit))
         for start in range(0, len(tasks), SUBMIT_BATCH):
             batch = tasks[start:start + SUBMIT_BATCH]
-            metas, bufs, sent = [], [fbuf], []
+            metas, bufs, sent = [], list(fbufs), []
             for i, (msg_id, args) in enumerate(batch, base + start):
                 if placer is not None and len(args) > 1:
                     args = placer.place(args)
@@ -479,7 +485,7 @@ class Client:
                     self._outcomes[msg_id] = failed = Outcome.lost(msg_id, why, "SerializationError")
                     ar._deliver(i, failed)
                     continue
-                metas.append((msg_id, len(args), mac([fbuf, *args])))
+                metas.append((msg_id, len(args), mac(args)))
                 bufs.extend(args)
                 sent.append((msg_id, i))
             if not sent:
@@ -491,8 +497,24 @@ class Client:
                     self._pending[msg_id] = (ar, i)
                 if record:
                     self.history.extend(msg_id for msg_id, _args in batch)
-                wire.send(self._send_sock, self._signer.pack(wire.SUBMIT, (flags, metas, tag), bufs,
-                                                                 b""))
+                wire.send(self._send_sock, self._signer.pack(
+                    wire.SUBMIT, (flags, (len(fbufs), fkey, fmac), metas, tag), bufs, b""))
+
+    def _function_frames(self, fbufs: list[Any]) -> tuple[list[Any], bytes, bytes]:
+        """The function's frames as sent (large ones placed in shared memory, afresh each
+        time: the controller takes each segment it receives), their MAC, and ``fkey``: a
+        MAC over their content, which names the function on the engines (the same function
+        submitted again is not sent to them again).  ``fkey`` is worked out once for the
+        same frames submitted again (imap's batches)."""
+        last = self._last_function
+        if last is not None and last[0] is fbufs:
+            fkey = last[1]
+        else:
+            fkey = self._signer.bufs_mac(fbufs)
+            self._last_function = (fbufs, fkey)
+        placed = self._placer.place(fbufs) if self._placer is not None and len(fbufs) > 1 \
+            else fbufs
+        return placed, (fkey if placed is fbufs else self._signer.bufs_mac(placed)), fkey
 
     def _request(self, op: str, arg: Any = None, timeout: float | None = 30.0) -> Any:
         """Ask the controller something and wait for its answer."""

@@ -118,7 +118,7 @@ class IMapIterator(Iterator[Any]):
         self._item_s: float | None = None  # "auto": smoothed seconds per item
         self._input = zip(*iterables)  # TypeError now if one is not iterable
         self._flags = view._task_flags(f)
-        self._fbuf = dumps_function(_Chunk(f) if self._chunked else f)
+        self._fbufs = dumps_function(_Chunk(f) if self._chunked else f)
         self._client = client
         self._fname = _name(f)
         self.label = view.label
@@ -223,7 +223,7 @@ class IMapIterator(Iterator[Any]):
         with col.cond:
             col.unanswered += len(tasks)
         try:
-            client._submit(self._fbuf, self._flags, col, tasks, base=first, record=False,
+            client._submit(self._fbufs, self._flags, col, tasks, base=first, record=False,
                            tag=(self.label, self._fname))
         except BaseException:
             with col.cond:

@@ -156,13 +156,13 @@ class LoadBalancedView:
         if not callable(f):
             raise TypeError(f"apply needs a callable, got {type(f).__name__}")
         flags = self._task_flags(f)
-        fbuf = dumps_function(f)
+        fbufs = dumps_function(f)
         arg_bufs = dumps_args(args, kwargs)
         client = self.client
         msg_id = client._new_msg_id()
         ar = AsyncResult(client, [msg_id], _name(f))
         ar.label = self.label
-        client._submit(fbuf, flags, ar, [(msg_id, arg_bufs)], tag=(self.label, ar._fname))
+        client._submit(fbufs, flags, ar, [(msg_id, arg_bufs)], tag=(self.label, ar._fname))
         self._results.add(ar)
         return ar
 
@@ -211,10 +211,10 @@ class LoadBalancedView:
             return ar
         chunks = [items[i:i + chunksize] for i in range(0, len(items), chunksize)]
         if chunksize == 1:
-            fbuf = dumps_function(f)
+            fbufs = dumps_function(f)
             payloads = items
         else:
-            fbuf = dumps_function(_Chunk(f))
+            fbufs = dumps_function(_Chunk(f))
             payloads = [(chunk,) for chunk in chunks]
         arg_bufs = [dumps_args(p, {}) for p in payloads]  # all pickled before anything is sent
         client = self.client
@@ -222,7 +222,7 @@ class LoadBalancedView:
         ar = AsyncMapResult(client, msg_ids, [len(c) for c in chunks], ordered, _name(f),
                             return_exceptions)
         ar.label = self.label
-        client._submit(fbuf, flags, ar, list(zip(msg_ids, arg_bufs)), tag=(self.label, ar._fname))
+        client._submit(fbufs, flags, ar, list(zip(msg_ids, arg_bufs)), tag=(self.label, ar._fname))
         self._results.add(ar)
         return ar
 

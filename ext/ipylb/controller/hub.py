@@ -14,6 +14,8 @@ import logging
 import os
 import signal
 import time
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -26,9 +28,14 @@ from ..error import PURE_REFUSES
 from .activity import Activity
 from .heartbeat import Heartbeats
 from .launcher import EngineLauncher
-from .records import Record, TaskStore, parse_query
+from .records import Function, Record, TaskStore, parse_query
 
 log = logging.getLogger("ipylb.controller")
+
+# What an engine keeps of the task functions it was sent (the controller decides, see
+# Controller._send_function): at most this many, and this many bytes, least recent dropped.
+FUNCTIONS_HELD = 32
+FUNCTION_BYTES_HELD = 512 << 20
 
 # Housekeeping (engine liveness, parent watch) runs at least this often.
 HOUSEKEEPING_S = 0.25
@@ -127,6 +134,11 @@ class Controller:
         # Jupyter clients of our engines' kernels, made on the first walltime interrupt.
         self.kernel_clients: dict[int, Any] = {}
         self.listeners: set[bytes] = set()  # client receive sockets that said hello
+        # Task functions by key, as long as a record holds them; and per engine, the keys of
+        # the functions it holds (with their sizes), least recently used first.
+        self.functions: weakref.WeakValueDictionary[bytes, Function] = \
+            weakref.WeakValueDictionary()
+        self.held: dict[int, OrderedDict[bytes, int]] = {}
         # The version handshake (ipylb.compat): ours, and the clients refused (by the prefix
         # their two sockets share), whose submissions are dropped unread.
         self.versions = compat.versions()
@@ -332,6 +344,7 @@ class Controller:
         self.poller.register(hb, zmq.POLLIN)
         self._next_engine += 1
         self.engine_ident[engine_id] = ident
+        self.held[engine_id] = OrderedDict()
         self.engine_of[ident] = engine_id
         self.engine_info[engine_id] = meta
         self._note_domain(ident, meta.get("shm_domain"))
@@ -348,6 +361,7 @@ class Controller:
         ident = self.engine_ident.pop(engine_id, None)
         if ident is None:
             return
+        self.held.pop(engine_id, None)
         del self.engine_of[ident]
         self.remote.discard(ident)
         self.engine_info.pop(engine_id, None)
@@ -449,13 +463,17 @@ class Controller:
             raise wire.WireError(f"unexpected message kind {kind!r} on the client socket")
 
     def _on_submit(self, ident: bytes, meta: tuple, bufs: list[Any], _mac: bytes) -> None:
-        """One or more tasks sharing a function frame; each carries its own MAC."""
-        if type(meta) is not tuple or len(meta) not in (2, 3) or type(meta[1]) is not list \
-                or not bufs:
+        """One or more tasks sharing a function (its frames first); each task carries
+        the MAC of its argument frames."""
+        if type(meta) is not tuple or len(meta) != 4 or type(meta[2]) is not list \
+                or type(meta[1]) is not tuple or len(meta[1]) != 3:
             raise wire.WireError("a malformed submission")
-        flags, tasks = meta[:2]
-        # (label, function name), shared by the submission's tasks (a 2-tuple: none given)
-        label, func = meta[2] if len(meta) == 3 else (None, "")
+        flags, (nf, fkey, fmac), tasks, tag = meta
+        if type(nf) is not int or not 1 <= nf <= len(bufs) or type(fkey) is not bytes \
+                or type(fmac) is not bytes:
+            raise wire.WireError("malformed function frames in a submission")
+        # (label, function name), shared by the submission's tasks
+        label, func = tag if type(tag) is tuple and len(tag) == 2 else (None, None)
         client = ident[:-1] + b"r"
         try:
             _check_flags(flags)
@@ -466,7 +484,11 @@ class Controller:
             self._refuse(client, tasks, str(e))
             raise
         bufs = wire.detach(bufs)  # kept in records: pin no receive buffer
-        fbuf, pos, end = bufs[0], 1, len(bufs)
+        fn, charge = self.functions.get(fkey), 0
+        if fn is None:  # a function we hold already keeps its frames: these are dropped
+            fn = self.functions[fkey] = Function(fkey, bufs[:nf], fmac)
+            charge = fn.nbytes
+        pos, end = nf, len(bufs)
         now = time.monotonic()
         for k, task in enumerate(tasks):
             # Each task checked before it is kept (those before a malformed one are valid;
@@ -478,12 +500,14 @@ class Controller:
                 self._refuse(client, tasks[k:], why)
                 raise wire.WireError(why)
             msg_id, nargs, task_mac = task
-            task_bufs = [fbuf, *bufs[pos:pos + nargs]]
+            task_bufs = bufs[pos:pos + nargs]
             pos += nargs
             if msg_id in self.store.records:
                 log.warning("dropped a task with a duplicate msg_id %r", msg_id)
                 continue
-            self._new_task(Record(msg_id, client, task_bufs, task_mac, flags, label, func), now)
+            self._new_task(Record(msg_id, client, fn, task_bufs, task_mac, flags, label, func,
+                                  charge), now)
+            charge = 0
 
     def _refuse(self, client: bytes, tasks: Any, why: str) -> None:
         """Answer each task of a submission we cannot take with an error result (no record
@@ -639,8 +663,9 @@ class Controller:
         now = time.monotonic()
         for rec, (_old, new) in zip(recs, pairs):
             flags = rec.flags and {k: rec.flags.get(k) for k in ("retries", "targets", "walltime")}
-            self._new_task(Record(new, client, rec.bufs, rec.bufs_mac, flags or None, rec.label,
-                                  rec.func), now)
+            fn = self.functions.setdefault(rec.fn.key, rec.fn)  # one from the database, too
+            self._new_task(Record(new, client, fn, rec.bufs, rec.bufs_mac, flags or None,
+                                  rec.label, rec.func), now)
 
     def _req_db_query(self, _client: bytes, arg: Any) -> list[dict[str, Any]]:
         """``rc.db_query(query, keys)``: the records that meet an ipyparallel-style query."""
@@ -714,14 +739,22 @@ class Controller:
                 rec = self.store[c.task_id]
                 ident = self.engine_ident[c.engine_id]
                 bufs, mac = rec.bufs, rec.bufs_mac
-                if ident in self.remote:
-                    try:
-                        bufs, mac = self.signer.inline(bufs, mac)
-                    except wire.WireError as e:  # its segment vanished: as an engine would say
-                        unsendable.append((c, str(e)))
+                fkey = rec.fn.key
+                held = self.held[c.engine_id]
+                try:
+                    if fkey in held:
+                        held.move_to_end(fkey)
+                    elif not self._send_function(c.engine_id, ident, rec.fn, held):
+                        unreachable.append(c.engine_id)
                         continue
+                    if ident in self.remote:
+                        bufs, mac = self.signer.inline(bufs, mac)
+                except wire.WireError as e:  # its segment vanished: as an engine would say
+                    unsendable.append((c, str(e)))
+                    continue
                 # A task with a walltime asks its engine to report its start.
-                head = (c.task_id, 1) if rec.flags and rec.flags.get("walltime") else (c.task_id,)
+                head = (c.task_id, fkey, 1) if rec.flags and rec.flags.get("walltime") \
+                    else (c.task_id, fkey)
                 frames = self.signer.pack(wire.TASK, head, bufs, mac, ident)
                 if not self._to_engine(ident, frames):
                     unreachable.append(c.engine_id)
@@ -794,6 +827,26 @@ class Controller:
             log.warning("engine %d was not started by this controller: told to stop, not restarted",
                         engine_id)
             self._to_engine(ident, self.signer.pack(wire.STOP, None, to=ident))
+
+    def _send_function(self, engine_id: int, ident: bytes, fn: Function,
+                       held: OrderedDict[bytes, int]) -> bool:
+        """Send a function's frames to an engine that does not hold it, with the keys of
+        the functions it is to drop to stay within ``FUNCTIONS_HELD``/``FUNCTION_BYTES_HELD``
+        (least recently used first).  The engine drops only what it is told to, so ``held``
+        is exactly what it holds.  False if the engine is unreachable; WireError if a
+        segment of the function vanished."""
+        bufs, mac = fn.bufs, fn.mac
+        if ident in self.remote:
+            bufs, mac = self.signer.inline(bufs, mac)
+        drop = []
+        total = sum(held.values()) + fn.nbytes
+        while held and (len(held) >= FUNCTIONS_HELD or total > FUNCTION_BYTES_HELD):
+            key, nbytes = held.popitem(last=False)
+            drop.append(key)
+            total -= nbytes
+        held[fn.key] = fn.nbytes
+        return self._to_engine(ident, self.signer.pack(wire.FUNCTION, (fn.key, drop), bufs, mac,
+                                                       ident))
 
     def _to_engine(self, ident: bytes, frames: list[Any]) -> bool:
         """Send to an engine; False if it has disconnected (it is then treated as dead)."""

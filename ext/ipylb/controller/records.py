@@ -53,21 +53,40 @@ Condition = tuple[str, str, Any]
 Inline = Callable[[Sequence[Any], bytes], tuple[Sequence[Any], bytes]]
 
 
+class Function:
+    """A task function's frames, shared by every task that runs it.  ``key`` (a MAC over
+    their content, made by the client) names it on the engines, which get the frames once
+    each; ``mac`` authenticates the frames as they are (segments by identity)."""
+
+    __slots__ = ("key", "bufs", "mac", "nbytes", "__weakref__")
+
+    def __init__(self, key: bytes, bufs: list[Any], mac: bytes) -> None:
+        self.key = key
+        self.bufs = bufs
+        self.mac = mac
+        self.nbytes = sum(len(b) for b in bufs)
+
+
 class Record:
-    """One task as the controller knows it."""
+    """One task as the controller knows it: its function, its argument frames (``bufs``,
+    under ``bufs_mac``), and once known, its result."""
 
-    __slots__ = ("msg_id", "client", "bufs", "bufs_mac", "flags", "submitted", "watchers",
-                 "result", "result_bufs", "result_mac", "label", "func")
+    __slots__ = ("msg_id", "client", "fn", "bufs", "bufs_mac", "flags", "submitted",
+                 "watchers", "result", "result_bufs", "result_mac", "label", "func", "fn_charge")
 
-    def __init__(self, msg_id: str, client: bytes, bufs: list[Any], bufs_mac: bytes,
-                 flags: dict[str, Any] | None = None, label: str | None = None,
-                 func: str = "") -> None:
+    def __init__(self, msg_id: str, client: bytes, fn: Function, bufs: list[Any],
+                 bufs_mac: bytes, flags: dict[str, Any] | None = None, label: str | None = None,
+                 func: str = "", fn_charge: int = 0) -> None:
+        """``fn_charge``: the function's bytes, counted in the memory budget by the first
+        record that brought it (the others share it)."""
         self.msg_id = msg_id
         # The submission's ``label`` flag (API.md; shared by its tasks, not a copy each) and
         # its function's name: what the dashboard's task stream colours by.
         self.label = label
         self.func = func
         self.client = client  # the receive socket of the client that submitted it
+        self.fn = fn
+        self.fn_charge = fn_charge
         self.bufs = bufs
         self.bufs_mac = bufs_mac
         self.flags = flags
@@ -82,7 +101,8 @@ class Record:
     def nbytes(self) -> int:
         """Memory this record holds: its buffers plus a fixed allowance for the record itself
         (and the scheduler's), so a budget also bounds a flood of tiny tasks."""
-        return RECORD_OVERHEAD + sum(len(b) for b in self.bufs) + sum(len(b) for b in self.result_bufs)
+        return (RECORD_OVERHEAD + self.fn_charge + sum(len(b) for b in self.bufs)
+                + sum(len(b) for b in self.result_bufs))
 
 
 def parse_query(query: Any) -> list[Condition]:
@@ -235,11 +255,13 @@ class TaskDB:
         will be gone.  Raises WireError if a segment vanished or was replaced."""
         bufs, bufs_mac = inline(rec.bufs, rec.bufs_mac)
         result_bufs, result_mac = inline(rec.result_bufs, rec.result_mac)
+        fbufs, fmac = inline(rec.fn.bufs, rec.fn.mac)
+        fn = (rec.fn.key, [bytes(b) for b in fbufs], fmac)
         self.db.execute(
             "INSERT OR REPLACE INTO tasks (msg_id, client, flags, bufs, bufs_mac, result,"
             " result_bufs, result_mac, status, engine_id, submitted, started, completed,"
             " label, func) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (rec.msg_id, rec.client, pickle.dumps(rec.flags),
+            (rec.msg_id, rec.client, pickle.dumps((rec.flags, fn)),
              _blobs(bufs), bufs_mac, pickle.dumps(rec.result),
              _blobs(result_bufs), result_mac, *self._fields(rec.result), rec.label, rec.func),
         )
@@ -253,7 +275,8 @@ class TaskDB:
             return None
         # Written by this controller only (the file lives in the private profile directory).
         client, flags, bufs, bufs_mac, result, result_bufs, result_mac, label, func = found
-        rec = Record(msg_id, client, pickle.loads(bufs), bufs_mac, pickle.loads(flags), label,
+        flags, fn = pickle.loads(flags)  # the function is stored with the flags
+        rec = Record(msg_id, client, Function(*fn), pickle.loads(bufs), bufs_mac, flags, label,
                      func or "")
         rec.result = pickle.loads(result)
         rec.result_bufs = pickle.loads(result_bufs)

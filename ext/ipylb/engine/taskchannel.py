@@ -136,7 +136,11 @@ class TaskChannel:
         self._cluster = cluster
         self._lock = threading.Lock()
         self._sigint = self._on_sigint
-        # The last function frame and what it unpickled to: a map sends the same one each time.
+        # Task functions by key: [frames, what they unpickled to (None: not yet)].  The
+        # controller sends each once and says when to drop one (it keeps the same list).
+        self.functions: dict[bytes, list[Any]] = {}
+        self.functions_received = 0  # how many were sent (a function is sent once per engine)
+        # The key of the last function run and the function as bound for running.
         self._fn_key: bytes = b""
         self._fn: Any = None
         self.capture = Capture()
@@ -227,7 +231,7 @@ class TaskChannel:
                 continue
             if kind == wire.CANCEL:
                 self.cancelled.add(meta)
-            elif kind == wire.TASK:
+            elif kind == wire.TASK or kind == wire.FUNCTION:  # in the order they came
                 self.inbox.append((kind, meta, bufs, bufs_mac))
             elif kind == wire.REGISTERED:
                 self.engine_id = meta
@@ -248,17 +252,41 @@ class TaskChannel:
                     if not self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                         return
                     continue
-                _kind, meta, bufs, bufs_mac = self.inbox.popleft()
+                kind, meta, bufs, bufs_mac = self.inbox.popleft()
+                if kind == wire.FUNCTION:
+                    self._keep_function(meta, bufs, bufs_mac)
+                    continue
                 wire.send(self.sock, self._run(meta, bufs, bufs_mac))
         except KeyboardInterrupt:  # an interrupt that landed between tasks: nothing to stop
             self.kernel.io_loop.add_callback(self._on_readable)
 
     # -- running -----------------------------------------------------------------
 
-    def _function(self, frame: Any, msg_id: str) -> Any:
-        key = bytes(frame.buffer if isinstance(frame, zmq.Frame) else frame)
+    def _keep_function(self, meta: tuple, bufs: list[Any], bufs_mac: bytes) -> None:
+        """A task function sent once for the tasks that name it: check its frames now (a
+        segment is mapped now, while it surely exists), unpickle it when first run."""
+        key, drop = meta
+        self.functions_received += 1
+        for old in drop:
+            self.functions.pop(old, None)
+        try:
+            self.signer.check_bufs(bufs, bufs_mac)
+        except wire.WireError as e:
+            self.functions[key] = [None, e]
+            return
+        self.functions[key] = [bufs, None]
+
+    def _function(self, key: bytes, msg_id: str) -> Any:
         if key != self._fn_key:
-            self._fn = self._bind_interactive(unpickle.function([key], msg_id))
+            held = self.functions.get(key)
+            if held is None:
+                raise RuntimeError(f"task {msg_id} names a function this engine was not sent "
+                                   "(or was told to drop): an ipylb bug, please report it")
+            if held[1] is None:
+                held[1] = unpickle.function(held[0], msg_id)
+            elif isinstance(held[1], wire.WireError):
+                raise held[1]
+            self._fn = self._bind_interactive(held[1])
             self._fn_key = key
         return self._fn
 
@@ -316,17 +344,17 @@ class TaskChannel:
 
     def _run(self, meta: tuple, bufs: list[Any], bufs_mac: bytes) -> list[Any]:
         """Run one task; return the frames of its DONE message (never raises)."""
-        msg_id = meta[0]
+        msg_id, fkey, walltime = meta[0], meta[1], len(meta) > 2
         started = _now()
         try:
-            return self._attempt(msg_id, started, bufs, bufs_mac, len(meta) > 1)
+            return self._attempt(msg_id, fkey, started, bufs, bufs_mac, walltime)
         except BaseException as e:  # reporting failed: the task still gets an answer
             error = (_safe_name(e), f"the engine could not report the outcome of task {msg_id}: "
                      f"{_safe_name(e)}: {safe_str(e, EVALUE_LIMIT)}", "")
             return self.signer.pack(wire.DONE, (msg_id, "error", started, _now(), "", "", error))
 
-    def _attempt(self, msg_id: str, started: float, bufs: list[Any], bufs_mac: bytes,
-                 walltime: bool) -> list[Any]:
+    def _attempt(self, msg_id: str, fkey: bytes, started: float, bufs: list[Any],
+                 bufs_mac: bytes, walltime: bool) -> list[Any]:
         if msg_id in self.cancelled:
             self.cancelled.discard(msg_id)
             error = ("TaskAborted", f"task {msg_id} was aborted before it started", "")
@@ -336,8 +364,8 @@ class TaskChannel:
         saved = self.capture.begin()
         try:
             self.signer.check_bufs(bufs, bufs_mac)
-            f = self._function(bufs[0], msg_id)
-            args, kwargs = unpickle.arguments(bufs[1:], msg_id)
+            f = self._function(fkey, msg_id)
+            args, kwargs = unpickle.arguments(bufs, msg_id)
             if walltime:  # its clock starts when the controller hears this
                 wire.send(self.sock, self.signer.pack(wire.STARTED, msg_id))
             self.running_since = started
