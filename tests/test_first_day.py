@@ -175,7 +175,7 @@ def test_every_cli_option_has_a_help_line_with_its_default():
                 assert action.help, f"{path} {action.option_strings}: no help line"
                 if action.option_strings:
                     checked += 1
-                    assert "%(default)" in fmt._get_help_string(action), \
+                    assert action.required or "%(default)" in fmt._get_help_string(action), \
                         f"{path} {action.option_strings}: its help does not give its default"
     assert checked > 15
 

@@ -219,7 +219,8 @@ def _parser() -> argparse.ArgumentParser:
         "submit", formatter_class=fmt,
         help="run engines as a batch job (SLURM, PBS, LSF) that runs `ipylb engine join`")
     sub.add_argument("-n", "--engines", type=int, required=True, help="how many, in all")
-    sub.add_argument("--scheduler", required=True, choices=["slurm", "pbs", "lsf"])
+    sub.add_argument("--scheduler", required=True, choices=["slurm", "pbs", "lsf"],
+                     help="the batch system that runs the job (required, no default)")
     sub.add_argument("--nodes", type=int, default=1,
                      help="spread the engines over this many nodes (srun/pbsdsh/blaunch)")
     sub.add_argument("--time", default=None, help="walltime: minutes, MM:SS or HH:MM:SS")
@@ -236,7 +237,9 @@ def _parser() -> argparse.ArgumentParser:
     can = engine.add_parser("cancel", formatter_class=fmt,
                             help="cancel the batch jobs `ipylb engine submit` started")
     profile(can)
-    can.add_argument("--cluster-file", default=None)
+    can.add_argument("--cluster-file", default=None,
+                     help="the connection file the jobs were submitted for (default: the "
+                          "profile's)")
     can.add_argument("--job", default=None, help="only this job id (default: all of them)")
     can.set_defaults(func=engine_cancel)
     return p
