@@ -32,7 +32,7 @@ from typing import Any
 
 import zmq
 
-from . import wire
+from . import compat, wire
 
 KINDS = ("random", "truncated", "unsigned", "wrong_key", "replayed", "malformed")
 SOCKETS = ("client", "engine")
@@ -168,13 +168,16 @@ class Fuzzer:
             tasks = rng.choice((_junk(rng, 2), [(f"fuzz-{rng.random()}", rng.randrange(-1, 5),
                                                  rng.randbytes(rng.choice((0, 32))))
                                                 for _ in range(rng.randrange(3))]))
-            return signer.pack(wire.SUBMIT, rng.choice(((flags, tasks), (flags,), flags)), bufs)
+            fn = rng.choice(((1, b"k" * 32, b""), (rng.randrange(-1, 5), _junk(rng, 1), b""),
+                             _junk(rng, 1)))
+            return signer.pack(wire.SUBMIT, rng.choice(((flags, fn, tasks), (flags, tasks),
+                                                        (flags,), flags)), bufs)
         if choice == 3:  # a request with random arguments, for harmless operations only
             meta = (rng.randrange(1 << 30), rng.choice(_HARMLESS_OPS), _junk(rng, 2))
             return signer.pack(wire.REQUEST, rng.choice((meta, meta[:2], _junk(rng, 1))))
         if choice == 4:  # a registration with at least one ill-typed field
             meta = {"connection_file": "x", "pid": 1, "hostname": "h", "tag": "t",
-                    "heartbeat": "", "shm_domain": None}
+                    "heartbeat": "", "shm_domain": None, "versions": compat.versions()}
             for field in rng.sample(sorted(meta), rng.randint(1, 3)):
                 meta[field] = rng.choice((1.5, [], {"a": 1}, b"x", -1 if field != "pid" else "1"))
             return signer.pack(wire.REGISTER, meta)
@@ -183,7 +186,8 @@ class Fuzzer:
         if choice == 6:  # segment lists that point anywhere
             self._seq += 1
             return self._signed((wire.SUBMIT, b"fuzz-hand", self.to, self._seq,
-                                 (None, [(f"fuzz-{rng.random()}", 1, b"")]), b"",
+                                 (None, (1, b"k" * 32, b""), [(f"fuzz-{rng.random()}", 1, b"")]),
+                                 b"",
                                  _junk(rng, 2)), [b"f", b""])
         # a genuine head addressed to someone else
         return wire.Signer(self.key, signer.sender, b"controller-elsewhere").pack(

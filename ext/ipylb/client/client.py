@@ -375,6 +375,9 @@ class Client:
             elif event[0] == "engine_down":  # jupyter_client's restarter gave up on a slot
                 _callbacks.call(warnings.warn, f"an engine of the cluster stays down: {event[1]}",
                                 RuntimeWarning, 1)
+            elif event[0] == "engine_refused":  # the engine itself says why, and stops
+                warnings.warn(f"the cluster refused an engine: {event[1]}", RuntimeWarning,
+                              stacklevel=1)
             elif event[0] == "engine_failed":
                 self._engine_failures.append(event[1])
             self._state.notify_all()

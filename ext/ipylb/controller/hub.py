@@ -325,7 +325,7 @@ class Controller:
         if refusal is not None:  # whoever started it (launcher, `ipylb engine join`) hears why
             log.warning("refused an engine: %s", refusal)
             wire.send(self.engines, [ident, *self.signer.pack(wire.REFUSED, refusal, to=ident)])
-            self._broadcast(("engine_failed", f"an engine was refused: {refusal}"))
+            self._broadcast(("engine_refused", refusal))
             if self.launcher is not None:  # a restart would be refused again
                 self.launcher.no_restart(meta.get("tag", ""))
             return
