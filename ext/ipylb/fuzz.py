@@ -170,7 +170,8 @@ class Fuzzer:
                                                 for _ in range(rng.randrange(3))]))
             fn = rng.choice(((1, b"k" * 32, b""), (rng.randrange(-1, 5), _junk(rng, 1), b""),
                              _junk(rng, 1)))
-            return signer.pack(wire.SUBMIT, rng.choice(((flags, fn, tasks), (flags, tasks),
+            tag = rng.choice(((None, "f"), _junk(rng, 1)))
+            return signer.pack(wire.SUBMIT, rng.choice(((flags, fn, tasks, tag), (flags, tasks),
                                                         (flags,), flags)), bufs)
         if choice == 3:  # a request with random arguments, for harmless operations only
             meta = (rng.randrange(1 << 30), rng.choice(_HARMLESS_OPS), _junk(rng, 2))
@@ -186,7 +187,8 @@ class Fuzzer:
         if choice == 6:  # segment lists that point anywhere
             self._seq += 1
             return self._signed((wire.SUBMIT, b"fuzz-hand", self.to, self._seq,
-                                 (None, (1, b"k" * 32, b""), [(f"fuzz-{rng.random()}", 1, b"")]),
+                                 (None, (1, b"k" * 32, b""), [(f"fuzz-{rng.random()}", 1, b"")],
+                                  (None, "f")),
                                  b"",
                                  _junk(rng, 2)), [b"f", b""])
         # a genuine head addressed to someone else
