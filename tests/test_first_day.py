@@ -79,6 +79,15 @@ def test_bad_engine_counts_are_refused_before_anything_starts(n, runtime):
     assert list(runtime.glob("ipylb-local-*.json")) == []
 
 
+@pytest.mark.parametrize("n", ["0", "5000"])
+def test_lb_start_follows_the_engine_count_rule(n):
+    from ipylb.magics import LbMagics
+    from IPython.core.error import UsageError
+
+    with pytest.raises(UsageError, match=f"-n must be an int from 1 to 1024, got {n}"):
+        LbMagics(None).lb_start(f"-n {n}")
+
+
 def test_engine_count_warning_threshold(monkeypatch):
     monkeypatch.setattr(limits.os, "cpu_count", lambda: 2)
     assert limits.check_engine_count(8) is None

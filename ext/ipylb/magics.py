@@ -101,7 +101,7 @@ class LbMagics(Magics):
         try:
             client = Client(engines=args.engines, scheme=args.scheme)
         except ValueError as e:
-            raise UsageError(str(e).replace("engines=", "-n ", 1)) from None
+            raise UsageError(str(e).replace("engines must", "-n must", 1)) from None
         self._adopt(client, owned=True)
         atexit.register(self._stop_at_exit)
         if args.out:
