@@ -29,12 +29,14 @@ SCHEMES = ("leastload", "lru", "plainrandom", "twobin", "weighted", "pure")
 READY_TIMEOUT_S = 60.0
 
 
-def check_kernelspec(name: str = KERNEL_NAME) -> None:
-    """Raise a helpful error if the engine kernelspec ``name`` is not installed."""
+def check_kernelspec(name: str | None = None) -> None:
+    """Raise a helpful error if the engine kernelspec ``name`` (default: ipylb's own) is
+    not installed: RuntimeError for ipylb's, ValueError for one the caller named."""
+    custom = name is not None and name != KERNEL_NAME
     try:
-        KernelSpecManager().get_kernel_spec(name)
+        KernelSpecManager().get_kernel_spec(name if custom else KERNEL_NAME)
     except NoSuchKernel:
-        if name != KERNEL_NAME:
+        if custom:
             raise ValueError(
                 f"no Jupyter kernelspec {name!r} (`jupyter kernelspec list` shows those "
                 "installed); `ipylb kernelspec install --name NAME` writes one for engines"
@@ -107,7 +109,7 @@ class LocalCluster:
         if not isinstance(hwm, int) or isinstance(hwm, bool) or hwm < 0:
             raise ValueError(f"hwm must be an int >= 0 (0: no limit), got {hwm!r}")
         policy = _restart_policy(restart)
-        check_kernelspec(kernel or KERNEL_NAME)
+        check_kernelspec(kernel)
         self.connection_file: Path = (
             connection.runtime_dir() / f"ipylb-local-{os.getpid()}-{uuid.uuid4().hex[:8]}.json"
         )
