@@ -51,6 +51,9 @@ CONTROLLER_PING_S = 2.0
 CONTROLLER_SILENCE_S = 20.0
 
 
+_SIGINT_SET = (signal.SIGINT.value,)
+
+
 def _set_sigint(handler: Any) -> Any:
     """signal.signal(SIGINT, ...) without the enum wrapping: it runs twice per task."""
     return _signal.signal(signal.SIGINT.value, handler)
@@ -379,6 +382,10 @@ class TaskChannel:
                         self.running = self.interrupt_for = None
                 else:  # nothing targets a task without a walltime
                     self.running = None
+                # A task that blocked SIGINT (pthread_sigmask) would leave every later task
+                # deaf to interrupts, walltime ones included.  Unblocking delivers one that
+                # is pending to our handler (running is None now: ignored) before it goes.
+                _signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGINT_SET)
                 _set_sigint(previous)
             output = self.capture.end(saved)
             saved = None

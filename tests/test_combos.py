@@ -1,0 +1,73 @@
+"""Hostile tasks combined with flags (walltime, retries, targets, follow, imap, chunks):
+each caller gets an answer with a clear error within a bounded time, and every engine
+serves on after (the fixture from test_hostile checks it after each test)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from ipylb.error import RemoteError, WalltimeExceeded
+from test_hostile import every_engine_serves_after  # noqa: F401 - autouse: engines serve on
+
+
+def _wait_for(path, seconds=60):
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.02)
+
+
+def test_a_task_that_blocks_sigint_leaves_later_tasks_interruptible(rc, view):
+    """A task that blocked SIGINT in the engine's main thread (pthread_sigmask) made every
+    later task on that engine deaf to walltime interrupts: the next task with a walltime
+    cost its engine a restart (6 s) instead of being interrupted at 1 s."""
+
+    def blocks():
+        import signal
+
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        return "blocked"
+
+    first = view.apply_async(blocks)
+    assert first.get(60) == "blocked"
+
+    def sleeps():
+        import time
+
+        time.sleep(60)
+
+    with view.temp_flags(follow=first, walltime=1):  # on the engine that blocked it
+        ar = view.apply_async(sleeps)
+    with pytest.raises(WalltimeExceeded, match="was interrupted") as info:
+        ar.get(60)
+    assert "restarted" not in str(info.value)
+    assert ar.engine_id == first.engine_id and ar.engine_id in rc.ids
+
+
+def test_a_task_that_blocks_sigint_leaves_later_tasks_to_rc_interrupt(rc, view, tmp_path):
+    def blocks():
+        import signal
+
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        return "blocked"
+
+    first = view.apply_async(blocks)
+    assert first.get(60) == "blocked"
+    marker = tmp_path / "started"
+
+    def sleeps(path):
+        import time
+
+        open(path, "w").close()
+        time.sleep(60)
+
+    with view.temp_flags(follow=first):
+        ar = view.apply_async(sleeps, str(marker))
+    _wait_for(marker)
+    t0 = time.monotonic()
+    rc.interrupt([first.engine_id])
+    with pytest.raises(RemoteError) as info:
+        ar.get(30)
+    assert info.value.ename == "KeyboardInterrupt"
+    assert time.monotonic() - t0 < 20  # not when the sleep ends
