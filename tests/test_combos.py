@@ -8,7 +8,7 @@ import time
 
 import pytest
 from ipylb.error import RemoteError, WalltimeExceeded
-from test_hostile import every_engine_serves_after  # noqa: F401 - autouse: engines serve on
+from test_hostile import every_engine_serves_after, every_stream  # noqa: F401 - autouse: engines serve on
 
 
 def _wait_for(path, seconds=60):
@@ -71,3 +71,30 @@ def test_a_task_that_blocks_sigint_leaves_later_tasks_to_rc_interrupt(rc, view, 
         ar.get(30)
     assert info.value.ename == "KeyboardInterrupt"
     assert time.monotonic() - t0 < 20  # not when the sleep ends
+
+
+@pytest.mark.parametrize("where", ["/dev/null", "a file"])
+def test_a_task_that_points_fds_1_and_2_elsewhere_leaves_the_next_one_captured(view, where,
+                                                                              tmp_path):
+    """A task that dup2'd /dev/null (or a file) onto fds 1 and 2 and left them so made the
+    output of every later task on its engine vanish (or land in that file)."""
+    target = "/dev/null" if where == "/dev/null" else str(tmp_path / "out.txt")
+
+    def redirects(target):
+        import os
+
+        print("before")
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT, 0o600)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+        print("into the file")
+        return "redirected"
+
+    ar = view.apply_async(redirects, target)
+    assert ar.get(60) == "redirected"
+    assert ar.stdout == "before\n"
+    with view.temp_flags(follow=ar):  # on the engine that redirected them
+        after = view.apply_async(every_stream)
+        assert after.get(60) == (1, 2)
+    assert after.stdout == "py \u00e9\nfd\nchild\n" and after.stderr == "err\n"

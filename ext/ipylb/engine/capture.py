@@ -15,9 +15,10 @@ thread flushes the streams and reads what is still in the pipes itself, under th
 lock: everything written before the end is the task's, nothing later is.  Child processes
 that outlive a task write to whichever task runs when they write, or between tasks.
 
-Cost on the hot path: two attribute swaps to start a task; four flushes, one ``poll`` (which
-also tells if the task closed fd 1 or 2: they are given back) and a lock to end it.  A task
-that points fd 1 or 2 elsewhere (``dup2``) and leaves them so is not undone, as in a kernel.
+Cost on the hot path: two attribute swaps to start a task; four flushes, one ``poll``, a lock
+and two ``dup2`` to end it.  The ``dup2`` put the pipes back on fds 1 and 2 whatever the task
+did to them (closed them, or pointed them elsewhere and left them so): otherwise every later
+task's output on the engine would vanish, or land where that one task sent its own.
 ipykernel's own machinery is not used per task: its stream buffers output for its IO thread
 and would need a round trip to that thread at the end of every task.
 """
@@ -130,8 +131,6 @@ class Capture:
         self._poll = select.poll()
         for r in reads:
             self._poll.register(r, select.POLLIN)
-        for fd in (1, 2):  # only POLLNVAL, if a task closes them
-            self._poll.register(fd, 0)
         threading.Thread(target=self._pump, args=(self._reads,), daemon=True,
                          name="ipylb-output").start()
 
@@ -210,16 +209,12 @@ class Capture:
                 s.flush()  # type: ignore[union-attr]
             except Exception:
                 pass
-        closed = broken = False
+        broken = False
         with self._lock:
             sinks = self._sinks
             self._sinks = None
             try:
-                # One poll: the pipes with output left, and fds 1 or 2 if the task closed them.
-                for fd, ev in self._poll.poll(0):
-                    if fd <= 2:
-                        closed = True
-                        continue
+                for fd, ev in self._poll.poll(0):  # the pipes with output left
                     if ev & _BAD:
                         raise OSError(f"fd {fd} closed")
                     # What is in the pipe now was written before the task ended.
@@ -233,7 +228,7 @@ class Capture:
                         left -= len(chunk)
             except OSError:
                 broken = True
-        if closed and not broken:
+        if not broken:  # fds 1 and 2 are our pipes again, whatever the task did to them
             try:
                 os.dup2(self._writes[0], 1)
                 os.dup2(self._writes[1], 2)
