@@ -8,13 +8,19 @@ import signal
 import time
 
 import ipylb
+import numpy as np
 import pytest
+from ipylb import dashboard
 from ipylb.dashboard import Dashboard
 
 
 def sleep_then(x, delay):
     time.sleep(delay)
     return x
+
+
+def invert(x):
+    return 1 / x
 
 
 def fail():
@@ -145,8 +151,102 @@ def test_activity_reports_tasks_engine_health_and_current_task(rc, view):
     assert 0 <= now["now"] - busy["task"][2] < 3.5
     info = rc.engine_info()
     for eid, e in now["engines"].items():
-        assert e["pid"] == info[eid]["pid"] and e["host"] == info[eid]["hostname"]
+        assert e["pid"] == info[eid]["pid"] and e["host"] == info[eid]["hostname"]  # (local)
         assert e["rss"] > 10 << 20 and e["cpu"] >= 0
     assert slow.get(30) == 1
     with pytest.raises(ValueError, match="two ints"):
         rc._request("activity", "x")
+
+
+def sub_counts(dash, name):
+    """(finished, total, failed, running, waiting) of the submission bar named ``name``."""
+    m = re.search(rf'data-name="{re.escape(name)}">.*?class="ipylb-counts">(\d+)/(\d+) done · '
+                  r"(\d+) failed · (\d+) running · (\d+) waiting", dash.progress.value)
+    return m and tuple(int(g) for g in m.groups())
+
+
+def test_progress_bar_per_submission_named_by_label(dash, view):
+    with view.temp_flags(label="phase one"):
+        amr = view.map_async(sleep_then, range(6), [1.5] * 6)
+    odd = view.map_async(invert, [1, 0])  # named by its function
+    until(lambda: (c := sub_counts(dash, "phase one")) and c[3] >= 1 and c[4] >= 1, 30,
+          "phase one running and waiting")
+    finished, total, failed, running, waiting = sub_counts(dash, "phase one")
+    assert total == 6 and finished + running + waiting == 6 and failed == 0
+    until(lambda: sub_counts(dash, "invert") == (2, 2, 1, 0, 0), 30, "the lambda's bar")
+    until(lambda: sub_counts(dash, "phase one") == (6, 6, 0, 0, 0), 30, "phase one done")
+    assert "done" in dash.progress.value and "tasks/s" in dash.progress.value
+    amr.get(1)
+    odd.wait(1)
+
+
+def test_task_stream_draws_bars_coloured_by_label_and_marks_failures(dash, view):
+    with view.temp_flags(label="blue-ish"):
+        view.map_sync(sleep_then, range(4), [0.05] * 4)
+    view.apply_async(fail).wait(30)
+    live = view.apply_async(sleep_then, 0, 3.0)
+
+    def drawn():
+        dash._draw_stream(time.time())  # (what the thread does every STREAM_EVERY ticks)
+        return dash._done.colors, dash._failed.x, dash._live.x
+
+    blue, red = dash._colour("blue-ish"), dash._colour("fail")
+    until(lambda: blue in drawn()[0] and red in drawn()[0] and len(drawn()[1]) >= 1
+          and not np.isnan(dash._live.y).all(), 30, "bars, failure marks and a running bar")
+    colours, fails, _ = drawn()
+    assert blue != red
+    assert all(-60 <= x <= 0 for x in fails)
+    assert list(dash._lane_names.text) == [str(e) for e in dash.client.ids]
+    # the health columns are filled from the engines' own reports
+    until(lambda: re.search(r'class="ipylb-task">sleep_then</td><td class="ipylb-ran">\d',
+                            dash.engines.value), 30, "the running task and its time")
+    assert re.search(r'class="ipylb-rss">\d+<', dash.engines.value)
+    live.get(30)
+    assert min(dash.refresh_ms) < 1000
+
+
+def test_impossible_chain_is_drawn_as_a_tree(dash, view):
+    root = view.apply_async(fail)
+    with view.temp_flags(after=[root]):
+        child = view.apply_async(sleep_then, 1, 0)
+    with view.temp_flags(after=[child]):
+        grandchild = view.apply_async(sleep_then, 2, 0)
+    grandchild.wait(30)
+    r, c, g = (a.msg_ids[0] for a in (root, child, grandchild))
+    until(lambda: g in dash.failures.value and "ipylb-tree" in dash.failures.value, 30,
+          "the tree")
+    tree = re.search(rf'<div class="ipylb-tree">({re.escape(r)}.*?)</div>', dash.failures.value,
+                     re.S).group(1).splitlines()
+    assert tree[0].startswith(f"{r}  ValueError")
+    assert tree[1] == f"    └─ {c}  ImpossibleDependency"
+    assert tree[2] == f"        └─ {g}  ImpossibleDependency"
+
+
+def test_lanes_and_rows_aggregate_beyond_a_screenful(rc, view, monkeypatch):
+    monkeypatch.setattr(dashboard, "MAX_LANES", 1)
+    monkeypatch.setattr(dashboard, "MAX_ROWS", 1)
+    v1 = rc.load_balanced_view(targets=1)
+    v1.map_sync(sleep_then, range(3), [0.05] * 3)
+    d = rc.dashboard()
+    try:
+        lanes = d.lanes(time.time())
+        assert [n for n, _ in lanes] == [str(lanes[0][1][0]), "+1"]
+        assert sorted(lanes[0][1] + lanes[1][1]) == rc.ids
+        busy = {e: sum(b[3] for b in d._buckets.get(e, {}).values()) for e in rc.ids}
+        assert busy[lanes[0][1][0]] == max(busy.values()) > 0  # the busiest keeps its lane
+        until(lambda: "ipylb-engine-rest" in d.engines.value, what="the summed row")
+        assert d.engines.value.count('<tr class="ipylb-engine"') == 1
+    finally:
+        d.close()
+
+
+def test_a_dashboard_whose_cluster_is_gone_says_so():
+    rc = ipylb.Client(engines=1)
+    try:
+        dash = Dashboard(rc)
+        os.kill(rc.cluster_info["pid"], signal.SIGKILL)
+        until(lambda: not dash.running, 30, "the dashboard thread to stop")
+        assert "the cluster is gone" in dash.summary.value or \
+            "stopped: the client was shut down" in dash.summary.value
+    finally:
+        rc.close()

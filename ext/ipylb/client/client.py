@@ -175,6 +175,8 @@ class Client:
         # msg_ids this client submitted, oldest first (ipyparallel's rc.history; an int job
         # is an index into it); imap's tasks are left out, so an endless imap stays flat.
         self.history: list[str] = []
+        # Submissions (AsyncResults) someone still holds, for progress monitors: submissions().
+        self._submissions: weakref.WeakSet[AsyncResult] = weakref.WeakSet()
         self._state = threading.Condition()
         self._welcome = threading.Event()
         self._refused: str | None = None  # why the controller (or we) refused the handshake
@@ -500,6 +502,8 @@ class Client:
                     self._pending[msg_id] = (ar, i)
                 if record:
                     self.history.extend(msg_id for msg_id, _args in batch)
+                    if start == 0 and isinstance(ar, AsyncResult):
+                        self._submissions.add(ar)
                 wire.send(self._send_sock, self._signer.pack(
                     wire.SUBMIT, (flags, (len(fbufs), fkey, fmac), metas, tag), bufs, b""))
 
@@ -650,6 +654,20 @@ class Client:
         """The scheduler's log for one task: (task, from state, to state, detail, time) rows,
         e.g. why it waited, where it went, why it failed."""
         return self._request("story", msg_id)
+
+    def submissions(self) -> list[AsyncResult]:
+        """This client's submissions (an AsyncResult per apply or map, imap left out) that
+        are still referenced somewhere, oldest first: what progress monitors show.  Each
+        has ``label``, ``msg_ids``, ``progress()`` (finished tasks) and ``ready()``."""
+        with self._send_lock:  # (adds happen under it: no change while this copies)
+            subs = list(self._submissions)
+        return sorted(subs, key=lambda ar: ar._submitted)
+
+    def submission_of(self, msg_id: str) -> Any:
+        """The AsyncResult a pending task of this client was submitted in (None if the task
+        is not pending here: finished, another client's, or part of an imap)."""
+        entry = self._pending.get(msg_id)
+        return None if entry is None or not isinstance(entry[0], AsyncResult) else entry[0]
 
     def activity(self, seq: int = 0, second: int = 0,
                  timeout: float | None = 30.0) -> dict[str, Any]:

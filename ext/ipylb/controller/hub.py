@@ -597,7 +597,7 @@ class Controller:
             task = h.get("task")
             rec = self.store.records.get(task) if task else None
             engines[engine_id] = {
-                "host": info.get("hostname", ""), "pid": info.get("pid"),
+                "host": connection.engine_host(info), "pid": info.get("pid"),
                 "restarts": info.get("restarts", 0), "cpu": h.get("cpu"), "rss": h.get("rss"),
                 "task": None if rec is None else (task, rec.label or rec.func, h.get("since")),
             }
