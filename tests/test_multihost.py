@@ -95,31 +95,43 @@ def test_loopback_controller_is_unreachable_and_join_says_why(hosts):
     assert "ipylb cluster start --ip 0.0.0.0" in out.stderr
 
 
-@pytest.mark.skipif(netns.ssh_unavailable() is not None, reason=str(netns.ssh_unavailable()))
-def test_engines_in_b_over_ssh_by_a_kernel_provisioner(hosts):
+@pytest.fixture(scope="module")
+def ssh_env(hosts):
+    """An sshd in B (throw-away keys); the environment paramiko in A logs in to it with."""
+    why = netns.ssh_unavailable()
+    if why is not None:
+        pytest.skip(why)
+    return netns.start_sshd(hosts)
+
+
+@pytest.mark.parametrize("curve", [False, True], ids=["plain", "curve"])
+def test_engines_in_b_over_ssh_by_a_kernel_provisioner(hosts, ssh_env, curve):
     """(b): the controller starts its engines in B itself, over SSH, through
     gateway_provisioners' DistributedProvisioner and a kernelspec from `ipylb kernelspec
     install`; the key stays in the 0600 connection file, whose path alone is in the
     kernelspec (and so in the remote command line)."""
-    hosts.extra_env = netns.start_sshd(hosts)
-    cluster_file = hosts.runtime["a"] / "ipylb-ssh.json"
-    out = hosts.run("a", [netns.IPYLB, "kernelspec", "install", "--name", "ssh-engines", "--user",
+    profile = "ssh-curve" if curve else "ssh"
+    cluster_file = hosts.runtime["a"] / f"ipylb-{profile}.json"
+    out = hosts.run("a", [netns.IPYLB, "kernelspec", "install", "--name", profile, "--user",
                           "--provisioner", "distributed-provisioner", "--provisioner-config",
                           json.dumps({"remote_hosts": [netns.B_IP]}),
                           "--cluster-file", str(cluster_file)])
     assert out.returncode == 0, out.stderr
-    spec = json.loads((hosts.root / "data" / "kernels" / "ssh-engines" / "kernel.json").read_text())
+    spec = json.loads((hosts.root / "data" / "kernels" / profile / "kernel.json").read_text())
     assert spec["env"] == {"IPYLB_CLUSTER_FILE": str(cluster_file), "IPYLB_DETACHED": "1"}
+    hosts.extra_env = ssh_env
     try:
-        hosts.start_cluster("ssh", netns.A_IP, "--kernel", "ssh-engines", engines=2)
-        key = json.loads(cluster_file.read_text())["key"]
-        assert key not in json.dumps(spec)
+        hosts.start_cluster(profile, netns.A_IP, "--kernel", profile,
+                            *(["--curve"] if curve else []), engines=2)
+        info = json.loads(cluster_file.read_text())
+        assert ("curve_serverkey" in info) is curve
+        assert info["key"] not in json.dumps(spec)
         out = hosts.run("a", [sys.executable, DRIVER, str(cluster_file),
-                              str(hosts.root / "victim-ssh")], timeout=240)
+                              str(hosts.root / f"victim-{profile}")], timeout=240)
         assert out.returncode == 0, out.stderr
         seen = json.loads(out.stdout)
     finally:
-        hosts.stop_cluster("ssh")
+        hosts.stop_cluster(profile)
         hosts.extra_env = {}
     engines = seen["engines"]
     assert all(e["heartbeat"].startswith(f"tcp://{netns.B_IP}:") for e in engines.values())
