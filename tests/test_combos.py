@@ -98,3 +98,30 @@ def test_a_task_that_points_fds_1_and_2_elsewhere_leaves_the_next_one_captured(v
         after = view.apply_async(every_stream)
         assert after.get(60) == (1, 2)
     assert after.stdout == "py \u00e9\nfd\nchild\n" and after.stderr == "err\n"
+
+
+def test_an_alarm_a_task_leaves_does_not_hit_the_next_task(view):
+    """A task that set signal.alarm(1) and returned killed its engine (SIGALRM) in the middle
+    of the next, innocent task, which failed with EngineError."""
+
+    def arms():
+        import signal
+
+        signal.alarm(1)
+        signal.setitimer(signal.ITIMER_REAL, 1.0)
+        return "armed"
+
+    first = view.apply_async(arms)
+    assert first.get(60) == "armed"
+
+    def innocent():
+        import signal
+        import time
+
+        time.sleep(2)
+        return signal.getitimer(signal.ITIMER_REAL)
+
+    with view.temp_flags(follow=first):  # on the engine that armed it
+        ar = view.apply_async(innocent)
+    assert ar.get(60) == (0.0, 0.0)
+    assert ar.engine_id == first.engine_id

@@ -386,6 +386,9 @@ class TaskChannel:
                 # deaf to interrupts, walltime ones included.  Unblocking delivers one that
                 # is pending to our handler (running is None now: ignored) before it goes.
                 _signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGINT_SET)
+                # An alarm a task set (signal.alarm, setitimer) and did not cancel would
+                # fire in a later task: kill its engine (SIGALRM's default) or raise there.
+                _signal.setitimer(_signal.ITIMER_REAL, 0.0)
                 _set_sigint(previous)
             output = self.capture.end(saved)
             saved = None
