@@ -1,7 +1,9 @@
 """The pure scheduler core: events in, commands out; no sockets, threads or clocks.
 
-:mod:`.events` defines the interface, :mod:`.scheduler` the state machine,
-:mod:`.schemes` the routing schemes and :mod:`.deps` the dependency rules.
+:mod:`.events` defines the interface, :mod:`.scheduler` the state machine (its parts:
+:mod:`.task` the records, :mod:`.placement`, :mod:`.dependencies`, :mod:`.failures`,
+:mod:`.deadlines`, :mod:`.validation`), :mod:`.schemes` the routing schemes,
+:mod:`.free` the index of free engines and :mod:`.deps` the dependency rules.
 """
 
 from .deps import check, unreachable

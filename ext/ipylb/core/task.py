@@ -1,0 +1,163 @@
+"""The scheduler's records: one per task (:class:`Task`, its rare parts in :class:`Extra`)
+and one per engine (:class:`Engine`), the task states, and the small helpers the
+scheduler's parts share (orderings, message fragments).
+
+Records are plain slotted objects owned by :class:`ipylb.core.scheduler.Scheduler`;
+nothing here changes state by itself.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+from .deps import Tally
+
+__all__ = ["WAITING", "READY", "ASSIGNED", "DONE", "FAILED", "Engine", "Extra", "Task"]
+
+WAITING = "waiting"
+READY = "ready"
+ASSIGNED = "assigned"
+DONE = "done"
+FAILED = "failed"
+
+BIG = 1 << 62  # "no limit" for hwm=0, an int so comparisons stay int/int
+CHAIN = 6  # cascade explanations quote at most this many levels, then the root
+SHOW = 5  # messages list at most this many ids
+
+
+class Engine:
+    """One registered engine: its FIFO of outstanding tasks and its private queue."""
+
+    __slots__ = ("id", "alive", "used", "load", "completed", "queue", "heap", "followers",
+                 "key", "pos")
+
+    def __init__(self, engine_id: int) -> None:
+        self.id = engine_id
+        self.alive = True
+        self.used = False  # has been assigned a task
+        self.load = 0  # outstanding tasks == len(queue)
+        self.completed = 0  # TaskDone results received from it
+        self.queue: deque[Task] = deque()  # assigned tasks; [0] is running
+        self.heap: list[tuple[int, int, Task]] = []  # (seq, gen, task) restricted to here
+        self.followers: set[Task] = set()  # unfinished tasks whose follow deps ran here
+        self.key = 0  # LRU key: lower = assigned longer ago (see .free)
+        self.pos = -1  # owned by the FreeEngines index
+
+    def __repr__(self) -> str:
+        return f"<engine {self.id} load={self.load}{'' if self.alive else ' dead'}>"
+
+
+class Extra:
+    """The rarely needed part of a task record (dependencies, exclusions, failure)."""
+
+    __slots__ = (
+        "after",  # Tally | None
+        "follow",  # Tally | None (good = counted and ran on an engine)
+        "f_engine",  # follow all=True: the engine every counted dep ran on
+        "f_engines",  # follow all=False: engines where counted deps ran
+        "refused",  # engines that refused it (hard)
+        "unmet",  # what the last engine to refuse it said
+        "failed_on",  # engines it failed or died on (soft)
+        "targets",  # frozenset of engine ids it may run on, or None (any)
+        "timeout",
+        "submitted",
+        "aborted",  # abort requested while assigned
+        "cancelled",  # ... and a Cancel went to its engine
+        "why",  # when failed by the scheduler: one-line explanation, for chains
+        "root",
+        "depth",
+        "walltime",  # run-time limit of each attempt (0: none)
+        "started",  # when the running attempt started (None: not reported yet)
+        "interrupted",  # when it was interrupted for its walltime (None: not)
+        "wt_token",  # token of its live walltime timer (0: none)
+    )
+
+    def __init__(self) -> None:
+        self.after: Tally | None = None
+        self.follow: Tally | None = None
+        self.f_engine: Engine | None = None
+        self.f_engines: set[Engine] | None = None
+        self.refused: set[Engine] | None = None
+        self.unmet = ""
+        self.failed_on: set[Engine] | None = None
+        self.targets: frozenset[int] | None = None
+        self.timeout = 0.0
+        self.submitted = 0.0
+        self.aborted = False
+        self.cancelled = False
+        self.why = ""
+        self.root = ""
+        self.depth = 0
+        self.walltime = 0.0
+        self.started: float | None = None
+        self.interrupted: float | None = None
+        self.wt_token = 0
+
+
+class Task:
+    """One task: its state and where it is, plus rare details in ``x``."""
+
+    __slots__ = ("id", "seq", "state", "engine", "retries", "ok", "deadline", "dependents", "x", "gen")
+
+    def __init__(self, task_id: str, seq: int, retries: int) -> None:
+        self.id = task_id
+        self.seq = seq  # submission order: lower runs first
+        self.state = WAITING
+        self.engine: Engine | None = None  # assigned to / ran on (None if failed by us)
+        self.retries = retries if retries > 0 else 0  # attempts left after a failure
+        self.ok = False  # when done: the engine reported success
+        self.deadline: float | None = None
+        self.dependents: list[Task] | None = None
+        self.x: Extra | None = None
+        self.gen = 0  # bumped on each (re)queueing; heap entries of older gens are stale
+
+    def __repr__(self) -> str:
+        return f"<task {self.id} {self.state}>"
+
+
+def eids(engine_ids: Any) -> str:
+    """Engine ids for messages: ``0, 2``."""
+    return ", ".join(map(str, sorted(engine_ids)))
+
+
+def show_ids(items: Any) -> str:
+    """A short, stable rendering of some task ids for messages."""
+    ids = sorted(items)
+    if len(ids) > SHOW:
+        return ", ".join(ids[:SHOW]) + f", ... ({len(ids)} in all)"
+    return ", ".join(ids)
+
+
+def said(x: Extra) -> str:
+    """What the last engine to refuse a task said, for its failure message."""
+    return f" (the last refusal: {x.unmet})" if x.unmet else ""
+
+
+def extra(t: Task) -> Extra:
+    x = t.x
+    if x is None:
+        x = t.x = Extra()
+    return x
+
+
+def by_key(e: Engine) -> int:
+    """LRU order: the engine assigned longest ago first."""
+    return e.key
+
+
+def by_seq(t: Task) -> int:
+    return t.seq
+
+
+def unrestricted(x: Extra) -> bool:
+    """No follow, targets, refusal or failed-on engine: any engine may take the task."""
+    return x.follow is None and x.targets is None and not x.refused and not x.failed_on
+
+
+def plain_ready(t: Task) -> bool:
+    """Ready and unrestricted: a valid entry of the global queue."""
+    if t.state is not READY:
+        return False
+    x = t.x
+    return x is None or unrestricted(x)
