@@ -29,12 +29,14 @@ ENGINE_START_TIMEOUT_S = 120.0
 # How long `cluster stop` waits for the controller (and so its engines) to be gone.
 STOP_TIMEOUT_S = 30.0
 
-USAGE = """usage: ipylb [-h] [-V] {demo,bench,soak,cluster,engine,kernelspec} ...
+USAGE = """usage: ipylb [-h] [-V] {demo,bench,soak,top,cluster,engine,kernelspec} ...
 
   demo           run the task interface's examples on local engines (ipylb demo --help)
   bench          measure ipylb beside ipyparallel (ipylb bench --help)
   soak           many tasks from two clients while engines are killed: lost = 0,
                  duplicates = 0? (ipylb soak --help)
+  top            the cluster live in this terminal: queue, engines, failures; q quits
+                 (ipylb top [--profile P])
   cluster        start, stop or inspect a standalone cluster (ipylb cluster --help)
   engine         add engines to a running cluster (ipylb engine add -n K), or run
                  engines here for a controller elsewhere (ipylb engine join --help)
@@ -86,6 +88,10 @@ def main(argv: list[str] | None = None) -> None:
         from .soak import main as soak_main
 
         soak_main(rest)
+    elif cmd == "top":
+        from .top import main as top_main
+
+        sys.exit(top_main(rest))
     elif cmd in ("cluster", "engine", "kernelspec"):
         args = _parser().parse_args(argv)
         try:
