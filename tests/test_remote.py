@@ -234,3 +234,27 @@ def test_join_by_url_and_key_file(runtime, tmp_path):  # noqa: F811
     finally:
         join.kill()
     assert join.returncode == 0, err
+
+
+def test_join_ends_when_its_controller_is_killed(runtime):  # noqa: F811
+    """No STOP comes from a SIGKILLed controller: the engines see their connection to it
+    drop and leave, and join ends with them."""
+    import os
+
+    info = _start("kill")
+    join = subprocess.Popen([IPYLB, "engine", "join", "--profile", "kill"],
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    try:
+        with ipylb.Client(profile="kill") as rc:
+            rc.wait_for_engines(1, 120)
+            engine = rc.engine_info()[0]["pid"]
+        for line in join.stderr:  # join has seen its engine registered: it serves now
+            if "joined the cluster" in line:
+                break
+        os.kill(info["pid"], signal.SIGKILL)
+        _out, err = join.communicate(timeout=60)
+    finally:
+        join.kill()
+        (runtime / "ipylb-kill.json").unlink(missing_ok=True)
+    assert "every engine has ended" in err
+    assert gone([engine])

@@ -163,6 +163,7 @@ class TaskChannel:
         wire.send(self.sock, self.signer.pack(wire.REGISTER, meta))
         loop.add_reader(self.sock.FD, self._on_readable)
         loop.add_reader(self.monitor.FD, self._on_monitor)
+        loop.call_soon(self._on_monitor)  # the FD is edge-triggered: arm it by reading EVENTS
         loop.call_soon(self._on_readable)
         threading.Thread(target=self._report_health, daemon=True, name="ipylb-health").start()
 
