@@ -163,11 +163,10 @@ class Dependencies:
 
     def _stuck(self, t: Task) -> str | None:
         """A ready constrained task has no candidate engine: impossible, or just wait?"""
+        why = self._when_dead(t)
+        if why is not None:
+            return why
         x: Extra = t.x  # type: ignore[assignment]
-        if x.targets is not None:
-            why = self._off_target(t)
-            if why is not None:
-                return why
         f = x.follow
         if f is None:
             if not self._engines:
@@ -176,16 +175,10 @@ class Dependencies:
             return (f"refused by all {n} engine{'s' if n > 1 else ''} "
                     f"({', '.join(map(str, sorted(self._engines)))}): "
                     f"a functional dependency (@require/@depend) is unmet on each{said(x)}")
-        if f.spec.all:
-            e: Engine = x.f_engine  # type: ignore[assignment]
-            if not e.alive:
-                return (f"its follow dependencies ran on engine {e.id}, which is gone, "
-                        "and follow with all=True needs that engine")
-            return (f"refused by engine {e.id}, the only engine its follow dependencies allow "
-                    f"(a functional dependency is unmet there{said(x)})")
-        if f.pending:
-            return None  # a pending follow dependency may still run somewhere usable
-        return self._follow_any_dead(t)
+        if f.spec.all:  # its engine is alive (else _when_dead said so) and refused it
+            return (f"refused by engine {x.f_engine.id}, the only engine its follow "  # type: ignore[union-attr]
+                    f"dependencies allow (a functional dependency is unmet there{said(x)})")
+        return None  # follow any: a pending dependency may still run somewhere usable
 
     def _where_ran(self, e: Engine, spec: DepSpec) -> str:
         """Which of ``spec``'s ids ran on engine ``e`` (for conflict messages)."""

@@ -121,7 +121,11 @@ class Placement:
         if x is None or unrestricted(x):
             self._push_plain(t)
             return True
-        cands = self._candidates(t)
+        return self._enqueue_on(t, self._candidates(t), out)
+
+    def _enqueue_on(self, t: Task, cands: list[Engine], out: list[Command]) -> bool:
+        """Queue constrained ready task ``t`` on its candidate engines ``cands``; with none,
+        fail it if it is impossible (False), else it waits for an engine."""
         t.gen += 1
         if not cands:
             why = self._stuck(t)
@@ -132,7 +136,7 @@ class Placement:
             entry = (t.seq, t.gen, t)
             for e in cands:
                 heapq.heappush(e.heap, entry)
-        if x.follow is None:
+        if t.x.follow is None:  # type: ignore[union-attr]
             self._ready_excl.add(t)
         return True
 
@@ -161,23 +165,12 @@ class Placement:
                 self._push_plain(t)
             return
         cands = self._candidates(t)
-        t.gen += 1
-        if not cands:
-            why = self._stuck(t)
-            if why is not None:
-                self._fail_impossible(t, why, out)
-                return
+        cap = self._cap
+        free = [e for e in cands if e.load < cap]
+        if free:
+            self._assign(t, self._choose(free), out)
         else:
-            cap = self._cap
-            free = [e for e in cands if e.load < cap]
-            if free:
-                self._assign(t, self._choose(free), out)
-                return
-            entry = (t.seq, t.gen, t)
-            for e in cands:
-                heapq.heappush(e.heap, entry)
-        if x.follow is None:
-            self._ready_excl.add(t)
+            self._enqueue_on(t, cands, out)
 
     def _candidates(self, t: Task) -> list[Engine]:
         """Live engines that may take constrained task ``t`` now, in LRU order."""
