@@ -19,8 +19,7 @@ import ipylb
 import pytest
 from ipylb import connection
 from ipylb.error import NoCluster
-
-IPYLB = str(Path(sys.executable).with_name("ipylb"))
+from procs import IPYLB, ipylb_cmd, wait_gone
 
 
 @pytest.fixture
@@ -32,20 +31,6 @@ def runtime(tmp_path, monkeypatch):
     yield tmp_path
     for path in tmp_path.glob("ipylb-*.json"):
         ipylb_cmd("cluster", "stop", "--profile", path.stem.removeprefix("ipylb-"))
-
-
-def ipylb_cmd(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([IPYLB, *args], capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
-
-
-def gone(pids: list[int], timeout: float = 10) -> bool:
-    deadline = time.monotonic() + timeout
-    while any(connection.pid_alive(p) for p in pids):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def cluster_pids(rc) -> list[int]:
@@ -92,7 +77,7 @@ def test_start_refuse_status_add_stop(runtime):
 
     stop = ipylb_cmd("cluster", "stop", "--profile", "p1")
     assert stop.returncode == 0, stop.stderr
-    assert gone(pids), [p for p in pids if connection.pid_alive(p)]
+    assert wait_gone(pids), [p for p in pids if connection.pid_alive(p)]
     assert not path.exists()
     again = ipylb_cmd("cluster", "stop", "--profile", "p1")
     assert again.returncode == 1 and "no cluster is running" in again.stderr
@@ -167,7 +152,7 @@ def test_foreground_cluster_stale_file_and_ip(runtime):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert gone(pids)
+    assert wait_gone(pids)
     assert not path.exists()
 
 
@@ -182,7 +167,7 @@ def test_ctrl_c_while_engines_start_stops_the_cluster(runtime):
     controller = json.loads(path.read_text())["pid"]
     proc.send_signal(signal.SIGINT)
     assert proc.wait(15) == 0
-    assert gone([controller])
+    assert wait_gone([controller])
     assert not path.exists()
 
 

@@ -21,8 +21,8 @@ import pytest
 from ipylb import connection
 from ipylb.client import client as client_mod
 from ipylb.error import CompositeError, ControllerGone, NoCluster
+from procs import ipylb_cmd, wait_gone
 
-IPYLB = str(Path(sys.executable).with_name("ipylb"))
 # A dead controller is noticed within this long (pid watch: 0.5 s; a generous margin for CI).
 NOTICE_S = 5.0
 
@@ -38,20 +38,6 @@ def runtime(tmp_path, monkeypatch):
         if connection.pid_alive(pid):
             os.kill(pid, signal.SIGCONT)
             ipylb_cmd("cluster", "stop", "--profile", path.stem.removeprefix("ipylb-"))
-
-
-def ipylb_cmd(*args: str, timeout: float = 90) -> subprocess.CompletedProcess:
-    return subprocess.run([IPYLB, *args], capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
-
-
-def gone(pids: list[int], timeout: float = 10) -> bool:
-    deadline = time.monotonic() + timeout
-    while any(connection.pid_alive(p) for p in pids):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def leftovers(rt: Path, timeout: float = 10) -> list[str]:
@@ -95,7 +81,7 @@ def test_killed_private_controller_fails_what_waits_and_leaves_nothing(runtime):
         with pytest.raises(NoCluster):  # ControllerGone is a NoCluster too
             rc.wait_for_engines(5)  # no timeout, and yet it returns
         assert time.monotonic() - t0 < 1.0
-        assert gone(engines)
+        assert wait_gone(engines)
         assert leftovers(runtime) == []  # engines removed their own files; the client the controller's
     finally:
         rc.shutdown()
@@ -149,7 +135,7 @@ def test_killed_standalone_controller_is_noticed_through_its_pid(runtime):
             slow.get(timeout=30)
         assert time.monotonic() - t0 < NOTICE_S
         assert "kept results in memory" in str(info.value)
-        assert gone(engines)
+        assert wait_gone(engines)
         assert leftovers(runtime) == []  # the engines removed their kernel files and sockets
     finally:
         rc.close()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,27 +12,7 @@ import time
 import ipylb
 import pytest
 from ipylb.error import ClientClosed
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is dead for our purposes
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-def wait_gone(pids, timeout):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not any(alive(p) for p in pids):
-            return True
-        time.sleep(0.1)
-    return False
+from procs import pid_alive, wait_gone
 
 
 def test_shutdown_ends_every_process():
@@ -43,7 +22,7 @@ def test_shutdown_ends_every_process():
     conn = rc._local.connection_file
     assert oct(conn.stat().st_mode & 0o777) == "0o600"
     rc.shutdown()
-    assert wait_gone(pids, 10), [p for p in pids if alive(p)]
+    assert wait_gone(pids, 10), [p for p in pids if pid_alive(p)]
     assert not conn.exists()
 
 
@@ -73,10 +52,10 @@ def test_sigkilled_client_leaves_no_orphans(tmp_path):
     )
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     pids = json.loads(proc.stdout.readline())
-    assert all(alive(p) for p in pids)
+    assert all(pid_alive(p) for p in pids)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert wait_gone(pids, 10), [p for p in pids if alive(p)]
+    assert wait_gone(pids, 10), [p for p in pids if pid_alive(p)]
 
 
 def test_no_running_cluster_is_a_clear_error(tmp_path, monkeypatch):

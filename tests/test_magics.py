@@ -8,7 +8,6 @@ behind.
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import threading
@@ -18,25 +17,7 @@ import ipylb
 import pytest
 from ipylb.error import ImpossibleDependency, RemoteError, TaskAborted
 from IPython.core.interactiveshell import InteractiveShell
-
-
-def alive(pid):
-    """Whether ``pid`` is a live process (a zombie counts as gone)."""
-    try:
-        os.kill(pid, 0)
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except (ProcessLookupError, FileNotFoundError):
-        return False
-
-
-def wait_gone(pids, timeout):
-    deadline = time.monotonic() + timeout
-    while any(alive(p) for p in pids):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
+from procs import pid_alive, wait_gone
 
 
 def sleep_then(x, delay):
@@ -328,7 +309,7 @@ def test_lb_start_twice_changes_nothing_and_lb_stop_stops_it(shell, capsys):
     assert ok(shell, "%%lb\n'alive'") == "alive"
     ok(shell, "%lb_stop")
     assert "stopped the cluster" in capsys.readouterr().out
-    assert wait_gone(pids, 10), [p for p in pids if alive(p)]
+    assert wait_gone(pids, 10), [p for p in pids if pid_alive(p)]
     assert magics.client is None
 
 
@@ -337,7 +318,7 @@ def test_unload_stops_the_cluster_and_removes_the_magics(shell, capsys):
     pids = engine_pids(magics_of(shell).client)
     ok(shell, "%unload_ext ipylb")
     try:
-        assert wait_gone(pids, 10), [p for p in pids if alive(p)]
+        assert wait_gone(pids, 10), [p for p in pids if pid_alive(p)]
         r = run(shell, "%lb_stop")
         assert not r.success  # the magic is gone
     finally:
@@ -362,19 +343,19 @@ def test_kernel_restart_and_shutdown_leave_no_engines(tmp_path):
                                        user_expressions={"pids": pids_expr})
         assert reply["content"]["status"] == "ok", reply["content"]
         pids = eval(reply["content"]["user_expressions"]["pids"]["data"]["text/plain"])
-        assert pids and all(alive(p) for p in pids)
+        assert pids and all(pid_alive(p) for p in pids)
         return pids
 
     try:
         pids = start_and_get_pids()
         km.restart_kernel(now=False)
-        assert wait_gone(pids, 15), [p for p in pids if alive(p)]
+        assert wait_gone(pids, 15), [p for p in pids if pid_alive(p)]
         kc.wait_for_ready(timeout=30)
         pids = start_and_get_pids()
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=False)
-    assert wait_gone(pids, 15), [p for p in pids if alive(p)]
+    assert wait_gone(pids, 15), [p for p in pids if pid_alive(p)]
 
 
 def test_a_client_closed_elsewhere_is_forgotten(shell, rc, capsys):
