@@ -7,6 +7,7 @@ import argparse
 # What each mode reads; any other option given with it would be ignored, so it is refused.
 _MODES = {
     "core": set(),
+    "kernels": {"rounds", "tasks"},
     "schemes": {"rounds", "engines", "no_reference", "chart"},
     "farm": {"rounds", "engines", "workloads", "no_reference", "standalone"},
 }
@@ -27,6 +28,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--core", action="store_true", help="the scheduler core alone, no I/O")
     p.add_argument("--schemes", action="store_true",
                    help="every scheme on a heterogeneous workload and a no-op run, with a chart")
+    p.add_argument("--kernels", type=int, metavar="N",
+                   help="N real engine kernels: start-up seconds, a --tasks map, controller RSS")
+    p.add_argument("--tasks", type=int, default=8000, help="tasks of the --kernels map")
     p.add_argument("--chart", default="schemes.png", help="where --schemes writes its PNG chart")
     return p
 
@@ -35,18 +39,27 @@ def main(argv: list[str] | None = None) -> None:
     """Run the benchmarks named on the command line (default: the core farm figures)."""
     p = parser()
     args = p.parse_args(argv)
-    mode = "core" if args.core else "schemes" if args.schemes else "farm"
-    if args.core and args.schemes:
-        p.error("--core and --schemes are two different runs: pick one")
+    modes = [m for m, on in (("core", args.core), ("schemes", args.schemes),
+                             ("kernels", args.kernels is not None)) if on]
+    if len(modes) > 1:
+        p.error(f"{', '.join('--' + m for m in modes)} are different runs: pick one")
+    mode = modes[0] if modes else "farm"
     ignored = [f"--{name.replace('_', '-')}" for name, value in vars(args).items()
-               if name not in _MODES[mode] | {"core", "schemes"} and value != p.get_default(name)]
+               if name not in _MODES[mode] | {"core", "schemes", "kernels"} and value != p.get_default(name)]
     if ignored:
         p.error(f"{', '.join(ignored)} has no effect with "
-                f"{'--' + mode if mode != 'farm' else 'the farm run (no --core/--schemes)'}")
+                f"{'--' + mode if mode != 'farm' else 'the farm run (no --core/--schemes/--kernels)'}")
     if args.core:
         from .core_micro import main as core_main
 
         core_main([])
+        return
+    if args.kernels is not None:
+        if args.kernels < 1 or args.tasks < 1:
+            p.error("--kernels and --tasks must be at least 1")
+        from .kernels import main as kernels_main
+
+        kernels_main(args.rounds, args.kernels, args.tasks)
         return
     if args.schemes:
         from .schemes import main as schemes_main

@@ -103,7 +103,8 @@ class LocalCluster:
     def __init__(self, engines: int, scheme: str = "leastload", hwm: int = 1,
                  heartbeat_timeout: float = 10.0,
                  restart: bool | tuple[int, float] = True, kernel: str | None = None) -> None:
-        limits.check_engine_count(engines)  # the caller has shown its warning, if any
+        # The caller has shown its warning, if any; 0: engines join later (the swarm bench).
+        limits.check_engine_count(engines, minimum=0)
         if scheme not in SCHEMES:
             raise ValueError(f"unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
         if not isinstance(hwm, int) or isinstance(hwm, bool) or hwm < 0:

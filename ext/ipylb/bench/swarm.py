@@ -1,0 +1,182 @@
+"""``python -m ipylb.bench.swarm``: one real controller, up to 1,000 engine identities.
+
+A few processes speak the engine protocol the way an engine kernel does
+(``ipylb.engine.taskchannel``): each identity is a DEALER of its own that registers
+with its versions and a heartbeat url (one Jupyter-style ROUTER echo per process, served
+by ``zmq.proxy`` on a thread, as ipykernel's heartbeat is), answers every task at once
+with ``None`` without running it, and stops on STOP.  So the controller's costs per
+engine (registration, heartbeats, placement, one socket each) are measured without 1,000
+kernels.
+
+Each round starts a fresh controller with no engines, lets ``--small`` (8) identities
+and then ``--engines`` (1,000) register (alternating which goes first), and reports per
+size: seconds from spawning the swarm to the last registration, the controller's CPU %
+while idle (its heartbeats to every engine: ``psutil``), tasks/s of a ``map`` of
+``--tasks`` no-ops at chunksize 1, and the controller's RSS.  Figures are medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+import zmq
+
+from .. import compat, connection, wire
+from ..serialize import dumps
+
+PROCESSES = 4  # swarm processes (at most one per 2 identities)
+
+
+def serve(info: dict[str, Any], count: int, first: int) -> None:
+    """Run ``count`` engine identities in this process until the controller stops them
+    (or closes); prints ``registered`` once all have their engine ids."""
+    ctx = zmq.Context.instance()
+    hb = ctx.socket(zmq.ROUTER)
+    hb_url = f"ipc://{connection.runtime_dir()}/swarm-{os.getpid()}-hb"
+    hb.bind(hb_url)
+    threading.Thread(target=zmq.proxy, args=(hb, hb), daemon=True).start()
+    key, to = info["key"].encode(), info["controller_id"].encode()
+    meta = {"connection_file": "", "pid": os.getpid(), "hostname": "swarm", "tag": "",
+            "heartbeat": hb_url, "shm_domain": None, "versions": compat.versions()}
+    poller = zmq.Poller()
+    signers: dict[zmq.Socket, wire.Signer] = {}
+    for i in range(first, first + count):
+        ident = f"engine-swarm{os.getpid()}-{i}".encode()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, ident)
+        sock.setsockopt(zmq.LINGER, 0)
+        connection.secure(sock, info)
+        sock.connect(info["engine_url"])
+        signers[sock] = signer = wire.Signer(key, ident, to)
+        wire.send(sock, signer.pack(wire.REGISTER, meta))
+        poller.register(sock, zmq.POLLIN)
+    result = dumps(None)
+    registered = 0
+    live = count
+    while live:
+        for sock, _ in poller.poll(1000):
+            signer = signers[sock]
+            while True:
+                try:
+                    frames = wire.recv(sock)
+                except zmq.Again:
+                    break
+                kind, _sender, m, _bufs, _mac = signer.unpack(frames)
+                if kind == wire.TASK:
+                    now = time.time()
+                    wire.send(sock, signer.pack(wire.DONE, (m[0], "ok", now, now, "", "", None),
+                                                result))
+                elif kind == wire.REGISTERED:
+                    registered += 1
+                    if registered == count:
+                        print("registered", flush=True)
+                elif kind in (wire.STOP, wire.REFUSED):
+                    poller.unregister(sock)
+                    live -= 1
+                    break
+
+
+def spawn(info: dict[str, Any], n: int) -> list[subprocess.Popen]:
+    """Start a swarm of ``n`` identities over up to PROCESSES processes (the cluster's info,
+    key included, goes through their stdin, never their command line)."""
+    procs, first = [], 0
+    parts = min(PROCESSES, max(1, n // 2))
+    for p in range(parts):
+        count = n // parts + (p < n % parts)
+        proc = subprocess.Popen([sys.executable, "-m", "ipylb.bench.swarm", "--serve",
+                                 str(count), str(first)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        proc.stdin.write(json.dumps(info))  # type: ignore[union-attr]
+        proc.stdin.close()  # type: ignore[union-attr]
+        procs.append(proc)
+        first += count
+    return procs
+
+
+def measure(n: int, tasks: int, idle_s: float = 3.0) -> dict[str, float]:
+    """One fresh controller with a swarm of ``n`` identities: its figures."""
+    import psutil
+
+    import ipylb
+    from ipylb.client.local import LocalCluster
+
+    from .workloads import noop_n
+
+    cluster = LocalCluster(0)
+    procs: list[subprocess.Popen] = []
+    rc = None
+    try:
+        rc = ipylb.Client(str(cluster.connection_file))
+        ctl = psutil.Process(cluster.info["pid"])
+        t0 = time.perf_counter()
+        procs = spawn(cluster.info, n)
+        rc.wait_for_engines(n, 120)
+        registered = time.perf_counter() - t0
+        for proc in procs:  # (all are in: they said so, or will at once)
+            proc.stdout.readline()  # type: ignore[union-attr]
+        c0 = ctl.cpu_times()
+        time.sleep(idle_s)  # nothing but heartbeats
+        c1 = ctl.cpu_times()
+        idle = max(0.0, (c1.user + c1.system - c0.user - c0.system) / idle_s * 100)
+        view = rc.load_balanced_view()
+        view.map_sync(noop_n, range(200))  # warm
+        t = time.perf_counter()
+        out = view.map_sync(noop_n, range(tasks))
+        rate = tasks / (time.perf_counter() - t)
+        if out != [None] * tasks:
+            raise RuntimeError("the swarm's answers did not come back as None")
+        return {"register_s": registered, "idle_cpu_pct": idle, "tasks_per_s": rate,
+                "rss_MB": ctl.memory_info().rss / 1e6}
+    finally:
+        if rc is not None:
+            rc.close()
+        cluster.stop()
+        for proc in procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m ipylb.bench.swarm [--engines 1000] [--small 8] [--tasks 4000] [--rounds 3]``."""
+    p = argparse.ArgumentParser(prog="python -m ipylb.bench.swarm", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--engines", type=int, default=1000, help="identities of the large swarm")
+    p.add_argument("--small", type=int, default=8, help="identities of the reference swarm")
+    p.add_argument("--tasks", type=int, default=4000, help="no-op tasks per map")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds (medians)")
+    p.add_argument("--serve", nargs=2, type=int, metavar=("COUNT", "FIRST"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.serve:
+        serve(json.loads(sys.stdin.read()), *args.serve)
+        return
+    res: dict[int, list[dict[str, float]]] = {args.small: [], args.engines: []}
+    for r in range(args.rounds):
+        order = [args.small, args.engines] if r % 2 == 0 else [args.engines, args.small]
+        for n in order:
+            fig = measure(n, args.tasks)
+            res[n].append(fig)
+            print(f"round {r + 1}, {n} engines: " + ", ".join(f"{k} {v:.4g}" for k, v in fig.items()),
+                  flush=True)
+    keys = list(res[args.small][0])
+    print(f"\nmedians of {args.rounds} round(s) (load average {os.getloadavg()[0]:.1f}):")
+    print(f"{'engines':>8}" + "".join(f"{k:>15}" for k in keys))
+    for n, figs in res.items():
+        print(f"{n:>8}" + "".join(f"{statistics.median(f[k] for f in figs):>15.4g}" for k in keys))
+    small = statistics.median(f["tasks_per_s"] for f in res[args.small])
+    large = statistics.median(f["tasks_per_s"] for f in res[args.engines])
+    print(f"tasks/s at {args.engines} engines / at {args.small}: {large / small:.2f}")
+
+
+if __name__ == "__main__":
+    main()
