@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from ipylb.error import RemoteError, WalltimeExceeded
+from ipylb.error import EngineError, RemoteError, WalltimeExceeded
 from test_hostile import every_engine_serves_after, every_stream  # noqa: F401 - autouse: engines serve on
 
 
@@ -125,3 +125,23 @@ def test_an_alarm_a_task_leaves_does_not_hit_the_next_task(view):
         ar = view.apply_async(innocent)
     assert ar.get(60) == (0.0, 0.0)
     assert ar.engine_id == first.engine_id
+
+
+def test_a_task_that_breaks_what_its_engine_reports_with_still_gets_an_answer(rc, view):
+    """A task that broke pickle.dumps (which the engine packs every report with, its fallback
+    error too) was never answered, and its engine took tasks it never answered while its
+    heartbeat said all was well.  Now the engine exits: EngineError, and a new engine."""
+
+    def breaks_pickle():
+        import pickle
+
+        pickle.dumps = None
+        return "broken"
+
+    t0 = time.monotonic()
+    ar = view.apply_async(breaks_pickle)
+    with pytest.raises(EngineError, match="could not report a task's outcome"):
+        ar.get(60)
+    assert time.monotonic() - t0 < 60
+    rc.wait_for_engines(2, timeout=120)
+    assert ar.engine_id not in rc.ids

@@ -9,6 +9,11 @@ PURE_REFUSES = (
     "start the cluster with another scheme (e.g. scheme='leastload') to use them"
 )
 
+# The exit status of an engine that could not report a task's outcome even as an error (a task
+# broke what the engine itself uses, e.g. ``pickle.dumps = None``): it exits rather than leave
+# the task unanswered, so the controller answers it (EngineError or a retry) and restarts it.
+UNREPORTABLE_EXIT = 70  # os.EX_SOFTWARE
+
 
 def safe_str(obj: Any, limit: int = 0) -> str:
     """``str(obj)``, or a fallback that says why not (``str`` raised, or returned no str):

@@ -21,6 +21,7 @@ from jupyter_client.restarter import KernelRestarter
 from traitlets import Bool, Unicode
 
 from ..connection import KERNEL_NAME, runtime_dir
+from ..error import UNREPORTABLE_EXIT
 
 log = logging.getLogger("ipylb.controller")
 
@@ -37,6 +38,10 @@ def exit_reason(returncode: int | None) -> str:
             name = f"signal {-returncode}"
         hint = ": out of memory?" if returncode == -signal.SIGKILL else ""
         return f"killed by {name}{hint}"
+    if returncode == UNREPORTABLE_EXIT:
+        return (f"its process exited with code {returncode}: it could not report a task's "
+                "outcome, as a task had broken what the engine uses to (the controller's log "
+                "says how)")
     return f"its process exited with code {returncode}"
 
 

@@ -34,7 +34,7 @@ from typing import Any
 import zmq
 
 from .. import compat, connection, shm, wire
-from ..error import SerializationError, UnmetDependency, safe_str
+from ..error import UNREPORTABLE_EXIT, SerializationError, UnmetDependency, safe_str
 from ..serialize import dumps, reason
 from . import unpickle
 from .capture import Capture
@@ -263,6 +263,21 @@ class TaskChannel:
                 wire.send(self.sock, self._run(meta, bufs, bufs_mac))
         except KeyboardInterrupt:  # an interrupt that landed between tasks: nothing to stop
             self.kernel.io_loop.add_callback(self._on_readable)
+        except BaseException as e:  # noqa: B036 - even the fallback report failed
+            self._unreportable(e)
+
+    def _unreportable(self, e: BaseException) -> None:
+        """A task's outcome could not be sent even as an error: a task broke what the engine
+        uses to report (``pickle.dumps = None``, a patched socket).  Serving on would leave
+        this task and every later one unanswered while the heartbeat says all is well, so
+        the engine exits: the controller answers the task (EngineError, or a retry) and
+        restarts the kernel."""
+        try:
+            self.capture.log(f"ipylb engine {self.engine_id}: could not report a task: "
+                             f"{_safe_name(e)}: {safe_str(e, 1000)}; exiting with code "
+                             f"{UNREPORTABLE_EXIT} so that the controller answers it")
+        finally:
+            os._exit(UNREPORTABLE_EXIT)
 
     # -- running -----------------------------------------------------------------
 
