@@ -233,10 +233,13 @@ except DependencyTimeout as e:
 DASHBOARD = [
     md("""# The dashboard
 
-`rc.dashboard()` (or `%lb_dashboard`) shows the cluster live: the queue depth (tasks not
-yet on an engine), one row per engine, the throughput over the last minute and the recent
-failures with their reasons. It updates from a background thread, so the notebook stays
-free to run other cells."""),
+`rc.dashboard()` (or `%lb_dashboard`) shows the cluster live: a progress bar per
+submission (named by its `label`), the task stream (a lane per engine, a bar per task over
+the last minute, coloured by label or function, failures marked), queue depth and
+throughput over time, the engines' health (CPU, memory, current task) and the recent
+failures with their reasons, impossible-dependency chains as trees. It updates from a
+background thread, so the notebook stays free to run other cells. In a terminal,
+`ipylb top` shows the same."""),
     """import random
 import time
 
@@ -246,7 +249,8 @@ rc = ipylb.Client(engines=2)
 view = rc.load_balanced_view()
 dash = rc.dashboard()
 dash""",
-    md("## Heterogeneous tasks: short and long ones, a failure, an impossible dependency, a timeout"),
+    md("## Heterogeneous tasks: short and long ones, a failure, an impossible chain, a timeout, "
+       "a walltime kill"),
     """def work(seconds):
     time.sleep(seconds)
     return seconds
@@ -259,17 +263,22 @@ def flaky():
 bad = view.apply_async(flaky)
 with view.temp_flags(after=[bad]):
     doomed = view.apply_async(work, 0.1)      # ImpossibleDependency: bad fails
+with view.temp_flags(after=[doomed]):
+    doomed2 = view.apply_async(work, 0.1)     # ... and so does what waits for doomed
 
 random.seed(5)
-durations = [random.choice([0.05, 0.1, 0.3, 0.6]) for _ in range(24)]
-amr = view.map_async(work, durations)
+durations = [random.choice([0.05, 0.1, 0.3, 0.6]) for _ in range(40)]
+with view.temp_flags(label="simulate"):
+    amr = view.map_async(work, durations)
 with view.temp_flags(after=[amr], timeout=0.5):
-    impatient = view.apply_async(work, 0.1)   # DependencyTimeout: the map takes longer""",
+    impatient = view.apply_async(work, 0.1)   # DependencyTimeout: the map takes longer
+with view.temp_flags(walltime=1.0, label="too slow"):
+    slow = view.apply_async(work, 60)         # WalltimeExceeded: interrupted after 1 s""",
     md("While the tasks run, the notebook answers at once:"),
     """print(f"{len(dash.rows)} engines, {rc.queue_status()['unassigned']} tasks waiting for one")""",
     """amr.wait_interactive()
 assert amr.get() == durations
-for ar in (bad, doomed, impatient):
+for ar in (bad, doomed, doomed2, impatient, slow):
     try:
         ar.get(10)
     except ipylb.error.RemoteError as e:

@@ -73,4 +73,5 @@ def test_dashboard_notebook():
     assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in shown)
     assert text_of(cell_with(nb, "print(f\"{len(dash.rows)} engines")).startswith("2 engines")
     assert text_of(cell_with(nb, "amr.wait_interactive()")).split() == [
-        "RuntimeError", "ImpossibleDependency", "DependencyTimeout"]
+        "RuntimeError", "ImpossibleDependency", "ImpossibleDependency", "DependencyTimeout",
+        "WalltimeExceeded"]

@@ -89,8 +89,9 @@ _STYLE = """<style>
 .ipylb-dash .ipylb-failures td:first-child {white-space: nowrap}
 .ipylb-dash .ipylb-sched td.ipylb-ename {color: #b71c1c}
 .ipylb-dash .ipylb-sub {display: flex; align-items: center; gap: 8px; font-size: 12px;
+  white-space: nowrap;
   font-family: var(--jp-code-font-family, monospace)}
-.ipylb-dash .ipylb-bar {display: flex; width: 320px; height: 12px; background: #e0e0e0;
+.ipylb-dash .ipylb-bar {display: flex; flex: none; width: 200px; height: 12px; background: #e0e0e0;
   border-radius: 3px; overflow: hidden}
 .ipylb-dash .ipylb-bar span {display: block; height: 100%}
 .ipylb-dash .ipylb-tree {font-family: var(--jp-code-font-family, monospace); font-size: 12px;
@@ -155,6 +156,7 @@ class Dashboard:
         self._hosts: dict[int, str] = {}  # engine id -> where it runs (kept once it is gone)
         self._finished_at: dict[int, float] = {}  # id(ar) -> when it was seen finished
         self._ticks = 0
+        self._opened = time.time()
         self._stop = threading.Event()
         self.refresh()
         self._thread = threading.Thread(target=self._run, daemon=True, name="ipylb-dashboard")
@@ -181,7 +183,7 @@ class Dashboard:
     def _build_charts(self) -> None:
         x = bq.LinearScale(min=-WINDOW_S, max=0.0)
         y = bq.LinearScale(min=-0.6, max=1.6)  # lanes are 0..n-1 (reset on each draw)
-        self._lane_scale = y
+        self._lane_scale, self._x_scale = y, x
 
         def lines(**kw: Any) -> bq.Lines:
             return bq.Lines(x=np.zeros((1, 2)), y=np.full((1, 2), np.nan),
@@ -195,16 +197,16 @@ class Dashboard:
                                   colors=[FAILED_COLOUR], default_size=40)
         # lane names (engine ids, "+N" for the summed rest) left of the window
         self._lane_names = bq.Label(x=[], y=[], text=[], scales={"x": x, "y": y},
-                                    x_offset=-8, align="end", font_weight="bold",
+                                    x_offset=4, y_offset=-8, align="start", font_weight="bold",
                                     default_size=11, colors=["#444"])
         axes = [bq.Axis(scale=x, label="seconds ago (lanes: engines)", num_ticks=7),
-                bq.Axis(scale=y, side="left", tick_values=[], label="")]
+                bq.Axis(scale=y, side="left", visible=False)]  # lanes are named by labels
         self.stream = bq.Figure(
             marks=[self._dense, self._done, self._live, self._failed, self._lane_names], axes=axes,
             title="task stream", fig_margin={"top": 30, "bottom": 35, "left": 60, "right": 10},
             layout=widgets.Layout(width="100%", height="220px"), animation_duration=0)
         self.stream.add_class("ipylb-stream")
-        t = bq.LinearScale(min=-WINDOW_S, max=0.0)
+        t = self._t_scale = bq.LinearScale(min=-WINDOW_S, max=0.0)
         q, r = bq.LinearScale(min=0.0), bq.LinearScale(min=0.0)
         self._queue_line = bq.Lines(x=[0.0], y=[0.0], scales={"x": t, "y": q},
                                     colors=["#f28e2b"], labels=["queue depth"])
@@ -370,9 +372,14 @@ class Dashboard:
                             width = min(1.0, b[3]) if b[3] else 0.5
                             dense.append((sec - now, sec + width - now, lane_of[eid]))
         n = max(len(lanes), 1)
+        # the span shown: the last minute, or less while the panel has seen less (>= 10 s)
+        oldest = min((b[1] if b[1] is not None else b[2] for b in self._bars
+                      if b[2] >= lo), default=now)
+        span = min(WINDOW_S, max(10.0, now - min(oldest, self._opened)))
         with self.stream.hold_sync():
+            self._x_scale.min = self._t_scale.min = -span
             self._lane_scale.min, self._lane_scale.max = -0.6, n - 0.4
-            self._lane_names.x = np.full(len(lanes), -WINDOW_S)
+            self._lane_names.x = np.full(len(lanes), -span)
             self._lane_names.y = np.arange(len(lanes), dtype=float)
             self._lane_names.text = [name for name, _ in lanes]
             _set_segments(self._done, done, self._colour)
