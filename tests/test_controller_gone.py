@@ -19,7 +19,7 @@ from pathlib import Path
 import ipylb
 import pytest
 from ipylb import connection
-from ipylb.client import client as client_mod
+from ipylb.client import link
 from ipylb.error import CompositeError, ControllerGone, NoCluster
 from procs import ipylb_cmd, wait_gone
 
@@ -146,13 +146,13 @@ def test_killed_standalone_controller_is_noticed_through_its_pid(runtime):
 def test_a_silent_controller_is_given_up_on(runtime, monkeypatch):
     """A controller that stops answering (here: SIGSTOP; a hung process or a network gone
     look the same) is given up after CONTROLLER_TIMEOUT_S, although its pid lives."""
-    monkeypatch.setattr(client_mod, "CONTROLLER_TIMEOUT_S", 3.0)
+    monkeypatch.setattr(link, "CONTROLLER_TIMEOUT_S", 3.0)
     out = ipylb_cmd("cluster", "start", "-n", "1", "--daemon", "--profile", "hang")
     assert out.returncode == 0, out.stderr
     rc = ipylb.Client(profile="hang")
     pid = rc.cluster_info["pid"]
     try:
-        time.sleep(2 * client_mod.PING_AFTER_S)  # idle: the pings keep it alive
+        time.sleep(2 * link.PING_AFTER_S)  # idle: the pings keep it alive
         assert rc.queue_status(timeout=10)["unassigned"] == 0
         os.kill(pid, signal.SIGSTOP)
         t0 = time.monotonic()

@@ -4,51 +4,38 @@ Two DEALER sockets to the controller: one to send (submissions and requests,
 from whichever user thread, under a lock) and one to receive, owned by a
 background thread that files results into their AsyncResults.  Sockets are not
 thread-safe, so each has one owner.
+
+This module has the Client's public face (engines, submissions, requests, shutdown);
+:mod:`.link` its connection and receiving thread, :mod:`.taskdb` the controller's task
+records (get_result, resubmit, purge, db_query): both are mixins of :class:`Client`.
 """
 
 from __future__ import annotations
 
 import atexit
-import contextlib
-import itertools
 import threading
 import time
-import traceback
-import uuid
 import warnings
 import weakref
-from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import zmq
-from zmq.utils.monitor import recv_monitor_message
-
-from .. import compat, connection, limits, shm, wire
-from ..error import ClientClosed, ControllerGone, NoCluster, SerializationError, VersionMismatch
-from .asyncresult import AsyncHubResult, AsyncResult, Metadata, Outcome, _callbacks
+from .. import connection, limits, wire
+from ..error import ClientClosed, ControllerGone, NoCluster, SerializationError
+from .asyncresult import AsyncResult, Outcome
+from .link import ADD_ENGINES, LOCAL_URLS, Link
 from .local import LocalCluster
+from .taskdb import TaskRecords, as_list, job_ids
 
 # How long a client waits for a controller to answer its hello.
 CONNECT_TIMEOUT_S = 5.0
 # Tasks per submission message (a map sends its items in batches).
 SUBMIT_BATCH = 256
-# How many recent task failures ``Client.failures`` keeps (the dashboard lists them).
-FAILURES_KEPT = 1000
 # How long Client(engines=N) waits for its engines to register: this, plus the second
 # term for each engine (kernels boot one CPU-second or so each, a few at a time).
 ENGINE_START_TIMEOUT_S = 60.0
 ENGINE_START_PER_ENGINE_S = 2.0
-# Controller liveness: after this much silence the receiving thread pings the controller
-# (a request it answers at once, from its main loop); after CONTROLLER_TIMEOUT_S of silence
-# the controller counts as gone (stopped, hung, or unreachable).  A controller on this machine
-# is also watched through its process (pid), which tells within PID_CHECK_S.
-PING_AFTER_S = 1.0
-CONTROLLER_TIMEOUT_S = 10.0
-PID_CHECK_S = 0.5
 # What ipylb has instead of ipyparallel's direct interface (rc[:], rc.direct_view(), ...).
 TASK_INTERFACE_ONLY = (
     "ipylb has ipyparallel's task interface only (no DirectView): run functions with "
@@ -61,7 +48,7 @@ _IPP_DIRECT = frozenset({
 })
 
 
-class Client:
+class Client(Link, TaskRecords):
     """Connect to a cluster (``Client()``, ``Client(file_or_url)``, ``Client(profile=)``)
     or start a private one on this machine (``Client(engines=N)``)."""
 
@@ -118,7 +105,7 @@ class Client:
             path = _find_connection_file(url_or_file, profile)
             info = connection.read(path)
             pid = info.get("pid")
-            local = info["client_url"].startswith(_LOCAL_URLS)
+            local = info["client_url"].startswith(LOCAL_URLS)
             if local and isinstance(pid, int) and not connection.pid_alive(pid):
                 raise NoCluster(
                     f"the cluster of {path} is not running (its controller, pid {pid}, is gone): "
@@ -143,246 +130,6 @@ class Client:
             self.shutdown() if self._local else self.close()
             raise
         _live_clients.add(self)
-
-    # -- connection --------------------------------------------------------------
-
-    def _connect(self, info: dict[str, Any], timeout: float) -> None:
-        key = info["key"].encode()
-        self.session = uuid.uuid4().hex[:16]
-        cid = f"client-{self.session}-".encode()
-        controller = info["controller_id"].encode()
-        self._signer = wire.Signer(key, cid + b"s", controller)
-        # On the controller's machine, large arguments go through shared memory.
-        prefix = shm.shared_prefix(info)
-        self._placer = shm.Placer(prefix) if prefix else None
-        self._ctx = zmq.Context()
-        self._send_sock = self._ctx.socket(zmq.DEALER)
-        self._send_sock.setsockopt(zmq.IDENTITY, cid + b"s")
-        self._send_sock.setsockopt(zmq.LINGER, 1000)
-        self._send_sock.setsockopt(zmq.SNDHWM, 0)
-        connection.secure(self._send_sock, info)
-        self._send_sock.connect(info["client_url"])
-        self._send_lock = threading.Lock()
-        self._ids = itertools.count()
-        self._pending: dict[str, tuple[AsyncResult, int]] = {}
-        # Extra AsyncResults waiting for a msg_id (get_result of a task already pending).
-        self._watchers: dict[str, list[tuple[AsyncResult, int]]] = {}
-        self._outcomes: dict[str, Outcome] = {}
-        self._replies: dict[int, Future] = {}
-        self._engine_ids: list[int] = []
-        self._engine_failures: list[str] = []
-        self.failures: deque[Metadata] = deque(maxlen=FAILURES_KEPT)
-        # msg_ids this client submitted, oldest first (ipyparallel's rc.history; an int job
-        # is an index into it); imap's tasks are left out, so an endless imap stays flat.
-        self.history: list[str] = []
-        # Submissions (AsyncResults) someone still holds, for progress monitors: submissions().
-        self._submissions: weakref.WeakSet[AsyncResult] = weakref.WeakSet()
-        self._state = threading.Condition()
-        self._welcome = threading.Event()
-        self._refused: str | None = None  # why the controller (or we) refused the handshake
-        # (frames, fkey) of the last function submitted
-        self._last_function: tuple[list[Any], bytes] | None = None
-        self._receiver = threading.Thread(
-            target=self._receive,
-            args=(wire.Signer(key, cid + b"r", controller, shm_prefix=prefix), info["client_url"]),
-            daemon=True, name="ipylb-client-receiver",
-        )
-        self._receiver.start()
-        if self._welcome.wait(timeout) and self._refused is not None:
-            raise VersionMismatch(self._refused)
-        if not self._welcome.is_set():
-            raise NoCluster(
-                f"no ipylb controller answered at {info['client_url']} within {timeout} s: "
-                "the cluster is not running (stale connection file?). Start one with "
-                "`ipylb cluster start -n 4`, or use ipylb.Client(engines=4)."
-            )
-
-    def _receive(self, signer: wire.Signer, url: str) -> None:
-        """The receiving thread: file results, replies and engine events as they come."""
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.IDENTITY, signer.sender)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.RCVHWM, 0)
-        # Never block this thread on a send: with no connection (a handshake refused, as
-        # CurveZMQ's is without the right server key) it would never return, and close()
-        # would destroy the socket under it.
-        sock.setsockopt(zmq.SNDTIMEO, 0)
-        connection.secure(sock, self._info)
-        sock.connect(url)
-        monitor = None
-        try:
-            hello = {"shm_domain": shm.domain() if signer.shm_prefix else None,
-                     "versions": compat.versions()}
-            wire.send(sock, signer.pack(wire.HELLO, hello))
-            # A broken connection (zmq reconnects by itself) loses what the controller sent
-            # meanwhile: once it is back, say hello again and ask for what has not come.
-            monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
-            poller = zmq.Poller()  # kept: cheaper per wake-up than sock.poll()
-            poller.register(sock, zmq.POLLIN)
-            poller.register(monitor, zmq.POLLIN)
-            broken = False
-            recv, unpack, handle = wire.recv, signer.unpack, self._on_message
-            # Pings also keep this socket known to the controller, which forgets a listener
-            # silent for its forget_after (results flowing to us are not heard from us).
-            keepalive = min(float(self._info.get("forget_after") or 300.0) / 4, 60.0)
-            heard = pinged = checked = time.monotonic()
-            while not self._closed:
-                ready = poller.poll(200)
-                if ready and ready[-1][0] is monitor:  # listed in registration order
-                    broken = self._link_event(sock, signer, monitor, hello, broken)
-                if ready and ready[0][0] is sock:
-                    heard = time.monotonic()
-                    while True:
-                        try:
-                            frames = recv(sock)
-                        except zmq.Again:
-                            break
-                        try:
-                            handle(*unpack(frames))
-                        except wire.WireError:
-                            continue
-                        except Exception:  # a bug here must not stop results arriving
-                            traceback.print_exc()
-                now = time.monotonic()
-                if now - checked < PID_CHECK_S and self._gone is None:
-                    continue  # (results flowing: the checks below twice a second at most)
-                reason = self._gone
-                if reason is None:
-                    checked = now
-                    reason = self._controller_exited()
-                if reason is None and now - heard > CONTROLLER_TIMEOUT_S:
-                    reason = (f"it has not answered for {now - heard:.0f} s (stopped, hung, or "
-                              "the network to it is down)")
-                if reason is not None:
-                    self._controller_gone(reason)
-                    return
-                if (now - heard > PING_AFTER_S and now - pinged > PING_AFTER_S) \
-                        or now - pinged > keepalive:
-                    with contextlib.suppress(zmq.Again):
-                        wire.send(sock, signer.pack(wire.REQUEST, (-1, "ping", None)))
-                    pinged = now
-            with contextlib.suppress(zmq.Again):
-                wire.send(sock, signer.pack(wire.BYE, None))
-        finally:
-            if monitor is not None:
-                sock.disable_monitor()
-                monitor.close(0)
-            sock.close(linger=200)
-
-    def _link_event(self, sock: zmq.Socket, signer: wire.Signer, monitor: zmq.Socket,
-                    hello: dict[str, Any], broken: bool) -> bool:
-        """The receiving socket's connection broke or came back; returns whether it is
-        broken now.  Once back, ask for what the controller sent meanwhile (it was lost)."""
-        while True:
-            try:
-                event = recv_monitor_message(monitor, zmq.NOBLOCK)["event"]
-            except zmq.Again:
-                return broken
-            if event == zmq.EVENT_DISCONNECTED:
-                broken = True
-            elif broken:
-                try:
-                    wire.send(sock, signer.pack(wire.HELLO, hello))
-                    missing = [*self._pending, *self._watchers]
-                    wire.send(sock, signer.pack(wire.REQUEST, (-1, "redeliver", missing)))
-                except zmq.Again:  # gone again already: the next reconnection asks
-                    continue
-                broken = False
-
-    def _controller_exited(self) -> str | None:
-        """Why the controller's process is gone, if it ran on this machine and is."""
-        if self._local is not None:
-            return self._local.exit_reason()
-        pid = self._info.get("pid")
-        if self._info["client_url"].startswith(_LOCAL_URLS) and isinstance(pid, int) \
-                and not connection.pid_alive(pid):
-            return f"its process (pid {pid}) has ended"
-        return None
-
-    def _controller_gone(self, reason: str) -> None:
-        """Fail every pending result and request with ControllerGone (saying what survives);
-        from now on submissions raise it at once."""
-        if self._local is not None:
-            survives = ("this client's private cluster is gone with it: create a new "
-                        "Client(engines=N) and submit again")
-        elif self._info.get("db") == "sqlite":
-            survives = ("the cluster keeps finished tasks in SQLite: once it runs again "
-                        "(`ipylb cluster start --db sqlite`, same profile), get_result({!r}) "
-                        "gives this one's result if it had finished; else submit it again")
-        else:
-            survives = ("the cluster kept results in memory, so they are gone (`ipylb cluster "
-                        "start --db sqlite` keeps them across restarts): submit it again")
-        why = f"the ipylb controller is gone: {reason}"
-        with self._send_lock:  # a submission under way is pending (failed below) or refused
-            self._gone = why
-        self._abandon(f"task {{}} had not finished: {why}; {survives}", "ControllerGone", why)
-        if self._local is not None:
-            self._local.stop()  # reap it; remove its connection file and shared memory
-
-    def _on_message(self, kind: int, _sender: bytes, meta: Any, bufs: list[Any], mac: bytes) -> None:
-        if kind == wire.RESULT:
-            if len(bufs) > 1:  # a link the controller made for us: map it, remove it
-                for b in bufs:
-                    if type(b) is shm.Segment:
-                        b.claim()
-            outcome = Outcome.received(meta, bufs, mac)
-            msg_id = outcome.meta[0]
-            again = msg_id in self._outcomes  # sent twice (asked again after a reconnection)
-            self._outcomes[msg_id] = outcome
-            pending = self._pending
-            waiting = pending.pop(msg_id, None)
-            if waiting is not None:
-                waiting[0]._deliver(waiting[1], outcome)
-                if not pending:
-                    with self._state:
-                        self._state.notify_all()
-            if self._watchers:
-                for ar, i in self._watchers.pop(msg_id, ()):
-                    ar._deliver(i, outcome)
-            if not outcome.ok and not again:  # after delivery: nothing here may keep a result
-                self.failures.append(outcome.metadata(None))  # from its waiter
-        elif kind == wire.REPLY:
-            fut = self._replies.pop(meta[0], None)
-            if fut is not None:
-                fut.set_result(meta[1:])
-        elif kind == wire.EVENT:
-            if meta[0] == "shutdown":  # the controller stops: the loop fails what is pending
-                self._gone = f"it shut down ({meta[1]})"
-            else:
-                self._on_event(meta)
-        elif kind == wire.WELCOME:
-            # Refused by the controller, or by us (a controller that did not check).
-            self._refused = meta.get("refused") or compat.mismatch(
-                compat.versions(), meta.get("versions"), "this client", "the cluster's controller")
-            if self._refused is not None:
-                self._welcome.set()
-                return
-            with self._state:
-                self._engine_ids = meta["engines"]
-                self.scheme = meta["scheme"]
-            self._welcome.set()
-
-    def _on_event(self, event: tuple) -> None:
-        with self._state:
-            if event[0] == "engines":
-                self._engine_ids = event[1]
-                if event[1]:
-                    self._warned_empty = False
-            elif event[0] == "stranded":  # off this thread: warning hooks are user code
-                self._warned_empty = True
-                _callbacks.call(warnings.warn, f"every engine of the cluster is gone: {event[1]} "
-                                f"task(s) wait for a new one ({ADD_ENGINES})", RuntimeWarning, 1)
-            elif event[0] == "restarting":  # engines are coming back: no "no engines" warning
-                self._warned_empty = True
-            elif event[0] == "engine_down":  # jupyter_client's restarter gave up on a slot
-                _callbacks.call(warnings.warn, f"an engine of the cluster stays down: {event[1]}",
-                                RuntimeWarning, 1)
-            elif event[0] == "engine_refused":  # the engine itself says why, and stops
-                warnings.warn(f"the cluster refused an engine: {event[1]}", RuntimeWarning,
-                              stacklevel=1)
-            elif event[0] == "engine_failed":
-                self._engine_failures.append(event[1])
-            self._state.notify_all()
 
     # -- engines -----------------------------------------------------------------
 
@@ -575,7 +322,7 @@ class Client:
             with self._state:
                 return self._state.wait_for(lambda: not self._pending, timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
-        jobs = _as_list(jobs)
+        jobs = as_list(jobs)
         while jobs:
             job = jobs.pop(0)
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -593,7 +340,7 @@ class Client:
                             hasattr(inner, "add_done_callback") and hasattr(inner, "result")):
                         jobs.append(inner)
             else:
-                msg_id = _msg_ids(job, self.history)[0] if type(job) is int else str(job)
+                msg_id = job_ids(job, self.history)[0] if type(job) is int else str(job)
                 if msg_id not in self._outcomes:
                     waiting = self._pending.get(msg_id) or next(iter(self._watchers.get(msg_id, ())), None)
                     if waiting is None:  # neither submitted here nor fetched with get_result
@@ -697,123 +444,9 @@ class Client:
         task raises KeyboardInterrupt and fails; the engine serves on."""
         return self._request("interrupt", engine_ids)
 
-    def get_result(self, indices_or_msg_ids: Any, block: bool | None = None) -> AsyncHubResult:
-        """An AsyncHubResult for tasks by msg_id (or AsyncResult), pending ones included,
-        submitted by any client of this cluster.  Unknown ids raise KeyError."""
-        single = isinstance(indices_or_msg_ids, str)
-        msg_ids = _msg_ids(indices_or_msg_ids, self.history)
-        ar = AsyncHubResult(self, msg_ids, single=single)
-        ask = []
-        for i, msg_id in enumerate(msg_ids):
-            outcome = self._outcomes.get(msg_id)
-            if outcome is not None:
-                ar._deliver(i, outcome)
-                continue
-            self._watchers.setdefault(msg_id, []).append((ar, i))
-            if msg_id not in self._pending:
-                ask.append(msg_id)
-            outcome = self._outcomes.get(msg_id)  # it may have arrived meanwhile
-            if outcome is not None:
-                ar._deliver(i, outcome)
-        if ask:
-            try:
-                self._request("get_result", ask)
-            except KeyError:  # take back only what this call registered
-                for i, msg_id in enumerate(msg_ids):
-                    mine = self._watchers.get(msg_id, [])
-                    if (ar, i) in mine:
-                        mine.remove((ar, i))
-                    if not mine:
-                        self._watchers.pop(msg_id, None)
-                raise
-        if block:
-            ar.wait()
-        return ar
-
-    def resubmit(self, indices_or_msg_ids: Any) -> AsyncHubResult:
-        """Run finished tasks again under new msg_ids; ``get()`` gives their results in
-        the given order.  Unknown or pending ids raise."""
-        old = _msg_ids(indices_or_msg_ids, self.history)
-        new = [self._new_msg_id() for _ in old]
-        self.history.extend(new)
-        ar = AsyncHubResult(self, new)
-        for i, msg_id in enumerate(new):
-            self._pending[msg_id] = (ar, i)
-        try:
-            self._request("resubmit", list(zip(old, new)))
-        except BaseException:
-            for msg_id in new:
-                self._pending.pop(msg_id, None)
-            raise
-        return ar
-
-    def purge_results(self, jobs: Any = "all") -> None:
-        """Forget finished tasks here and on the controller (``"all"``, or AsyncResults/msg_ids).
-
-        Their results can no longer be fetched; waiting for them raises KeyError."""
-        msg_ids = None if isinstance(jobs, str) and jobs == "all" else _msg_ids(jobs, self.history)
-        forgotten = self._request("purge", msg_ids)
-        for msg_id in forgotten:
-            self._outcomes.pop(msg_id, None)
-
-    def purge_hub_results(self, jobs: Any = "all") -> None:
-        """Forget finished tasks on the controller only (``"all"``, or jobs): this client's
-        cache (``rc.results``) keeps what it has (ipyparallel).  Pending ones raise
-        ValueError, unknown ones KeyError."""
-        self._request("purge", None if isinstance(jobs, str) and jobs == "all"
-                      else _msg_ids(jobs, self.history))
-
-    def purge_local_results(self, jobs: Any = "all") -> None:
-        """Drop finished results from this client's cache (``rc.results``) only
-        (``"all"``, or jobs); the controller still has them for ``get_result``.
-        RuntimeError for a task still pending here (as ipyparallel)."""
-        if isinstance(jobs, str) and jobs == "all":
-            self._outcomes.clear()
-            return
-        msg_ids = _msg_ids(jobs, self.history)
-        pending = [m for m in msg_ids if m in self._pending]
-        if pending:
-            raise RuntimeError(f"cannot purge task(s) still pending: {', '.join(pending[:5])}"
-                               f"{' ...' if len(pending) > 5 else ''}; wait for them first")
-        for msg_id in msg_ids:
-            self._outcomes.pop(msg_id, None)
-
-    @property
-    def results(self) -> Results:
-        """This client's cache of finished tasks: ``{msg_id: value, or the task's error
-        as an exception object}`` (read-only; ipyparallel's ``rc.results``)."""
-        return Results(self)
-
-    def hub_history(self, timeout: float | None = 30.0) -> list[str]:
-        """msg_ids of every task the controller has a record of (any client's, pending
-        ones too), oldest submission first (ipyparallel)."""
-        return self._request("hub_history", None, timeout)
-
-    def db_query(self, query: dict[str, Any], keys: list[str] | None = None,
-                 timeout: float | None = 30.0) -> list[dict[str, Any]]:
-        """Records of tasks (any client's, pending ones too) that meet ``query``, in
-        ipyparallel's form: ``{key: value}`` for equality or ``{key: {op: value}}`` with
-        op one of ``$lt $gt $lte $gte $ne $in $nin``, all conditions together.  Keys:
-        ``msg_id``, ``status`` ("ok", "error", "pending"), ``engine_id``, ``submitted``,
-        ``started``, ``completed`` (datetimes, or seconds since the epoch), ``label`` (the
-        view's ``label`` flag; None if none was given).  Returns dicts
-        of ``keys`` (default all: those plus ``client``, ``stdout``, ``stderr``, ``error``
-        as an exception object), oldest submission first.  ValueError/TypeError for a
-        query ipylb cannot answer.  Answered from the controller's records, or by SQL
-        on indexed columns with ``--db sqlite``."""
-        rows = self._request("db_query", (_epoch_query(query), keys), timeout)
-        for r in rows:
-            for k in ("submitted", "started", "completed"):
-                if r.get(k) is not None:
-                    r[k] = datetime.fromtimestamp(r[k])
-            if r.get("error") is not None:
-                r["error"] = Outcome((r["msg_id"], r.get("engine_id"), r.get("status"), None, None,
-                                      "", "", tuple(r["error"])), [], b"").error()
-        return rows
-
     def abort(self, jobs: Any) -> None:
         """Tasks in ``jobs`` that have not started never run; they fail with TaskAborted."""
-        self._request("abort", _msg_ids(jobs, self.history))
+        self._request("abort", job_ids(jobs, self.history))
 
     def dashboard(self) -> Any:
         """A live ipywidgets panel of this cluster (queue depth, engines, throughput,
@@ -926,9 +559,6 @@ class Client:
 
 _REQUEST_ERRORS = {"KeyError": KeyError, "ValueError": ValueError, "TypeError": TypeError,
                    "ControllerGone": ControllerGone}
-_LOCAL_URLS = ("tcp://127.", "tcp://localhost", "ipc://")
-# What adds engines to a cluster, for messages about a cluster without any.
-ADD_ENGINES = "`ipylb engine add -n K` adds engines to a standalone cluster, rc.add_engines(K) too"
 # rc.shutdown() of a client that did not start its cluster says so once per process.
 _said_shutdown_disconnects = False
 _live_clients: weakref.WeakSet[Client] = weakref.WeakSet()
@@ -938,40 +568,6 @@ _live_clients: weakref.WeakSet[Client] = weakref.WeakSet()
 def _shutdown_all() -> None:
     for c in list(_live_clients):
         c.shutdown() if c._local is not None else c.close()
-
-
-class Results(Mapping):
-    """``rc.results``: msg_id -> value (or the error as an exception object) for the
-    finished tasks in the client's cache; values are unpickled when read."""
-
-    def __init__(self, client: Client) -> None:
-        self._client = client
-
-    def __getitem__(self, msg_id: str) -> Any:
-        outcome = self._client._outcomes[msg_id]
-        return outcome.value(self._client) if outcome.ok else outcome.error()
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(list(self._client._outcomes))
-
-    def __len__(self) -> int:
-        return len(self._client._outcomes)
-
-
-def _epoch_query(query: Any) -> Any:
-    """A db_query with datetimes as seconds since the epoch (what the controller keeps)."""
-    if not isinstance(query, dict):
-        return query  # the controller says what is wrong with it
-
-    def conv(v: Any) -> Any:
-        if isinstance(v, datetime):
-            return v.timestamp()
-        if isinstance(v, (list, tuple, set, frozenset)):
-            return [conv(x) for x in v]
-        return v
-
-    return {k: {op: conv(v) for op, v in t.items()} if isinstance(t, dict) else conv(t)
-            for k, t in query.items()}
 
 
 def _engine_list(targets: Any, registered: list[int]) -> list[int]:
@@ -992,32 +588,6 @@ def _too_big(what: str, n: int, limit: int) -> str:
     return (f"{what} pickled to a frame of {n} bytes, over the cluster's limit of {limit} bytes "
             "(`ipylb cluster start --max-frame-mb`); on the controller's machine, arrays and "
             "bytes go through shared memory instead: pass large data as numpy arrays or bytes")
-
-
-def _as_list(jobs: Any) -> list[Any]:
-    if isinstance(jobs, (str, AsyncResult, Future)) or not isinstance(jobs, Iterable):
-        return [jobs]
-    return list(jobs)
-
-
-def _msg_ids(jobs: Any, history: list[str] | None = None) -> list[str]:
-    """msg_ids of AsyncResults and/or msg_id strings (and, given ``history``, ints:
-    indices into it, as ipyparallel)."""
-    out: list[str] = []
-    for job in _as_list(jobs):
-        if isinstance(job, AsyncResult):
-            out.extend(job.msg_ids)
-        elif isinstance(job, str):
-            out.append(job)
-        elif history is not None and type(job) is int:
-            try:
-                out.append(history[job])
-            except IndexError:
-                raise IndexError(f"job {job}: this client has submitted {len(history)} "
-                                 "task(s) (rc.history)") from None
-        else:
-            raise TypeError(f"expected an AsyncResult or a msg_id string, got {type(job).__name__}")
-    return out
 
 
 def _find_connection_file(url_or_file: str | Path | None, profile: str | None) -> Path:
