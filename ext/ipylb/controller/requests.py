@@ -1,0 +1,196 @@
+"""The controller's answers to clients' requests (``REQUEST`` frames: ``(req_id, op, arg)``):
+queue status, activity, results by msg_id, redelivery, resubmission, ``db_query``,
+purge, abort, interrupt, shutdown, adding engines, and ``validate``.  Each answer is
+computed on the controller's main loop, between messages; the core is reached only
+through ``Scheduler.handle``.  A part of :class:`~ipylb.controller.hub.Controller`
+(a mixin: ``Controller`` owns the state).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from .. import connection, limits, wire
+from ..core import events as ev
+from .records import Record, parse_query
+
+__all__ = ["Requests"]
+
+
+class Requests:
+    """The ``_req_*`` handlers (and :meth:`validate`) of
+    :class:`~ipylb.controller.hub.Controller`."""
+
+    def validate(self) -> dict[str, int]:
+        """Check the scheduler core's invariants and that this shell agrees with it; raise
+        AssertionError naming the first broken one.  Sound at any time a request is served:
+        the core changes only inside ``handle``, which runs to completion between messages.
+        (The ``validate`` request: tests and ``ipylb soak`` ask for it while serving.)
+
+        Returns the sizes of what grows with use: listeners, peers' replay state, records."""
+        self.core.validate()
+        engines = set(self.core.engines)
+        if engines != set(self.engine_ident):
+            raise AssertionError(f"engines registered here {sorted(self.engine_ident)} "
+                                 f"!= the scheduler's {sorted(engines)}")
+        if {v: k for k, v in self.engine_ident.items()} != self.engine_of:
+            raise AssertionError("engine ids and socket identities do not match one to one")
+        for msg_id, rec in self.store.records.items():
+            if rec.result is None and self.core.task_state(msg_id) is None:
+                raise AssertionError(f"task {msg_id} is pending here, unknown to the scheduler")
+        return {"listeners": len(self.listeners), "senders": self.signer.senders,
+                "records": len(self.store.records), "engines": len(self.engine_ident)}
+
+    def _req_queue_status(self, _client: bytes, verbose: Any) -> dict[Any, Any]:
+        status = self.core.queue_status(verbose=verbose is True)
+        for engine_id, info in self.engine_info.items():  # how often its slot was restarted
+            if engine_id in status:
+                status[engine_id]["restarts"] = info.get("restarts", 0)
+        return status
+
+    def _req_activity(self, _client: bytes, arg: Any) -> dict[str, Any]:
+        """What the dashboard draws (one round trip per refresh).  ``arg``: ``(seq, second)``
+        of its last answer (``(0, 0)`` at first).  Answers the tasks finished since ``seq``
+        (at most ``activity.ANSWER_TASKS``, each ``(engine_id, started, completed, ok, label
+        or function)``), per-engine one-second buckets ``[second, finished, failed, busy
+        seconds]`` from ``second`` on, queue status, and per live engine its host, pid,
+        restarts, health (CPU %, RSS bytes) and current task ``(msg_id, key, since)``."""
+        act = self.activity
+        if not (type(arg) is tuple and len(arg) == 2 and type(arg[0]) is int
+                and type(arg[1]) is int):
+            raise ValueError("activity takes (seq, second): two ints")
+        seq, second = arg
+        now = time.time()
+        act.prune(now)
+        last, tasks, skipped = act.since(seq)
+        engines = {}
+        for engine_id, info in self.engine_info.items():
+            h = act.health.get(engine_id, {})
+            task = h.get("task")
+            rec = self.store.records.get(task) if task else None
+            engines[engine_id] = {
+                "host": connection.engine_host(info), "pid": info.get("pid"),
+                "restarts": info.get("restarts", 0), "cpu": h.get("cpu"), "rss": h.get("rss"),
+                "task": None if rec is None else (task, rec.label or rec.func, h.get("since")),
+            }
+        return {"now": now, "seq": last, "tasks": tasks, "skipped": skipped,
+                "buckets": {e: [x for x in b if x[0] >= second] for e, b in act.buckets.items()},
+                "status": self._req_queue_status(_client, False), "engines": engines}
+
+    def _known(self, msg_ids: list[str]) -> list[Record]:
+        unknown = [m for m in msg_ids if m not in self.store]
+        if unknown:
+            raise KeyError(f"no such task(s): {', '.join(map(repr, unknown))} (never submitted "
+                           "to this cluster, purged, dropped from memory once finished (the "
+                           "controller's --store-limit-mb; --db sqlite keeps them), or still "
+                           "unfinished when an earlier controller of this cluster stopped)")
+        return [self.store[m] for m in msg_ids]
+
+    def _req_get_result(self, client: bytes, msg_ids: list[str]) -> list[str]:
+        """Send the results of ``msg_ids`` to ``client``: now if finished, else when they are.
+
+        Returns the ids still pending."""
+        pending = []
+        for rec in self._known(msg_ids):
+            if rec.result is None:
+                rec.watchers.append(client)
+                pending.append(rec.msg_id)
+            else:
+                self._send_result(client, rec)
+        return pending
+
+    def _req_redeliver(self, client: bytes, msg_ids: Any) -> None:
+        """A client whose connection broke (and came back) asks again for the results it
+        has not received: results sent meanwhile were dropped by the socket.  Finished
+        tasks are sent now, pending ones will be when they finish, and a task whose record
+        is gone since is answered with an error, so none is left without an answer."""
+        if not isinstance(msg_ids, list):
+            raise TypeError("redeliver takes a list of msg_ids")
+        now = time.time()
+        for msg_id in msg_ids:
+            rec = self.store.get(msg_id) if isinstance(msg_id, str) else None
+            if rec is None:
+                if isinstance(msg_id, str):
+                    lost = ("WireError", f"task {msg_id}'s result was sent while this client "
+                            "was disconnected from the controller, and its record is gone "
+                            "since (purged, or dropped by the controller's memory budget): "
+                            "submit it again", "")
+                    self._send_client(client, wire.RESULT,
+                                      (msg_id, None, "error", None, now, "", "", lost, None))
+            elif rec.result is not None:
+                self._send_result(client, rec)
+            elif client != rec.client and client not in rec.watchers:
+                rec.watchers.append(client)
+
+    def _req_resubmit(self, client: bytes, pairs: list[tuple[str, str]]) -> None:
+        """Run finished tasks again under new msg_ids (chosen by the client)."""
+        recs = self._known([old for old, _new in pairs])
+        pending = [r.msg_id for r in recs if r.result is None]
+        if pending:
+            raise ValueError(f"cannot resubmit pending task(s) {', '.join(map(repr, pending))}: "
+                             "only finished tasks (succeeded or failed) can run again")
+        clash = [new for _old, new in pairs if new in self.store]
+        if clash:
+            raise ValueError(f"msg_id(s) already in use: {', '.join(clash)}")
+        now = time.monotonic()
+        for rec, (_old, new) in zip(recs, pairs):
+            flags = rec.flags and {k: rec.flags.get(k) for k in ("retries", "targets", "walltime")}
+            fn = self.functions.setdefault(rec.fn.key, rec.fn)  # one from the database, too
+            self._new_task(Record(new, client, fn, rec.bufs, rec.bufs_mac, flags or None,
+                                  rec.label, rec.func), now)
+
+    def _req_db_query(self, _client: bytes, arg: Any) -> list[dict[str, Any]]:
+        """``rc.db_query(query, keys)``: the records that meet an ipyparallel-style query."""
+        query, keys = arg
+        return self.store.query(parse_query(query), keys)
+
+    def _req_purge(self, _client: bytes, msg_ids: list[str] | None) -> list[str]:
+        """Forget finished tasks (None: all of them); pending ones cannot be purged."""
+        if msg_ids is not None:
+            pending = [r.msg_id for r in self._known(msg_ids) if r.result is None]
+            if pending:
+                raise ValueError(f"cannot purge pending task(s) {', '.join(map(repr, pending))}: "
+                                 "wait for them or abort them first")
+        forgotten = self.store.purge(msg_ids)
+        self._forget(forgotten)
+        return forgotten
+
+    def _forget(self, msg_ids: list[str]) -> None:
+        now = time.monotonic()
+        for msg_id in msg_ids:
+            self.core.handle(ev.TaskForgotten(msg_id, now))
+
+    def _req_abort(self, _client: bytes, msg_ids: list[str]) -> None:
+        self._known(msg_ids)
+        now = time.monotonic()
+        for m in msg_ids:
+            self._execute(self.core.handle(ev.AbortRequested(m, now)))
+
+    def _req_interrupt(self, _client: bytes, engine_ids: list[int]) -> list[int]:
+        """Interrupt engines through jupyter_client (SIGINT to the kernel: the running task stops)."""
+        done = []
+        for engine_id in engine_ids or self._engine_list():
+            km = self.launcher.manager(engine_id) if self.launcher is not None else None
+            if km is None:
+                raise KeyError(f"engine {engine_id} was not started by this controller: "
+                               "interrupt it through its own kernel manager")
+            km.interrupt_kernel()
+            done.append(engine_id)
+        return done
+
+    def _req_shutdown(self, _client: bytes, _arg: Any) -> None:
+        self.stop("a client asked it to (`ipylb cluster stop` or rc.stop_cluster())")
+
+    def _req_add_engines(self, _client: bytes, arg: Any) -> int:
+        """``ipylb engine add``: launch ``n`` more engines (``arg``: n, or (n, kernelspec
+        name)); they register like the first ones, and the scheduler hands them waiting
+        tasks as soon as they do."""
+        if self.launcher is None:
+            raise ValueError("this controller does not launch engines")
+        n, kernel = arg if isinstance(arg, tuple | list) and len(arg) == 2 else (arg, None)
+        limits.check_engine_count(n, "the number of engines to add")
+        if kernel is not None and not isinstance(kernel, str):
+            raise ValueError(f"a kernelspec name is a str, got {kernel!r}")
+        self.launcher.start(n, kernel)
+        return n
