@@ -225,8 +225,11 @@ def test_impossible_chain_is_drawn_as_a_tree(dash, view):
 def test_lanes_and_rows_aggregate_beyond_a_screenful(rc, view, monkeypatch):
     monkeypatch.setattr(dashboard, "MAX_LANES", 1)
     monkeypatch.setattr(dashboard, "MAX_ROWS", 1)
+    monkeypatch.setattr(dashboard, "MAX_SUBMISSIONS", 1)
     v1 = rc.load_balanced_view(targets=1)
-    v1.map_sync(sleep_then, range(3), [0.05] * 3)
+    held = [v1.map_async(sleep_then, range(3), [0.05] * 3), view.map_async(sleep_then, [1], [0])]
+    for ar in held:
+        ar.wait(30)
     d = rc.dashboard()
     try:
         lanes = d.lanes(time.time())
@@ -236,6 +239,8 @@ def test_lanes_and_rows_aggregate_beyond_a_screenful(rc, view, monkeypatch):
         assert busy[lanes[0][1][0]] == max(busy.values()) > 0  # the busiest keeps its lane
         until(lambda: "ipylb-engine-rest" in d.engines.value, what="the summed row")
         assert d.engines.value.count('<tr class="ipylb-engine"') == 1
+        assert d.progress.value.count('class="ipylb-sub"') == 1  # one bar, the rest counted
+        assert re.search(r"… and \d+ more submissions", d.progress.value)
     finally:
         d.close()
 

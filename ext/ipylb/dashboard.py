@@ -62,6 +62,8 @@ MAX_LANES = 24
 MAX_ROWS = 24
 # Task bars the stream keeps (the newest).
 MAX_BARS = 3000
+# Submission bars shown at most (the oldest in flight first; the rest are counted).
+MAX_SUBMISSIONS = 12
 # Finished submissions stay on the panel this long (seconds).
 SUBMISSION_LINGER_S = 10.0
 # How many failures the panel lists (newest first); older ones are counted.
@@ -422,11 +424,12 @@ class Dashboard:
                 running_of[id(owner)] = running_of.get(id(owner), 0) + 1
         mono = time.monotonic()
         parts = []
+        finished_at = {}  # only the submissions still held: the dict stays bounded
         for ar in self.client.submissions():
             total = len(ar.msg_ids)
             done = ar.progress()
             if done == total:
-                seen = self._finished_at.setdefault(id(ar), mono)
+                seen = finished_at[id(ar)] = self._finished_at.get(id(ar), mono)
                 if mono - seen > SUBMISSION_LINGER_S:
                     continue
             failed = ar._failed
@@ -434,6 +437,11 @@ class Dashboard:
             waiting = total - done - running
             parts.append(_progress_row(ar.label or ar._fname, total, done - failed, failed,
                                        running, waiting, now - ar._submitted))
+        self._finished_at = finished_at
+        if len(parts) > MAX_SUBMISSIONS:
+            more = len(parts) - MAX_SUBMISSIONS
+            parts = [*parts[:MAX_SUBMISSIONS],
+                     f'<div class="ipylb-sub ipylb-more">… and {more} more submissions</div>']
         self.progress.value = "".join(parts) or \
             '<div class="ipylb-sub ipylb-no-subs">no submissions in flight</div>'
 
