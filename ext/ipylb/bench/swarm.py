@@ -2,8 +2,9 @@
 
 A few processes speak the engine protocol the way an engine kernel does
 (``ipylb.engine.taskchannel``): each identity is a DEALER of its own that registers
-with its versions and a heartbeat url (one Jupyter-style ROUTER echo per process, served
-by ``zmq.proxy`` on a thread, as ipykernel's heartbeat is), answers every task at once
+with its versions and a heartbeat url of its own (one Jupyter-style ROUTER echo per
+process, bound at one ipc path per identity, served by ``zmq.proxy`` on a thread, as
+ipykernel's heartbeat is), answers every task at once
 with ``None`` without running it, and stops on STOP.  So the controller's costs per
 engine (registration, heartbeats, placement, one socket each) are measured without 1,000
 kernels.
@@ -12,7 +13,8 @@ Each round starts a fresh controller with no engines, lets ``--small`` (8) ident
 and then ``--engines`` (1,000) register (alternating which goes first), and reports per
 size: seconds from spawning the swarm to the last registration, the controller's CPU %
 while idle (its heartbeats to every engine: ``psutil``), tasks/s of a ``map`` of
-``--tasks`` no-ops at chunksize 1, and the controller's RSS.  Figures are medians.
+``--tasks`` no-ops at chunksize 1, the median round trip of one no-op at a time, and
+the controller's RSS.  Figures are medians.
 """
 
 from __future__ import annotations
@@ -40,12 +42,14 @@ def serve(info: dict[str, Any], count: int, first: int) -> None:
     (or closes); prints ``registered`` once all have their engine ids."""
     ctx = zmq.Context.instance()
     hb = ctx.socket(zmq.ROUTER)
-    hb_url = f"ipc://{connection.runtime_dir()}/swarm-{os.getpid()}-hb"
-    hb.bind(hb_url)
+    hb.setsockopt(zmq.LINGER, 0)
+    hb_base = f"ipc://{connection.runtime_dir()}/swarm-{os.getpid()}-hb"
+    for i in range(first, first + count):
+        hb.bind(f"{hb_base}-{i}")
     threading.Thread(target=zmq.proxy, args=(hb, hb), daemon=True).start()
     key, to = info["key"].encode(), info["controller_id"].encode()
     meta = {"connection_file": "", "pid": os.getpid(), "hostname": "swarm", "tag": "",
-            "heartbeat": hb_url, "shm_domain": None, "versions": compat.versions()}
+            "shm_domain": None, "versions": compat.versions()}
     poller = zmq.Poller()
     signers: dict[zmq.Socket, wire.Signer] = {}
     for i in range(first, first + count):
@@ -56,7 +60,7 @@ def serve(info: dict[str, Any], count: int, first: int) -> None:
         connection.secure(sock, info)
         sock.connect(info["engine_url"])
         signers[sock] = signer = wire.Signer(key, ident, to)
-        wire.send(sock, signer.pack(wire.REGISTER, meta))
+        wire.send(sock, signer.pack(wire.REGISTER, {**meta, "heartbeat": f"{hb_base}-{i}"}))
         poller.register(sock, zmq.POLLIN)
     result = dumps(None)
     registered = 0
@@ -101,14 +105,14 @@ def spawn(info: dict[str, Any], n: int) -> list[subprocess.Popen]:
     return procs
 
 
-def measure(n: int, tasks: int, idle_s: float = 3.0) -> dict[str, float]:
+def measure(n: int, tasks: int, idle_s: float = 3.0, latency_n: int = 300) -> dict[str, float]:
     """One fresh controller with a swarm of ``n`` identities: its figures."""
     import psutil
 
     import ipylb
     from ipylb.client.local import LocalCluster
 
-    from .workloads import noop_n
+    from .workloads import noop, noop_n
 
     cluster = LocalCluster(0)
     procs: list[subprocess.Popen] = []
@@ -133,7 +137,15 @@ def measure(n: int, tasks: int, idle_s: float = 3.0) -> dict[str, float]:
         rate = tasks / (time.perf_counter() - t)
         if out != [None] * tasks:
             raise RuntimeError("the swarm's answers did not come back as None")
+        # One task at a time: what a loop over every engine's socket would add shows here,
+        # where pipelining (1,000 engines hold 1,000 tasks at hwm=1) cannot hide it.
+        lat = []
+        for _ in range(latency_n):
+            t = time.perf_counter()
+            view.apply_sync(noop)
+            lat.append(time.perf_counter() - t)
         return {"register_s": registered, "idle_cpu_pct": idle, "tasks_per_s": rate,
+                "latency_p50_ms": statistics.median(lat) * 1e3,
                 "rss_MB": ctl.memory_info().rss / 1e6}
     finally:
         if rc is not None:

@@ -13,51 +13,61 @@ that were never sent.
 
 from __future__ import annotations
 
-from typing import Any
-
 import zmq
 
 
 class Heartbeats:
-    """Pings engines' heartbeat channels; tells which ones stopped answering."""
+    """Pings engines' heartbeat channels; tells which ones stopped answering.
+
+    One ROUTER socket reaches every engine: each connection gets a routing id naming its
+    engine (ZMQ_CONNECT_ROUTING_ID), so a ping goes to one engine and its echo says whose
+    it is.  The controller polls this one socket however many engines there are (one
+    socket per engine made every poll, so every task round trip, O(engines): 0.7 ms ->
+    3 ms at 1,000 engines).
+    """
 
     def __init__(self, ctx: zmq.Context, interval: float = 1.0, timeout: float = 10.0) -> None:
-        self.ctx = ctx
         self.interval = interval
         self.timeout = timeout
-        self.socks: dict[int, zmq.Socket] = {}
+        self.sock = ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.peers: dict[int, tuple[bytes, str]] = {}  # engine id -> (routing id, url)
+        self.engine_of: dict[bytes, int] = {}  # routing id -> engine id
         self.last_answer: dict[int, float] = {}
-        self.engine_of: dict[zmq.Socket, int] = {}
         self._next_ping = 0.0
         self._last_tick: float | None = None
 
-    def add(self, engine_id: int, url: str, now: float) -> zmq.Socket:
-        """Start watching an engine; returns the socket to poll for answers."""
-        sock = self.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(url)
-        self.socks[engine_id] = sock
-        self.engine_of[sock] = engine_id
+    def add(self, engine_id: int, url: str, now: float) -> None:
+        """Start watching an engine (zmq.ZMQError: a url zmq refuses)."""
+        rid = b"hb-%d" % engine_id
+        self.sock.setsockopt(zmq.CONNECT_ROUTING_ID, rid)
+        self.sock.connect(url)
+        self.peers[engine_id] = (rid, url)
+        self.engine_of[rid] = engine_id
         self.last_answer[engine_id] = now
-        return sock
 
-    def remove(self, engine_id: int) -> zmq.Socket | None:
-        """Stop watching an engine; returns its socket (unregister it, it is closed)."""
-        sock = self.socks.pop(engine_id, None)
+    def remove(self, engine_id: int) -> None:
+        """Stop watching an engine (no-op for one not watched)."""
+        peer = self.peers.pop(engine_id, None)
         self.last_answer.pop(engine_id, None)
-        if sock is not None:
-            del self.engine_of[sock]
-            sock.close(0)
-        return sock
+        if peer is not None:
+            del self.engine_of[peer[0]]
+            try:
+                self.sock.disconnect(peer[1])
+            except zmq.ZMQError:  # already gone (its endpoint was dropped)
+                pass
 
-    def answered(self, sock: zmq.Socket, now: float) -> None:
-        """Drain the echoes waiting on ``sock``."""
+    def answered(self, now: float) -> None:
+        """Drain the echoes waiting on the socket: each marks its engine alive at ``now``."""
+        recv, engine_of, last = self.sock.recv_multipart, self.engine_of, self.last_answer
         while True:
             try:
-                sock.recv_multipart(zmq.NOBLOCK)
+                rid = recv(zmq.NOBLOCK)[0]
             except zmq.Again:
-                break
-        self.last_answer[self.engine_of[sock]] = now
+                return
+            engine_id = engine_of.get(rid)
+            if engine_id is not None:  # (an echo from an engine removed meanwhile: dropped)
+                last[engine_id] = now
 
     def tick(self, now: float) -> list[tuple[int, str]]:
         """Send pings when due; return (engine_id, reason) for engines silent too long."""
@@ -68,9 +78,10 @@ class Heartbeats:
                 self.last_answer[engine_id] += away
         if now >= self._next_ping:
             self._next_ping = now + self.interval
-            for sock in self.socks.values():
-                try:
-                    sock.send(b"ping", zmq.NOBLOCK)
+            send = self.sock.send_multipart
+            for rid, _url in self.peers.values():
+                try:  # (a ROUTER drops what it cannot route now: the next ping will do)
+                    send((rid, b"ping"), zmq.NOBLOCK)
                 except zmq.Again:
                     pass
         return [
@@ -79,6 +90,6 @@ class Heartbeats:
             if now - seen > self.timeout
         ]
 
-    def sockets(self) -> list[Any]:
-        """Sockets to poll."""
-        return list(self.socks.values())
+    def close(self) -> None:
+        """Close the socket (the controller is stopping)."""
+        self.sock.close(0)

@@ -193,6 +193,7 @@ class Controller(Requests):
         poller = self.poller
         poller.register(self.clients, zmq.POLLIN)
         poller.register(self.engines, zmq.POLLIN)
+        poller.register(self.heartbeats.sock, zmq.POLLIN)  # one socket for every engine
         next_housekeeping = 0.0
         while self._running:
             now = time.monotonic()
@@ -211,10 +212,8 @@ class Controller(Requests):
                 self._drain(self.engines, self._on_engine)
             if self.clients in ready:
                 self._drain(self.clients, self._on_client)
-            if len(ready) > (self.engines in ready) + (self.clients in ready):
-                for sock in self.heartbeats.sockets():
-                    if sock in ready:
-                        self.heartbeats.answered(sock, now)
+            if self.heartbeats.sock in ready:
+                self.heartbeats.answered(now)
         self.close()
 
     def _drain(self, sock: zmq.Socket, handler: Callable[[list[Any]], None]) -> None:
@@ -340,10 +339,9 @@ class Controller(Requests):
             raise wire.WireError(f"engine {self.engine_of[ident]} registered a second time")
         engine_id = self._next_engine
         try:  # every engine is watched: one that stops answering is dead after heartbeat_timeout
-            hb = self.heartbeats.add(engine_id, meta["heartbeat"], time.monotonic())
+            self.heartbeats.add(engine_id, meta["heartbeat"], time.monotonic())
         except zmq.ZMQError as e:
             raise wire.WireError(f"a registration with a heartbeat url zmq refuses: {e}") from None
-        self.poller.register(hb, zmq.POLLIN)
         self._next_engine += 1
         self.engine_ident[engine_id] = ident
         self.held[engine_id] = OrderedDict()
@@ -368,9 +366,7 @@ class Controller(Requests):
         self.remote.discard(ident)
         self.engine_info.pop(engine_id, None)
         self.activity.forget(engine_id)
-        hb = self.heartbeats.remove(engine_id)
-        if hb is not None:
-            self.poller.unregister(hb)
+        self.heartbeats.remove(engine_id)
         kc = self.kernel_clients.pop(engine_id, None)
         if kc is not None:
             kc.stop_channels()
@@ -729,6 +725,7 @@ class Controller(Requests):
                 pass
         self.clients.close(linger=1000)  # the shutdown events, at most a second more
         self.engines.close(0)
+        self.heartbeats.close()
         if self.store.db is not None:
             self.store.db.close()
         shm.sweep(self.shm_prefix)  # records' segments, and any a producer wrote but never sent
