@@ -260,11 +260,15 @@ class TaskChannel:
                 if kind == wire.FUNCTION:
                     self._keep_function(meta, bufs, bufs_mac)
                     continue
-                wire.send(self.sock, self._run(meta, bufs, bufs_mac))
+                try:
+                    frames = self._run(meta, bufs, bufs_mac)
+                except KeyboardInterrupt:
+                    raise
+                except BaseException as e:  # noqa: B036 - even the fallback report failed
+                    self._unreportable(e)
+                wire.send(self.sock, frames)
         except KeyboardInterrupt:  # an interrupt that landed between tasks: nothing to stop
             self.kernel.io_loop.add_callback(self._on_readable)
-        except BaseException as e:  # noqa: B036 - even the fallback report failed
-            self._unreportable(e)
 
     def _unreportable(self, e: BaseException) -> None:
         """A task's outcome could not be sent even as an error: a task broke what the engine
