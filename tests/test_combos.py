@@ -145,3 +145,34 @@ def test_a_task_that_breaks_what_its_engine_reports_with_still_gets_an_answer(rc
     assert time.monotonic() - t0 < 60
     rc.wait_for_engines(2, timeout=120)
     assert ar.engine_id not in rc.ids
+
+
+
+class _SlowToPickle:
+    """A result whose pickling takes long (a huge object graph would): it prints, then sleeps."""
+
+    def __reduce__(self):
+        import time
+
+        print("pickling")
+        time.sleep(60)
+        return (int, (5,))
+
+
+def test_a_result_slow_to_pickle_is_stopped_by_the_walltime_not_by_a_restart(rc, view):
+    """Pickling the result ran after the task was marked ended, so the walltime interrupt was
+    ignored and the engine was always restarted after the grace period (6 s): "did not stop
+    within 5s of an interrupt", about a task whose function had returned."""
+
+    def slow_result():
+        return _SlowToPickle()
+
+    t0 = time.monotonic()
+    with view.temp_flags(walltime=1):
+        ar = view.apply_async(slow_result)
+    with pytest.raises(WalltimeExceeded, match="was interrupted") as info:
+        ar.get(60)
+    assert "restarted" not in str(info.value)
+    assert time.monotonic() - t0 < 5
+    assert ar.engine_id in rc.ids
+    assert ar.stdout == "pickling\n"  # printed while making the result: the task's output

@@ -396,6 +396,9 @@ class TaskChannel:
             previous = _set_sigint(self._sigint)
             try:
                 value = f(*args, **kwargs)
+                # Making the result is part of the task: its walltime and rc.interrupt() reach
+                # a slow __reduce__, and what that prints is the task's output.
+                result = _pickle_result(msg_id, value)
             finally:
                 if walltime:  # an interrupt() racing this end has signalled, or never will
                     with self._lock:
@@ -412,7 +415,6 @@ class TaskChannel:
                 _set_sigint(previous)
             output = self.capture.end(saved)
             saved = None
-            result = _pickle_result(msg_id, value)
             if self.placer is not None and len(result) > 1:
                 result = self.placer.place(result)
             status = "ok"
@@ -448,6 +450,8 @@ def _pickle_result(msg_id: str, value: Any) -> list[Any]:
     """The frames of a task's return value, or SerializationError saying why not."""
     try:
         return dumps(value)
+    except KeyboardInterrupt:  # the task's walltime or rc.interrupt(): the task's own error
+        raise
     except BaseException as e:  # noqa: B036 - a __reduce__ may raise anything
         raise SerializationError(
             f"the result of task {msg_id} ({_safe_name(value)} object) could not be pickled: "
