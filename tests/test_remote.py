@@ -14,7 +14,8 @@ import ipylb
 import pytest
 from ipylb import connection
 from ipylb.error import NoCluster
-from test_cluster import IPYLB, gone, ipylb_cmd, runtime  # noqa: F401 - a fixture
+from procs import IPYLB, ipylb_cmd, wait_gone
+from test_cluster import runtime  # noqa: F401 - a fixture
 
 
 @pytest.mark.parametrize(("bound", "location", "want"), [
@@ -82,7 +83,7 @@ def test_join_serves_until_the_controller_stops(runtime):  # noqa: F811
     assert "engine 0 ended: killed by SIGKILL" in err
     assert "engine 1 ended: its process exited with code 0" in err
     assert join.returncode == 1  # one engine died on its own
-    assert gone([e["pid"] for e in engines.values()])
+    assert wait_gone([e["pid"] for e in engines.values()])
 
 
 def test_join_a_signal_stops_the_engines(runtime):  # noqa: F811
@@ -96,7 +97,7 @@ def test_join_a_signal_stops_the_engines(runtime):  # noqa: F811
         join.send_signal(signal.SIGTERM)
         join.wait(60)
         assert join.returncode == 0
-        assert gone([pid])
+        assert wait_gone([pid])
         deadline = time.monotonic() + 30
         while rc.ids:  # the controller sees it go
             assert time.monotonic() < deadline
@@ -257,4 +258,4 @@ def test_join_ends_when_its_controller_is_killed(runtime):  # noqa: F811
         join.kill()
         (runtime / "ipylb-kill.json").unlink(missing_ok=True)
     assert "every engine has ended" in err
-    assert gone([engine])
+    assert wait_gone([engine])
