@@ -13,7 +13,7 @@ Each round starts a fresh controller with no engines, lets ``--small`` (8) ident
 and then ``--engines`` (1,000) register (alternating which goes first), and reports per
 size: seconds from spawning the swarm to the last registration, the controller's CPU %
 while idle (its heartbeats to every engine: ``psutil``), tasks/s of a ``map`` of
-``--tasks`` no-ops at chunksize 1, the median round trip of one no-op at a time, and
+``--tasks`` no-ops at chunksize 1 and the controller's CPU µs per task in it, the median round trip of one no-op at a time, and
 the controller's RSS.  Figures are medians.
 """
 
@@ -132,9 +132,11 @@ def measure(n: int, tasks: int, idle_s: float = 3.0, latency_n: int = 300) -> di
         idle = max(0.0, (c1.user + c1.system - c0.user - c0.system) / idle_s * 100)
         view = rc.load_balanced_view()
         view.map_sync(noop_n, range(200))  # warm
-        t = time.perf_counter()
+        c0, t = ctl.cpu_times(), time.perf_counter()
         out = view.map_sync(noop_n, range(tasks))
         rate = tasks / (time.perf_counter() - t)
+        c1 = ctl.cpu_times()  # the controller's CPU per task: less noisy than tasks/s
+        cpu_us = (c1.user + c1.system - c0.user - c0.system) / tasks * 1e6
         if out != [None] * tasks:
             raise RuntimeError("the swarm's answers did not come back as None")
         # One task at a time: what a loop over every engine's socket would add shows here,
@@ -145,7 +147,7 @@ def measure(n: int, tasks: int, idle_s: float = 3.0, latency_n: int = 300) -> di
             view.apply_sync(noop)
             lat.append(time.perf_counter() - t)
         return {"register_s": registered, "idle_cpu_pct": idle, "tasks_per_s": rate,
-                "latency_p50_ms": statistics.median(lat) * 1e3,
+                "ctl_cpu_us_per_task": cpu_us, "latency_p50_ms": statistics.median(lat) * 1e3,
                 "rss_MB": ctl.memory_info().rss / 1e6}
     finally:
         if rc is not None:
