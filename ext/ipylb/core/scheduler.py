@@ -413,15 +413,7 @@ class Scheduler(Placement, Dependencies, Failures, Deadlines, Validation):
         e: Engine = t.engine  # type: ignore[assignment]
         if e.id != ev.engine_id:
             return
-        q = e.queue
-        if q[0] is t:
-            q.popleft()
-        else:
-            q.remove(t)
-        if e.load == self._cap:
-            self._nfree += 1
-        e.load -= 1
-        self._free.update(e)
+        self._unqueue(t, e)
         e.completed += 1
         x = t.x
         if ev.success:
