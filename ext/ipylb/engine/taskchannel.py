@@ -207,6 +207,11 @@ class TaskChannel:
             if self.engine_id is not None:
                 self.capture.log(f"ipylb engine {self.engine_id}: the connection to the "
                                  f"controller at {self.engine_url} is gone; exiting")
+                # Our files go with us: a killed controller (our launcher) closes its sockets
+                # before the kernel reparents us, so the exit-time orphan check can still see it
+                # as our parent; a living launcher's KernelManager tolerates files already gone.
+                if self.connection_file:
+                    connection.remove_kernel_files(self.connection_file)
                 self.kernel.io_loop.add_callback(self.kernel.io_loop.stop)
 
     def _heartbeat_url(self) -> str:
