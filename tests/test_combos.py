@@ -176,3 +176,30 @@ def test_a_result_slow_to_pickle_is_stopped_by_the_walltime_not_by_a_restart(rc,
     assert time.monotonic() - t0 < 5
     assert ar.engine_id in rc.ids
     assert ar.stdout == "pickling\n"  # printed while making the result: the task's output
+
+
+
+class _SlowToUnpickle:
+    """An argument whose unpickling hangs (a __setstate__ that waits on something)."""
+
+    def __reduce__(self):
+        import time
+
+        return (time.sleep, (60,))
+
+
+def test_an_argument_slow_to_unpickle_meets_the_walltime(rc, view):
+    """Arguments were unpickled before the task counted as started: one whose unpickling hung
+    kept its engine busy and its caller waiting with no walltime applying at all."""
+
+    def takes(arg):
+        return arg
+
+    t0 = time.monotonic()
+    with view.temp_flags(walltime=1):
+        ar = view.apply_async(takes, _SlowToUnpickle())
+    with pytest.raises(WalltimeExceeded, match="was interrupted") as info:
+        ar.get(60)
+    assert "restarted" not in str(info.value)
+    assert time.monotonic() - t0 < 5
+    assert ar.engine_id in rc.ids

@@ -392,14 +392,16 @@ class TaskChannel:
         saved = self.capture.begin()
         try:
             self.signer.check_bufs(bufs, bufs_mac)
-            f = self._function(fkey, msg_id)
-            args, kwargs = unpickle.arguments(bufs, msg_id)
             if walltime:  # its clock starts when the controller hears this
                 wire.send(self.sock, self.signer.pack(wire.STARTED, msg_id))
             self.running_since = started
             self.running = msg_id
             previous = _set_sigint(self._sigint)
             try:
+                # Unpickling the function and arguments is part of the task, like making its
+                # result: a slow or hanging __setstate__ meets the walltime and rc.interrupt().
+                f = self._function(fkey, msg_id)
+                args, kwargs = unpickle.arguments(bufs, msg_id)
                 value = f(*args, **kwargs)
                 # Making the result is part of the task: its walltime and rc.interrupt() reach
                 # a slow __reduce__, and what that prints is the task's output.
