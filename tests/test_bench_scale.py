@@ -1,6 +1,10 @@
 """Scale benchmarks (issue 14 items 5 and 7): a swarm of engine identities against a real
 controller, and many real engine kernels (``ipylb bench --kernels``)."""
 
+import glob
+import os
+import tempfile
+
 import pytest
 from ipylb.bench import kernels, main, swarm
 
@@ -9,7 +13,10 @@ def test_swarm_identities_register_answer_heartbeats_and_run_every_task():
     # 40 identities in 4 processes speaking the engine protocol to a real controller:
     # every one registers, the controller's heartbeats keep them alive through the idle
     # window, and a map of 600 no-ops comes back complete (measure() checks every value).
+    before = set(glob.glob(os.path.join(tempfile.gettempdir(), "ipylb-swarm-*")))
     fig = swarm.measure(40, 600, idle_s=1.0, latency_n=20)
+    # The swarm's heartbeat socket files are gone with it (the controller stopped it).
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "ipylb-swarm-*"))) <= before
     assert fig["register_s"] < 60
     assert fig["tasks_per_s"] > 0 and fig["latency_p50_ms"] > 0
     assert fig["rss_MB"] > 0

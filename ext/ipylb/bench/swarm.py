@@ -25,6 +25,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from typing import Any
@@ -39,11 +40,16 @@ PROCESSES = 4  # swarm processes (at most one per 2 identities)
 
 def serve(info: dict[str, Any], count: int, first: int) -> None:
     """Run ``count`` engine identities in this process until the controller stops them
-    (or closes); prints ``registered`` once all have their engine ids."""
+    (or closes); prints ``registered`` once all have their engine ids.  The heartbeat
+    channels' socket files live in a private temporary directory, removed at the end."""
+    with tempfile.TemporaryDirectory(prefix="ipylb-swarm-") as tmp:
+        _serve(info, count, first, f"ipc://{tmp}/hb")
+
+
+def _serve(info: dict[str, Any], count: int, first: int, hb_base: str) -> None:
     ctx = zmq.Context.instance()
     hb = ctx.socket(zmq.ROUTER)
     hb.setsockopt(zmq.LINGER, 0)
-    hb_base = f"ipc://{connection.runtime_dir()}/swarm-{os.getpid()}-hb"
     for i in range(first, first + count):
         hb.bind(f"{hb_base}-{i}")
     threading.Thread(target=zmq.proxy, args=(hb, hb), daemon=True).start()
@@ -129,7 +135,7 @@ def measure(n: int, tasks: int, idle_s: float = 3.0, latency_n: int = 300) -> di
         c0 = ctl.cpu_times()
         time.sleep(idle_s)  # nothing but heartbeats
         c1 = ctl.cpu_times()
-        idle = max(0.0, (c1.user + c1.system - c0.user - c0.system) / idle_s * 100)
+        idle = round(max(0.0, (c1.user + c1.system - c0.user - c0.system) / idle_s * 100), 2)
         view = rc.load_balanced_view()
         view.map_sync(noop_n, range(200))  # warm
         c0, t = ctl.cpu_times(), time.perf_counter()
@@ -184,9 +190,11 @@ def main(argv: list[str] | None = None) -> None:
                   flush=True)
     keys = list(res[args.small][0])
     print(f"\nmedians of {args.rounds} round(s) (load average {os.getloadavg()[0]:.1f}):")
-    print(f"{'engines':>8}" + "".join(f"{k:>15}" for k in keys))
+    width = {k: max(12, len(k) + 2) for k in keys}
+    print(f"{'engines':>8}" + "".join(f"{k:>{width[k]}}" for k in keys))
     for n, figs in res.items():
-        print(f"{n:>8}" + "".join(f"{statistics.median(f[k] for f in figs):>15.4g}" for k in keys))
+        print(f"{n:>8}" + "".join(f"{statistics.median(f[k] for f in figs):>{width[k]}.4g}"
+                                  for k in keys))
     small = statistics.median(f["tasks_per_s"] for f in res[args.small])
     large = statistics.median(f["tasks_per_s"] for f in res[args.engines])
     print(f"tasks/s at {args.engines} engines / at {args.small}: {large / small:.2f}")
