@@ -398,15 +398,22 @@ def test_a_child_that_outlives_its_task_writes_to_the_task_running_then(view, tm
     assert second.stdout == "late\nmeanwhile\n"
 
 
-def test_signal_handlers_a_task_changes_do_not_stop_interrupts(rc, view, tmp_path):
-    def ignore_sigint():
+@pytest.mark.parametrize("how", ["SIG_IGN", "pthread_sigmask"])
+def test_sigint_state_a_task_leaves_does_not_stop_interrupts(rc, view, tmp_path, how):
+    """A task that ignores SIGINT (its handler) or blocks it (the thread's signal mask) and
+    returns leaves the next task on its engine interruptible by rc.interrupt()."""
+
+    def spoil(how):
         import signal
 
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        return "ignored"
+        if how == "SIG_IGN":
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        else:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        return how
 
-    first = view.apply_async(ignore_sigint)
-    assert first.get(60) == "ignored"
+    first = view.apply_async(spoil, how)
+    assert first.get(60) == how
     marker = tmp_path / "started"
 
     def sleeps(path):
@@ -421,10 +428,12 @@ def test_signal_handlers_a_task_changes_do_not_stop_interrupts(rc, view, tmp_pat
     while not marker.exists():
         assert time.monotonic() < deadline
         time.sleep(0.02)
+    t0 = time.monotonic()
     rc.interrupt([first.engine_id])
     with pytest.raises(RemoteError) as info:
         ar.get(30)
     assert info.value.ename == "KeyboardInterrupt"
+    assert time.monotonic() - t0 < 20  # not when the sleep ends
 
 
 # -- the controller's and the client's side ----------------------------------------------
