@@ -12,13 +12,6 @@ from ipylb.error import EngineError, WalltimeExceeded
 from test_hostile import every_engine_serves_after, every_stream  # noqa: F401 - autouse: engines serve on
 
 
-def _wait_for(path, seconds=60):
-    deadline = time.monotonic() + seconds
-    while not path.exists():
-        assert time.monotonic() < deadline, f"{path} did not appear"
-        time.sleep(0.02)
-
-
 def test_a_task_that_blocks_sigint_leaves_later_tasks_interruptible(rc, view):
     """A task that blocked SIGINT in the engine's main thread (pthread_sigmask) made every
     later task on that engine deaf to walltime interrupts: the next task with a walltime
