@@ -432,11 +432,11 @@ class Dashboard:
                 seen = finished_at[id(ar)] = self._finished_at.get(id(ar), mono)
                 if mono - seen > SUBMISSION_LINGER_S:
                     continue
-            failed = ar._failed
+            failed = ar.failed_count
             running = running_of.get(id(ar), 0)
             waiting = total - done - running
-            parts.append(_progress_row(ar.label or ar._fname, total, done - failed, failed,
-                                       running, waiting, now - ar._submitted))
+            parts.append(_progress_row(ar.name, total, done - failed, failed, running, waiting,
+                                       now - ar.submitted_at))
         self._finished_at = finished_at
         if len(parts) > MAX_SUBMISSIONS:
             more = len(parts) - MAX_SUBMISSIONS

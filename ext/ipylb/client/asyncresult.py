@@ -447,6 +447,21 @@ class AsyncResult(Future):
         """How many tasks have finished."""
         return len(self.msg_ids) - self._remaining
 
+    @property
+    def name(self) -> str:
+        """What progress bars call this submission: its ``label``, else its function's name."""
+        return self.label or self._fname
+
+    @property
+    def failed_count(self) -> int:
+        """How many of its tasks have finished with an error (of :meth:`progress`)."""
+        return self._failed
+
+    @property
+    def submitted_at(self) -> float:
+        """When it was submitted: seconds since the epoch (``time.time()``)."""
+        return self._submitted
+
     def abort(self) -> None:
         """Abort the tasks that have not started yet."""
         self._client.abort(self)
