@@ -151,6 +151,6 @@ def test_forgotten_senders_stay_refused(monkeypatch):
 def test_oversized_counts_frames_not_segments():
     from ipylb.shm import Segment
 
-    seg = Segment.__new__(Segment)
+    seg = Segment("ipylb-test-none", 1 << 20, (0, 0))
     assert wire.oversized([b"x" * 10, memoryview(b"y" * 20)], 15) == 20
     assert wire.oversized([b"x" * 10, seg], 15) == 0

@@ -181,7 +181,11 @@ class ControllerGone(_SchedulerError, NoCluster):
 
     Pending results fail with it (its message says what survives: with ``--db sqlite`` the
     results of tasks that finished, fetchable with ``get_result`` once the cluster runs
-    again), and new submissions and requests raise it at once.  Also a ``NoCluster``."""
+    again), and new submissions and requests raise it at once.  Also a ``NoCluster``.
+    ``shut_down`` is True when the controller said it was stopping (``ipylb cluster stop``,
+    ``rc.shutdown()``), False when it vanished."""
+
+    shut_down = False
 
 
 class UnmetDependency(IpylbError):

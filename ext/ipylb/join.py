@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from . import connection
-from .error import NoCluster
+from .error import ControllerGone, NoCluster
 
 # How long the controller has to accept a tcp connection before we say it cannot be reached.
 REACH_TIMEOUT_S = 3.0
@@ -189,7 +189,14 @@ def _wait_registered(rc: Any, launcher: Any, n: int, timeout: float,
     tags = set(launcher.pending)
     waited = 0.0
     while waited < timeout:
-        for engine_id, meta in rc.engine_info().items():
+        try:
+            engines = rc.engine_info()
+        except ControllerGone as gone:  # stopped before we saw them register: theirs to end
+            _say(str(gone))
+            if gone.shut_down:
+                stop.set()
+            return None
+        for engine_id, meta in engines.items():
             if meta.get("tag") in tags:
                 launcher.registered(meta["tag"], engine_id)
         if not launcher.pending:

@@ -24,7 +24,7 @@ from typing import Any
 from .. import connection, limits, wire
 from ..error import ClientClosed, ControllerGone, NoCluster, SerializationError
 from .asyncresult import AsyncResult, Outcome
-from .link import ADD_ENGINES, LOCAL_URLS, Link
+from .link import ADD_ENGINES, LOCAL_URLS, SHUT_DOWN, Link
 from .local import LocalCluster
 from .taskdb import TaskRecords, as_list, job_ids
 
@@ -294,8 +294,10 @@ class Client(Link, TaskRecords):
             raise ClientClosed(f"this ipylb Client is closed ({self._why_closed}); "
                                "create a new one")
         if self._gone is not None:
-            raise ControllerGone(f"{self._gone}; connect a new Client once a cluster runs "
-                                 "(`ipylb cluster start`, or Client(engines=N))")
+            gone = ControllerGone(f"{self._gone}; connect a new Client once a cluster runs "
+                                  "(`ipylb cluster start`, or Client(engines=N))")
+            gone.shut_down = self._gone.startswith(SHUT_DOWN)
+            raise gone
 
     def load_balanced_view(self, targets: int | list[int] | None = None) -> Any:
         """A new LoadBalancedView on this client's cluster (its ``block`` starts as the

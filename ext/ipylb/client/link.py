@@ -45,6 +45,8 @@ LOCAL_URLS = ("tcp://127.", "tcp://localhost", "ipc://")
 ADD_ENGINES = "`ipylb engine add -n K` adds engines to a standalone cluster, rc.add_engines(K) too"
 
 
+SHUT_DOWN = "it shut down"  # how a controller that said it stops is described
+
 class Link:
     """Connecting to the controller and receiving from it: a part of
     :class:`~ipylb.client.client.Client` (a mixin: ``Client`` owns the state)."""
@@ -250,7 +252,7 @@ class Link:
                 fut.set_result(meta[1:])
         elif kind == wire.EVENT:
             if meta[0] == "shutdown":  # the controller stops: the loop fails what is pending
-                self._gone = f"it shut down ({meta[1]})"
+                self._gone = f"{SHUT_DOWN} ({meta[1]})"
             else:
                 self._on_event(meta)
         elif kind == wire.WELCOME:
