@@ -7,7 +7,7 @@ import os
 import sys
 
 import ipylb
-from ipylb.client.local import _engine_env
+from ipylb.client.local import engine_env
 
 
 def engine_import(name):
@@ -22,14 +22,14 @@ def test_engine_env_puts_pythonpath_first_then_sys_path_without_duplicates(monke
     a, b = tmp_path / "a", tmp_path / "b"
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(a), str(b), "", str(a), "rel"]))
     monkeypatch.setattr(sys, "path", [str(b), "", "/usr/lib/x", str(a) + "/"])
-    paths = _engine_env()["PYTHONPATH"].split(os.pathsep)
+    paths = engine_env()["PYTHONPATH"].split(os.pathsep)
     assert paths == [str(a), str(b), os.path.abspath("rel"), os.getcwd(), "/usr/lib/x"]
 
 
 def test_engine_env_without_pythonpath_is_the_client_sys_path(monkeypatch):
     monkeypatch.delenv("PYTHONPATH", raising=False)
     monkeypatch.setattr(sys, "path", ["/x", "/y", "/x"])
-    assert _engine_env()["PYTHONPATH"] == os.pathsep.join(["/x", "/y"])
+    assert engine_env()["PYTHONPATH"] == os.pathsep.join(["/x", "/y"])
 
 
 def test_engines_import_from_the_pythonpath_the_client_set(monkeypatch, tmp_path):

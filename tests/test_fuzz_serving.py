@@ -53,7 +53,7 @@ def cluster(tmp_path_factory):
 
 def validate(rc) -> dict[str, int]:
     """The controller's own consistency check (core invariants, shell vs core); its sizes."""
-    return rc._request("validate", None, 30)
+    return rc.validate(30)
 
 
 def test_fuzz_while_real_tasks_run(cluster, tmp_path):

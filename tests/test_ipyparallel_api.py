@@ -9,9 +9,11 @@ import itertools
 import threading
 from datetime import datetime
 
+import ipylb
 import pytest
 from ipylb import error
 from ipylb.error import SerializationError
+from test_pending import Gate, wait_at_gate
 
 
 def inverse(x):
@@ -157,6 +159,51 @@ def test_len_and_wait_for_engines(rc):
     assert isinstance(fut, concurrent.futures.Future) and fut.result(5) is None
     fut = rc.wait_for_engines(3, timeout=0.2, block=False)
     assert isinstance(fut.exception(5), TimeoutError)
+
+
+def test_wait_for_engines_interactive_shows_progress(rc, monkeypatch, capsys):
+    from ipylb import limits
+
+    monkeypatch.setenv("IPYLB_PROGRESS", "1")
+    monkeypatch.setattr(limits, "PROGRESS_AFTER_S", 0.0)
+    rc.wait_for_engines(2, timeout=5)
+    assert capsys.readouterr().err == ""  # not asked for
+    rc.wait_for_engines(2, timeout=5, interactive=True)
+    assert "ipylb: 2/2 engines up" in capsys.readouterr().err
+    fut = rc.wait_for_engines(3, timeout=0.3, block=False, interactive=True)
+    assert isinstance(fut.exception(5), TimeoutError)
+    assert "ipylb: 2/3 engines up" in capsys.readouterr().err
+
+
+@pytest.fixture
+def gate():
+    g = Gate()
+    yield g
+    g.close()
+
+
+def test_outstanding_is_this_clients_unfinished_tasks(rc, view, gate):
+    ar = view.apply_async(wait_at_gate, gate.port)
+    assert isinstance(rc.outstanding, frozenset) and ar.msg_ids[0] in rc.outstanding
+    gate.running().sendall(b"go")
+    assert ar.get(30) == "go"
+    assert ar.msg_ids[0] not in rc.outstanding
+    assert rc.validate()["engines"] == 2  # the controller's self-check, public too
+
+
+def test_shutdown_reason_names_what_stopped_the_cluster(gate):
+    with ipylb.Client(engines=1) as own:
+        ar = own.load_balanced_view().apply_async(wait_at_gate, gate.port)
+        gate.running()
+        assert own.outstanding == {ar.msg_ids[0]}
+        own.shutdown(reason="the {test} stopped it")
+    with pytest.raises(error.ClientClosed) as e:
+        ar.get(5)
+    assert str(e.value) == f"task {ar.msg_ids[0]} had not finished when the {{test}} stopped it"
+    with pytest.raises(error.ClientClosed, match=r"closed \(the \{test\} stopped it\)"):
+        own.load_balanced_view()
+    with pytest.raises(TypeError, match="takes only reason="):
+        own.shutdown(hub=True)
 
 
 def test_client_wait_takes_futures_wrapping_async_results(rc, view):

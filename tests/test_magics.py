@@ -242,7 +242,7 @@ def test_interrupt_aborts_a_task_that_has_not_started(lb, rc, capsys):
     assert isinstance(r.error_in_exec, KeyboardInterrupt)
     assert "aborted 1 task(s) that had not started" in capsys.readouterr().err
     ar = lb.user_ns["ar_int"]
-    assert ar.ready() and isinstance(ar._errors()[0], TaskAborted)
+    assert ar.ready() and isinstance(ar.error, TaskAborted)
     assert blockers.get(10) == [0, 1]  # the neighbours ran
 
 

@@ -16,7 +16,7 @@ import time
 import ipylb
 import pytest
 from ipylb import connection
-from ipylb.client.local import _engine_env
+from ipylb.client.local import engine_env
 from ipylb.error import TaskAborted
 
 TIMEOUT = 60.0
@@ -115,7 +115,7 @@ def start_controller(path, *args):
     proc = subprocess.Popen(
         [sys.executable, "-m", "ipylb.controller", "--connection-file", str(path),
          "--engines", "2", *args],
-        stdout=subprocess.PIPE, text=True, env=_engine_env(),  # engines import this module
+        stdout=subprocess.PIPE, text=True, env=engine_env(),  # engines import this module
     )
     assert proc.stdout.readline().strip() == "ready"
     return proc

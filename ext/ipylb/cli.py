@@ -386,8 +386,7 @@ def _wait_ready(proc: subprocess.Popen, path: Path, engines: int) -> Any:
         _say(str(e))
         return None
     try:
-        rc._await_engines(engines, ENGINE_START_TIMEOUT_S,
-                          limits.StartProgress(engines))
+        rc.wait_for_engines(engines, ENGINE_START_TIMEOUT_S, interactive=True)
     except (RuntimeError, TimeoutError) as e:
         rc.close()
         _stop_process(proc.pid)
@@ -505,8 +504,7 @@ def engine_add(args: argparse.Namespace) -> int:
             if hint:
                 _say(hint)
         rc.add_engines(args.engines, args.kernel)
-        rc._await_engines(before + args.engines, ENGINE_START_TIMEOUT_S,
-                          limits.StartProgress(before + args.engines))
+        rc.wait_for_engines(before + args.engines, ENGINE_START_TIMEOUT_S, interactive=True)
         _say(f"added {_engines(args.engines)} to cluster {args.profile!r}: "
              f"{_engines(len(rc.ids))} now")
         return 0

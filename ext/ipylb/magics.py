@@ -145,12 +145,11 @@ class LbMagics(Magics):
         atexit.unregister(self._stop_at_exit)
         if client is None:
             return "no cluster in use"
-        running = len(client._pending)
+        running = len(client.outstanding)
         if not owned:
             left = f"; its {running} unfinished task(s) go on" if running else ""
             return f"no longer using the client's cluster ({what}); it keeps running{left}"
-        client._shutdown(f"task {{}} had not finished when {by} stopped the magics' cluster",
-                         f"{by} stopped the magics' cluster")
+        client.shutdown(reason=f"{by} stopped the magics' cluster")
         lost = (f"; {running} task(s) were still running and were stopped: their results "
                 "raise ClientClosed" if running else "")
         head = "" if by == "%lb_stop" else f"{by}: "
@@ -158,8 +157,7 @@ class LbMagics(Magics):
 
     def _stop_at_exit(self) -> None:
         if self.client is not None and self.owned:
-            self.client._shutdown("task {} had not finished when the kernel exited",
-                                  "the kernel exited")
+            self.client.shutdown(reason="the kernel exited")
 
     def _adopt(self, client: Client, owned: bool) -> None:
         self.client, self.owned = client, owned
@@ -207,8 +205,8 @@ class LbMagics(Magics):
         _no_arguments("%lb_interrupt", line)
         client = self._need_client()
         self.submitted = [ar for ar in self.submitted if not ar.ready()]
-        running = [m for ar in self.submitted
-                   for m, o in zip(ar.msg_ids, ar._outcomes) if o is None]
+        outstanding = client.outstanding
+        running = [m for ar in self.submitted for m in ar.msg_ids if m in outstanding]
         engines = sorted({e for e in map(lambda m: _engine_of(client, m), running)
                           if e is not None})
         if not engines:
@@ -298,7 +296,9 @@ class LbMagics(Magics):
         except KeyboardInterrupt:
             client.abort(ar)
             ar.wait(ABORT_GRACE_S)
-            aborted = sum(isinstance(e, TaskAborted) for e in ar._errors())
+            md = ar.metadata
+            aborted = sum(isinstance(m.error, TaskAborted)
+                          for m in (md if isinstance(md, list) else [md]))
             pending = len(ar.msg_ids) - ar.progress()
             parts = []
             if aborted:

@@ -166,7 +166,7 @@ class SoakReport:
 def _start_cluster(engines: int, runtime: Path, log: Path) -> tuple[subprocess.Popen, Path]:
     """A controller process of our own (it watches us), logging to ``log``; engines are
     restarted however often the chaos kills them."""
-    from .client.local import _engine_env, read_ready
+    from .client.local import engine_env, read_ready
 
     path = runtime / f"ipylb-soak-{os.getpid()}.json"
     with open(log, "wb") as err:
@@ -175,7 +175,7 @@ def _start_cluster(engines: int, runtime: Path, log: Path) -> tuple[subprocess.P
              "--engines", str(engines), "--parent-pid", str(os.getpid()), "--log-level", "INFO",
              "--restart-limit", "100000", "--restart-stable", "0.5"],
             stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL, text=True,
-            env=_engine_env())
+            env=engine_env())
     line = read_ready(proc)
     if line != "ready":
         raise RuntimeError(f"the soak's controller failed to start: {line} (log: {log})")
@@ -251,19 +251,14 @@ def _chaos(rc: Client, every: float, stop: threading.Event, rng: random.Random,
 def _outcome(task: _Task) -> tuple[str, Any]:
     """("ok", value) or ("error", RemoteError) or ("lost", None)."""
     ar, index = (task.ar if isinstance(task.ar, tuple) else (task.ar, None))
-    if index is None:
-        if not ar.ready():
-            return "lost", None
-        try:
-            return "ok", ar.get(0)
-        except RemoteError as e:
-            return "error", e
-    outcome = ar._outcomes[index]
-    if outcome is None:
+    if index is not None:
+        ar = ar.split()[index]  # a map's task, as a result of its own
+    if not ar.ready():
         return "lost", None
-    if outcome.ok:
-        return "ok", outcome.value(ar._client)
-    return "error", outcome.error()
+    value = ar.get(0, return_exceptions=True)
+    if index is not None:
+        value = value[0]  # that task's one item (a map's get() is a list)
+    return ("error" if isinstance(value, RemoteError) else "ok"), value
 
 
 def run_soak(tasks: int = 20_000, engines: int = 4, kill_every: float = 2.0,
@@ -323,7 +318,7 @@ def run_soak(tasks: int = 20_000, engines: int = 4, kill_every: float = 2.0,
             report.fuzz, report.fuzz_frames = dict(fuzzer.sent), fuzzer.frames
         report.kills = counts["kills"]
         report.restarts = clients[0].highest_engine + 1 - first_id  # a restart is a new id
-        report.validate = clients[0]._request("validate", None, 60)
+        report.validate = clients[0].validate(60)
         report.rss_end = controller.memory_info().rss
         _account(report, [t for ts in per_client for t in ts], clients, marks)
         clients[0].purge_results("all")  # what the records held, as opposed to a leak

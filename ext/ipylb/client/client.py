@@ -144,11 +144,14 @@ class Client(Link, TaskRecords):
         return len(self._engine_ids)
 
     def wait_for_engines(self, n: int, timeout: float | None = None,
-                         block: bool = True) -> Future | None:
+                         block: bool = True, interactive: bool = False) -> Future | None:
         """Wait until at least ``n`` engines are registered (``timeout`` seconds; None or
         -1: no limit).  Raises TimeoutError if they are not in time, RuntimeError if an
         engine this cluster started failed to start.  With ``block=False`` returns at
-        once a ``concurrent.futures.Future`` that ends the same way (as ipyparallel)."""
+        once a ``concurrent.futures.Future`` that ends the same way (as ipyparallel).
+        ``interactive`` (ipyparallel's name; default False here): show ``ipylb: 12/64
+        engines up`` on stderr once the wait lasts more than a moment
+        (:class:`ipylb.limits.StartProgress`)."""
         if timeout is not None and timeout < 0:
             timeout = None
         if not block:
@@ -156,7 +159,7 @@ class Client(Link, TaskRecords):
 
             def wait() -> None:
                 try:
-                    self.wait_for_engines(n, timeout)
+                    self.wait_for_engines(n, timeout, interactive=interactive)
                 except BaseException as e:
                     fut.set_exception(e)
                 else:
@@ -164,7 +167,7 @@ class Client(Link, TaskRecords):
 
             threading.Thread(target=wait, daemon=True, name="ipylb-wait-for-engines").start()
             return fut
-        self._await_engines(n, timeout)
+        self._await_engines(n, timeout, limits.StartProgress(n) if interactive else None)
         return None
 
     def _await_engines(self, n: int, timeout: float | None,
@@ -412,6 +415,21 @@ class Client(Link, TaskRecords):
             subs = list(self._submissions)
         return sorted(subs, key=lambda ar: ar._submitted)
 
+    @property
+    def outstanding(self) -> frozenset[str]:
+        """The msg_ids of this client's tasks whose results have not arrived yet (as
+        ipyparallel's ``rc.outstanding``; a snapshot, not a live set).  Tasks of other
+        clients fetched with ``get_result`` are not in it."""
+        return frozenset(self._pending)
+
+    def validate(self, timeout: float | None = 30.0) -> dict[str, int]:
+        """Ask the controller to check its scheduler's invariants and that its own tables
+        agree with them (a self-test for soaks and tests, sound while tasks run).  Returns
+        the sizes of what grows with use (``listeners``, ``senders``, ``records``,
+        ``engines``); raises RuntimeError naming the first broken invariant, TimeoutError
+        if there is no answer within ``timeout`` seconds."""
+        return self._request("validate", None, timeout)
+
     def submission_of(self, msg_id: str) -> Any:
         """The AsyncResult a pending task of this client was submitted in (None if the task
         is not pending here: finished, another client's, or part of an imap)."""
@@ -504,27 +522,25 @@ class Client(Link, TaskRecords):
         with self._state:
             self._state.notify_all()
 
-    def shutdown(self, *args: Any, **kwargs: Any) -> None:
+    def shutdown(self, *args: Any, reason: str | None = None, **kwargs: Any) -> None:
         """Stop the private cluster this client started (every process of it), then close.
 
-        Results not yet received fail with ClientClosed.  A client of a running cluster
-        (``Client()``, ``Client(profile=...)``) only disconnects: ``stop_cluster()`` stops
-        that one.  ipyparallel's arguments (``hub=``, ``targets=``, ``restart=``) raise
-        TypeError: ipylb has no direct interface to engines.
+        Results not yet received fail with ClientClosed, whose message says ``reason``:
+        what stopped the cluster, as a clause (default ``"its cluster was shut down by
+        rc.shutdown()"``; the magics say ``"%lb_stop stopped the magics' cluster"``).  A
+        client of a running cluster (``Client()``, ``Client(profile=...)``) only
+        disconnects: ``stop_cluster()`` stops that one.  ipyparallel's arguments
+        (``hub=``, ``targets=``, ``restart=``) raise TypeError: ipylb has no direct
+        interface to engines.
         """
         if args or kwargs:
             given = ", ".join([*map(repr, args), *(f"{k}={v!r}" for k, v in kwargs.items())])
             raise TypeError(
-                f"rc.shutdown({given}): ipylb's shutdown() takes no arguments. It stops the "
+                f"rc.shutdown({given}): ipylb's shutdown() takes only reason=. It stops the "
                 "private cluster of Client(engines=N); rc.stop_cluster() (or `ipylb cluster "
                 "stop`) stops a running cluster, controller and engines; rc.close() only "
                 "disconnects. ipylb has no direct interface to engines (ipyparallel's "
                 "targets/restart/hub).")
-        self._shutdown("task {} had not finished when its cluster was shut down (rc.shutdown())",
-                       "its cluster was shut down by rc.shutdown()")
-
-    def _shutdown(self, why: str, how: str) -> None:
-        """shutdown(), with the reason results still expected fail with (see _close)."""
         local, self._local = self._local, None
         if local is None:
             global _said_shutdown_disconnects
@@ -532,10 +548,12 @@ class Client(Link, TaskRecords):
                 _said_shutdown_disconnects = True
                 warnings.warn("rc.shutdown() only disconnects this client: its cluster was not "
                               "started by it and keeps running. rc.stop_cluster() (or `ipylb "
-                              "cluster stop`) stops it.", UserWarning, stacklevel=3)
+                              "cluster stop`) stops it.", UserWarning, stacklevel=2)
             self.close()
             return
-        self._close(why, how)
+        reason = reason or "its cluster was shut down by rc.shutdown()"
+        escaped = reason.replace("{", "{{").replace("}", "}}")  # _close formats ``why``
+        self._close(f"task {{}} had not finished when {escaped}", reason)
         local.stop()
 
     # -- ipyparallel's direct interface: not here, say what to use -----------------

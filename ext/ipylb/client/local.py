@@ -49,7 +49,7 @@ def check_kernelspec(name: str | None = None) -> None:
         ) from None
 
 
-def _engine_env() -> dict[str, str]:
+def engine_env() -> dict[str, str]:
     """This process's environment, with PYTHONPATH extended (not replaced) by its sys.path:
     what imports here (a test module, a path appended in a notebook, a directory named in
     PYTHONPATH) imports on the engines too (API.md: engines inherit the client's environment).
@@ -125,7 +125,7 @@ class LocalCluster:
             *(["--kernel", kernel] if kernel else []),
         ]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                                     text=True, env=_engine_env())
+                                     text=True, env=engine_env())
         line = read_ready(self.proc)
         if line != "ready":
             self.proc.wait()

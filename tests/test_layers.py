@@ -1,0 +1,58 @@
+"""Layers point one way: modules above the client (magics, dashboard, top, CLI, join,
+soak, fuzz, bench) use the client, its views and results through public API only."""
+
+import ast
+from pathlib import Path
+
+import ipylb
+
+PACKAGE = Path(ipylb.__file__).parent
+ABOVE_THE_CLIENT = [
+    "magics.py", "dashboard.py", "top.py", "cli.py", "join.py", "soak.py", "fuzz.py",
+    *(f"bench/{p.name}" for p in sorted((PACKAGE / "bench").glob("*.py"))),
+]
+
+
+def _private_reaches(source: str) -> list[tuple[int, str]]:
+    """``x._name`` where ``x`` is not ``self``/``cls``/``super()``: a reach into another
+    object's privates.  Dunders and IPython's display hooks (``_repr_*_``) are public."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Attribute) or not node.attr.startswith("_"):
+            continue
+        if node.attr.endswith("_"):
+            continue
+        owner = node.value
+        if isinstance(owner, ast.Name) and owner.id in ("self", "cls"):
+            continue
+        if (isinstance(owner, ast.Call) and isinstance(owner.func, ast.Name)
+                and owner.func.id == "super"):
+            continue
+        found.append((node.lineno, f"{ast.unparse(owner)}.{node.attr}"))
+    return found
+
+
+def _private_imports(source: str) -> list[tuple[int, str]]:
+    """``from ipylb.x import _name`` / ``from .x import _name``."""
+    return [(node.lineno, f"{node.module}.{alias.name}")
+            for node in ast.walk(ast.parse(source)) if isinstance(node, ast.ImportFrom)
+            and (node.level or (node.module or "").startswith("ipylb"))
+            for alias in node.names
+            if alias.name.startswith("_") and not alias.name.endswith("__")]
+
+
+def test_the_checker_sees_a_private_reach():
+    src = "def f(rc, ar):\n    rc._pending\n    ar._outcomes[0]\n    self._ok\n    x.__len__\n"
+    assert _private_reaches(src) == [(2, "rc._pending"), (3, "ar._outcomes")]
+    assert _private_imports("from .client.local import _engine_env, read_ready\n"
+                            "from . import __version__\n") == [(1, "client.local._engine_env")]
+
+
+def test_modules_above_the_client_use_public_api_only():
+    bad = {}
+    for name in ABOVE_THE_CLIENT:
+        source = (PACKAGE / name).read_text()
+        found = _private_reaches(source) + _private_imports(source)
+        if found:
+            bad[name] = found
+    assert bad == {}
