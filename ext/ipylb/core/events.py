@@ -93,12 +93,16 @@ class TaskStarted:
 
 @dataclass(frozen=True, slots=True)
 class TaskDone:
-    """An engine finished a task: ``success`` False means the task raised."""
+    """An engine finished a task: ``success`` False means the task raised.
+
+    ``ran``: seconds the task ran on its engine, by the engine's own clock (None: not
+    known); ``hwm="auto"`` measures with it (:mod:`ipylb.core.pipeline`)."""
 
     task_id: str
     engine_id: int
     success: bool
     time: float
+    ran: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +121,18 @@ class AbortRequested:
     """A client asked that a task not run."""
 
     task_id: str
+    time: float
+
+
+@dataclass(frozen=True, slots=True)
+class StealAnswered:
+    """An engine's answer to a :class:`Steal` of ``task_id``: ``cancelled`` True means it had
+    not started the task and never will (the core then places it elsewhere); False means it
+    had already started it (its result comes as usual)."""
+
+    task_id: str
+    engine_id: int
+    cancelled: bool
     time: float
 
 
@@ -143,6 +159,7 @@ Event = (
     | TaskDone
     | TaskUnmet
     | AbortRequested
+    | StealAnswered
     | Tick
     | TaskForgotten
 )
@@ -193,6 +210,16 @@ class Cancel:
 
 
 @dataclass(frozen=True, slots=True)
+class Steal:
+    """Ask ``engine_id`` to give back ``task_id``, queued there but maybe not started, for an
+    idle engine (``hwm="auto"``, :mod:`ipylb.core.pipeline`).  The engine answers with
+    StealAnswered; until then the task stays assigned to ``engine_id``."""
+
+    task_id: str
+    engine_id: int
+
+
+@dataclass(frozen=True, slots=True)
 class Interrupt:
     """Interrupt ``task_id``, running on ``engine_id``, the Jupyter way (KeyboardInterrupt in
     the task): its walltime expired.  Only that task: if the engine has moved on to another,
@@ -212,4 +239,4 @@ class RestartEngine:
     reason: str
 
 
-Command = Assign | Deliver | Fail | Cancel | Interrupt | RestartEngine
+Command = Assign | Deliver | Fail | Cancel | Steal | Interrupt | RestartEngine

@@ -282,3 +282,5 @@ class Placement:
             self._nfree += 1
         e.load -= 1
         self._free.update(e)
+        if not e.load and self._pipe is not None:  # hwm="auto": it may steal work
+            self._pipe.idle.append(e)

@@ -126,6 +126,7 @@ from .events import (
     Deliver,
     EngineAdded,
     EngineRemoved,
+    StealAnswered,
     TaskDone,
     TaskForgotten,
     TaskStarted,
@@ -135,6 +136,7 @@ from .events import (
 )
 from .failures import Failures
 from .free import FreeEngines
+from .pipeline import AUTO, START_DEPTH, Pipe, Pipelining
 from .placement import Placement
 from .task import (
     ASSIGNED,
@@ -155,11 +157,13 @@ from .validation import Validation
 __all__ = ["Scheduler", "WAITING", "READY", "ASSIGNED", "DONE", "FAILED"]
 
 
-class Scheduler(Placement, Dependencies, Failures, Deadlines, Validation):
+class Scheduler(Placement, Dependencies, Failures, Deadlines, Pipelining, Validation):
     """The pure scheduler: feed it events with :meth:`handle`, carry out its commands.
 
     ``scheme``: routing scheme name (see :mod:`ipylb.core.schemes`; not ``pure``).
-    ``hwm``: at most this many outstanding tasks per engine, 0 for no limit.
+    ``hwm``: at most this many outstanding tasks per engine, 0 for no limit, or ``"auto"``:
+    as many as hide the round trip, measured, with queued tasks stolen back for idle
+    engines (:mod:`.pipeline`; its Steal commands need StealAnswered events back).
     ``seed``: seeds the scheduler's random generator (schemes that draw).
     ``validate``: check every invariant after every event (slow; for tests).
     ``story_size``: how many transitions the debugging log keeps.
@@ -178,10 +182,15 @@ class Scheduler(Placement, Dependencies, Failures, Deadlines, Validation):
     ) -> None:
         self._scheme = schemes.get(scheme)
         self.scheme = scheme
-        if not isinstance(hwm, int) or hwm < 0:
-            raise ValueError(f"hwm must be an int >= 0 (0: no limit), not {hwm!r}")
+        self._pipe: Pipe | None = None
+        if hwm == AUTO:
+            self._pipe = Pipe()
+            self._cap = START_DEPTH
+        elif not isinstance(hwm, int) or isinstance(hwm, bool) or hwm < 0:
+            raise ValueError(f"hwm must be an int >= 0 (0: no limit) or 'auto', not {hwm!r}")
+        else:
+            self._cap = hwm or BIG
         self.hwm = hwm
-        self._cap = hwm or BIG
         # Engines with a free slot, indexed for the scheme's pick in O(log engines).
         self._free = FreeEngines(scheme, self._cap)
         self._stamp = 0  # LRU keys of assignments: 1, 2, ...
@@ -215,6 +224,7 @@ class Scheduler(Placement, Dependencies, Failures, Deadlines, Validation):
             EngineAdded: self._on_engine_added,
             EngineRemoved: self._on_engine_removed,
             AbortRequested: self._on_abort,
+            StealAnswered: self._on_steal_answered,
             Tick: self._on_tick,
             TaskForgotten: self._on_forget,
         }
@@ -248,6 +258,8 @@ class Scheduler(Placement, Dependencies, Failures, Deadlines, Validation):
         handler(event, out)
         if self._fresh or self._freed:
             self._settle(out)
+        if self._pipe is not None:
+            self._pipe_settle(out)
         if self._validate:
             self.validate()
         return out
@@ -309,6 +321,11 @@ class Scheduler(Placement, Dependencies, Failures, Deadlines, Validation):
         """waiting | ready | assigned | done | failed, or None for an unknown id."""
         t = self._tasks.get(task_id)
         return None if t is None else t.state
+
+    def pipeline_status(self) -> dict[str, Any] | None:
+        """``hwm="auto"``: depth, the measured rtt and task time (seconds, None until
+        measured), steal requests sent and answered "cancelled"; None for a fixed hwm."""
+        return None if self._pipe is None else self._pipe.status()
 
     @property
     def engines(self) -> dict[int, int]:
@@ -413,6 +430,8 @@ class Scheduler(Placement, Dependencies, Failures, Deadlines, Validation):
         e: Engine = t.engine  # type: ignore[assignment]
         if e.id != ev.engine_id:
             return
+        if self._pipe is not None:
+            self._pipe_done(t, e, ev.ran)
         self._unqueue(t, e)
         e.completed += 1
         x = t.x
@@ -482,6 +501,8 @@ class Scheduler(Placement, Dependencies, Failures, Deadlines, Validation):
         e.key = self._unused_stamp = self._unused_stamp + 1
         self._free.registered(e)
         self._nfree += 1
+        if self._pipe is not None:
+            self._pipe.idle.append(e)
         self._story.append((None, None, None, f"engine {eid} added", self._now))
         if self._ready_excl:
             # Tasks held back by exclusions (or targets) may run here; soft exclusions elsewhere
@@ -505,6 +526,8 @@ class Scheduler(Placement, Dependencies, Failures, Deadlines, Validation):
         if e.load < self._cap:
             self._nfree -= 1
         e.alive = False
+        if self._pipe is not None:
+            self._pipe_engine_gone(e)
         self._free.unregistered(e)
         e.heap = []
         self._story.append((None, None, None, f"engine {e.id} removed: {reason}", self._now))

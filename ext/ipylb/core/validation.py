@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from .pipeline import MAX_DEPTH
 from .task import ASSIGNED, READY, WAITING, Extra, Task, unrestricted
 
 __all__ = ["Validation"]
@@ -26,7 +27,8 @@ class Validation:
         for e in self._engines.values():
             need(e.alive, f"{e} registered but not alive")
             need(e.load == len(e.queue), f"{e}: load {e.load} != {len(e.queue)} outstanding")
-            need(e.load <= cap, f"{e}: over hwm {self.hwm}")
+            # hwm="auto": a lowered depth leaves tasks already sent where they are
+            need(e.load <= (cap if self._pipe is None else MAX_DEPTH), f"{e}: over hwm {self.hwm}")
             nfree += e.load < cap
             for t in e.queue:
                 need(t.state is ASSIGNED and t.engine is e, f"{t} queued on {e} but not assigned there")

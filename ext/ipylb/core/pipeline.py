@@ -1,0 +1,264 @@
+"""``hwm="auto"``: an adaptive pipeline per engine, and stealing back queued tasks.
+
+With ``hwm=1`` an engine idles for one round trip (result to the controller, next task
+back) between tasks; with a fixed ``hwm`` > 1 engines stay fed, but a short task can
+wait behind a long one while another engine idles.  ``hwm="auto"`` keeps both good
+properties (issue 14, item 2; API.md's promise that a short task never stays queued
+behind a running one while another engine is idle):
+
+Depth.  Every engine may hold ``depth`` outstanding tasks, with
+
+    depth = 1 + ceil(rtt / task_time), between 1 and MAX_DEPTH,
+
+the number of tasks that run while one round trip completes, plus the one running.
+Both are exponentially weighted moving averages (weight ``ALPHA`` per sample):
+
+* ``task_time``: seconds each task ran on its engine (``TaskDone.ran``, from the
+  engine's own start and end stamps, so queueing and network time are not in it);
+* ``rtt``: for a task sent to an engine with nothing outstanding (it starts as soon as
+  it arrives), the controller's time from its Assign to its TaskDone minus what it ran:
+  the round trip the pipeline has to hide.
+
+Before the first samples ``depth`` is ``START_DEPTH``.  It is recomputed every
+``EVERY`` samples, and changes only then (each change revisits every engine's free
+slot once, so it must stay rare).  Lowering it leaves tasks already sent where they
+are; raising it fills the new slots at once.
+
+Stealing.  When an engine is idle (nothing outstanding) while a task it may run waits
+queued, not started, on a busy engine, the core emits :class:`~.events.Steal` for the
+oldest such task on the engine with the most queued.  The engine answers
+(:class:`~.events.StealAnswered`): ``cancelled`` means it had not started the task and
+never will: only then is the task taken off that engine and given to the idle one (no
+retry used; its dependencies and constraints are checked against the new engine as for
+any placement).  Otherwise it had already started: its result comes as usual, and the
+core does not ask for that task again.  Until the answer, the task stays where it was,
+so a lost request or answer costs only the steal, never the task: if the busy engine
+dies meanwhile, the task is re-queued as any task queued behind a dead engine's
+running one.  One request per idle engine is out at a time.
+
+Pure: no clock, no I/O; time comes with the events.  The state lives in
+:class:`Pipe`; :class:`Pipelining` is the scheduler's mixin that applies it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .events import ABORTED, Assign, Command, Steal, StealAnswered
+from .task import ASSIGNED, Engine, Task, unrestricted
+
+__all__ = ["AUTO", "MAX_DEPTH", "Pipe", "Pipelining", "depth_for"]
+
+AUTO = "auto"
+START_DEPTH = 2  # hides one round trip before anything is measured
+MAX_DEPTH = 16  # tasks outstanding per engine at most (trivial tasks)
+ALPHA = 0.2  # EWMA weight of a new sample
+EVERY = 8  # samples between two recomputations of the depth
+
+
+def depth_for(rtt: float, task_time: float) -> int:
+    """Outstanding tasks per engine that hide a round trip of ``rtt`` seconds when tasks
+    run ``task_time`` seconds each: ``1 + ceil(rtt / task_time)``, in [1, MAX_DEPTH]."""
+    if rtt <= 0:
+        return 1
+    if task_time <= rtt / MAX_DEPTH:
+        return MAX_DEPTH
+    return min(MAX_DEPTH, 1 + math.ceil(rtt / task_time))
+
+
+class Pipe:
+    """The measurements and the steal bookkeeping of ``hwm="auto"``."""
+
+    __slots__ = ("rtt", "task_time", "samples", "depth", "new_depth", "probes", "stealing",
+                 "thieves", "late", "idle", "steals", "stolen")
+
+    def __init__(self) -> None:
+        self.rtt: float | None = None  # EWMA, seconds
+        self.task_time: float | None = None  # EWMA, seconds
+        self.samples = 0
+        self.depth = START_DEPTH
+        self.new_depth = 0  # a depth to apply at the end of the event (0: none)
+        # engine -> (task it was sent while idle, when): the round-trip samples
+        self.probes: dict[Engine, tuple[Task, float]] = {}
+        self.stealing: dict[Task, tuple[Engine, Engine]] = {}  # task -> (its engine, thief)
+        self.thieves: set[Engine] = set()  # idle engines with a request out for them
+        self.late: dict[Task, Engine] = {}  # too late to steal: started on that engine
+        self.idle: list[Engine] = []  # engines that may have become idle in this event
+        self.steals = 0  # requests sent
+        self.stolen = 0  # ... answered "cancelled"
+
+    def sample(self, ran: float, rtt: float | None) -> None:
+        """One task's run time and, if it was a probe, the round trip around it."""
+        a = ALPHA
+        tt = self.task_time
+        self.task_time = ran if tt is None else tt + a * (ran - tt)
+        if rtt is not None:
+            r = self.rtt
+            self.rtt = rtt if r is None else r + a * (rtt - r)
+        self.samples += 1
+        if self.samples % EVERY == 0 and self.rtt is not None:
+            d = depth_for(self.rtt, self.task_time)
+            if d != self.depth:
+                self.new_depth = d
+
+    def status(self) -> dict[str, Any]:
+        """The pipeline's state for monitoring (seconds)."""
+        return {"depth": self.depth, "rtt": self.rtt, "task_time": self.task_time,
+                "steals": self.steals, "stolen": self.stolen}
+
+
+class Pipelining:
+    """The ``hwm="auto"`` part of :class:`~ipylb.core.scheduler.Scheduler` (a mixin: the
+    scheduler's ``__init__`` owns ``_pipe``, None unless ``hwm="auto"``)."""
+
+    _pipe: Pipe | None
+
+    def _pipe_done(self, t: Task, e: Engine, ran: float | None) -> None:
+        """TaskDone of ``t`` on ``e`` (before it leaves the engine): measure, and drop any
+        steal of it (the answer, crossing this result, will be stale)."""
+        p: Pipe = self._pipe  # type: ignore[assignment]
+        if p.stealing:
+            self._pipe_unsteal(t)
+        if p.late:
+            p.late.pop(t, None)
+        probe = p.probes.get(e)
+        rtt = None
+        if probe is not None and probe[0] is t:
+            del p.probes[e]
+            if ran is not None:
+                rtt = max(self._now - probe[1] - ran, 0.0)
+        if ran is not None and ran >= 0:
+            p.sample(ran, rtt)
+
+    def _pipe_unsteal(self, t: Task) -> None:
+        p: Pipe = self._pipe  # type: ignore[assignment]
+        rec = p.stealing.pop(t, None)
+        if rec is not None:
+            p.thieves.discard(rec[1])
+            p.idle.append(rec[1])
+
+    def _pipe_engine_gone(self, e: Engine) -> None:
+        """Engine ``e`` left: its probe and the steals from it end (its tasks are re-queued
+        by the caller); a steal for it still places the task once answered."""
+        p: Pipe = self._pipe  # type: ignore[assignment]
+        p.probes.pop(e, None)
+        p.thieves.discard(e)  # its requests stand: the answer places the task elsewhere
+        for t, (victim, thief) in list(p.stealing.items()):
+            if victim is e:  # the task is re-queued with the engine's others
+                del p.stealing[t]
+                if thief is not e:
+                    p.thieves.discard(thief)
+                    p.idle.append(thief)
+        for t, where in list(p.late.items()):
+            if where is e:
+                del p.late[t]
+
+    def _on_steal_answered(self, ev: StealAnswered, out: list[Command]) -> None:
+        p = self._pipe
+        t = self._tasks.get(ev.task_id)
+        if p is None or t is None:
+            return
+        rec = p.stealing.get(t)
+        if rec is None or rec[0].id != ev.engine_id or t.state is not ASSIGNED \
+                or t.engine is not rec[0]:
+            return  # stale: the task finished, or its engine died, before the answer
+        victim, thief = rec
+        del p.stealing[t]
+        p.thieves.discard(thief)
+        p.idle.append(thief)
+        if not ev.cancelled:  # it had started: its result will come
+            p.late[t] = victim
+            self._story.append((t.id, ASSIGNED, ASSIGNED, f"steal: already started on engine "
+                                f"{victim.id}", self._now))
+            return
+        p.stolen += 1
+        self._unqueue(t, victim)
+        self._freed.append(victim)
+        x = t.x
+        if x is not None and x.aborted:
+            t.engine = None
+            self._fail(t, ABORTED, f"task {t.id} was aborted before it ran", out,
+                       why=f"{t.id} was aborted")
+            return
+        self._requeue(t, f"stolen back from engine {victim.id}")
+        if thief.alive and thief.load < self._cap and (x is None or unrestricted(x)
+                                                       or self._eligible(t, thief)):
+            self._assign(t, thief, out)
+        elif t.deadline is not None:
+            self._push_deadline(t)
+
+    def _pipe_settle(self, out: list[Command]) -> None:
+        """End of an event: apply a new depth, note round-trip probes, and steal for the
+        engines left idle."""
+        p: Pipe = self._pipe  # type: ignore[assignment]
+        if p.new_depth:
+            self._set_depth(p.new_depth, out)
+        now = self._now
+        engines = self._engines
+        behind = False
+        for c in out:
+            if c.__class__ is Assign:
+                e = engines.get(c.engine_id)
+                if e is None:
+                    continue
+                if e.load == 1:
+                    p.probes[e] = (e.queue[0], now)
+                else:
+                    behind = True
+        if not (p.idle or (behind and len(engines) > 1)):
+            return
+        p.idle.clear()
+        idle = [e for e in self._lru.values() if e.load == 0 and e not in p.thieves]
+        if not idle:
+            return
+        victims = sorted((e for e in engines.values() if e.load > 1),
+                         key=lambda e: (-e.load, e.key))
+        if not victims:
+            return
+        for thief in idle:
+            for victim in victims:
+                t = self._stealable(victim, thief)
+                if t is not None:
+                    p.stealing[t] = (victim, thief)
+                    p.thieves.add(thief)
+                    p.steals += 1
+                    self._story.append((t.id, ASSIGNED, ASSIGNED, f"steal: for engine "
+                                        f"{thief.id}, asked engine {victim.id}", now))
+                    out.append(Steal(t.id, victim.id))
+                    break
+
+    def _stealable(self, victim: Engine, thief: Engine) -> Task | None:
+        """The oldest task queued on ``victim`` behind its running one that ``thief`` may
+        run and that is not being stolen, known started or aborted; or None."""
+        p: Pipe = self._pipe  # type: ignore[assignment]
+        q = victim.queue
+        for i in range(1, len(q)):
+            t = q[i]
+            if t in p.stealing or p.late.get(t) is victim:
+                continue
+            x = t.x
+            if x is None:
+                return t
+            if x.aborted or x.started is not None:
+                continue
+            if unrestricted(x) or self._eligible(t, thief):
+                return t
+        return None
+
+    def _set_depth(self, depth: int, out: list[Command]) -> None:
+        """The pipeline's depth changes: every engine's free slot is counted again, and
+        engines with new free slots take ready tasks."""
+        p: Pipe = self._pipe  # type: ignore[assignment]
+        p.depth, p.new_depth = depth, 0
+        self._cap = depth
+        self._free.cap = depth
+        nfree = 0
+        for e in self._lru.values():
+            nfree += e.load < depth
+            self._free.update(e)
+        self._nfree = nfree
+        self._story.append((None, None, None, f"pipeline depth {depth}", self._now))
+        for e in list(self._lru.values()):
+            if e.load < depth:
+                self._fill(e, out)

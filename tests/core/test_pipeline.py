@@ -1,0 +1,395 @@
+"""hwm="auto": the adaptive pipeline depth and stealing back queued tasks (issue 14 item 2).
+
+Unit tests drive the core by hand; the property tests run random workloads through a
+discrete-event simulation of a controller and its engines (messages take a latency each
+way; engines run their tasks in arrival order and answer steals by whether they have
+started the task), and check, after every event: no task runs twice, none is lost,
+follow/after hold where tasks run, and no task stays queued behind a running one while an
+engine that may run it is idle with no steal out for it.  Makespans of ``hwm="auto"`` and
+``hwm=1`` are compared on the same workloads.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections import deque
+
+import pytest
+from corekit import Core
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from ipylb.core.events import (
+    ABORTED,
+    ENGINE_ERROR,
+    Assign,
+    Cancel,
+    Deliver,
+    DepSpec,
+    EngineAdded,
+    EngineRemoved,
+    Fail,
+    Steal,
+    StealAnswered,
+    TaskDone,
+    TaskSubmitted,
+)
+from ipylb.core.pipeline import MAX_DEPTH, START_DEPTH, depth_for
+from ipylb.core.scheduler import Scheduler
+
+
+def answer(c: Core, tid: str, eid: int, cancelled: bool) -> list:
+    return c(StealAnswered(tid, eid, cancelled, c.now))
+
+
+def done(c: Core, tid: str, eid: int, ran: float | None = None, ok: bool = True) -> list:
+    return c(TaskDone(tid, eid, ok, c.now, ran))
+
+
+# ---------------------------------------------------------------------------- depth
+
+
+def test_depth_rule():
+    assert depth_for(0.001, 0.050) == 2  # long tasks: one queued hides the round trip
+    assert depth_for(0.001, 0.0005) == 3  # 1 + ceil(2)
+    assert depth_for(0.001, 0.00001) == MAX_DEPTH  # trivial tasks: capped
+    assert depth_for(0.0, 0.01) == 1  # nothing to hide
+    assert depth_for(0.001, 0.0) == MAX_DEPTH
+
+
+def test_auto_starts_at_two_and_grows_for_trivial_tasks():
+    c = Core(2, hwm="auto")
+    assert c.s.pipeline_status()["depth"] == START_DEPTH
+    out = [c.run(f"t{i}") for i in range(4)]
+    assert sorted(out) == [0, 0, 1, 1]
+    assert c.submit("t4") == []  # both engines hold 2
+    for i in range(4):
+        c.now += 0.01
+        done(c, f"t{i}", c.s._tasks[f"t{i}"].engine.id)  # no run time: not a sample
+    assert done(c, "t4", 0) == [Deliver("t4")]  # t4 went to engine 0 when t0 ended
+    # Round trip 2 ms around tasks of 0.1 ms, each sent to an idle engine.
+    for i in range(8):
+        eid = c.run(f"p{i}")
+        c.now += 0.002
+        done(c, f"p{i}", eid, ran=0.0001)
+    st_ = c.s.pipeline_status()
+    assert st_["rtt"] == pytest.approx(0.0019)
+    assert st_["task_time"] == pytest.approx(0.0001)
+    assert st_["depth"] == MAX_DEPTH
+
+
+def test_depth_falls_for_long_tasks_and_leaves_sent_tasks_in_place():
+    c = Core(1, hwm="auto")
+    p = c.s._pipe
+    p.depth = c.s._cap = c.s._free.cap = 5  # as if trivial tasks had raised it
+    for i in range(5):
+        assert c.run(f"a{i}") == 0
+    for i in range(5):
+        c.now += 1.0
+        done(c, f"a{i}", 0, ran=1.0)
+    # Long tasks, a probe each: depth 1 + ceil(rtt / 1 s) = 2.
+    for i in range(16):
+        c.run(f"b{i}")
+        c.now += 1.001
+        done(c, f"b{i}", 0, ran=1.0)
+    assert c.s.pipeline_status()["depth"] == 2
+
+
+# ---------------------------------------------------------------------------- stealing
+
+
+def setup_long_and_shorts(c: Core) -> None:
+    """long -> e0, s1 -> e1, s2 -> e0 (queued behind long), s3 -> e1."""
+    assert c.submit("long") == [Assign("long", 0)]
+    assert c.submit("s1") == [Assign("s1", 1)]
+    assert c.submit("s2") == [Assign("s2", 0)]
+    assert c.submit("s3") == [Assign("s3", 1)]
+
+
+def test_an_idle_engine_steals_the_task_queued_behind_a_long_one():
+    c = Core(2, hwm="auto")
+    setup_long_and_shorts(c)
+    assert done(c, "s1", 1) == [Deliver("s1")]
+    assert done(c, "s3", 1) == [Deliver("s3"), Steal("s2", 0)]
+    assert answer(c, "s2", 0, True) == [Assign("s2", 1)]
+    assert c.s.queue_status()[0] == {"queue": 0, "completed": 0, "tasks": 1}
+    assert done(c, "s2", 0) == []  # stale: it was never to run there
+    assert done(c, "s2", 1) == [Deliver("s2")]
+    assert c.s.pipeline_status()["stolen"] == 1
+
+
+def test_too_late_leaves_the_task_and_it_is_not_asked_again():
+    c = Core(2, hwm="auto")
+    setup_long_and_shorts(c)
+    done(c, "s1", 1)
+    assert done(c, "s3", 1) == [Deliver("s3"), Steal("s2", 0)]
+    assert answer(c, "s2", 0, False) == []  # started: no second request for it
+    assert done(c, "long", 0) == [Deliver("long")]
+    assert done(c, "s2", 0) == [Deliver("s2")]
+    assert c.state("s2") == "done"
+
+
+def test_the_answer_crossing_the_result_is_stale():
+    c = Core(2, hwm="auto")
+    setup_long_and_shorts(c)
+    done(c, "s1", 1)
+    done(c, "s3", 1)
+    assert done(c, "long", 0) == [Deliver("long")]
+    assert done(c, "s2", 0) == [Deliver("s2")]
+    assert answer(c, "s2", 0, False) == []
+    assert answer(c, "s2", 0, True) == []  # even a (wrong) "cancelled": the task is done
+    assert c.state("s2") == "done"
+
+
+def test_busy_engine_dies_between_steal_and_answer():
+    c = Core(2, hwm="auto")
+    setup_long_and_shorts(c)
+    done(c, "s1", 1)
+    done(c, "s3", 1)
+    out = c.remove(0)
+    assert out == [Fail("long", ENGINE_ERROR, out[0].message, 0), Assign("s2", 1)]
+    assert answer(c, "s2", 0, True) == []  # from the dead engine: stale
+    assert c.s.queue_status()[1]["tasks"] == 1
+    assert done(c, "s2", 1) == [Deliver("s2")]
+
+
+def test_thief_dies_before_the_answer_the_task_is_placed_anyway():
+    c = Core(3, hwm="auto")
+    assert c.submit("long") == [Assign("long", 0)]
+    assert c.submit("x") == [Assign("x", 1)]
+    assert c.submit("y") == [Assign("y", 2)]
+    assert c.submit("s") == [Assign("s", 0)]
+    assert done(c, "x", 1) == [Deliver("x"), Steal("s", 0)]
+    c.remove(1)
+    assert c.s.queue_status()[2]["tasks"] == 1
+    out = answer(c, "s", 0, True)  # placed by the scheme: engine 0's slot is free now too
+    assert len(out) == 1 and out[0].task_id == "s" and out[0].engine_id in (0, 2)
+
+
+def test_abort_during_a_steal():
+    c = Core(2, hwm="auto")
+    setup_long_and_shorts(c)
+    done(c, "s1", 1)
+    done(c, "s3", 1)
+    assert c.abort("s2") == [Cancel("s2", 0)]
+    out = answer(c, "s2", 0, True)
+    assert [type(o) for o in out] == [Fail] and out[0].error == ABORTED
+
+
+def test_follow_and_targets_are_never_stolen_to_an_engine_they_may_not_use():
+    c = Core(2, hwm="auto")
+    c.submit("a")  # e0
+    assert done(c, "a", 0) == [Deliver("a")]
+    assert c.submit("long", targets=[0]) == [Assign("long", 0)]
+    assert c.submit("f", follow="a") == [Assign("f", 0)]  # must run where a ran
+    assert c.submit("t", targets=[0]) == []  # e0 is full (depth 2)
+    assert c.s.queue_status()[1]["tasks"] == 0  # e1 idle, but nothing it may take
+    assert done(c, "long", 0) == [Deliver("long"), Assign("t", 0)]
+
+
+def test_after_dependencies_and_retries_survive_a_steal():
+    c = Core(2, hwm="auto")
+    c.submit("long")  # e0
+    c.submit("d")  # e1
+    assert done(c, "d", 1) == [Deliver("d")]
+    assert c.submit("w", after="d", retries=2, timeout=5.0) == [Assign("w", 1)]
+    assert c.submit("q", retries=1, walltime=30.0) == [Assign("q", 0)]
+    # w finishes: e1 idle, q (walltime, retries) waits behind long on e0
+    assert done(c, "w", 1) == [Deliver("w"), Steal("q", 0)]
+    assert answer(c, "q", 0, True) == [Assign("q", 1)]
+    assert c.s._tasks["q"].retries == 1  # a steal uses no retry
+
+
+def test_fixed_hwm_never_steals():
+    c = Core(2, hwm=2)
+    setup_long_and_shorts(c)
+    done(c, "s1", 1)
+    assert done(c, "s3", 1) == [Deliver("s3")]
+
+
+def test_hwm_values():
+    with pytest.raises(ValueError, match="'auto'"):
+        Scheduler(hwm="fast")
+    with pytest.raises(ValueError):
+        Scheduler(hwm=True)
+    assert Scheduler(hwm=1).pipeline_status() is None
+
+
+# ---------------------------------------------------------------------------- simulation
+
+
+class Sim:
+    """A controller (the core), engines that run their tasks in arrival order, and
+    messages that take ``latency`` seconds each way."""
+
+    def __init__(self, hwm, n_engines: int, latency: float, seed: int,
+                 scheme: str = "leastload") -> None:
+        self.core = Scheduler(scheme=scheme, hwm=hwm, seed=seed, validate=True)
+        self.lat = latency
+        self.q: list = []
+        self.n = 0
+        self.now = 0.0
+        self.local = {e: deque() for e in range(n_engines)}  # arrived, not started
+        self.running: dict[int, str | None] = {e: None for e in range(n_engines)}
+        self.dead: set[int] = set()
+        self.dur: dict[str, float] = {}
+        self.starts: dict[str, list[tuple[int, float]]] = {}
+        self.ends: dict[str, float] = {}
+        self.final: dict[str, str] = {}
+        self.specs: dict[str, TaskSubmitted] = {}
+        for e in range(n_engines):
+            self.feed(EngineAdded(e, 0.0))
+
+    def at(self, t: float, what: tuple) -> None:
+        self.n += 1
+        heapq.heappush(self.q, (t, self.n, what))
+
+    def feed(self, event) -> None:
+        for c in self.core.handle(event):
+            if isinstance(c, Assign):
+                self.at(self.now + self.lat, ("task", c.engine_id, c.task_id))
+            elif isinstance(c, Steal):
+                self.at(self.now + self.lat, ("steal", c.engine_id, c.task_id))
+            elif isinstance(c, Deliver):
+                self.final[c.task_id] = "done"
+            elif isinstance(c, Fail):
+                self.final[c.task_id] = c.error
+            elif isinstance(c, Cancel):
+                pass
+        self.check()
+
+    def check(self) -> None:
+        """API.md's promise, on the core's state after every event."""
+        core = self.core
+        p = core._pipe
+        if p is None:
+            return
+        idle = [e for e in core._engines.values() if e.load == 0 and e not in p.thieves]
+        for e in idle:
+            for b in core._engines.values():
+                assert core._stealable(b, e) is None, (
+                    f"{b.queue[1]} stays queued behind a running task while engine {e.id} idles")
+
+    def start_next(self, e: int) -> None:
+        if self.running[e] is None and self.local[e] and e not in self.dead:
+            tid = self.local[e].popleft()
+            self.running[e] = tid
+            self.starts.setdefault(tid, []).append((e, self.now))
+            self.at(self.now + self.dur[tid], ("finish", e, tid))
+
+    def run(self, tasks: list[tuple[str, float, dict]], kill: tuple[float, int] | None = None,
+            until: float = 1e9) -> float:
+        for tid, d, kw in tasks:
+            self.dur[tid] = d
+            ev = TaskSubmitted(tid, 0.0, **kw)
+            self.specs[tid] = ev
+            self.feed(ev)
+        if kill is not None:
+            self.at(kill[0], ("kill", kill[1], None))
+        while self.q:
+            t, _, (kind, e, tid) = heapq.heappop(self.q)
+            assert t < until, "the simulation does not end"
+            self.now = t
+            if kind == "task":
+                if e not in self.dead:
+                    self.local[e].append(tid)
+                    self.start_next(e)
+            elif kind == "steal":
+                if e in self.dead:
+                    continue
+                gone = tid in self.local[e]
+                if gone:
+                    self.local[e].remove(tid)
+                self.at(t + self.lat, ("answer", e, (tid, gone)))
+            elif kind == "answer":
+                tid_, gone = tid
+                self.feed(StealAnswered(tid_, e, gone, t))
+            elif kind == "finish":
+                if e in self.dead:
+                    continue
+                self.running[e] = None
+                self.ends[tid] = t
+                self.at(t + self.lat, ("done", e, (tid, self.dur[tid])))
+                self.start_next(e)
+            elif kind == "done":
+                if e not in self.dead:
+                    self.feed(TaskDone(tid[0], e, True, t, tid[1]))
+            elif kind == "kill":
+                self.dead.add(e)
+                self.local[e].clear()
+                self.feed(EngineRemoved(e, "killed", t))
+        return self.now
+
+    def verify(self, tasks) -> None:
+        for tid, _, _ in tasks:
+            assert tid in self.final, f"{tid} lost: {self.core.story(tid)}"
+            runs = self.starts.get(tid, [])
+            assert len(runs) <= 1, f"{tid} ran twice: {runs}"
+            if self.final[tid] == "done":
+                assert len(runs) == 1
+                eng, began = runs[0]
+                spec = self.specs[tid]
+                if spec.after is not None:
+                    for d in spec.after.ids:
+                        assert self.ends[d] <= began, f"{tid} started before {d} ended"
+                if spec.follow is not None:
+                    for d in spec.follow.ids:
+                        assert self.starts[d][0][0] == eng, f"{tid} did not follow {d}"
+
+
+def workload(rng: random.Random, n: int, deps: bool) -> list[tuple[str, float, dict]]:
+    tasks = []
+    for i in range(n):
+        d = rng.lognormvariate(-4.0, 1.2)  # median 18 ms, heavy tail
+        kw: dict = {}
+        if deps and i and rng.random() < 0.2:
+            j = rng.randrange(i)
+            kw["after" if rng.random() < 0.5 else "follow"] = DepSpec(frozenset({f"t{j}"}))
+        if deps and rng.random() < 0.1:
+            kw["retries"] = 1
+        tasks.append((f"t{i}", d, kw))
+    return tasks
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10**6), engines=st.integers(2, 5), deps=st.booleans(),
+       scheme=st.sampled_from(["leastload", "lru", "plainrandom", "twobin", "weighted"]),
+       kill=st.booleans())
+def test_random_workloads_run_every_task_once(seed, engines, deps, scheme, kill):
+    rng = random.Random(seed)
+    tasks = workload(rng, 60, deps)
+    sim = Sim("auto", engines, latency=rng.choice([0.0001, 0.001, 0.01]), seed=seed,
+              scheme=scheme)
+    sim.run(tasks, kill=(rng.uniform(0.0, 0.2), rng.randrange(engines)) if kill else None)
+    sim.verify(tasks)
+    if not kill and not deps:
+        assert all(v == "done" for v in sim.final.values())
+
+
+def test_one_long_task_and_many_short_ones_makespan():
+    """The long task holds one engine; every short one runs on the other, none waits
+    for the long one (stealing), and auto beats hwm=1 by hiding the round trips."""
+    tasks = [("long", 1.0, {})] + [(f"s{i}", 0.01, {}) for i in range(60)]
+    spans = {}
+    for hwm in ("auto", 1):
+        sim = Sim(hwm, 2, latency=0.002, seed=0)
+        spans[hwm] = sim.run(tasks)
+        sim.verify(tasks)
+        assert all(sim.starts[f"s{i}"][0][0] == 1 for i in range(60)) or hwm == 1
+    assert spans["auto"] <= spans[1] + 1e-9
+    assert spans["auto"] < 1.01 + 0.004 * 2  # the long task, then its result's trip
+
+
+@pytest.mark.parametrize("mean,latency,ratio", [(0.05, 0.001, 1.0), (0.0002, 0.001, 0.5)])
+def test_makespan_auto_vs_hwm1(mean, latency, ratio):
+    """Uneven tasks: auto is no worse than hwm=1 (sum over seeds); trivial ones: auto takes
+    at most half as long (the round trips are hidden)."""
+    totals = {"auto": 0.0, 1: 0.0}
+    for seed in range(8):
+        rng = random.Random(seed)
+        tasks = [(f"t{i}", rng.lognormvariate(0, 1) * mean / 1.65, {}) for i in range(200)]
+        for hwm in ("auto", 1):
+            sim = Sim(hwm, 4, latency=latency, seed=seed)
+            totals[hwm] += sim.run(tasks)
+            sim.verify(tasks)
+    assert totals["auto"] <= ratio * totals[1] * 1.01, totals
