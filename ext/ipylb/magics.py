@@ -24,14 +24,16 @@ import linecache
 import re
 import sys
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class, needs_local_scope
 from IPython.core.magic_arguments import argument, kwds, magic_arguments, parse_argstring
 
-from .client.asyncresult import AsyncResult, print_stdout
+from .client.asyncresult import AsyncResult
 from .client.client import Client
+from .client.live import LiveOutput
 from .dependency import Dependency
 from .error import TaskAborted
 
@@ -266,8 +268,13 @@ class LbMagics(Magics):
             self.shell.user_ns[args.out] = ar
         if not args.block:
             return ar
-        self._wait(client, ar)
-        print_stdout(ar)
+        # The cell's output while it runs, in this cell (in a kernel: a display that the
+        # result's full output replaces; elsewhere: printed as it comes, then the rest).
+        live = LiveOutput.start(ar)
+        try:
+            self._wait(client, ar, live.follow)
+        finally:
+            live.finish()
         return ar.get()
 
     def _dependency(self, names: list[str], option: str) -> list[Any]:
@@ -289,10 +296,11 @@ class LbMagics(Magics):
                 deps.append(item)
         return deps
 
-    def _wait(self, client: Client, ar: AsyncResult) -> None:
-        """Wait for ``ar``; on an interrupt, abort what has not started and say what happened."""
+    def _wait(self, client: Client, ar: AsyncResult, wait: Callable[[], Any] | None = None) -> None:
+        """Wait for ``ar`` (with ``wait``, default ``ar.wait``); on an interrupt, abort what
+        has not started and say what happened."""
         try:
-            ar.wait()
+            (wait or ar.wait)()
         except KeyboardInterrupt:
             client.abort(ar)
             ar.wait(ABORT_GRACE_S)

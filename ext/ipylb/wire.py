@@ -60,13 +60,14 @@ from .shm import valid_name as shm_valid_name
 HELLO, SUBMIT, REQUEST, BYE = 1, 2, 3, 4
 # Controller -> client.
 WELCOME, RESULT, REPLY, EVENT = 11, 12, 13, 14
-# Controller -> engine.
-REGISTERED, TASK, CANCEL, STOP, REFUSED, ABOUT, FUNCTION = 21, 22, 23, 24, 25, 26, 27
+# Controller -> engine (WATCH: to an engine's health socket, a client wants the live output
+# of the task it runs).
+REGISTERED, TASK, CANCEL, STOP, REFUSED, ABOUT, FUNCTION, WATCH = 21, 22, 23, 24, 25, 26, 27, 28
 # Engine -> controller (STARTED: a task with a walltime began to run; PROBE: `ipylb engine
 # join --url` asks, under the key, what it needs to join: the only kind sent to no name;
 # HEALTH: an engine's CPU, memory and current task, from its own socket <engine ident>/health
-# every second).
-REGISTER, DONE, STARTED, PROBE, HEALTH = 31, 32, 33, 34, 35
+# every second; OUTPUT: from the same socket, what a watched running task printed lately).
+REGISTER, DONE, STARTED, PROBE, HEALTH, OUTPUT = 31, 32, 33, 34, 35, 36
 
 _SHA256 = hashlib.sha256
 _DIGEST = 32

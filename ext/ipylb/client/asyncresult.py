@@ -402,8 +402,28 @@ class AsyncResult(Future):
                    if m.started is not None and m.completed is not None)
 
     def display_outputs(self) -> None:
-        """Print what the tasks wrote to stdout and stderr, task by task."""
-        print_stdout(self)
+        """Show what the tasks wrote to stdout and stderr, task by task.
+
+        Finished: printed at once.  Still running (issue 15): their output is streamed
+        from the engines while they run (at most 4 reports a second of at most 16 KiB per
+        stream, the newest; a note marks what was skipped).  In a Jupyter kernel it is
+        shown in a display in the cell that called this, which returns at once; the
+        display keeps updating even while other cells run, and the full output
+        (``stdout``/``stderr``) replaces it once the tasks end.  Elsewhere (plain Python,
+        terminal IPython) it is printed to sys.stdout/sys.stderr as it comes and this
+        returns once the tasks have ended, having printed their full output exactly once.
+        Raises ControllerGone/ClientClosed if the cluster cannot be asked."""
+        if self.ready():
+            print_stdout(self)
+            return
+        from .live import LiveOutput
+
+        live = LiveOutput.start(self)
+        if not live.in_kernel:
+            try:
+                live.follow()
+            finally:
+                live.finish()
 
     _single = True
 

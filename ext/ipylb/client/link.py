@@ -72,6 +72,8 @@ class Link:
         self._pending: dict[str, tuple[AsyncResult, int]] = {}
         # Extra AsyncResults waiting for a msg_id (get_result of a task already pending).
         self._watchers: dict[str, list[tuple[AsyncResult, int]]] = {}
+        # Live output views by pending msg_id, with the task's index in each (client/live.py).
+        self._live: dict[str, list[tuple[Any, int]]] = {}
         self._outcomes: dict[str, Outcome] = {}
         self._replies: dict[int, Future] = {}
         self._engine_ids: list[int] = []
@@ -253,6 +255,10 @@ class Link:
         elif kind == wire.EVENT:
             if meta[0] == "shutdown":  # the controller stops: the loop fails what is pending
                 self._gone = f"{SHUT_DOWN} ({meta[1]})"
+            elif meta[0] == "output":  # a running task's live output (client/live.py)
+                _, msg_id, (out, out_end), (err, err_end) = meta
+                for live, i in self._live.get(msg_id, ()):
+                    live.add(i, out, err, (out_end, err_end))
             else:
                 self._on_event(meta)
         elif kind == wire.WELCOME:

@@ -167,7 +167,10 @@ class Controller(Requests):
             "ping": lambda _c, _a: None,  # a client's liveness check
             "validate": lambda _c, _a: self.validate(),
             "activity": self._req_activity,
+            "stream": self._req_stream,
         }
+        # Live output: the clients that want it, by pending msg_id (see _req_stream).
+        self.live: dict[str, set[bytes]] = {}
 
     def _router(self, ip: str, port: int = 0) -> zmq.Socket:
         # tcp even on one machine: measured here, an 8 MB message crosses a unix socket
@@ -235,6 +238,8 @@ class Controller(Requests):
             log.warning("parent process %s is gone: shutting down", self.parent_pid)
             self.stop(f"the process that started it (pid {self.parent_pid}) is gone")
             return
+        if self.live:
+            self._prune_live()
         if now >= self._next_forget:
             self._forget_idle_peers()
             self._next_forget = now + self._forget_sweep
@@ -301,8 +306,63 @@ class Controller(Requests):
                 cpu, rss, task, since = meta
                 self.activity.health[engine_id] = {"cpu": cpu, "rss": rss, "task": task,
                                                    "since": since}
+                if task in self.live:  # (repeated each report: a lost request is no loss)
+                    self._watch(sender, task)
+        elif kind == wire.OUTPUT:
+            self._on_output(sender, meta)
         else:
             raise wire.WireError(f"unexpected message kind {kind!r} on the engine socket")
+
+    # -- live output (issue 15) ----------------------------------------------------
+
+    def _req_stream(self, client: bytes, msg_ids: Any) -> int:
+        """A client wants the live output of these pending tasks of its own or another
+        client's (``AsyncResult.display_outputs``, ``%%lb``): their engines are asked for it
+        while they run (at once if one runs now, else with the engine's next health report,
+        within HEALTH_S of its start).  Returns how many of them are pending."""
+        if not (isinstance(msg_ids, list) and all(type(m) is str for m in msg_ids)):
+            raise ValueError("stream takes a list of msg_ids")
+        watched = 0
+        for msg_id in msg_ids:
+            rec = self.store.records.get(msg_id)
+            if rec is not None and rec.result is None:
+                self.live.setdefault(msg_id, set()).add(client)
+                watched += 1
+        if watched:
+            for engine_id, h in self.activity.health.items():
+                if h.get("task") in self.live:
+                    self._watch(self.engine_ident[engine_id] + b"/health", h["task"])
+        return watched
+
+    def _watch(self, health: bytes, msg_id: str) -> None:
+        """Ask an engine (its health socket) for the live output of the task it runs."""
+        try:
+            wire.send(self.engines, [health, *self.signer.pack(wire.WATCH, msg_id, to=health)])
+        except zmq.ZMQError:  # its health socket is gone: its engine's end is noticed elsewhere
+            pass
+
+    def _on_output(self, sender: bytes, meta: Any) -> None:
+        """A watched task's new output: an EVENT ``("output", msg_id, (stdout, end),
+        (stderr, end))`` to each client that asked for it (ends are byte positions in the
+        task's streams), nothing once the task has finished."""
+        if not (sender.endswith(b"/health") and sender.removesuffix(b"/health") in self.engine_of
+                and type(meta) is tuple and len(meta) == 3 and type(meta[0]) is str
+                and all(type(m) is tuple and len(m) == 2 and type(m[0]) is str
+                        and type(m[1]) is int for m in meta[1:])):
+            raise wire.WireError("a malformed live output report, or one from no engine")
+        clients = self.live.get(meta[0])
+        rec = self.store.records.get(meta[0]) if clients else None
+        if rec is None or rec.result is not None:
+            return
+        for client in clients:  # type: ignore[union-attr]
+            if client in self.listeners:
+                self._send_client(client, wire.EVENT, ("output", *meta))
+
+    def _prune_live(self) -> None:
+        """Forget watches of tasks that have finished (or were purged)."""
+        for msg_id in [m for m in self.live if (r := self.store.records.get(m)) is None
+                       or r.result is not None]:
+            del self.live[msg_id]
 
     def _forget_idle_peers(self) -> None:
         """Forget peers not heard from for ``forget_after`` s: replay state, listener place."""

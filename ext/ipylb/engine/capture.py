@@ -33,6 +33,7 @@ import sys
 import termios
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 # At most this many bytes of each stream are kept per task (IPYLB_OUTPUT_LIMIT): the rest is
@@ -96,6 +97,38 @@ class _Sink:
         self.data = bytearray()
         self.dropped = 0
         return text
+
+
+def live_text(data: bytes | bytearray, start: int, limit: int) -> tuple[str, int]:
+    """The text of ``data[start:]`` and the byte position it ends at, for live output.
+
+    At most ``limit`` bytes: of more, the newest are kept after a note of how many were
+    skipped (the full output still comes with the result).  A UTF-8 character cut by the
+    end is left for the next call; a cut one at the start of the kept bytes is skipped."""
+    end = len(data)
+    if end <= start:
+        return "", start
+    skipped = 0
+    if end - start > limit:
+        skipped = end - limit - start
+        start = end - limit
+        while start < end and data[start] & 0xC0 == 0x80:  # a continuation byte
+            start += 1
+            skipped += 1
+    cut = end
+    i = end - 1
+    while i > start and end - i < 4 and data[i] & 0xC0 == 0x80:
+        i -= 1
+    lead = data[i]
+    need = 2 if lead >> 5 == 0b110 else 3 if lead >> 4 == 0b1110 else 4 if lead >> 3 == 0b11110 \
+        else 1
+    if end - i < need:  # the last character is not all there yet
+        cut = i
+    text = bytes(data[start:cut]).decode("utf-8", "replace")
+    if skipped:
+        text = (f"[ipylb: {skipped} bytes of live output skipped (at most {limit} bytes per "
+                "report); the full output comes with the result]\n") + text
+    return text, cut
 
 
 def _pending(fd: int) -> int:
@@ -237,6 +270,21 @@ class Capture:
         if broken:
             self._reopen()
         return sinks[0].take("stdout"), sinks[1].take("stderr")  # type: ignore[index]
+
+    def peek(self, since: tuple[int, int], limit: int,
+             current: Callable[[], bool]) -> tuple[tuple[str, int], tuple[str, int]] | None:
+        """What the running task wrote to stdout and stderr after byte positions ``since``,
+        for its live output (the health thread's, not the main thread's): per stream
+        ``(text, position after it)``, at most ``limit`` bytes each (the newest, after a
+        note of how many were skipped; see :func:`live_text`).  None if no task runs, or
+        ``current()`` (asked under the reader's lock) says it is not the one wanted: the
+        task running under that lock cannot end, so what is read is its own."""
+        with self._lock:
+            sinks = self._sinks
+            if sinks is None or not current():
+                return None
+            return (live_text(sinks[0].data, since[0], limit),
+                    live_text(sinks[1].data, since[1], limit))
 
     def log(self, text: str) -> None:
         """Write a line of the engine's own to the controller's log (never a task's output)."""

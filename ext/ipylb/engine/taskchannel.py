@@ -45,6 +45,11 @@ TRACEBACK_LIMIT = 256 * 1024
 
 # Seconds between two health reports (CPU %, RSS, current task) to the controller.
 HEALTH_S = 1.0
+# The live output of a task a client watches (issue 15): at most one report every LIVE_S
+# seconds, with at most LIVE_BYTES bytes of each stream (the newest; a note says how many
+# were skipped).  So a task printing without pause costs its client a bounded stream.
+LIVE_S = 0.25
+LIVE_BYTES = 16 << 10
 
 # The engine pings the controller this often, and leaves after this long without an answer.
 CONTROLLER_PING_S = 2.0
@@ -171,7 +176,11 @@ class TaskChannel:
         """Every HEALTH_S, tell the controller this process's CPU % and RSS (psutil) and
         the task running now, from a socket of its own (zmq sockets are not shared
         between threads): it works while a task holds the main thread, and for engines
-        on other hosts.  A report that cannot be sent at once is dropped."""
+        on other hosts.  A report that cannot be sent at once is dropped.
+
+        The same socket hears WATCH from the controller (a client wants the live output of
+        the task running here): then, every LIVE_S at most, what that task wrote since
+        the last report goes out as OUTPUT (:meth:`_report_output`), until it ends."""
         import psutil
 
         ident = self.signer.sender + b"/health"
@@ -186,8 +195,20 @@ class TaskChannel:
         sock.connect(self.engine_url)
         proc = psutil.Process()
         proc.cpu_percent(None)
+        # The watched task: [msg_id, (stdout, stderr) byte positions reported, next report].
+        live: list[Any] | None = None
+        next_health = time.monotonic() + HEALTH_S
         while True:  # (a daemon thread: it ends with the engine)
-            time.sleep(HEALTH_S)
+            now = time.monotonic()
+            wake = next_health if live is None else min(next_health, live[2])
+            if sock.poll(max(0.0, wake - now) * 1000, zmq.POLLIN):
+                live = self._watch(sock, signer, live)
+            now = time.monotonic()
+            if live is not None and now >= live[2]:
+                live = self._report_output(sock, signer, live, now)
+            if now < next_health:
+                continue
+            next_health = now + HEALTH_S
             if self.engine_id is None:
                 continue
             task = self.running
@@ -197,6 +218,39 @@ class TaskChannel:
                 wire.send(sock, signer.pack(wire.HEALTH, meta))
             except zmq.ZMQError:  # the controller is slow or gone: the next one will do
                 pass
+
+    def _watch(self, sock: zmq.Socket, signer: wire.Signer, live: list[Any] | None) -> Any:
+        """Take the WATCH requests waiting on the health socket; returns the watched task.
+        A task watched already goes on where it was (the controller repeats a request
+        while the task runs); a new one is reported from its first byte at once."""
+        while True:
+            try:
+                kind, _sender, meta, _bufs, _mac = signer.unpack(wire.recv(sock))
+            except zmq.Again:
+                return live
+            except wire.WireError as e:
+                self.capture.log(f"ipylb engine: dropped a message: {e}")
+                continue
+            if kind == wire.WATCH and type(meta) is str and (live is None or live[0] != meta):
+                live = [meta, (0, 0), 0.0]
+
+    def _report_output(self, sock: zmq.Socket, signer: wire.Signer, live: list[Any],
+                       now: float) -> list[Any] | None:
+        """Send what the watched task wrote since the last report (at most LIVE_BYTES per
+        stream); None once it no longer runs (its result carries the rest)."""
+        msg_id = live[0]
+        got = self.capture.peek(live[1], LIVE_BYTES, lambda: self.running == msg_id)
+        if got is None:
+            return None
+        (out, out_end), (err, err_end) = got
+        live[2] = now + LIVE_S
+        if out or err:
+            try:
+                wire.send(sock, signer.pack(wire.OUTPUT, (msg_id, (out, out_end), (err, err_end))))
+            except zmq.ZMQError:  # not sent: the same bytes (and newer) go with the next one
+                return live
+            live[1] = (out_end, err_end)
+        return live
 
     def _on_monitor(self) -> None:
         """The connection to the controller dropped: it stopped or died, or its host is

@@ -1,0 +1,205 @@
+"""Live output: what running tasks print, shown while they run (issue 15).
+
+``ar.display_outputs()`` on a running result, and a blocking ``%%lb`` cell, ask the
+controller for the live output of the result's tasks (the ``stream`` request).  The
+engine running one then reports what it printed lately, at most every
+``engine.taskchannel.LIVE_S`` seconds and ``LIVE_BYTES`` bytes per stream (the newest, after
+a note of what was skipped), and the controller passes each report on to the clients that
+asked, as an ``("output", msg_id, (stdout, end), (stderr, end))`` event (``end``: the byte
+position in the task's stream).  Tasks nobody watches cost nothing: no report is made.
+
+Where it is shown:
+
+- In a Jupyter kernel, in the cell that asked: a display (``display_id``) made there and
+  updated by the client's threads under that cell's parent header
+  (ipykernel's ``set_thread_parent``), so the output lands in that cell even while
+  another cell runs.  Once the tasks end, their full output (``ar.stdout``/``ar.stderr``,
+  from the results) replaces the live view, once.
+- Elsewhere (plain Python, a terminal IPython), the caller's thread prints each report to
+  ``sys.stdout``/``sys.stderr`` as it comes, then, once the tasks end, what the results
+  hold beyond what was printed: nothing twice.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .asyncresult import AsyncResult
+
+__all__ = ["LiveOutput"]
+
+# A live view keeps at most this many characters per task and stream (the newest): a task
+# printing for hours must not make each update longer.  The result has everything.
+KEPT_CHARS = 100_000
+
+
+class LiveOutput:
+    """The output of ``ar``'s tasks while they run, shown where it was created (see the
+    module docstring).  Made by :meth:`start`; fed by the client's receiving thread
+    (:meth:`add`) and ended by the result (:meth:`finish`, once)."""
+
+    def __init__(self, ar: AsyncResult) -> None:
+        self.ar = ar
+        n = len(ar.msg_ids)
+        self._cond = threading.Condition()
+        self._texts = [["", ""] for _ in range(n)]  # per task: live stdout, stderr
+        self._ends = [[0, 0] for _ in range(n)]  # per task: byte positions reported
+        self._fresh: deque[tuple[str, str]] = deque()  # reports not yet printed (console)
+        self._finished = False
+        self._display = _Display.here()
+
+    @classmethod
+    def start(cls, ar: AsyncResult) -> LiveOutput:
+        """Watch ``ar``'s unfinished tasks: register with its client, ask the controller
+        for their output, and in a Jupyter kernel make the display that shows it (in the
+        cell running now).  Raises what the client's requests raise (ControllerGone,
+        ClientClosed, TimeoutError)."""
+        live = cls(ar)
+        client = ar._client
+        pending = [(i, m) for i, (m, o) in enumerate(zip(ar.msg_ids, ar._outcomes)) if o is None]
+        for i, msg_id in pending:
+            client._live.setdefault(msg_id, []).append((live, i))
+        ar.add_done_callback(lambda _ar: live.finish())
+        if pending:
+            try:
+                client._request("stream", [m for _i, m in pending])
+            except BaseException:
+                live.finish()
+                raise
+        return live
+
+    # -- the client's threads --------------------------------------------------------
+
+    def add(self, index: int, out: str, err: str, ends: tuple[int, int]) -> None:
+        """A report for task ``index`` (the receiving thread): keep it, show it."""
+        with self._cond:
+            if self._finished or self.ar._outcomes[index] is not None:
+                return  # the result came first: it has all this
+            texts = self._texts[index]
+            texts[0] = (texts[0] + out)[-KEPT_CHARS:]
+            texts[1] = (texts[1] + err)[-KEPT_CHARS:]
+            self._ends[index] = list(ends)
+            if self._display is not None:
+                self._display.update(*self._joined(live=True))
+            else:
+                self._fresh.append((out, err))
+                self._cond.notify_all()
+
+    def finish(self) -> None:
+        """The tasks have ended (or the caller gives up): unregister, and in a kernel
+        replace the live view with the results' full output.  Only the first call acts."""
+        with self._cond:
+            if self._finished:
+                return
+            self._finished = True
+            self._cond.notify_all()
+            live = self._client_live()
+            for msg_id in self.ar.msg_ids:
+                watchers = live.get(msg_id)
+                if watchers is not None:
+                    rest = [w for w in watchers if w[0] is not self]
+                    if rest:
+                        live[msg_id] = rest
+                    else:
+                        live.pop(msg_id, None)
+            if self._display is not None:
+                self._display.update(*self._joined(live=False))
+
+    def _client_live(self) -> dict[str, list[tuple[LiveOutput, int]]]:
+        return self.ar._client._live
+
+    def _joined(self, live: bool) -> tuple[str, str]:
+        """stdout and stderr of every task, in task order: live (what came so far) or
+        final (the results' full text; live text for a task without a result)."""
+        outs, errs = [], []
+        for i, o in enumerate(self.ar._outcomes):
+            if not live and o is not None:
+                outs.append(o.meta[5] or "")
+                errs.append(o.meta[6] or "")
+            else:
+                outs.append(self._texts[i][0])
+                errs.append(self._texts[i][1])
+        return "".join(outs), "".join(errs)
+
+    # -- the caller's thread (outside a kernel) --------------------------------------
+
+    @property
+    def in_kernel(self) -> bool:
+        """Whether the output is shown by a Jupyter display (else by :meth:`follow`)."""
+        return self._display is not None
+
+    def follow(self) -> None:
+        """Outside a kernel: print reports to sys.stdout/sys.stderr as they come, until the
+        tasks end; then what their results hold beyond what was printed.  In a kernel,
+        wait for the tasks.  KeyboardInterrupt leaves the tasks running."""
+        if self._display is not None:
+            self.ar.wait()
+            return
+        while True:
+            with self._cond:
+                while not self._fresh and not self._finished:
+                    self._cond.wait()
+                fresh = list(self._fresh)
+                self._fresh.clear()
+                finished = self._finished
+            for out, err in fresh:
+                _write(sys.stdout, out)
+                _write(sys.stderr, err)
+            if finished:
+                break
+        for i, o in enumerate(self.ar._outcomes):
+            if o is not None:
+                for k, stream in ((0, sys.stdout), (1, sys.stderr)):
+                    _write(stream, _beyond(o.meta[5 + k] or "", self._ends[i][k]))
+
+
+def _beyond(text: str, end: int) -> str:
+    """``text`` after its first ``end`` bytes (UTF-8): what the live reports did not show."""
+    if not end:
+        return text
+    return text.encode("utf-8", "surrogateescape")[end:].decode("utf-8", "replace")
+
+
+def _write(stream: Any, text: str) -> None:
+    if text:
+        stream.write(text)
+        stream.flush()
+
+
+class _Display:
+    """A display made in the cell running now, updated from any thread under that cell's
+    parent header: so its updates land in that cell, not in the one running then."""
+
+    def __init__(self, shell: Any) -> None:
+        from IPython.display import display
+
+        self.pub = shell.display_pub
+        self.parent = self.pub.parent_header  # the execute_request of the cell running now
+        self.id = display({"text/plain": ""}, raw=True, display_id=True).display_id
+
+    @classmethod
+    def here(cls) -> _Display | None:
+        """One for the cell running now, if this is a Jupyter kernel; else None."""
+        if "ipykernel" not in sys.modules:
+            return None
+        from IPython import get_ipython
+
+        shell = get_ipython()
+        if shell is None or getattr(shell, "kernel", None) is None:
+            return None
+        return cls(shell)
+
+    def update(self, out: str, err: str) -> None:
+        from IPython.display import update_display
+
+        set_parent = getattr(self.pub, "set_thread_parent", None)  # ipykernel >= 6.29
+        token = set_parent(self.parent) if set_parent is not None else None
+        try:
+            update_display({"text/plain": out + err}, raw=True, display_id=self.id)
+        finally:
+            if token is not None:
+                self.pub.reset_thread_parent(token)
