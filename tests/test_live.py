@@ -1,0 +1,247 @@
+"""Live output of running tasks (issue 15 item 5): real engine kernels, real sockets.
+
+Outside a kernel, ``ar.display_outputs()`` on a running task prints each report as it comes
+and returns when the task ends; in a Jupyter kernel, the output lands in a display of the
+cell that asked, updated under that cell's parent header even while another cell runs.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+import pytest
+from ipylb.engine.capture import live_text
+from ipylb.engine.taskchannel import LIVE_BYTES, LIVE_S
+
+SKIPPED = "bytes of live output skipped"
+
+
+class Recorder:
+    """A stream that keeps each write with whether the task had finished when it came."""
+
+    def __init__(self, ar):
+        self.ar = ar
+        self.writes: list[tuple[str, bool]] = []
+        self.first = threading.Event()
+
+    def write(self, text):
+        self.writes.append((text, self.ar.ready()))
+        self.first.set()
+        return len(text)
+
+    def flush(self):
+        pass
+
+    @property
+    def text(self):
+        return "".join(t for t, _ in self.writes)
+
+
+def follow(ar, monkeypatch):
+    """ar.display_outputs() with sys.stdout/sys.stderr recorded."""
+    out, err = Recorder(ar), Recorder(ar)
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stderr", err)
+    try:
+        ar.display_outputs()
+    finally:
+        monkeypatch.undo()
+    return out, err
+
+
+def lines_slowly(n, pause):
+    import sys
+    import time
+
+    for i in range(n):
+        print(f"line {i}", flush=True)
+        print(f"warn {i}", file=sys.stderr, flush=True)
+        time.sleep(pause)
+    return n
+
+
+def chatter(seconds, width):
+    """Print without end for ``seconds`` (a millisecond's pause per line keeps the total
+    under the engine's 8 MiB output limit, so the result holds it all)."""
+    import time
+
+    end = time.monotonic() + seconds
+    i = 0
+    while time.monotonic() < end:
+        print(f"{i:08d}" + "x" * width, flush=True)
+        i += 1
+        time.sleep(0.001)
+    return i
+
+
+# -- the engine's cut of a report (pure) -------------------------------------------------------
+
+
+def test_live_text_keeps_utf8_characters_whole():
+    data = "aé€😀".encode()  # 1 + 2 + 3 + 4 bytes
+    assert live_text(data, 0, 100) == ("aé€😀", 10)
+    for cut in range(1, 10):  # a character cut by the end waits for the next report
+        text, end = live_text(data[:cut], 0, 100)
+        assert text.encode() == data[:end] and end <= cut and cut - end < 4
+        rest, end2 = live_text(data, end, 100)
+        assert text + rest == "aé€😀" and end2 == 10
+
+
+def test_live_text_over_the_limit_keeps_the_newest_after_a_note():
+    data = b"0123456789" * 10
+    text, end = live_text(data, 5, 20)
+    assert end == 100
+    note, kept = text.split("\n", 1)
+    assert kept == "0123456789" * 2 and "75 " + SKIPPED in note
+    # a kept part that starts inside a character skips that character's tail
+    text, end = live_text("é".encode() * 10, 0, 5)
+    assert text.endswith("éé") and "é" * 3 not in text and end == 20
+
+
+# -- plain Python: printed as it comes -----------------------------------------------------------
+
+
+def test_display_outputs_of_a_running_task_prints_as_it_comes(view, monkeypatch):
+    ar = view.apply_async(lines_slowly, 8, 0.4)
+    out, err = follow(ar, monkeypatch)
+    assert ar.get() == 8
+    full_out = "".join(f"line {i}\n" for i in range(8))
+    full_err = "".join(f"warn {i}\n" for i in range(8))
+    assert ar.stdout == full_out and ar.stderr == full_err  # the results: the full text
+    # Partial output came while the task ran, in order, and nothing twice: what was printed
+    # (the reports, then what the result held beyond them) is the full text exactly.
+    assert out.writes[0][1] is False and err.writes[0][1] is False
+    assert sum(not done for _, done in out.writes) >= 2
+    assert out.text == full_out and err.text == full_err
+
+
+def test_a_chatty_task_gets_a_bounded_number_of_capped_reports(view, monkeypatch):
+    seconds = 2.0
+    ar = view.apply_async(chatter, seconds, 1000)
+    out, _err = follow(ar, monkeypatch)
+    n = ar.get()
+    assert len(ar.stdout) == n * 1009 and ar.stdout.count("\n") == n  # full: nothing lost
+    live = [t for t, done in out.writes if not done]
+    # One report per LIVE_S at most while the task printed (plus the first one, sent at once).
+    assert 1 <= len(live) <= seconds / LIVE_S + 2, len(live)
+    assert all(len(t.encode()) <= LIVE_BYTES + 200 for t in live)
+    assert any(SKIPPED in t for t in live), "a chatty task's reports say what they skipped"
+    # What came after the last report is printed once, and ends the text as the result does.
+    assert out.writes[-1][1] is True and ar.stdout.endswith(out.writes[-1][0])
+
+
+def test_display_outputs_of_a_finished_task_prints_it_once(view, monkeypatch):
+    ar = view.apply_async(lines_slowly, 2, 0)
+    ar.get()
+    out, err = follow(ar, monkeypatch)
+    assert out.text == "line 0\nline 1\n" and err.text == "warn 0\nwarn 1\n"
+
+
+def test_watching_a_map_shows_each_task(view, monkeypatch):
+    amr = view.map_async(lines_slowly, [3, 3], [0.4, 0.4])
+    out, _err = follow(amr, monkeypatch)
+    assert amr.get() == [3, 3]
+    assert sorted(out.text.splitlines()) == sorted(amr.stdout[0].splitlines() * 2)
+    assert out.writes[0][1] is False
+
+
+# -- a real Jupyter kernel: the display of the cell that asked ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def kernel(rc):
+    """A real IPython kernel (jupyter_client) whose magics use the session's cluster."""
+    from jupyter_client.manager import start_new_kernel
+
+    km, kc = start_new_kernel(kernel_name="python3")
+    try:
+        setup = (f"import ipylb\nrc = ipylb.Client({str(rc._local.connection_file)!r})\n"
+                 "%load_ext ipylb\n%lb_use rc")
+        reply = kc.execute_interactive(setup, timeout=60)
+        assert reply["content"]["status"] == "ok", reply["content"]
+        yield kc
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+
+
+def iopub_until_idle(kc, msg_id, timeout=120.0):
+    """The iopub messages up to the idle status of request ``msg_id``, as they come."""
+    got = []
+    deadline = time.monotonic() + timeout
+    while True:
+        msg = kc.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
+        got.append(msg)
+        if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "status" \
+                and msg["content"]["execution_state"] == "idle":
+            return got
+
+
+def displays(msgs, display_id=None):
+    return [m for m in msgs if m["msg_type"] in ("display_data", "update_display_data")
+            and (display_id is None or m["content"]["transient"].get("display_id") == display_id)]
+
+
+CELL = ("%%lb\nimport time\nfor i in range(5):\n    print('tick', i, flush=True)\n"
+        "    time.sleep(0.5)\n'done'")
+FULL = "".join(f"tick {i}\n" for i in range(5))
+
+
+def test_lb_cell_streams_into_its_own_display(kernel):
+    msg_id = kernel.execute(CELL)
+    msgs = iopub_until_idle(kernel, msg_id)
+    shown = displays(msgs)
+    assert shown and shown[0]["msg_type"] == "display_data", [m["msg_type"] for m in msgs]
+    did = shown[0]["content"]["transient"]["display_id"]
+    updates = displays(msgs, did)[1:]
+    assert all(m["msg_type"] == "update_display_data" for m in updates)
+    assert all(m["parent_header"]["msg_id"] == msg_id for m in displays(msgs, did))
+    texts = [m["content"]["data"]["text/plain"] for m in updates]
+    # Partial output while the cell ran, growing in order; then the full output, once.
+    partial = [t for t in texts if t != FULL]
+    assert partial and all(FULL.startswith(t) for t in partial), texts
+    assert texts[-1] == FULL
+    assert all(len(a) <= len(b) for a, b in zip(texts, texts[1:])), texts
+    # The stream is not printed a second time, and the result is the cell's value.
+    streams = [m for m in msgs if m["msg_type"] == "stream"]
+    assert not any("tick" in m["content"]["text"] for m in streams), streams
+    results = [m for m in msgs if m["msg_type"] == "execute_result"]
+    assert results and results[0]["content"]["data"]["text/plain"] == "'done'"
+
+
+def test_display_outputs_updates_its_cell_while_another_cell_runs(kernel):
+    started = kernel.execute(CELL.replace("%%lb\n", "%%lb --noblock -o ar\n"))
+    iopub_until_idle(kernel, started)
+    first = kernel.execute("ar.display_outputs()")
+    msgs = iopub_until_idle(kernel, first)
+    shown = displays(msgs)
+    assert shown and shown[0]["msg_type"] == "display_data"
+    did = shown[0]["content"]["transient"]["display_id"]
+    # Another cell runs (a local sleep) while the task prints: the updates still name the
+    # first cell as their parent, never the one running.
+    second = kernel.execute("import time\ntime.sleep(4)")
+    later = iopub_until_idle(kernel, second)
+    if not any(m["content"]["data"]["text/plain"] == FULL for m in displays(later, did)):
+        later += iopub_until(kernel, lambda m: m in displays([m], did)
+                             and m["content"]["data"]["text/plain"] == FULL)
+    during = [m for m in displays(later, did)
+              if m["parent_header"]["msg_id"] == first]
+    assert during and during == displays(later), [
+        (m["msg_type"], m["parent_header"].get("msg_id")) for m in displays(later)]
+    texts = [m["content"]["data"]["text/plain"] for m in displays(msgs + later, did)[1:]]
+    assert texts[-1] == FULL and texts.count(FULL) <= 2 and all(FULL.startswith(t) for t in texts)
+    assert any(t != FULL for t in texts), "no partial output came while the task ran"
+    reply = kernel.execute_interactive("assert ar.stdout == " + repr(FULL), timeout=30)
+    assert reply["content"]["status"] == "ok", reply["content"]
+
+
+def iopub_until(kc, pred, timeout=120.0):
+    """iopub messages up to the first for which ``pred`` is true."""
+    got = []
+    deadline = time.monotonic() + timeout
+    while True:
+        got.append(kc.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic())))
+        if pred(got[-1]):
+            return got
