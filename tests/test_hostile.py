@@ -491,3 +491,179 @@ def test_done_callbacks_that_raise_or_block_hold_up_no_result(view):
     finally:
         release.set()
         gate.close()
+
+
+# -- what a task does to its engine's process (engine/guard.py) -------------------------
+
+
+@pytest.fixture(scope="module")
+def lone():
+    """A one-engine cluster of its own, for tasks after which the engine is restarted (the
+    shared cluster's engine ids must stay 0 and 1)."""
+    with ipylb.Client(engines=1) as client:
+        yield client
+
+
+def new_engine(rc, old, timeout=120):
+    """Wait until the one engine of ``rc`` is not ``old`` (it was restarted); its id."""
+    deadline = time.monotonic() + timeout
+    while rc.ids == [old] or not rc.ids:
+        assert time.monotonic() < deadline, f"engine {old} was not restarted: {rc.ids}"
+        time.sleep(0.05)
+    assert len(rc.ids) == 1
+    return rc.ids[0]
+
+
+def stop_the_engine(how):
+    import asyncio
+
+    import IPython
+
+    ip = IPython.get_ipython()
+    if how == "loop.stop":
+        asyncio.get_event_loop().stop()
+    elif how == "io_loop.stop":
+        ip.kernel.io_loop.stop()
+    elif how == "exit_now":
+        ip.exit_now = True
+    elif how == "ask_exit":
+        ip.ask_exit()
+    elif how in ("exit()", "quit()"):  # IPython's, as a notebook's function calls them
+        ip.user_ns[how[:-2]]()
+    return how
+
+
+@pytest.mark.parametrize("how", ["loop.stop", "io_loop.stop", "exit_now", "ask_exit", "exit()",
+                                 "quit()"])
+def test_a_task_that_stops_the_engines_loop_or_exits_the_kernel_is_told_and_the_engine_serves_on(
+        view, how):
+    """These ended the engine: the task "succeeded", and its engine's process exited with code
+    0 (the next task there got EngineError: "exited with code 0")."""
+    ar, err = failure(view, stop_the_engine, how)
+    assert err.ename == "RuntimeError"
+    if how.endswith("stop"):
+        assert err.evalue.startswith("the task stopped the engine's event loop")
+    else:
+        assert err.evalue.startswith("the task asked the engine's kernel to exit")
+    assert "serves on" in err.evalue
+    with view.temp_flags(targets=ar.engine_id):  # the same engine, still serving, same id
+        after = view.apply_async(every_stream)
+        assert after.get(60) == (1, 2)
+    assert after.engine_id == ar.engine_id
+    assert after.stdout == "py \u00e9\nfd\nchild\n" and after.stderr == "err\n"
+
+
+def test_a_loop_stop_scheduled_for_later_leaves_the_engine_serving(view):
+    """The loop stops after the task answered: the engine starts it again (its log says so)."""
+
+    def schedules_a_stop():
+        import asyncio
+
+        loop = asyncio.get_event_loop()
+        loop.call_soon(loop.stop)
+        return "scheduled"
+
+    ar = view.apply_async(schedules_a_stop)
+    assert ar.get(60) == "scheduled"
+    with view.temp_flags(follow=ar):
+        assert view.apply_async(pow, 2, 10).get(60) == 1024
+
+
+def exits(status, catch):
+    import os
+
+    try:
+        os._exit(status)
+    except BaseException:
+        if not catch:
+            raise
+    return "not reached" if not catch else "caught"
+
+
+@pytest.mark.parametrize("catch", [False, True])
+def test_os_exit_in_a_task_is_its_error_and_the_engine_is_restarted(lone, catch):
+    """os._exit(0) ended the engine: "EngineError ... its process exited with code 0".  Now the
+    task is answered with what it did, then the engine is restarted (as the task meant its
+    process to end), and the tasks queued behind it on that engine run on the new one."""
+    view = lone.load_balanced_view()
+    old = lone.ids[0]
+    ar = view.apply_async(exits, 3, catch)
+    queued = [view.apply_async(pow, 2, i) for i in range(4)]
+    with pytest.raises(RemoteError) as info:
+        ar.get(60)
+    assert info.value.ename == "RuntimeError"
+    assert info.value.evalue.startswith("the task called os._exit(3), which ends the engine's "
+                                        "process: ipylb answered the task with this error and "
+                                        "restarts the engine")
+    assert ar.engine_id == old
+    assert [q.get(120) for q in queued] == [1, 2, 4, 8]
+    new = new_engine(lone, old)
+    assert new != old
+    assert view.apply_async(every_stream).get(60) == (1, 2)
+
+
+def test_os_exit_from_a_thread_says_no_one_asked_the_engine_to_stop(lone):
+    def exits_from_a_thread():
+        import os
+        import threading
+        import time
+
+        threading.Thread(target=os._exit, args=(0,)).start()
+        time.sleep(60)
+
+    view = lone.load_balanced_view()
+    old = lone.ids[0]
+    ar = view.apply_async(exits_from_a_thread)
+    with pytest.raises(ipylb.error.EngineError,
+                       match="exited with code 0 although no one asked it to stop"):
+        ar.get(60)
+    new_engine(lone, old)
+    assert view.apply_sync(pow, 3, 2) == 9
+
+
+def leaks_fds(catch):
+    import os
+    import resource
+
+    global LEAKED
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 512), hard))  # a quick leak
+    LEAKED = []
+    try:
+        while True:
+            LEAKED.append(os.open(os.devnull, os.O_RDONLY))
+    except OSError:
+        if not catch:
+            raise
+    return len(LEAKED)
+
+
+def opens_files():
+    import subprocess
+
+    return subprocess.run(["echo", "opened"], capture_output=True, check=True).stdout
+
+
+def test_a_task_that_leaks_every_file_descriptor_fails_saying_so_and_the_engine_restarts(lone):
+    """Leaking fds up to RLIMIT_NOFILE left the engine failing every later task that opened
+    anything with EMFILE, for good."""
+    view = lone.load_balanced_view()
+    old = lone.ids[0]
+    with pytest.raises(RemoteError) as info:
+        view.apply_async(leaks_fds, False).get(60)
+    assert info.value.ename == "OSError" and "Too many open files" in info.value.evalue
+    assert "[ipylb: the engine ran out of file descriptors (at least " in info.value.evalue
+    assert "the engine is restarted to get them back]" in info.value.evalue
+    new_engine(lone, old)
+    assert view.apply_async(opens_files).get(60) == b"opened\n"
+
+
+def test_a_task_that_leaks_every_file_descriptor_quietly_gets_its_engine_restarted(lone):
+    """The leak is caught in the task, which succeeds: the engine notices within a second or
+    two (its health thread) and is restarted before later tasks fail."""
+    view = lone.load_balanced_view()
+    old = lone.ids[0]
+    ar = view.apply_async(leaks_fds, True)
+    assert ar.get(60) > 400
+    new_engine(lone, old)
+    assert view.apply_async(opens_files).get(60) == b"opened\n"

@@ -66,8 +66,10 @@ REGISTERED, TASK, CANCEL, STOP, REFUSED, ABOUT, FUNCTION, WATCH = 21, 22, 23, 24
 # Engine -> controller (STARTED: a task with a walltime began to run; PROBE: `ipylb engine
 # join --url` asks, under the key, what it needs to join: the only kind sent to no name;
 # HEALTH: an engine's CPU, memory and current task, from its own socket <engine ident>/health
-# every second; OUTPUT: from the same socket, what a watched running task printed lately).
-REGISTER, DONE, STARTED, PROBE, HEALTH, OUTPUT = 31, 32, 33, 34, 35, 36
+# every second; OUTPUT: from the same socket, what a watched running task printed lately;
+# LEAVING: a task left the engine unfit to serve (out of file descriptors, it asked the
+# process to exit): restart me, for this reason).
+REGISTER, DONE, STARTED, PROBE, HEALTH, OUTPUT, LEAVING = 31, 32, 33, 34, 35, 36, 37
 
 _SHA256 = hashlib.sha256
 _DIGEST = 32

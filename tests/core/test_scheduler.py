@@ -14,6 +14,7 @@ from ipylb.core.events import (
     Cancel,
     Deliver,
     EngineAdded,
+    EngineRemoved,
     Fail,
     TaskDone,
     TaskSubmitted,
@@ -811,6 +812,18 @@ def test_engine_death_of_the_running_task_uses_a_retry():
     (f,) = c.remove(1)
     assert f == Fail("a", ENGINE_ERROR,
                      "task a was running on engine 1 when the engine died: killed by signal 9", 1)
+
+
+def test_an_engine_that_leaves_between_tasks_has_its_whole_queue_requeued():
+    """EngineRemoved(idle=True): the engine answered what it started and asked to be
+    restarted (a task left it unfit to serve): the head of its queue never ran, so it is
+    queued again like the rest, no retry used, no EngineError."""
+    c = Core(engines=1, hwm=2)
+    assert c.run("a") == 0
+    assert c.run("b") == 0
+    assert c(EngineRemoved(0, "a task used up its fds", c.now, idle=True)) == []
+    assert c.state("a") == c.state("b") == "ready"
+    assert c.add(1) == [Assign("a", 1), Assign("b", 1)]
 
 
 def test_engine_death_requeues_tasks_queued_behind_without_using_retries():

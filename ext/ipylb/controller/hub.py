@@ -310,6 +310,10 @@ class Controller(Requests):
                     self._watch(sender, task)
         elif kind == wire.OUTPUT:
             self._on_output(sender, meta)
+        elif kind == wire.LEAVING:  # after its last answer: a task left it unfit to serve
+            engine_id = self.engine_of.get(ident)
+            if engine_id is not None and isinstance(meta, str):
+                self._restart_engine(engine_id, meta[:2000], idle=True)
         else:
             raise wire.WireError(f"unexpected message kind {kind!r} on the engine socket")
 
@@ -417,7 +421,7 @@ class Controller(Requests):
         self._broadcast(("engines", self._engine_list()))
         self._execute(self.core.handle(ev.EngineAdded(engine_id, time.monotonic())))
 
-    def _engine_gone(self, engine_id: int, reason: str, now: float) -> None:
+    def _engine_gone(self, engine_id: int, reason: str, now: float, idle: bool = False) -> None:
         ident = self.engine_ident.pop(engine_id, None)
         if ident is None:
             return
@@ -434,7 +438,7 @@ class Controller(Requests):
         if not self.engine_ident and self.launcher is not None and self.launcher.pending:
             self._broadcast(("restarting", len(self.launcher.pending)))  # before "no engines"
         self._broadcast(("engines", self._engine_list()))
-        self._execute(self.core.handle(ev.EngineRemoved(engine_id, reason, now)))
+        self._execute(self.core.handle(ev.EngineRemoved(engine_id, reason, now, idle)))
         self._check_stranded()
 
     def _check_stranded(self) -> None:
@@ -689,14 +693,15 @@ class Controller(Requests):
         kc.control_channel.send(kc.session.msg("ipylb_interrupt_request", {"msg_id": task_id}))
         log.info("task %s passed its walltime: interrupting it on engine %d", task_id, engine_id)
 
-    def _restart_engine(self, engine_id: int, reason: str) -> None:
-        """The core gave up on an engine whose task ignored its walltime interrupt: forget the
-        engine and restart its kernel through jupyter_client (the new kernel registers as a
-        new engine).  An engine we did not start is told to stop instead."""
+    def _restart_engine(self, engine_id: int, reason: str, idle: bool = False) -> None:
+        """Forget an engine and restart its kernel through jupyter_client (the new kernel
+        registers as a new engine): the core gave up on it (its task ignored a walltime
+        interrupt), or it asked (LEAVING, ``idle``: it answered its tasks and runs no more).
+        An engine we did not start is told to stop instead."""
         ident = self.engine_ident.get(engine_id)
         km = self.launcher.manager(engine_id) if self.launcher is not None else None
         failed = self.launcher.restart(engine_id) if km is not None else None  # type: ignore[union-attr]
-        self._engine_gone(engine_id, f"restarted: {reason}", time.monotonic())
+        self._engine_gone(engine_id, f"restarted: {reason}", time.monotonic(), idle)
         if failed:
             log.error("engine %d stays down: %s", engine_id, failed)
             self._broadcast(("engine_down", f"engine {engine_id}: {failed}"))

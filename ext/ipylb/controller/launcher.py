@@ -244,7 +244,12 @@ class EngineLauncher:
     @staticmethod
     def _reason(km: KernelManager) -> str:
         proc: Any = getattr(km.provisioner, "process", None)
-        return exit_reason(proc.returncode if proc is not None else None)
+        code = proc.returncode if proc is not None else None
+        if code == 0:  # the engine did not decide to leave (it asks to be restarted when it must)
+            return (f"{exit_reason(code)} although no one asked it to stop: code running in it "
+                    "ended it (os._exit in a thread a task started, or posix._exit; os._exit on "
+                    "an engine's main thread is answered as the task's error instead)")
+        return exit_reason(code)
 
     def stop_all(self) -> None:
         """Kill every engine this launcher started and remove their connection files."""

@@ -51,11 +51,14 @@ class EngineAdded:
 
 @dataclass(frozen=True, slots=True)
 class EngineRemoved:
-    """An engine died or left; ``reason`` is a human sentence (exit code, signal...)."""
+    """An engine died or left; ``reason`` is a human sentence (exit code, signal...).
+    ``idle``: it left between tasks (it answered every task it started, and started none of
+    the rest), so no task of its queue was running: all are queued again."""
 
     engine_id: int
     reason: str
     time: float
+    idle: bool = False
 
 
 @dataclass(frozen=True, slots=True)

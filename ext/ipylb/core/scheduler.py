@@ -516,7 +516,7 @@ class Scheduler(Placement, Dependencies, Failures, Deadlines, Pipelining, Valida
         e = self._engines.pop(ev.engine_id, None)
         if e is None:
             return
-        self._drop_engine(e, ev.reason, out, running=True)
+        self._drop_engine(e, ev.reason, out, running=not ev.idle)
 
     def _drop_engine(self, e: Engine, reason: str, out: list[Command], running: bool) -> None:
         """Forget engine ``e`` (gone, or being restarted): its running task (the first of its

@@ -13,6 +13,23 @@ class EngineApp(IPKernelApp):
     def init_poller(self) -> None:
         self.poller = None
 
+    def start(self) -> None:
+        """Serve until the engine is stopped on purpose (by ipylb, a shutdown request, or
+        ``exit`` typed in an attached console): a loop stopped by anyone else (a task's
+        ``loop.call_soon(loop.stop)``, a thread it left) is started again."""
+        super().start()
+        kernel = self.kernel
+        channel = getattr(kernel, "task_channel", None)
+        while channel is not None and not channel.stopping and not kernel.shell.exit_now \
+                and getattr(kernel, "_shutdown_message", None) is None:
+            channel.capture.log(f"ipylb engine {channel.engine_id}: its event loop was stopped "
+                                "by code not ipylb's (a task's loop.stop() scheduled for later, "
+                                "or from a thread it left): starting it again")
+            try:
+                self.io_loop.start()
+            except KeyboardInterrupt:
+                pass
+
 
 def main() -> None:
     """Start an IPython kernel whose kernel class also serves ipylb tasks."""

@@ -11,8 +11,11 @@ import time
 from typing import Any
 
 from ipykernel.ipkernel import IPythonKernel
+from ipykernel.zmqshell import ZMQInteractiveShell
+from traitlets import Type, observe
 
 from ..connection import remove_kernel_files
+from . import guard
 from .taskchannel import TaskChannel
 
 # How often an engine checks that the process that launched it is still there.
@@ -36,6 +39,19 @@ def _exit_when_orphaned(parent: int, connection_file: str) -> None:
             os._exit(1)
 
 
+class EngineShell(ZMQInteractiveShell):
+    """The engine's shell: a task that asks the kernel to exit (``exit()``, ``quit()``,
+    ``exit_now = True``) does not stop the engine; the task fails saying so (guard)."""
+
+    @observe("exit_now")
+    def _update_exit_now(self, change: dict[str, Any]) -> None:
+        channel = getattr(self.kernel, "task_channel", None)
+        if change["new"] and channel is not None and channel.running is not None:
+            channel.fault = guard.EXIT_ASKED
+            return
+        super()._update_exit_now(change)
+
+
 class EngineKernel(IPythonKernel):
     """An IPython kernel that also takes ipylb tasks from the controller.
 
@@ -46,6 +62,7 @@ class EngineKernel(IPythonKernel):
     """
 
     implementation = "ipylb-engine"
+    shell_class = Type(EngineShell)
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)

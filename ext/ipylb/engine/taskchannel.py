@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import _signal
 import dis
+import errno
 import os
 import signal
 import socket
@@ -36,7 +37,7 @@ import zmq
 from .. import compat, connection, shm, wire
 from ..error import UNREPORTABLE_EXIT, SerializationError, UnmetDependency, safe_str
 from ..serialize import dumps, reason
-from . import unpickle
+from . import guard, unpickle
 from .capture import Capture
 
 # A task's error text (characters): the value of the exception, and its traceback.
@@ -152,6 +153,13 @@ class TaskChannel:
         self._fn_key: bytes = b""
         self._fn: Any = None
         self.capture = Capture()
+        # What a task did to the engine (guard): a fault is the running task's error; an
+        # engine leaving for a reason answers its task, then asks to be restarted.
+        self.fault: str | None = None
+        self.leaving_for: str | None = None
+        self.left = False
+        self.stopping = False  # the engine's loop is stopped on purpose (EngineApp)
+        self._loop: Any = None
 
     def start(self, loop: Any) -> None:
         """Register with the controller and start serving from ``loop``."""
@@ -166,6 +174,8 @@ class TaskChannel:
             "versions": compat.versions(),
         }
         wire.send(self.sock, self.signer.pack(wire.REGISTER, meta))
+        self._loop = loop
+        guard.install_exit_guard(self)
         loop.add_reader(self.sock.FD, self._on_readable)
         loop.add_reader(self.monitor.FD, self._on_monitor)
         loop.call_soon(self._on_monitor)  # the FD is edge-triggered: arm it by reading EVENTS
@@ -211,12 +221,14 @@ class TaskChannel:
             next_health = now + HEALTH_S
             if self.engine_id is None:
                 continue
+            if self.leaving_for is None and guard.fds_exhausted():  # checked again between tasks
+                self._loop.call_soon_threadsafe(self._check_fds)
             task = self.running
-            meta = (proc.cpu_percent(None), proc.memory_info().rss, task,
-                    self.running_since if task else None)
-            try:
+            try:  # psutil reads /proc: a file to open
+                meta = (proc.cpu_percent(None), proc.memory_info().rss, task,
+                        self.running_since if task else None)
                 wire.send(sock, signer.pack(wire.HEALTH, meta))
-            except zmq.ZMQError:  # the controller is slow or gone: the next one will do
+            except (OSError, zmq.ZMQError):  # out of fds, the controller slow or gone: next time
                 pass
 
     def _watch(self, sock: zmq.Socket, signer: wire.Signer, live: list[Any] | None) -> Any:
@@ -266,7 +278,54 @@ class TaskChannel:
                 # as our parent; a living launcher's KernelManager tolerates files already gone.
                 if self.connection_file:
                     connection.remove_kernel_files(self.connection_file)
-                self.kernel.io_loop.add_callback(self.kernel.io_loop.stop)
+                self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        """Stop the engine's loop on purpose: the engine leaves."""
+        self.stopping = True
+        self.kernel.io_loop.add_callback(self.kernel.io_loop.stop)
+
+    # -- a task left the engine unfit to serve (guard) ------------------------------------
+
+    def leave_after(self, reason: str) -> None:
+        """Answer the task running now, then ask the controller to restart this engine for
+        ``reason`` (a task broke it); tasks that come meanwhile are refused (UnmetDependency:
+        the controller places them elsewhere)."""
+        if self.leaving_for is None:
+            self.leaving_for = reason
+            self._run = self._refuse  # type: ignore[method-assign]
+            self._loop.call_soon(self._send_leaving)  # after the running task's answer
+
+    def _send_leaving(self) -> None:
+        if not self.left:
+            self.left = True
+            self.capture.log(f"ipylb engine {self.engine_id}: {self.leaving_for}; asking the "
+                             "controller to restart it")
+            wire.send(self.sock, self.signer.pack(wire.LEAVING, self.leaving_for))
+
+    def _refuse(self, meta: tuple, _bufs: list[Any], _bufs_mac: bytes) -> list[Any]:
+        self._send_leaving()  # first: the controller takes the task back, not as refused
+        now = _now()
+        error = ("UnmetDependency", f"engine {self.engine_id} is being restarted: "
+                 f"{self.leaving_for}", "")
+        return self.signer.pack(wire.DONE, (meta[0], "unmet", now, now, "", "", error))
+
+    def _check_fds(self) -> None:
+        """Between tasks: leave if the engine has run out of file descriptors."""
+        why = guard.fds_exhausted()
+        if why:
+            self.leave_after(why)
+
+    def _undo_fault(self) -> str:
+        """After a task that stopped the engine's loop, asked the kernel to exit or called
+        ``os._exit``: undo what can be undone; the task's error."""
+        fault, self.fault = self.fault, None
+        if self._loop._stopping:
+            self._loop._stopping = False  # asyncio's flag, read after this callback returns
+            fault = fault or guard.LOOP_STOPPED
+        if fault == guard.EXIT_ASKED:
+            self.kernel.shell.exit_now = False
+        return fault or guard.LOOP_STOPPED
 
     def _heartbeat_url(self) -> str:
         """Where the kernel's standard heartbeat channel answers (the controller pings it)."""
@@ -300,10 +359,10 @@ class TaskChannel:
                 self.engine_id = meta
                 self.user_ns.setdefault("ipylb_engine_id", meta)
             elif kind == wire.STOP:
-                self.kernel.io_loop.add_callback(self.kernel.io_loop.stop)
+                self._stop_loop()
             elif kind == wire.REFUSED:  # the version handshake failed: say why, and stop
                 self.capture.log(f"ipylb engine: the controller refused this engine: {meta}")
-                self.kernel.io_loop.add_callback(self.kernel.io_loop.stop)
+                self._stop_loop()
 
     def _on_readable(self) -> None:
         # The FD is edge-triggered: keep going until the socket has nothing left,
@@ -474,6 +533,8 @@ class TaskChannel:
                 # fire in a later task: kill its engine (SIGALRM's default) or raise there.
                 _signal.setitimer(_signal.ITIMER_REAL, 0.0)
                 _set_sigint(previous)
+                if self.fault is not None or self._loop._stopping:  # it broke the engine: guard
+                    raise RuntimeError(self._undo_fault())
             output = self.capture.end(saved)
             saved = None
             if self.placer is not None and len(result) > 1:
@@ -485,6 +546,11 @@ class TaskChannel:
         except BaseException as e:  # noqa: B036 - SystemExit/KeyboardInterrupt are task errors too
             status, result = "error", []
             error = _describe(e)
+            if isinstance(e, OSError) and e.errno == errno.EMFILE:
+                why = guard.fds_exhausted()
+                if why:
+                    self.leave_after(why)
+                    error = (error[0], f"{error[1]} [ipylb: {why}]", error[2])
         if saved is not None:
             output = self.capture.end(saved)
         return self._done(msg_id, status, started, output, error, result)
