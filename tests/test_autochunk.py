@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
 from ipylb.client import autochunk
-from ipylb.error import CompositeError, RemoteError
+from ipylb.error import CompositeError, RemoteError, SerializationError
 
 
 def double(x):
@@ -72,13 +73,37 @@ def test_auto_on_an_empty_or_tiny_input(view):
     assert view.parallel(block=True, chunksize="auto")(double).map(range(5)) == [0, 2, 4, 6, 8]
 
 
-def test_an_unpicklable_item_after_the_probe_raises_and_leaves_nothing_running(rc, view):
+LOCK = r"positional argument 0 \(lock object\): TypeError: cannot pickle '_thread.lock' object"
+
+
+def test_an_unpicklable_item_after_the_probe_is_named_by_position_and_leaves_nothing_running(
+        rc, view):
     import threading
 
-    items = [1] * 40 + [threading.Lock()]
-    with pytest.raises(Exception, match="lock"):
+    items = [1] * 40 + [threading.Lock()] + [1] * 5
+    with pytest.raises(SerializationError) as e:
         view.map_async(double, items, chunksize="auto")
+    # the item, not the chunk it fell into (once: "positional argument 0 (list object)")
+    assert re.search(f"could not pickle item 40 of the map, {LOCK}", str(e.value)), str(e.value)
+    assert "its first 4 item(s), sent ahead to time the rest, were aborted" in str(e.value)
     assert rc.wait(timeout=30)  # the probe tasks answered (ran or aborted): nothing pending
+
+
+def test_an_unpicklable_item_is_named_by_position_whatever_the_chunking(rc, view):
+    import threading
+
+    for items, chunksize, where in (([1, threading.Lock()], "auto", 1),  # a probe item
+                                    ([1] * 12 + [threading.Lock(), 1], 5, 12),
+                                    ([1, 2, threading.Lock()], 1, 2)):
+        with pytest.raises(SerializationError) as e:
+            view.map_async(double, items, chunksize=chunksize)
+        assert re.search(f"could not pickle item {where} of the map, {LOCK}.*; nothing was "
+                         "sent", str(e.value)), (chunksize, str(e.value))
+    with pytest.raises(SerializationError, match="item 1 of the map, positional argument 1 "):
+        view.map_async(pow, [1, 2, 3], [1, threading.Lock(), 1])  # the second sequence's
+    with pytest.raises(SerializationError, match="item 1 of the map, positional argument 1 "):
+        view.map_async(pow, [1, 2, 3], [1, threading.Lock(), 1], chunksize=2)
+    assert rc.wait(timeout=30)
 
 
 @pytest.mark.parametrize("bad", ["fast", 0, 2.5, True])
@@ -124,8 +149,10 @@ def test_imap_chunks_keep_the_items_before_an_input_error_or_an_unpicklable_item
         next(it)
     it = view.imap(double, [1, 2, threading.Lock(), 4], chunksize=3)
     assert [next(it) for _ in range(2)] == [2, 4]
-    with pytest.raises(Exception, match="lock"):
+    with pytest.raises(SerializationError) as e:
         next(it)
+    assert re.search(f"could not pickle item 2 of the imap, {LOCK}.*; the 2 item\\(s\\) before "
+                     "it were sent: their results are yielded before this error", str(e.value))
 
 
 def test_imap_bad_chunksize_says_what_is_allowed(view):

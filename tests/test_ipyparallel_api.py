@@ -374,8 +374,17 @@ def test_imap_input_error_comes_after_the_results_before_it(view):
     assert got == [0, 0, 0.8]  # in completion order, then the error
     bad = view.imap(square, [1, 2, threading.Lock()])  # an item that cannot be pickled
     assert next(bad) == 1 and next(bad) == 4
-    with pytest.raises(SerializationError, match="could not pickle"):
+    with pytest.raises(SerializationError, match=r"could not pickle item 2 of the imap, "
+                       r"positional argument 0 \(lock object\).*; the 2 item\(s\) before it "
+                       "were sent: their results are yielded before this error is raised"):
         next(bad)
+    # across refills of a window of 2: the position counts every item sent before
+    bad = view.imap(square, [1, 2, 3, 4, threading.Lock()], max_outstanding=2)
+    assert [next(bad) for _ in range(4)] == [1, 4, 9, 16]
+    with pytest.raises(SerializationError, match=r"item 4 of the imap, .*the 4 item\(s\) before"):
+        next(bad)
+    with pytest.raises(SerializationError, match=r"item 0 of the imap, .*; nothing was sent\.$"):
+        next(view.imap(square, [threading.Lock(), 1]))
 
 
 def test_imap_return_exceptions(view):

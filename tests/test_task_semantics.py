@@ -207,6 +207,32 @@ def test_deeper_than_pickle_names_the_argument_and_why(view):
         view.apply_async(lambda a, b: 0, 1, nest(50_000))
 
 
+def test_a_function_closing_over_data_as_deep_as_pickle_accepts_round_trips(view):
+    n = deepest_pickle_accepts_here()
+    deep = nest(n)
+    assert view.apply_sync(lambda: depth(deep)) == n  # in a closure
+    assert view.apply_sync(lambda d=deep: depth(d)) == n  # in a default
+    assert view.map_sync(lambda i: depth(deep) + i, [0, 1], chunksize=2) == [n, n + 1]
+
+
+def test_a_function_closing_over_data_deeper_than_pickle_says_so(view):
+    deep = nest(50_000)
+
+    def holds_deep(i=0):
+        return deep
+
+    for submit in (lambda: view.apply_async(holds_deep),
+                   lambda: view.map_async(holds_deep, range(4), chunksize=2)):
+        with pytest.raises(SerializationError) as e:
+            submit()
+        text = str(e.value)
+        assert "could not pickle the function 'test_a_function_closing_over_data_deeper_than_" \
+               "pickle_says_so.<locals>.holds_deep'" in text  # the map's function, not its chunks'
+        assert "a value it closes over (or a default or global it uses) is nested deeper than " \
+               "pickle can go (RecursionError), even with 100 more levels" in text
+        assert text.endswith("nothing was sent.")
+
+
 def test_a_result_nested_deeper_than_pickle_fails_the_task_only(view):
     def deep():
         x: list = []

@@ -11,7 +11,7 @@ import pickle
 import sys
 import types
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import cloudpickle
@@ -85,6 +85,13 @@ def dumps(obj: Any) -> list[Any]:
     obj = _blob(obj)
     if _plain(obj):  # the common small case: the C pickler is several times faster
         return [pickle.dumps(obj, 5)]
+    return _dumps_deep(obj)
+
+
+def _dumps_deep(obj: Any) -> list[Any]:
+    """:func:`_dumps_general`, tried once more with ``_DEPTH_SLACK`` more recursion levels
+    if it ran out of them (data and functions alike: a closure or default can hold deep
+    data too)."""
     try:
         return _dumps_general(obj)
     except Exception as e:
@@ -182,19 +189,31 @@ def dumps_function(f: Any) -> list[Any]:
 
     Warns (``UserWarning``, once per function) when the pickle itself is larger than
     ``FUNCTION_WARN_BYTES``: such data is sent to every engine; passed as an argument (or as
-    a numpy array, which goes out of band), it would not weigh on the function."""
+    a numpy array, which goes out of band), it would not weigh on the function.
+    Messages name what ``f.__wrapped__`` is, if set (a map's chunk runner wraps the map's
+    function)."""
+    named = getattr(f, "__wrapped__", f)
     try:
         if _by_reference(f):
             return [pickle.dumps(f, 5)]
-        frames = _dumps_general(f)
+        frames = _dumps_deep(f)
     except Exception as e:
+        name = repr(getattr(named, "__qualname__", named))
+        if _too_deep(e):
+            raise SerializationError(
+                f"could not pickle the function {name}: a value it closes over (or a default "
+                "or global it uses) is nested deeper than pickle can go (RecursionError), even "
+                f"with {_DEPTH_SLACK} more levels than here. Flatten that value, pass it as an "
+                "argument, or raise sys.setrecursionlimit; nothing was sent."
+            ) from e
         raise SerializationError(
-            f"could not pickle the function {getattr(f, '__qualname__', f)!r}: "
-            f"{reason(e)}. Define it at module level or close over picklable values only."
+            f"could not pickle the function {name}: {reason(e)}. Define it at module level "
+            "or close over picklable values only; nothing was sent."
         ) from e
     size = len(frames[0])
     if size > FUNCTION_WARN_BYTES:
-        name = f"{getattr(f, '__module__', '?')}.{getattr(f, '__qualname__', type(f).__name__)}"
+        name = (f"{getattr(named, '__module__', '?')}."
+                f"{getattr(named, '__qualname__', type(named).__name__)}")
         if name not in _warned_functions:
             _warned_functions.add(name)
             warnings.warn(
@@ -215,3 +234,36 @@ def dumps_args(args: tuple, kwargs: dict) -> list[Any]:
             f"could not pickle {_culprit(args, kwargs, e)}. "
             "Task arguments must be picklable (cloudpickle); nothing was sent."
         ) from e
+
+
+def dumps_items(items: Sequence[tuple], first: int, chunked: bool, what: str = "map",
+                sent: str | Callable[[], str] = "nothing was sent") -> list[Any]:
+    """Pickle map items (argument tuples) as one task's arguments: a chunk runner's
+    ``((list(items),), {})`` if ``chunked``, else the single item's ``(item, {})`` (large
+    bytes arguments out of band, as :func:`dumps_args`).
+
+    ``first`` is the position of ``items[0]`` in the whole ``what`` (``"map"``,
+    ``"imap"``), so that an item that does not pickle is named by its own position, not by
+    its chunk's: raises SerializationError ``could not pickle item 7 of the map,
+    positional argument 0 (lock object): TypeError: ...``, ending with ``sent``: what the
+    caller had already sent (``"nothing was sent"``, or what became of what was), or a
+    function that says it (called only on failure)."""
+    args = (list(items),) if chunked else tuple(map(_blob, items[0]))
+    try:
+        return dumps((args, {}))
+    except Exception as e:
+        raise SerializationError(
+            f"could not pickle {_item_culprit(items, first, what, e)}. Task arguments must be "
+            f"picklable (cloudpickle); {sent if isinstance(sent, str) else sent()}."
+        ) from e
+
+
+def _item_culprit(items: Sequence[tuple], first: int, what: str, e: BaseException) -> str:
+    """Name the first of ``items`` that does not pickle (by its position in the whole
+    ``what``), which of its arguments, and why."""
+    for k, item in enumerate(items):
+        try:
+            dumps(item)
+        except Exception as each:
+            return f"item {first + k} of the {what}, {_culprit(item, {}, each)}"
+    return f"items {first} to {first + len(items) - 1} of the {what} together: {reason(e)}"

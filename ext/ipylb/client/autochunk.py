@@ -31,7 +31,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from ..serialize import dumps_args
+from ..serialize import dumps_items
 from .asyncresult import AsyncMapResult, Outcome
 
 if TYPE_CHECKING:
@@ -120,10 +120,12 @@ def map_auto(client: Client, fbuf: Any, flags: dict[str, Any] | None, items: lis
     """Submit a map whose chunks are sized as the module docstring says.
 
     ``fbuf`` is the pickled chunk runner (``view._Chunk(f)``); ``items`` the argument
-    tuples.  Raises what pickling an item raises (after aborting the probe tasks)."""
+    tuples.  Raises SerializationError naming the first item that does not pickle by its
+    position in the map (after aborting the probe tasks, if they were sent)."""
     n_probe = min(len(items), PROBES_PER_ENGINE * max(len(client), 1))
     probe = _Probe(n_probe)
-    probe_tasks = [(client._new_msg_id(), dumps_args(([item],), {})) for item in items[:n_probe]]
+    probe_tasks = [(client._new_msg_id(), dumps_items(items[i:i + 1], i, chunked=True))
+                   for i in range(n_probe)]
     tag = (label, fname)
     client._submit(fbuf, flags, probe, probe_tasks, tag=tag)
     probe_ids = [msg_id for msg_id, _ in probe_tasks]
@@ -131,8 +133,11 @@ def map_auto(client: Client, fbuf: Any, flags: dict[str, Any] | None, items: lis
     size = chunk_for(probe.item_seconds(PROBE_WAIT_S) if rest else None, len(rest),
                      len(client))
     chunks = [rest[i:i + size] for i in range(0, len(rest), size)]
+    sent = (f"the map was not submitted: its first {n_probe} item(s), sent ahead to time the "
+            "rest, were aborted (those already done are dropped)")
     try:
-        arg_bufs = [dumps_args((chunk,), {}) for chunk in chunks]
+        arg_bufs = [dumps_items(chunk, n_probe + k * size, True, sent=sent)
+                    for k, chunk in enumerate(chunks)]
     except BaseException:
         try:
             client.abort(probe_ids)  # nothing of a map that raised keeps running

@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from ..error import RemoteError, SerializationError
-from ..serialize import dumps_args, dumps_function
+from ..serialize import dumps_function, dumps_items
 from . import autochunk
 from .asyncresult import Outcome, _callbacks
 
@@ -132,6 +132,7 @@ class IMapIterator(Iterator[Any]):
         self._items = 0  # items in flight (the window counts these)
         self._ready: deque[Any] = deque()  # chunked: values of a chunk not yet yielded
         self._next_index = 0  # of the next task
+        self._sent_items = 0  # input items submitted so far (an item's position in the imap)
         self._next_yield = 0  # ordered: index of the next task to yield
         self._input_error: BaseException | None = None
         self._exhausted = False
@@ -179,19 +180,27 @@ class IMapIterator(Iterator[Any]):
         size = self._chunk_size()
         chunk: list[tuple] = []
 
+        def sent() -> str:
+            """What an item that does not pickle leaves behind (said in its error)."""
+            n = self._sent_items + sum(sizes)
+            return (f"the {n} item(s) before it were sent: their results are yielded before "
+                    "this error is raised" if n else "nothing was sent")
+
         def flush() -> None:
             """Submit the chunk read so far; if it does not pickle, its items one by one
-            up to the one that does not (which raises)."""
+            up to the one that does not (which raises, naming its position)."""
             nonlocal chunk
             items, chunk = chunk, []
             if not items:
                 return
             try:
-                tasks.append((client._new_msg_id(), dumps_args((items,), {})))
+                tasks.append((client._new_msg_id(), dumps_items(items, 0, True)))
                 sizes.append(len(items))
-            except Exception:
+            except SerializationError:
                 for item in items:
-                    tasks.append((client._new_msg_id(), dumps_args(([item],), {})))
+                    pos = self._sent_items + sum(sizes)
+                    tasks.append((client._new_msg_id(),
+                                  dumps_items([item], pos, True, "imap", sent)))
                     sizes.append(1)
                 raise
 
@@ -200,7 +209,9 @@ class IMapIterator(Iterator[Any]):
             for item in self._input:
                 read += 1
                 if not self._chunked:
-                    tasks.append((client._new_msg_id(), dumps_args(item, {})))
+                    pos = self._sent_items + len(sizes)
+                    tasks.append((client._new_msg_id(),
+                                  dumps_items((item,), pos, False, "imap", sent)))
                     sizes.append(1)
                 else:
                     chunk.append(item)
@@ -234,6 +245,7 @@ class IMapIterator(Iterator[Any]):
         if self._chunked:
             self._sizes.update(enumerate(sizes, first))
         self._items += sum(sizes)
+        self._sent_items += sum(sizes)
         self._next_index = first + len(tasks)
 
     # -- yielding ----------------------------------------------------------------

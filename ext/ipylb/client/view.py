@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..dependency import dependent, to_spec
 from ..error import PURE_REFUSES
-from ..serialize import dumps_args, dumps_function
+from ..serialize import dumps_args, dumps_function, dumps_items
 from .asyncresult import AsyncMapResult, AsyncResult
 from .autochunk import map_auto
 from .client import _engine_list
@@ -33,6 +33,10 @@ class _Chunk:
     def __call__(self, items: list[tuple]) -> list[Any]:
         f = self.f
         return [f(*item) for item in items]
+
+    @property
+    def __wrapped__(self) -> Callable:  # what messages name (serialize.dumps_function)
+        return self.f
 
     def _ipylb_rebind(self, bind: Callable[[Any], Any]) -> _Chunk:
         return _Chunk(bind(self.f))
@@ -210,15 +214,12 @@ class LoadBalancedView:
             self._results.add(ar)
             return ar
         chunks = [items[i:i + chunksize] for i in range(0, len(items), chunksize)]
-        if chunksize == 1:
-            fbufs = dumps_function(f)
-            payloads = items
-        else:
-            fbufs = dumps_function(_Chunk(f))
-            payloads = [(chunk,) for chunk in chunks]
-        arg_bufs = [dumps_args(p, {}) for p in payloads]  # all pickled before anything is sent
+        chunked = chunksize > 1
+        fbufs = dumps_function(_Chunk(f) if chunked else f)
+        # All pickled before anything is sent; an item that does not is named by position.
+        arg_bufs = [dumps_items(c, i * chunksize, chunked) for i, c in enumerate(chunks)]
         client = self.client
-        msg_ids = [client._new_msg_id() for _ in payloads]
+        msg_ids = [client._new_msg_id() for _ in chunks]
         ar = AsyncMapResult(client, msg_ids, [len(c) for c in chunks], ordered, _name(f),
                             return_exceptions)
         ar.label = self.label
