@@ -86,7 +86,10 @@ def lab(tmp_path, browser_ready):
          f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
          f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
          "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
-         "--LabApp.extension_manager=readonly"],
+         "--LabApp.extension_manager=readonly",
+         # Only the notebook's own kernel: with ipylb's engine kernelspec also installed, a
+         # slow kernel start makes Lab ask which kernel to use.
+         "--KernelSpecManager.allowed_kernelspecs=python3"],
         env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
     )
     base = f"http://127.0.0.1:{port}"
@@ -125,6 +128,10 @@ def test_dashboard_renders_and_updates_in_jupyterlab(lab, tmp_path):
         try:
             page = context.new_page()
             page.set_default_timeout(300_000)  # (a loaded machine: waits end on events)
+            # Should Lab still ask (its kernel not yet connected when "Run" is clicked), the
+            # one kernel it may offer is the notebook's own.
+            page.add_locator_handler(page.locator(".jp-Dialog", has_text="Select Kernel"),
+                                     lambda dialog: dialog.locator(".jp-mod-accept").click())
             page.goto(f"{base}/lab/tree/03-dashboard.ipynb?token={token}")
             page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']")
             cells = page.locator(".jp-NotebookPanel .jp-Cell")
