@@ -667,3 +667,80 @@ def test_a_task_that_leaks_every_file_descriptor_quietly_gets_its_engine_restart
     assert ar.get(60) > 400
     new_engine(lone, old)
     assert view.apply_async(opens_files).get(60) == b"opened\n"
+
+
+# -- threads a task leaves behind ---------------------------------------------------------
+
+
+def starts_a_chatty_thread(pool):
+    """Starts a thread that prints until told to stop (builtins._chatty_stop), counting its
+    lines in builtins._chatty; waits until it has printed once while this task runs."""
+    import builtins
+    import threading
+    import time
+
+    builtins._chatty, builtins._chatty_stop = 0, False
+
+    def chatter():
+        while not builtins._chatty_stop:
+            print("stray", builtins._chatty)
+            builtins._chatty += 1
+            time.sleep(0.005)
+
+    threading.Thread(target=chatter, daemon=True).start()
+    if pool:  # a pool kept for later tasks: its workers run whatever task gives them work
+        from concurrent.futures import ThreadPoolExecutor
+
+        builtins._pool = ThreadPoolExecutor(1)
+        builtins._pool.submit(print, "from the pool").result()
+    while builtins._chatty < 1:
+        time.sleep(0.001)
+    print("started")
+    return "started"
+
+
+def while_it_chatters():
+    """Prints, and returns once the left-over thread has printed 5 more lines meanwhile."""
+    import builtins
+    import time
+
+    print("mine")
+    seen = builtins._chatty
+    deadline = time.monotonic() + 60
+    while builtins._chatty < seen + 5:
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    if hasattr(builtins, "_pool"):
+        builtins._pool.submit(print, "pool work for this task").result()
+    return "done"
+
+
+def stop_chatter():
+    import builtins
+
+    builtins._chatty_stop = True
+    pool = getattr(builtins, "_pool", None)
+    if pool is not None:
+        pool.shutdown()
+        del builtins._pool
+
+
+@pytest.mark.parametrize("pool", [False, True])
+def test_a_thread_left_by_an_earlier_task_does_not_print_into_later_tasks(view, pool):
+    """Its lines landed in the stdout of whatever task ran next on the engine (ipykernel 7
+    does the same with cells: a thread has no parent header of its own and takes the latest).
+    Now what a thread started by task A writes while A runs is A's, and what it writes after
+    A ended goes to the engine's log; a pool's workers write into the task that gave them
+    work."""
+    first = view.apply_async(starts_a_chatty_thread, pool)
+    try:
+        assert first.get(60) == "started"
+        assert first.stdout.startswith("stray 0\n") and first.stdout.endswith("started\n")
+        assert ("from the pool\n" in first.stdout) is pool
+        with view.temp_flags(follow=first):
+            later = view.apply_async(while_it_chatters)
+            assert later.get(60) == "done"
+        assert later.stdout == ("mine\npool work for this task\n" if pool else "mine\n")
+    finally:
+        with view.temp_flags(targets=first.engine_id):
+            view.apply_async(stop_chatter).get(60)

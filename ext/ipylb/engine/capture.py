@@ -14,6 +14,9 @@ attached ``jupyter console`` and copies it to the controller's log; or the log i
 thread flushes the streams and reads what is still in the pipes itself, under the reader's
 lock: everything written before the end is the task's, nothing later is.  Child processes
 that outlive a task write to whichever task runs when they write, or between tasks.
+Threads are told apart where Python writes (``sys.stdout``): what a thread started by a task
+writes there after that task ended goes to the engine's log, not into the task running then
+(:class:`_StrayAwareStream`); thread pools' workers write to the task running.
 
 Cost on the hot path: two attribute swaps to start a task; four flushes, one ``poll``, a lock
 and two ``dup2`` to end it.  The ``dup2`` put the pipes back on fds 1 and 2 whatever the task
@@ -55,17 +58,72 @@ class TaskStream(io.TextIOWrapper):
         self.flush()
 
 
+# Threads of these modules are pools' workers: they run whatever task gives them work.
+_POOLS = frozenset({"concurrent.futures.thread", "multiprocessing.pool"})
+
+
+class _StrayAwareStream(TaskStream):
+    """A TaskStream once a task has started a thread (the class of the streams changes then:
+    until that, writes cost nothing more): text that a thread started by an earlier task
+    writes goes to the engine's log, as output between tasks does, not into the task that
+    runs now.  The thread's own task gets what it writes while that task runs."""
+
+    _capture: Capture
+    _index: int
+
+    def write(self, s: str) -> int:
+        if threading.get_ident() != _MAIN and type(s) is str:
+            owner = getattr(threading.current_thread(), "_ipylb_task", None)
+            capture = self._capture
+            if owner is not None and owner != capture.seq:
+                try:
+                    os.write(capture._original[self._index], s.encode("utf-8", "backslashreplace"))
+                except OSError:
+                    pass
+                return len(s)
+        return super().write(s)
+
+
+_MAIN = threading.main_thread().ident
+
+
 class _Buffer(io.BufferedWriter):
     def close(self) -> None:
         self.flush()
 
 
-def _streams() -> tuple[TaskStream, TaskStream]:
-    return tuple(  # type: ignore[return-value]
-        TaskStream(_Buffer(io.FileIO(fd, "w", closefd=False)), encoding="utf-8",
-                   errors="backslashreplace", line_buffering=True)
-        for fd in (1, 2)
-    )
+def _streams(capture: Capture) -> tuple[TaskStream, TaskStream]:
+    cls = _StrayAwareStream if capture.threads else TaskStream
+    streams = tuple(cls(_Buffer(io.FileIO(fd, "w", closefd=False)), encoding="utf-8",
+                        errors="backslashreplace", line_buffering=True) for fd in (1, 2))
+    for i, s in enumerate(streams):
+        s._capture, s._index = capture, i  # type: ignore[attr-defined]
+    return streams  # type: ignore[return-value]
+
+
+def _track_threads(capture: Capture) -> None:
+    """Mark each thread started while a task runs (or by such a thread) with that task
+    (``Capture.seq``), and make the streams stray-aware at the first one."""
+    start = threading.Thread.start
+    main = threading.main_thread()
+
+    def tracked_start(self: threading.Thread) -> None:
+        parent = threading.current_thread()
+        if parent is main:
+            owner = capture.seq if capture._sinks is not None else None
+        else:
+            owner = getattr(parent, "_ipylb_task", None)
+        if owner is not None and getattr(getattr(self, "_target", None), "__module__",
+                                         None) not in _POOLS:
+            self._ipylb_task = owner  # type: ignore[attr-defined]
+            if not capture.threads:
+                capture.threads = True
+                for s in capture.streams:
+                    s.__class__ = _StrayAwareStream
+        start(self)
+
+    tracked_start.__doc__ = start.__doc__
+    threading.Thread.start = tracked_start  # type: ignore[method-assign]
 
 
 class _Sink:
@@ -145,7 +203,10 @@ class Capture:
         self._sinks: tuple[_Sink, _Sink] | None = None  # the pair while a task runs
         self._original = (os.dup(1), os.dup(2))  # where output went before (not inherited)
         self._open()
-        self.streams = _streams()
+        self.seq = 0  # the task running or last run (threads are marked with it)
+        self.threads = False  # a task has started a thread: the streams are stray-aware
+        self.streams = _streams(self)
+        _track_threads(self)
 
     def _open(self) -> None:
         """New pipes on fds 1 and 2, and a reader thread for them."""
@@ -222,6 +283,7 @@ class Capture:
     def begin(self) -> tuple[Any, Any]:
         """Start filing output under a new task; returns what ``end`` restores."""
         self._sinks = self._pair
+        self.seq += 1
         saved = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = self.streams
         return saved
@@ -236,7 +298,7 @@ class Capture:
                 if s.encoding != "utf-8":  # reconfigured by the task: we decode UTF-8
                     raise ValueError
         except Exception:  # detached, its file closed, re-encoded: new streams for the next task
-            self.streams = _streams()
+            self.streams = _streams(self)
         for s in (sys.__stdout__, sys.__stderr__):
             try:
                 s.flush()  # type: ignore[union-attr]
