@@ -125,8 +125,10 @@ def _parser() -> argparse.ArgumentParser:
                             "until `ipylb engine add -n K`")
     start.add_argument("--scheme", default="leastload", choices=SCHEMES,
                        help="how the scheduler picks an engine for each task")
-    start.add_argument("--hwm", type=int, default=1,
-                       help="at most this many tasks outstanding per engine (0: no limit)")
+    start.add_argument("--hwm", type=_hwm, default=1,
+                       help="at most this many tasks outstanding per engine (0: no limit; "
+                            "auto: enough to hide the round trip, queued tasks stolen back "
+                            "for idle engines)")
     start.add_argument("--ip", default="127.0.0.1",
                        help="address the controller listens on (127.0.0.1: this machine only; "
                             "0.0.0.0: every interface, for engines and clients on other hosts)")
@@ -285,11 +287,18 @@ def _not_running(profile: str) -> int:
 # -- cluster start -------------------------------------------------------------------
 
 
+def _hwm(text: str) -> int | str:
+    """``--hwm``: an int >= 0 or ``auto`` (argparse says what is wrong otherwise)."""
+    from .core.pipeline import parse_hwm
+
+    try:
+        return parse_hwm(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def cluster_start(args: argparse.Namespace) -> int:
     """Start a controller and its engines, in the foreground or as a daemon."""
-    if args.hwm < 0:
-        _say("--hwm must be >= 0 (0: no limit)")
-        return 1
     hint = limits.check_engine_count(args.engines, "-n", minimum=0)  # ValueError: said by main()
     if hint:
         _say(hint)

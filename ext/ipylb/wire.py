@@ -70,6 +70,10 @@ REGISTERED, TASK, CANCEL, STOP, REFUSED, ABOUT, FUNCTION, WATCH = 21, 22, 23, 24
 # LEAVING: a task left the engine unfit to serve (out of file descriptors, it asked the
 # process to exit): restart me, for this reason).
 REGISTER, DONE, STARTED, PROBE, HEALTH, OUTPUT, LEAVING = 31, 32, 33, 34, 35, 36, 37
+# STEAL (hwm="auto"): give back a task queued, not started, to <engine ident>/steal
+STEAL = 29
+# STOLEN: the answer to a STEAL from <engine ident>/steal, (msg_id, cancelled)
+STOLEN = 38
 
 _SHA256 = hashlib.sha256
 _DIGEST = 32

@@ -8,8 +8,8 @@ import argparse
 _MODES = {
     "core": set(),
     "kernels": {"rounds", "tasks"},
-    "schemes": {"rounds", "engines", "no_reference", "chart"},
-    "farm": {"rounds", "engines", "workloads", "no_reference", "standalone"},
+    "schemes": {"rounds", "engines", "no_reference", "chart", "hwm"},
+    "farm": {"rounds", "engines", "workloads", "no_reference", "standalone", "hwm"},
 }
 
 
@@ -32,6 +32,9 @@ def parser() -> argparse.ArgumentParser:
                    help="N real engine kernels: start-up seconds, a --tasks map, controller RSS")
     p.add_argument("--tasks", type=int, default=8000, help="tasks of the --kernels map")
     p.add_argument("--chart", default="schemes.png", help="where --schemes writes its PNG chart")
+    p.add_argument("--hwm", default="1",
+                   help="comma-separated hwm of the ipylb clusters (ints, auto), each measured in "
+                        "the same alternating rounds; with --schemes, leastload's")
     return p
 
 
@@ -44,6 +47,12 @@ def main(argv: list[str] | None = None) -> None:
     if len(modes) > 1:
         p.error(f"{', '.join('--' + m for m in modes)} are different runs: pick one")
     mode = modes[0] if modes else "farm"
+    from ..core.pipeline import parse_hwm
+
+    try:
+        hwms = [parse_hwm(h) for h in args.hwm.split(",")]
+    except ValueError as e:
+        p.error(f"--hwm: {e}")
     ignored = [f"--{name.replace('_', '-')}" for name, value in vars(args).items()
                if name not in _MODES[mode] | {"core", "schemes", "kernels"} and value != p.get_default(name)]
     if ignored:
@@ -64,13 +73,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.schemes:
         from .schemes import main as schemes_main
 
-        schemes_main(args.rounds, args.engines, not args.no_reference, args.chart)
+        schemes_main(args.rounds, args.engines, not args.no_reference, args.chart, hwms)
         return
     from .farm import Ipylb, IpylbStandalone, Ipyparallel, ProcessPool, compare
 
     if args.standalone and args.no_reference:
         p.error("--standalone is the reference of that run; --no-reference would drop it")
-    farms = [Ipylb()]
+    farms = [Ipylb(hwm=h) for h in hwms]
+    if len(hwms) > 1:
+        for f, h in zip(farms, hwms):
+            f.name = f"ipylb hwm={h}"
     if args.standalone:
         farms.append(IpylbStandalone())
     elif not args.no_reference:

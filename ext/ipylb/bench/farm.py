@@ -38,7 +38,7 @@ class Farm:
 class Ipylb(Farm):
     name = "ipylb"
 
-    def __init__(self, scheme: str = "leastload", hwm: int | None = None) -> None:
+    def __init__(self, scheme: str = "leastload", hwm: int | str | None = None) -> None:
         self.scheme, self.hwm = scheme, hwm
 
     def start(self, n: int) -> None:

@@ -70,13 +70,22 @@ def measure(farm: Farm, engines: int, tasks: list[float]) -> tuple[float, float]
         farm.stop()
 
 
-def main(rounds: int = 3, engines: int = 2, reference: bool = True, chart: str = "schemes.png") -> None:
-    """Run every scheme ``rounds`` times; print medians; write the chart."""
+def main(rounds: int = 3, engines: int = 2, reference: bool = True, chart: str = "schemes.png",
+         hwms: list[int | str] | None = None) -> None:
+    """Run every scheme ``rounds`` times; print medians; write the chart.  ``hwms``: leastload
+    runs once per value (default [1]), side by side in the same rounds."""
     tasks = durations()
-    # pure as it is meant to be used for throughput: with no pipeline limit (hwm=0).
-    farms: list[Farm] = [Ipylb(scheme=s, hwm=0 if s == "pure" else None) for s in SCHEMES]
-    for f, s in zip(farms, SCHEMES):
-        f.name = f"ipylb {s}"
+    farms: list[Farm] = []
+    for s in SCHEMES:
+        if s == "leastload":
+            for h in hwms or [1]:
+                f = Ipylb(scheme=s, hwm=h)
+                f.name = f"ipylb {s}" + ("" if h == 1 else f" hwm={h}")
+                farms.append(f)
+        else:  # pure as it is meant to be used for throughput: with no pipeline limit (hwm=0)
+            f = Ipylb(scheme=s, hwm=0 if s == "pure" else None)
+            f.name = f"ipylb {s}"
+            farms.append(f)
     if reference:
         farms += [IpyparallelScheme("leastload"), IpyparallelScheme("pure")]
     results: dict[str, list[tuple[float, float]]] = {f.name: [] for f in farms}

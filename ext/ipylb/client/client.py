@@ -58,13 +58,14 @@ class Client(Link, TaskRecords):
         profile: str | None = None,
         engines: int | None = None,
         scheme: str | None = None,
-        hwm: int | None = None,
+        hwm: int | str | None = None,
         timeout: float = CONNECT_TIMEOUT_S,
         heartbeat_timeout: float | None = None,
         restart: bool | tuple[int, float] | None = None,
         kernel: str | None = None,
     ) -> None:
-        """``scheme`` (default leastload), ``hwm`` (default 1), ``heartbeat_timeout``
+        """``scheme`` (default leastload), ``hwm`` (default 1; ``"auto"``: see README
+        "Pipelining"), ``heartbeat_timeout``
         (default 10 s) and ``restart`` configure the cluster ``engines=N`` starts; a running
         cluster has its own, set by ``ipylb cluster start``.  ``restart``: True (the default:
         an engine whose kernel dies is restarted through jupyter_client's KernelRestarter, a

@@ -72,7 +72,7 @@ class Controller(Requests):
         key: bytes,
         ip: str = "127.0.0.1",
         scheme: str = "leastload",
-        hwm: int = 1,
+        hwm: int | str = 1,
         launcher: EngineLauncher | None = None,
         parent_pid: int | None = None,
         heartbeat_timeout: float = 10.0,
@@ -109,6 +109,11 @@ class Controller(Requests):
         self.core = Scheduler(scheme="leastload" if scheme == "pure" else scheme, hwm=hwm,
                               walltime_grace=walltime_grace)
         self.scheme, self.hwm = scheme, hwm
+        # hwm="auto": tasks sent to each engine are numbered (1, 2, ...) so that its answer
+        # to a steal is exact (see ipylb.engine.steal); the number of each task at its engine.
+        self._auto = hwm == "auto"
+        self._sent: dict[int, int] = {}
+        self._numbers: dict[str, int] = {}
         self.store = store if store is not None else TaskStore()
         self.store.inline = self.signer.inline
         self.launcher = launcher
@@ -299,6 +304,15 @@ class Controller(Requests):
                      "client_url": self.client_url, "engine_url": self.engine_url,
                      "curve_serverkey": self.curve_public.decode() if self.curve_public else None}
             wire.send(self.engines, [ident, *self.signer.pack(wire.ABOUT, about, to=sender)])
+        elif kind == wire.STOLEN:  # an engine's answer to a STEAL, from its own steal socket
+            if not sender.endswith(b"/steal") or type(meta) is not tuple or len(meta) != 2 \
+                    or type(meta[0]) is not str or type(meta[1]) is not bool:
+                raise wire.WireError("a malformed steal answer")
+            engine_id = self.engine_of.get(sender.removesuffix(b"/steal"))
+            if engine_id is None:  # from an engine declared dead since: its tasks moved on
+                return
+            self._execute(self.core.handle(ev.StealAnswered(meta[0], engine_id, meta[1],
+                                                            time.monotonic())))
         elif kind == wire.HEALTH:  # signed by the engine's own health socket
             engine_id = self.engine_of.get(sender.removesuffix(b"/health"))
             if engine_id is not None and sender.endswith(b"/health") and type(meta) is tuple \
@@ -426,6 +440,7 @@ class Controller(Requests):
         if ident is None:
             return
         self.held.pop(engine_id, None)
+        self._sent.pop(engine_id, None)
         del self.engine_of[ident]
         self.remote.discard(ident)
         self.engine_info.pop(engine_id, None)
@@ -466,18 +481,21 @@ class Controller(Requests):
             reason = str(error[1]) if isinstance(error, tuple) and len(error) > 1 else ""
             self._execute(self.core.handle(ev.TaskUnmet(msg_id, engine_id, now, reason[:500])))
             return
+        started, ended = meta[2], meta[3]
+        ran = ended - started if type(started) is float and type(ended) is float else None
         self._attempt_ended(rec, engine_id, status == "ok", (engine_id, *meta[1:], rec.submitted),
-                            bufs, bufs_mac, now)
+                            bufs, bufs_mac, now, ran)
 
     def _attempt_ended(self, rec: Record, engine_id: int, ok: bool, result: tuple,
-                       bufs: list[Any], mac: bytes, now: float) -> None:
-        """An attempt of ``rec`` ended on an engine.  Its result becomes the task's only if
+                       bufs: list[Any], mac: bytes, now: float, ran: float | None = None) -> None:
+        """An attempt of ``rec`` ended on an engine (``ran``: seconds it ran there, by the
+        engine's clock, if known).  Its result becomes the task's only if
         the core says it is final (a Deliver): a failed attempt with retries left, and a
         stale or repeated report, leave the record as it was, pending until its last
         attempt ends (issue 9: a task waiting for its retry is not finished anywhere)."""
         self._arrived = (rec.msg_id, result, bufs, mac)
         try:
-            self._execute(self.core.handle(ev.TaskDone(rec.msg_id, engine_id, ok, now)))
+            self._execute(self.core.handle(ev.TaskDone(rec.msg_id, engine_id, ok, now, ran)))
         finally:
             self._arrived = None
 
@@ -614,6 +632,7 @@ class Controller(Requests):
     def _execute(self, commands: list[Any]) -> None:
         unreachable: list[int] = []
         unsendable: list[tuple[ev.Assign, str]] = []
+        unasked: list[ev.Steal] = []
         for c in commands:
             t = type(c)
             if t is ev.Assign:
@@ -634,8 +653,13 @@ class Controller(Requests):
                     unsendable.append((c, str(e)))
                     continue
                 # A task with a walltime asks its engine to report its start.
-                head = (c.task_id, fkey, 1) if rec.flags and rec.flags.get("walltime") \
-                    else (c.task_id, fkey)
+                walltime = rec.flags and rec.flags.get("walltime")
+                if self._auto:  # numbered (see __init__); 1: report its start
+                    n = self._sent[c.engine_id] = self._sent.get(c.engine_id, 0) + 1
+                    self._numbers[c.task_id] = n
+                    head = (c.task_id, fkey, 1 if walltime else 0, n)
+                else:
+                    head = (c.task_id, fkey, 1) if walltime else (c.task_id, fkey)
                 frames = self.signer.pack(wire.TASK, head, bufs, mac, ident)
                 if not self._to_engine(ident, frames):
                     unreachable.append(c.engine_id)
@@ -660,6 +684,11 @@ class Controller(Requests):
                                   (c.error, c.message, ""), rec.submitted)
                 rec.result_bufs, rec.result_mac = [], b""
                 self._deliver(rec)
+            elif t is ev.Steal:
+                to = self.engine_ident[c.engine_id] + b"/steal"
+                frames = self.signer.pack(wire.STEAL, (c.task_id, self._numbers[c.task_id]), to=to)
+                if not self._to_engine(to, frames):  # its steal socket is not connected (yet)
+                    unasked.append(c)
             elif t is ev.Cancel:
                 ident = self.engine_ident[c.engine_id]
                 if not self._to_engine(ident, self.signer.pack(wire.CANCEL, c.task_id, to=ident)):
@@ -671,6 +700,9 @@ class Controller(Requests):
         for engine_id in unreachable:
             self._engine_gone(engine_id, "its connection to the controller is gone",
                               time.monotonic())
+        for c in unasked:  # as if it had started: the task stays where it is
+            self._execute(self.core.handle(ev.StealAnswered(c.task_id, c.engine_id, False,
+                                                            time.monotonic())))
         for c, why in unsendable:
             rec = self.store[c.task_id]
             result = (c.engine_id, "error", None, time.time(), "", "", ("WireError", why, ""),
@@ -742,6 +774,8 @@ class Controller(Requests):
 
     def _deliver(self, rec: Record) -> None:
         r = rec.result
+        if self._auto:
+            self._numbers.pop(rec.msg_id, None)
         self.activity.finished(r[0], r[2], r[3], r[1] == "ok", rec.label or rec.func)
         self._send_result(rec.client, rec)
         if rec.watchers:

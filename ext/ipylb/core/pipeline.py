@@ -48,13 +48,28 @@ from typing import Any
 from .events import ABORTED, Assign, Command, Steal, StealAnswered
 from .task import ASSIGNED, Engine, Task, unrestricted
 
-__all__ = ["AUTO", "MAX_DEPTH", "Pipe", "Pipelining", "depth_for"]
+__all__ = ["AUTO", "MAX_DEPTH", "Pipe", "Pipelining", "depth_for", "parse_hwm"]
 
 AUTO = "auto"
 START_DEPTH = 2  # hides one round trip before anything is measured
 MAX_DEPTH = 16  # tasks outstanding per engine at most (trivial tasks)
 ALPHA = 0.2  # EWMA weight of a new sample
 EVERY = 8  # samples between two recomputations of the depth
+
+
+def parse_hwm(value: object) -> int | str:
+    """An ``hwm`` setting as given (an int, or text from a command line): an int >= 0 (0:
+    no limit) or ``"auto"``; ValueError that says so otherwise."""
+    if value == AUTO:
+        return AUTO
+    if isinstance(value, str):
+        try:
+            value = int(value)
+        except ValueError:
+            pass
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"hwm must be an int >= 0 (0: no limit) or 'auto', not {value!r}")
+    return value
 
 
 def depth_for(rtt: float, task_time: float) -> int:

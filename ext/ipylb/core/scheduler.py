@@ -136,7 +136,7 @@ from .events import (
 )
 from .failures import Failures
 from .free import FreeEngines
-from .pipeline import AUTO, START_DEPTH, Pipe, Pipelining
+from .pipeline import AUTO, START_DEPTH, Pipe, Pipelining, parse_hwm
 from .placement import Placement
 from .task import (
     ASSIGNED,
@@ -186,10 +186,8 @@ class Scheduler(Placement, Dependencies, Failures, Deadlines, Pipelining, Valida
         if hwm == AUTO:
             self._pipe = Pipe()
             self._cap = START_DEPTH
-        elif not isinstance(hwm, int) or isinstance(hwm, bool) or hwm < 0:
-            raise ValueError(f"hwm must be an int >= 0 (0: no limit) or 'auto', not {hwm!r}")
         else:
-            self._cap = hwm or BIG
+            self._cap = parse_hwm(hwm) or BIG  # type: ignore[assignment]
         self.hwm = hwm
         # Engines with a free slot, indexed for the scheme's pick in O(log engines).
         self._free = FreeEngines(scheme, self._cap)

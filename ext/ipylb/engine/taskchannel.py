@@ -13,6 +13,9 @@ Walltime interrupts are for one task only (:meth:`TaskChannel.interrupt`): a tas
 walltime reports its start (STARTED), and the controller's interrupt for it names it; if
 that task has ended by the time the signal is handled, the signal is ignored, so it never
 stops the task after it.
+
+With ``hwm="auto"`` tasks come numbered, and the controller may ask for a queued one back
+(:mod:`.steal`): a task given back is skipped unrun when its turn comes.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from ..error import UNREPORTABLE_EXIT, SerializationError, UnmetDependency, safe
 from ..serialize import dumps, reason
 from . import guard, unpickle
 from .capture import Capture
+from .steal import StealDesk
 
 # A task's error text (characters): the value of the exception, and its traceback.
 EVALUE_LIMIT = 64 * 1024
@@ -137,6 +141,8 @@ class TaskChannel:
         self.connection_file = connection_file
         self.engine_id: int | None = None
         self.inbox: deque[tuple[int, Any, list[Any], bytes]] = deque()
+        # hwm="auto": answers the controller's requests for queued tasks back (.steal).
+        self.desk = StealDesk(cluster, ident, cluster["engine_url"])
         self.cancelled: set[str] = set()
         # The task running now, and the one a walltime interrupt is for (see interrupt()).
         self.running: str | None = None
@@ -357,6 +363,7 @@ class TaskChannel:
                 self.inbox.append((kind, meta, bufs, bufs_mac))
             elif kind == wire.REGISTERED:
                 self.engine_id = meta
+                self.desk.start()
                 self.user_ns.setdefault("ipylb_engine_id", meta)
             elif kind == wire.STOP:
                 self._stop_loop()
@@ -377,6 +384,9 @@ class TaskChannel:
                 kind, meta, bufs, bufs_mac = self.inbox.popleft()
                 if kind == wire.FUNCTION:
                     self._keep_function(meta, bufs, bufs_mac)
+                    continue
+                if len(meta) > 3 and not self.desk.take(meta[3], meta[0]):
+                    self.cancelled.discard(meta[0])  # given back: it runs on another engine
                     continue
                 try:
                     frames = self._run(meta, bufs, bufs_mac)
@@ -485,7 +495,7 @@ class TaskChannel:
 
     def _run(self, meta: tuple, bufs: list[Any], bufs_mac: bytes) -> list[Any]:
         """Run one task; return the frames of its DONE message (never raises)."""
-        msg_id, fkey, walltime = meta[0], meta[1], len(meta) > 2
+        msg_id, fkey, walltime = meta[0], meta[1], len(meta) > 2 and bool(meta[2])
         started = _now()
         try:
             return self._attempt(msg_id, fkey, started, bufs, bufs_mac, walltime)
