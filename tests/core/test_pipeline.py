@@ -301,7 +301,7 @@ class Sim:
                 if gone:
                     self.local[e].remove(tid)
                 self.at(t + self.lat, ("answer", e, (tid, gone)))
-            elif kind == "answer":
+            elif kind == "answer":  # sent before a death arrives too
                 tid_, gone = tid
                 self.feed(StealAnswered(tid_, e, gone, t))
             elif kind == "finish":
@@ -311,12 +311,14 @@ class Sim:
                 self.ends[tid] = t
                 self.at(t + self.lat, ("done", e, (tid, self.dur[tid])))
                 self.start_next(e)
-            elif kind == "done":
-                if e not in self.dead:
-                    self.feed(TaskDone(tid[0], e, True, t, tid[1]))
+            elif kind == "done":  # sent before its engine died: it arrives (the shell reads
+                self.feed(TaskDone(tid[0], e, True, t, tid[1]))  # what waits, then the death)
             elif kind == "kill":
                 self.dead.add(e)
                 self.local[e].clear()
+                self.running[e] = None
+                self.at(t + self.lat * 1.5, ("removed", e, None))  # after what it had sent
+            elif kind == "removed":
                 self.feed(EngineRemoved(e, "killed", t))
         return self.now
 
@@ -324,17 +326,19 @@ class Sim:
         for tid, _, _ in tasks:
             assert tid in self.final, f"{tid} lost: {self.core.story(tid)}"
             runs = self.starts.get(tid, [])
-            assert len(runs) <= 1, f"{tid} ran twice: {runs}"
+            # A second run only if it has retries and the first died with its engine.
+            allowed = 1 + self.specs[tid].retries
+            assert len(runs) <= allowed, f"{tid} ran {len(runs)} times: {runs}"
+            assert all(e in self.dead for e, _ in runs[:-1]), f"{tid} ran twice: {runs}"
             if self.final[tid] == "done":
-                assert len(runs) == 1
-                eng, began = runs[0]
+                eng, began = runs[-1]
                 spec = self.specs[tid]
                 if spec.after is not None:
                     for d in spec.after.ids:
                         assert self.ends[d] <= began, f"{tid} started before {d} ended"
                 if spec.follow is not None:
                     for d in spec.follow.ids:
-                        assert self.starts[d][0][0] == eng, f"{tid} did not follow {d}"
+                        assert self.starts[d][-1][0] == eng, f"{tid} did not follow {d}"
 
 
 def workload(rng: random.Random, n: int, deps: bool) -> list[tuple[str, float, dict]]:
