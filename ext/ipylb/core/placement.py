@@ -38,6 +38,11 @@ class Placement:
         O(log engines): see :mod:`.free`."""
         return self._free.pick(self._rng)
 
+    def _by_lru(self) -> list[Engine]:
+        """The registered engines, least recently assigned first (their LRU keys, see
+        :mod:`.free`).  O(engines log engines): for constrained placements only."""
+        return sorted(self._engines.values(), key=by_key)
+
     def _choose(self, cands: list[Engine]) -> Engine:
         if len(cands) == 1:
             return cands[0]
@@ -57,10 +62,8 @@ class Placement:
         e.load += 1
         if e.load == self._cap:
             self._nfree -= 1
-        self._lru.move_to_end(e.id)
         e.key = self._stamp = self._stamp + 1
         self._free.update(e)
-        e.used = True
         self._unassigned -= 1
         if t.x is not None:
             self._ready_excl.discard(t)
@@ -184,13 +187,13 @@ class Placement:
                 base = [e for e in base if e not in ref]
                 tg = None
             else:
-                base = [e for e in self._lru.values() if e not in ref]
+                base = [e for e in self._by_lru() if e not in ref]
         elif x.follow.spec.all:
             e = x.f_engine
             base = [e] if e is not None and e.alive and e not in ref else []
         else:
             fe = x.f_engines
-            base = [e for e in self._lru.values() if e in fe and e not in ref]  # type: ignore[operator]
+            base = sorted((e for e in fe if e.alive and e not in ref), key=by_key)  # type: ignore[union-attr]
         if tg is not None:
             base = [e for e in base if e.id in tg]
         fo = x.failed_on

@@ -106,7 +106,7 @@ from __future__ import annotations
 
 import heapq
 import random
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -199,7 +199,6 @@ class Scheduler(Placement, Dependencies, Failures, Deadlines, Pipelining, Valida
         self._seq = 0
         self._now = 0.0
         self._engines: dict[int, Engine] = {}
-        self._lru: OrderedDict[int, Engine] = OrderedDict()  # least recently assigned first
         self._nfree = 0  # engines with a free slot
         self._unassigned = 0  # tasks waiting or ready
         self._plain: deque[Task] = deque()  # ready, unconstrained, in submission order
@@ -349,10 +348,8 @@ class Scheduler(Placement, Dependencies, Failures, Deadlines, Pipelining, Valida
                 e.load += 1
                 if e.load == self._cap:
                     self._nfree -= 1
-                self._lru.move_to_end(e.id)
                 e.key = self._stamp = self._stamp + 1
                 self._free.update(e)
-                e.used = True
                 self._story.append((tid, None, ASSIGNED, e.id, self._now))
                 out.append(Assign(tid, e.id))
             else:
@@ -492,10 +489,8 @@ class Scheduler(Placement, Dependencies, Failures, Deadlines, Pipelining, Valida
         e = Engine(eid)
         self._engines[eid] = e
         # Never used counts as least recently used: after the other unused engines
-        # (in registration order), before every engine that has had a task.
-        unused = [u for u in self._lru.values() if not u.used]
-        used = [u for u in self._lru.values() if u.used]
-        self._lru = OrderedDict((u.id, u) for u in (*unused, e, *used))
+        # (in registration order), before every engine that has had a task: its LRU key is
+        # below every assignment stamp (O(1): no list of engines to reorder).
         e.key = self._unused_stamp = self._unused_stamp + 1
         self._free.registered(e)
         self._nfree += 1
@@ -520,7 +515,6 @@ class Scheduler(Placement, Dependencies, Failures, Deadlines, Pipelining, Valida
         """Forget engine ``e`` (gone, or being restarted): its running task (the first of its
         queue, if ``running``) fails or is retried, the tasks queued behind it are queued
         again (no retry used), and tasks tied to it are re-examined."""
-        del self._lru[e.id]
         if e.load < self._cap:
             self._nfree -= 1
         e.alive = False

@@ -29,13 +29,12 @@ SHOW = 5  # messages list at most this many ids
 class Engine:
     """One registered engine: its FIFO of outstanding tasks and its private queue."""
 
-    __slots__ = ("id", "alive", "used", "load", "completed", "queue", "heap", "followers",
+    __slots__ = ("id", "alive", "load", "completed", "queue", "heap", "followers",
                  "key", "pos")
 
     def __init__(self, engine_id: int) -> None:
         self.id = engine_id
         self.alive = True
-        self.used = False  # has been assigned a task
         self.load = 0  # outstanding tasks == len(queue)
         self.completed = 0  # TaskDone results received from it
         self.queue: deque[Task] = deque()  # assigned tasks; [0] is running

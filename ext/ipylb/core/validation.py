@@ -21,7 +21,7 @@ class Validation:
                 raise AssertionError(what)
 
         cap = self._cap
-        need(set(self._lru) == set(self._engines), "LRU order lists exactly the registered engines")
+        need(all(e.id == i for i, e in self._engines.items()), "engines filed under their ids")
         nfree = 0
         assigned = 0
         for e in self._engines.values():
@@ -34,7 +34,7 @@ class Validation:
                 need(t.state is ASSIGNED and t.engine is e, f"{t} queued on {e} but not assigned there")
             assigned += e.load
         need(nfree == self._nfree, f"free engine count {self._nfree} != {nfree}")
-        wrong = self._free.check(list(self._lru.values()))
+        wrong = self._free.check(self._by_lru())
         need(wrong is None, f"free-engine index: {wrong}")
         plain_ids = {id(t) for t in self._plain} | {id(t) for _, t in self._plain_late}
         heap_entries = {(e.id, id(t), g) for e in self._engines.values() for _, g, t in e.heap}
