@@ -100,9 +100,9 @@ def test_pairs_with_free_engines_cost_the_same_with_4_or_1000_engines():
     """Submission to a free engine, then its completion, over many pairs (the free-engine
     heap's periodic rebuild is amortized over them): within 10% between 4 and 1,000."""
     per_pair = []
+    n = 3000
     for engines in (4, 1000):
         s = core_with(engines)
-        n = 3000
 
         def pairs(s: Scheduler = s) -> None:
             for i in range(n):
