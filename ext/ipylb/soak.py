@@ -86,7 +86,8 @@ class _CountingClient(Client):
             self.delivered[meta[0]] += 1
         elif kind in (wire.EVENT, wire.WELCOME):
             ids = meta.get("engines") if kind == wire.WELCOME else \
-                meta[1] if meta[0] == "engines" else None
+                meta[1] if meta[0] == "engines" else \
+                [meta[1]] if meta[0] == "engine_added" else None
             if ids:
                 self.highest_engine = max(self.highest_engine, *ids)
         super()._on_message(kind, sender, meta, bufs, mac)

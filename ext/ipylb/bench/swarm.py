@@ -11,7 +11,8 @@ kernels.
 
 Each round starts a fresh controller with no engines, lets ``--small`` (8) identities
 and then ``--engines`` (1,000) register (alternating which goes first), and reports per
-size: seconds from spawning the swarm to the last registration, the controller's CPU %
+size: seconds from spawning the swarm to the last registration (and the controller's
+CPU seconds over it), the controller's CPU %
 while idle (its heartbeats to every engine: ``psutil``), tasks/s of a ``map`` of
 ``--tasks`` no-ops at chunksize 1 and the controller's CPU µs per task in it, the median round trip of one no-op at a time, and
 the controller's RSS.  Figures are medians.
@@ -126,10 +127,12 @@ def measure(n: int, tasks: int, idle_s: float = 3.0, latency_n: int = 300) -> di
     try:
         rc = ipylb.Client(str(cluster.connection_file))
         ctl = psutil.Process(cluster.info["pid"])
-        t0 = time.perf_counter()
+        c0, t0 = ctl.cpu_times(), time.perf_counter()
         procs = spawn(cluster.info, n)
         rc.wait_for_engines(n, 120)
         registered = time.perf_counter() - t0
+        c1 = ctl.cpu_times()  # the controller's own work for n registrations
+        reg_cpu = c1.user + c1.system - c0.user - c0.system
         for proc in procs:  # (all are in: they said so, or will at once)
             proc.stdout.readline()  # type: ignore[union-attr]
         c0 = ctl.cpu_times()
@@ -152,7 +155,7 @@ def measure(n: int, tasks: int, idle_s: float = 3.0, latency_n: int = 300) -> di
             t = time.perf_counter()
             view.apply_sync(noop)
             lat.append(time.perf_counter() - t)
-        return {"register_s": registered, "idle_cpu_pct": idle, "tasks_per_s": rate,
+        return {"register_s": registered, "register_ctl_cpu_s": reg_cpu, "idle_cpu_pct": idle, "tasks_per_s": rate,
                 "ctl_cpu_us_per_task": cpu_us, "latency_p50_ms": statistics.median(lat) * 1e3,
                 "rss_MB": ctl.memory_info().rss / 1e6}
     finally:

@@ -138,7 +138,7 @@ class Client(Link, TaskRecords):
     def ids(self) -> list[int]:
         """Sorted ids of the engines registered now.  Raises ClientClosed once closed."""
         self._check_open()
-        return list(self._engine_ids)
+        return sorted(self._engine_ids)
 
     def __len__(self) -> int:
         """How many engines are registered now (as ipyparallel's ``len(rc)``)."""

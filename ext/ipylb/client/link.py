@@ -76,7 +76,7 @@ class Link:
         self._live: dict[str, list[tuple[Any, int]]] = {}
         self._outcomes: dict[str, Outcome] = {}
         self._replies: dict[int, Future] = {}
-        self._engine_ids: list[int] = []
+        self._engine_ids: dict[int, None] = {}  # registered engine ids (an ordered set)
         self._engine_failures: list[str] = []
         self.failures: deque[Metadata] = deque(maxlen=FAILURES_KEPT)
         # msg_ids this client submitted, oldest first (ipyparallel's rc.history; an int job
@@ -269,14 +269,19 @@ class Link:
                 self._welcome.set()
                 return
             with self._state:
-                self._engine_ids = meta["engines"]
+                self._engine_ids = dict.fromkeys(meta["engines"])
                 self.scheme = meta["scheme"]
             self._welcome.set()
 
     def _on_event(self, event: tuple) -> None:
         with self._state:
-            if event[0] == "engines":
-                self._engine_ids = event[1]
+            if event[0] == "engine_added":  # deltas; the whole list came with the welcome
+                self._engine_ids[event[1]] = None
+                self._warned_empty = False
+            elif event[0] == "engine_removed":
+                self._engine_ids.pop(event[1], None)
+            elif event[0] == "engines":  # the whole list again (after we were forgotten)
+                self._engine_ids = dict.fromkeys(event[1])
                 if event[1]:
                     self._warned_empty = False
             elif event[0] == "stranded":  # off this thread: warning hooks are user code

@@ -432,7 +432,8 @@ class Controller(Requests):
                 meta["restarts"] = restarts  # of its slot before it: engine_info() shows it
         wire.send(self.engines, [ident, *self.signer.pack(wire.REGISTERED, engine_id, to=ident)])
         log.info("engine %d registered (pid %s)", engine_id, meta.get("pid"))
-        self._broadcast(("engines", self._engine_list()))
+        # A delta, not the list: n registrations cost O(n) messages' worth, not O(n^2).
+        self._broadcast(("engine_added", engine_id))
         self._execute(self.core.handle(ev.EngineAdded(engine_id, time.monotonic())))
 
     def _engine_gone(self, engine_id: int, reason: str, now: float, idle: bool = False) -> None:
@@ -452,7 +453,7 @@ class Controller(Requests):
         log.warning("engine %d is gone: %s", engine_id, reason)
         if not self.engine_ident and self.launcher is not None and self.launcher.pending:
             self._broadcast(("restarting", len(self.launcher.pending)))  # before "no engines"
-        self._broadcast(("engines", self._engine_list()))
+        self._broadcast(("engine_removed", engine_id))
         self._execute(self.core.handle(ev.EngineRemoved(engine_id, reason, now, idle)))
         self._check_stranded()
 
@@ -513,8 +514,11 @@ class Controller(Requests):
                 raise wire.WireError("a malformed request")
             req_id, op, arg = meta
             reply_to = ident[:-1] + b"r"
-            if ident == reply_to:  # a receiving socket's ping: it listens (again, if forgotten)
+            if ident == reply_to and ident not in self.listeners:
+                # A receiving socket's ping: it listens again after it was forgotten, and
+                # gets the whole engine list (it missed the added/removed events meanwhile).
                 self.listeners.add(ident)
+                self._send_client(ident, wire.EVENT, ("engines", self._engine_list()))
             try:
                 value, ok = self._requests[op](reply_to, arg), True
             except Exception as e:  # a KeyError's str() is its repr: send the message itself
