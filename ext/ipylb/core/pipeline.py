@@ -224,7 +224,7 @@ class Pipelining:
         if not (p.idle or (behind and len(engines) > 1)):
             return
         p.idle.clear()
-        idle = [e for e in self._lru.values() if e.load == 0 and e not in p.thieves]
+        idle = [e for e in self._by_lru() if e.load == 0 and e not in p.thieves]
         if not idle:
             return
         victims = sorted((e for e in engines.values() if e.load > 1),
@@ -269,11 +269,11 @@ class Pipelining:
         self._cap = depth
         self._free.cap = depth
         nfree = 0
-        for e in self._lru.values():
+        for e in self._by_lru():
             nfree += e.load < depth
             self._free.update(e)
         self._nfree = nfree
         self._story.append((None, None, None, f"pipeline depth {depth}", self._now))
-        for e in list(self._lru.values()):
+        for e in self._by_lru():
             if e.load < depth:
                 self._fill(e, out)
