@@ -27,6 +27,9 @@ import threading
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+from ..error import ClientClosed, ControllerGone
+from .asyncresult import _callbacks
+
 if TYPE_CHECKING:
     from .asyncresult import AsyncResult
 
@@ -50,14 +53,15 @@ class LiveOutput:
         self._ends = [[0, 0] for _ in range(n)]  # per task: byte positions reported
         self._fresh: deque[tuple[str, str]] = deque()  # reports not yet printed (console)
         self._finished = False
+        self._drawing = False  # a draw of the display is queued
         self._display = _Display.here()
 
     @classmethod
     def start(cls, ar: AsyncResult) -> LiveOutput:
         """Watch ``ar``'s unfinished tasks: register with its client, ask the controller
         for their output, and in a Jupyter kernel make the display that shows it (in the
-        cell running now).  Raises what the client's requests raise (ControllerGone,
-        ClientClosed, TimeoutError)."""
+        cell running now).  Best effort: a controller that cannot be asked (gone, client
+        closed, no answer within 30 s) gives no live output, and the results still come."""
         live = cls(ar)
         client = ar._client
         pending = [(i, m) for i, (m, o) in enumerate(zip(ar.msg_ids, ar._outcomes)) if o is None]
@@ -67,6 +71,8 @@ class LiveOutput:
         if pending:
             try:
                 client._request("stream", [m for _i, m in pending])
+            except (ClientClosed, ControllerGone, TimeoutError):
+                pass  # no live output then: the results (or their errors) still come
             except BaseException:
                 live.finish()
                 raise
@@ -83,11 +89,18 @@ class LiveOutput:
             texts[0] = (texts[0] + out)[-KEPT_CHARS:]
             texts[1] = (texts[1] + err)[-KEPT_CHARS:]
             self._ends[index] = list(ends)
-            if self._display is not None:
-                self._display.update(*self._joined(live=True))
-            else:
+            if self._display is None:
                 self._fresh.append((out, err))
                 self._cond.notify_all()
+            elif not self._drawing:  # drawn off this thread (it delivers results), once
+                self._drawing = True  # for the reports that came meanwhile
+                _callbacks.call(self._draw)
+
+    def _draw(self) -> None:
+        with self._cond:
+            self._drawing = False
+            if not self._finished:
+                self._display.update(*self._joined(live=True))  # type: ignore[union-attr]
 
     def finish(self) -> None:
         """The tasks have ended (or the caller gives up): unregister, and in a kernel
