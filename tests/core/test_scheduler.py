@@ -74,6 +74,17 @@ def test_tasks_wait_for_a_free_engine_and_run_oldest_first():
     assert c.done("b", 0) == [Deliver("b"), Assign("c", 0)]
 
 
+def test_engine_of_names_the_engine_while_assigned_only():
+    c = Core(engines=1)
+    c.submit("a")
+    c.submit("b")
+    assert (c.s.engine_of("a"), c.s.engine_of("b"), c.s.engine_of("nope")) == (0, None, None)
+    c.done("a", 0)
+    assert (c.s.engine_of("a"), c.s.engine_of("b")) == (None, 0)
+    c.remove(0)
+    assert c.s.engine_of("b") is None
+
+
 def test_tasks_submitted_before_any_engine_run_when_one_registers():
     c = Core(engines=0, hwm=2)
     for t in "abc":

@@ -335,21 +335,22 @@ class Controller(Requests):
 
     def _req_stream(self, client: bytes, msg_ids: Any) -> int:
         """A client wants the live output of these pending tasks of its own or another
-        client's (``AsyncResult.display_outputs``, ``%%lb``): their engines are asked for it
-        while they run (at once if one runs now, else with the engine's next health report,
-        within HEALTH_S of its start).  Returns how many of them are pending."""
+        client's (``AsyncResult.display_outputs``, ``%%lb``): the engine each is assigned
+        to is asked for it now (it reports once the task runs); a task assigned later, or
+        elsewhere (a retry, a steal), is asked for when its engine's health report (every
+        HEALTH_S) names it as running.  Returns how many of them are pending."""
         if not (isinstance(msg_ids, list) and all(type(m) is str for m in msg_ids)):
             raise ValueError("stream takes a list of msg_ids")
         watched = 0
         for msg_id in msg_ids:
             rec = self.store.records.get(msg_id)
-            if rec is not None and rec.result is None:
-                self.live.setdefault(msg_id, set()).add(client)
-                watched += 1
-        if watched:
-            for engine_id, h in self.activity.health.items():
-                if h.get("task") in self.live:
-                    self._watch(self.engine_ident[engine_id] + b"/health", h["task"])
+            if rec is None or rec.result is not None:
+                continue
+            self.live.setdefault(msg_id, set()).add(client)
+            watched += 1
+            engine_id = self.core.engine_of(msg_id)
+            if engine_id is not None:
+                self._watch(self.engine_ident[engine_id] + b"/health", msg_id)
         return watched
 
     def _watch(self, health: bytes, msg_id: str) -> None:

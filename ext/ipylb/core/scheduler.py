@@ -319,6 +319,12 @@ class Scheduler(Placement, Dependencies, Failures, Deadlines, Pipelining, Valida
         t = self._tasks.get(task_id)
         return None if t is None else t.state
 
+    def engine_of(self, task_id: str) -> int | None:
+        """The engine a task is assigned to (queued there or running), or None: not
+        assigned (yet, or any more), or an unknown id."""
+        t = self._tasks.get(task_id)
+        return None if t is None or t.state is not ASSIGNED or t.engine is None else t.engine.id
+
     def pipeline_status(self) -> dict[str, Any] | None:
         """``hwm="auto"``: depth, the measured rtt and task time (seconds, None until
         measured), steal requests sent and answered "cancelled"; None for a fixed hwm."""

@@ -55,6 +55,10 @@ HEALTH_S = 1.0
 # were skipped).  So a task printing without pause costs its client a bounded stream.
 LIVE_S = 0.25
 LIVE_BYTES = 16 << 10
+# Watched tasks queued here, not running yet, are remembered for at most this long (seconds)
+# and this many.
+WANTED_S = 600.0
+WANTED_MAX = 1000
 
 # The engine pings the controller this often, and leaves after this long without an answer.
 CONTROLLER_PING_S = 2.0
@@ -211,15 +215,21 @@ class TaskChannel:
         sock.connect(self.engine_url)
         proc = psutil.Process()
         proc.cpu_percent(None)
-        # The watched task: [msg_id, (stdout, stderr) byte positions reported, next report].
+        # The watched task running: [msg_id, (stdout, stderr) byte positions reported, next
+        # report]; and the watched tasks not seen running yet, with when they were asked for.
         live: list[Any] | None = None
+        wanted: dict[str, float] = {}
         next_health = time.monotonic() + HEALTH_S
         while True:  # (a daemon thread: it ends with the engine)
             now = time.monotonic()
             wake = next_health if live is None else min(next_health, live[2])
+            if wanted:
+                wake = min(wake, now + LIVE_S)
             if sock.poll(max(0.0, wake - now) * 1000, zmq.POLLIN):
-                live = self._watch(sock, signer, live)
+                self._watch(sock, signer, live, wanted)
             now = time.monotonic()
+            if wanted and (live is None or live[0] != self.running):  # one of them started?
+                live = self._started(wanted, now) or live  # (the ended one's result has the rest)
             if live is not None and now >= live[2]:
                 live = self._report_output(sock, signer, live, now)
             if now < next_health:
@@ -237,20 +247,35 @@ class TaskChannel:
             except (OSError, zmq.ZMQError):  # out of fds, the controller slow or gone: next time
                 pass
 
-    def _watch(self, sock: zmq.Socket, signer: wire.Signer, live: list[Any] | None) -> Any:
-        """Take the WATCH requests waiting on the health socket; returns the watched task.
-        A task watched already goes on where it was (the controller repeats a request
-        while the task runs); a new one is reported from its first byte at once."""
+    def _watch(self, sock: zmq.Socket, signer: wire.Signer, live: list[Any] | None,
+               wanted: dict[str, float]) -> None:
+        """Take the WATCH requests waiting on the health socket into ``wanted`` (at most
+        WANTED_MAX, the oldest dropped).  The task reported already is left as it is: the
+        controller repeats a request while its task runs, and nothing is sent twice."""
         while True:
             try:
                 kind, _sender, meta, _bufs, _mac = signer.unpack(wire.recv(sock))
             except zmq.Again:
-                return live
+                return
             except wire.WireError as e:
                 self.capture.log(f"ipylb engine: dropped a message: {e}")
                 continue
             if kind == wire.WATCH and type(meta) is str and (live is None or live[0] != meta):
-                live = [meta, (0, 0), 0.0]
+                wanted.pop(meta, None)
+                wanted[meta] = time.monotonic()
+                if len(wanted) > WANTED_MAX:
+                    del wanted[next(iter(wanted))]
+
+    def _started(self, wanted: dict[str, float], now: float) -> list[Any] | None:
+        """The watched task running now, if one is (to be reported from its first byte
+        at once); requests older than WANTED_S are dropped (a task stolen by another
+        engine, or aborted, never runs here; one that does later is asked for again)."""
+        running = self.running
+        if running is not None and wanted.pop(running, None) is not None:
+            return [running, (0, 0), 0.0]
+        for msg_id in [m for m, t in wanted.items() if now - t > WANTED_S]:
+            del wanted[msg_id]
+        return None
 
     def _report_output(self, sock: zmq.Socket, signer: wire.Signer, live: list[Any],
                        now: float) -> list[Any] | None:
