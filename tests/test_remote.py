@@ -6,6 +6,7 @@ an unreachable controller explained, CurveZMQ on the controller's sockets.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -259,3 +260,53 @@ def test_join_ends_when_its_controller_is_killed(runtime):  # noqa: F811
         (runtime / "ipylb-kill.json").unlink(missing_ok=True)
     assert "every engine has ended" in err
     assert wait_gone([engine])
+
+
+def test_join_engines_are_interrupted_through_join(runtime):  # noqa: F811
+    """The controller cannot signal a kernel that `ipylb engine join` started (on another
+    host, in general): join relays its interrupts to the engine's KernelManager.  A task past
+    its walltime is interrupted (KeyboardInterrupt, not the grace period's stop) and
+    rc.interrupt() stops a running task; the engine serves on both times."""
+    from ipylb.client.local import engine_env
+    from ipylb.error import RemoteError, WalltimeExceeded
+    from test_pending import Gate, wait_at_gate
+
+    _start("intr")
+    join = subprocess.Popen([IPYLB, "engine", "join", "--profile", "intr"], env=engine_env(),
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    gate = Gate()
+    try:
+        with ipylb.Client(profile="intr") as rc:
+            rc.wait_for_engines(1, 120)
+            [(engine_id, engine)] = rc.engine_info().items()
+            view = rc.load_balanced_view()
+            t0 = time.monotonic()
+            with view.temp_flags(walltime=1):
+                ar = view.apply_async(nap, 60)
+            with pytest.raises(WalltimeExceeded) as info:
+                ar.get(30)
+            took = time.monotonic() - t0
+            message = str(info.value)
+            assert "interrupted (KeyboardInterrupt)" in message and "restarted" not in message
+            assert took < 4.0, took  # the interrupt, not the 5 s grace and a stop
+            ar = view.apply_async(wait_at_gate, gate.port)
+            gate.running()  # the task runs now
+            assert rc.interrupt() == [engine_id]
+            with pytest.raises(RemoteError, match="KeyboardInterrupt"):
+                ar.get(30)
+            assert rc.ids == [engine_id]  # the same engine, same process, serves on
+            assert view.apply_sync(os.getpid) == engine["pid"]
+        assert ipylb_cmd("cluster", "stop", "--profile", "intr").returncode == 0
+        _out, err = join.communicate(timeout=60)
+    finally:
+        gate.close()
+        join.kill()
+    assert join.returncode == 0, err
+    assert "interrupting" not in err and "does not run" not in err  # nothing went wrong
+
+
+def nap(seconds):
+    import time
+
+    time.sleep(seconds)
+    return seconds

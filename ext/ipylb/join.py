@@ -12,6 +12,7 @@ controller drops) or it gets SIGINT/SIGTERM, which stops them.
 
 from __future__ import annotations
 
+import queue
 import signal
 import socket
 import sys
@@ -162,19 +163,26 @@ def join(path: Path, n: int, ip: str | None, timeout: float) -> int:
              "(a restarted cluster has a new key); copy the new one here")
         return 1
     # Not restarted here: they end when their controller stops them (exit code 0).
-    launcher = EngineLauncher(str(path), ip=ip, restart=False)
+    launcher = EngineLauncher(str(path), ip=ip, restart=False, joined=True)
     stop = threading.Event()
-    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+    # The controller's interrupt requests for our engines, (engine_id, tag, task_id), carried
+    # out on this thread (the launcher's only user); None: a signal came.
+    asked: queue.SimpleQueue = queue.SimpleQueue()
+
+    def on_signal(*_: Any) -> None:
+        stop.set()
+        asked.put(None)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         launcher.start(n)
-        ids = _wait_registered(rc, launcher, n, timeout, stop)
-        rc.close()
+        ids = _wait_registered(rc, launcher, n, timeout, stop, asked)
         if ids is None:
             return 0 if stop.is_set() else 1
         _say(f"{n} engine(s) joined the cluster at {info['engine_url']} as engine(s) "
              f"{', '.join(map(str, ids))}; their Jupyter channels listen on {ip}. "
              "Ctrl-C stops them.")
-        return _serve(launcher, stop)
+        return _serve(launcher, stop, asked)
     finally:
         rc.close()
         launcher.stop_all()
@@ -182,12 +190,18 @@ def join(path: Path, n: int, ip: str | None, timeout: float) -> int:
             signal.signal(s, h)
 
 
-def _wait_registered(rc: Any, launcher: Any, n: int, timeout: float,
-                     stop: threading.Event) -> list[int] | None:
-    """Wait until the controller lists every engine we started (by tag); None (said why)
-    if one dies first, a signal comes, or ``timeout`` passes."""
+def _wait_registered(rc: Any, launcher: Any, n: int, timeout: float, stop: threading.Event,
+                     asked: queue.SimpleQueue) -> list[int] | None:
+    """Offer to interrupt the engines we started (the controller cannot reach their
+    processes: ``rc.relay_interrupts``), then wait until it lists each of them (by tag);
+    None (said why) if one dies first, a signal comes, or ``timeout`` passes."""
     tags = set(launcher.pending)
     waited = 0.0
+    try:
+        rc.relay_interrupts(sorted(tags), lambda *request: asked.put(request))
+    except ControllerGone as gone:
+        _say(str(gone))
+        return None
     while waited < timeout:
         try:
             engines = rc.engine_info()
@@ -205,7 +219,8 @@ def _wait_registered(rc: Any, launcher: Any, n: int, timeout: float,
         if dead:
             _say("; ".join(reason for _id, reason, _fate in dead))
             return None
-        if stop.wait(POLL_S):
+        _relay(launcher, asked, POLL_S)
+        if stop.is_set():
             return None
         waited += POLL_S
     _say(f"{len(launcher.pending)} of {n} engine(s) did not register within {timeout:.0f} s "
@@ -213,10 +228,31 @@ def _wait_registered(rc: Any, launcher: Any, n: int, timeout: float,
     return None
 
 
-def _serve(launcher: Any, stop: threading.Event) -> int:
-    """Until every engine has ended or a signal comes; 1 if an engine died on its own."""
+def _relay(launcher: Any, asked: queue.SimpleQueue, wait: float) -> None:
+    """Carry out the controller's interrupt requests that come within ``wait`` seconds (and
+    those waiting), through the KernelManager of each engine (``launcher.interrupt``)."""
+    try:
+        request = asked.get(timeout=wait)
+        while request is not None:
+            engine_id, tag, task_id = request
+            if engine_id not in launcher.running:  # asked before we saw it register
+                launcher.registered(tag, engine_id)
+            try:
+                if not launcher.interrupt(engine_id, task_id):
+                    _say(f"asked to interrupt engine {engine_id}, which this process does not run")
+            except Exception as e:  # its kernel is gone: its end is noticed by the poll
+                _say(f"interrupting engine {engine_id} failed: {type(e).__name__}: {e}")
+            request = asked.get_nowait()
+    except queue.Empty:
+        pass
+
+
+def _serve(launcher: Any, stop: threading.Event, asked: queue.SimpleQueue) -> int:
+    """Until every engine has ended or a signal comes (carrying out the controller's
+    interrupt requests meanwhile); 1 if an engine died on its own."""
     status = 0
-    while launcher.running and not stop.wait(POLL_S):
+    while launcher.running and not stop.is_set():
+        _relay(launcher, asked, POLL_S)
         for engine_id, reason, _fate in launcher.poll_dead():
             if reason != "its process exited with code 0":
                 status = 1

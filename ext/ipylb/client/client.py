@@ -17,6 +17,7 @@ import threading
 import time
 import warnings
 import weakref
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -462,8 +463,25 @@ class Client(Link, TaskRecords):
 
     def interrupt(self, engine_ids: list[int] | None = None) -> list[int]:
         """Interrupt engines (default: all) like Jupyter's Kernel > Interrupt: a running
-        task raises KeyboardInterrupt and fails; the engine serves on."""
+        task raises KeyboardInterrupt and fails; the engine serves on.  Engines of
+        ``ipylb engine join`` are interrupted by that process, on their own host.  Returns
+        the ids interrupted; KeyError for an engine no one can interrupt."""
         return self._request("interrupt", engine_ids)
+
+    def relay_interrupts(self, tags: list[str],
+                         handler: Callable[[int, str, str | None], Any]) -> int:
+        """Interrupt, when the controller asks, the engines that register with these tags
+        (``IPYLB_ENGINE_TAG``): for a process that starts engine kernels itself with
+        jupyter_client, on a host where the controller cannot signal them or reach their
+        connection files (``ipylb engine join``).  From then on ``handler(engine_id, tag,
+        task_id)`` is called (on the client's callback thread, in order) for each interrupt
+        of such an engine: ``task_id`` None for :meth:`interrupt` (whatever runs stops),
+        else only that task, if it still runs (its walltime passed);
+        :meth:`ipylb.controller.launcher.EngineLauncher.interrupt` does both.  A second call
+        replaces the handler.  Returns how many tags the controller took; ValueError if
+        they are not a list of str."""
+        self._interrupter = handler
+        return self._request("relay_interrupts", list(tags))
 
     def abort(self, jobs: Any) -> None:
         """Tasks in ``jobs`` that have not started never run; they fail with TaskAborted."""

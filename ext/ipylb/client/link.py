@@ -18,6 +18,7 @@ import uuid
 import warnings
 import weakref
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
@@ -76,6 +77,9 @@ class Link:
         self._live: dict[str, list[tuple[Any, int]]] = {}
         self._outcomes: dict[str, Outcome] = {}
         self._replies: dict[int, Future] = {}
+        # Called for the controller's interrupt requests of engines this process started
+        # (Client.relay_interrupts: `ipylb engine join`), else None.
+        self._interrupter: Callable[[int, str, str | None], Any] | None = None
         self._engine_ids: dict[int, None] = {}  # registered engine ids (an ordered set)
         self._engine_failures: list[str] = []
         self.failures: deque[Metadata] = deque(maxlen=FAILURES_KEPT)
@@ -298,4 +302,7 @@ class Link:
                               stacklevel=1)
             elif event[0] == "engine_failed":
                 self._engine_failures.append(event[1])
+            elif event[0] == "interrupt":  # (engine_id, tag, task_id): relay_interrupts
+                if self._interrupter is not None:
+                    _callbacks.call(self._interrupter, *event[1:])
             self._state.notify_all()

@@ -138,8 +138,9 @@ class Controller(Requests):
         self.engine_of: dict[bytes, int] = {}
         self.engine_info: dict[int, dict[str, Any]] = {}
         self.activity = Activity()  # for the dashboard and `ipylb top`
-        # Jupyter clients of our engines' kernels, made on the first walltime interrupt.
-        self.kernel_clients: dict[int, Any] = {}
+        # Engines another process started (`ipylb engine join`) and interrupts for us: their
+        # tag -> that process's client (its receiving socket), which is sent the requests.
+        self.relays: dict[str, bytes] = {}
         self.listeners: set[bytes] = set()  # client receive sockets that said hello
         # Task functions by key, as long as a record holds them; and per engine, the keys of
         # the functions it holds (with their sizes), least recently used first.
@@ -162,6 +163,7 @@ class Controller(Requests):
             "story": lambda _c, task_id: self.core.story(task_id),
             "engine_info": lambda _c, _a: dict(self.engine_info),
             "interrupt": self._req_interrupt,
+            "relay_interrupts": self._req_relay_interrupts,
             "add_engines": self._req_add_engines,
             "get_result": self._req_get_result,
             "resubmit": self._req_resubmit,
@@ -445,12 +447,11 @@ class Controller(Requests):
         self._sent.pop(engine_id, None)
         del self.engine_of[ident]
         self.remote.discard(ident)
-        self.engine_info.pop(engine_id, None)
+        info = self.engine_info.pop(engine_id, None)
+        if info is not None and self.relays:
+            self.relays.pop(info.get("tag"), None)
         self.activity.forget(engine_id)
         self.heartbeats.remove(engine_id)
-        kc = self.kernel_clients.pop(engine_id, None)
-        if kc is not None:
-            kc.stop_channels()
         log.warning("engine %d is gone: %s", engine_id, reason)
         if not self.engine_ident and self.launcher is not None and self.launcher.pending:
             self._broadcast(("restarting", len(self.launcher.pending)))  # before "no engines"
@@ -719,16 +720,27 @@ class Controller(Requests):
         control channel (``ipylb_interrupt_request``, served by the engine's control thread
         while the task runs: see ipylb.engine.kernel).  Only that task: the engine checks it
         is still the one running."""
-        km = self.launcher.manager(engine_id) if self.launcher is not None else None
-        if km is None:
-            log.warning("task %s passed its walltime on engine %d, which this controller did not "
-                        "start: it cannot be interrupted from here", task_id, engine_id)
+        if not self._interrupt(engine_id, task_id):
+            log.warning("task %s passed its walltime on engine %d, which neither this controller "
+                        "nor a process relaying its interrupts (`ipylb engine join`) started: "
+                        "it cannot be interrupted from here", task_id, engine_id)
             return
-        kc = self.kernel_clients.get(engine_id)
-        if kc is None:
-            kc = self.kernel_clients[engine_id] = km.client(context=self.ctx)
-        kc.control_channel.send(kc.session.msg("ipylb_interrupt_request", {"msg_id": task_id}))
         log.info("task %s passed its walltime: interrupting it on engine %d", task_id, engine_id)
+
+    def _interrupt(self, engine_id: int, task_id: str | None) -> bool:
+        """Interrupt an engine (``task_id``: only that task, if it still runs) through the
+        KernelManager that started it: ours (:meth:`EngineLauncher.interrupt`), or the one
+        in the process that relays its interrupts (an EVENT ``("interrupt", engine_id, tag,
+        task_id)`` to that process's client, which calls its own launcher's ``interrupt``).
+        False if neither exists."""
+        if self.launcher is not None and self.launcher.interrupt(engine_id, task_id):
+            return True
+        tag = self.engine_info.get(engine_id, {}).get("tag")
+        relay = self.relays.get(tag) if tag else None
+        if relay is None or relay not in self.listeners:
+            return False
+        self._send_client(relay, wire.EVENT, ("interrupt", engine_id, tag, task_id))
+        return True
 
     def _restart_engine(self, engine_id: int, reason: str, idle: bool = False) -> None:
         """Forget an engine and restart its kernel through jupyter_client (the new kernel
@@ -818,8 +830,6 @@ class Controller(Requests):
     def close(self) -> None:
         """Tell clients we stop, stop every engine this controller launched, close the sockets."""
         self._broadcast(("shutdown", self.stop_reason))
-        for kc in self.kernel_clients.values():
-            kc.stop_channels()
         if self.launcher is not None:
             self.launcher.stop_all()
         for ident in list(self.engine_ident.values()):

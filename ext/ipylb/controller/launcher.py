@@ -16,6 +16,7 @@ import sys
 import uuid
 from typing import Any
 
+import zmq
 from jupyter_client import KernelManager
 from jupyter_client.restarter import KernelRestarter
 from traitlets import Bool, Unicode
@@ -105,19 +106,25 @@ class EngineLauncher:
 
     def __init__(self, cluster_file: str, cwd: str | None = None, kernel_name: str = KERNEL_NAME,
                  ip: str | None = None, restart: bool = True, restart_limit: int = 5,
-                 stable_start_time: float = 10.0) -> None:
+                 stable_start_time: float = 10.0, joined: bool = False) -> None:
         """``ip``: where the engines' Jupyter channels listen (tcp), for engines whose
-        controller is on another host; None: unix sockets in the runtime dir."""
+        controller is on another host; None: unix sockets in the runtime dir.  ``joined``:
+        the engines of a controller elsewhere (``ipylb engine join``), for which exit code 0
+        is the normal end (their controller stopped them, or their connection to it
+        dropped), where the controller's own launcher never lets one end so."""
         self.cluster_file = cluster_file
         self.ip = ip
         self.cwd = cwd or os.getcwd()
         self.kernel_name = kernel_name
         self.autorestart = restart
+        self.joined = joined
         self.restart_limit = restart_limit
         self.stable_start_time = stable_start_time
         self.pending: dict[str, EngineKernelManager] = {}  # tag -> manager, not registered yet
         self.running: dict[int, EngineKernelManager] = {}  # engine id -> manager
         self.restarts = 0  # kernels restarted, all slots together
+        # Jupyter clients of running engines' kernels, made on their first task interrupt.
+        self._controls: dict[int, Any] = {}
         # What the restarters' callbacks saw during one poll: (engine id, reason, fate).
         self._seen: list[tuple[int | None, str, str]] = []
 
@@ -175,11 +182,38 @@ class EngineLauncher:
         """The KernelManager of an engine this launcher started."""
         return self.running.get(engine_id)
 
+    def interrupt(self, engine_id: int, task_id: str | None = None) -> bool:
+        """Interrupt an engine this launcher started (False if it did not, or no longer
+        runs it).  ``task_id`` None: like Jupyter's Kernel > Interrupt, through
+        ``KernelManager.interrupt_kernel`` (SIGINT, or an ``interrupt_request`` for a
+        kernelspec whose ``interrupt_mode`` is ``message``): whatever runs stops.  Else only
+        that task, if it still runs (a walltime): an ``ipylb_interrupt_request`` on the
+        kernel's control channel, which the engine's control thread serves while a task
+        runs and acts on only if that task is the one running (ipylb.engine.kernel)."""
+        km = self.running.get(engine_id)
+        if km is None:
+            return False
+        if task_id is None:
+            km.interrupt_kernel()
+            return True
+        kc = self._controls.get(engine_id)
+        if kc is None:
+            kc = self._controls[engine_id] = km.client(context=zmq.Context.instance())
+        kc.control_channel.send(kc.session.msg("ipylb_interrupt_request", {"msg_id": task_id}))
+        return True
+
+    def _let_go(self, engine_id: int) -> EngineKernelManager:
+        """Take ``engine_id`` out of the running engines (closing its control client)."""
+        kc = self._controls.pop(engine_id, None)
+        if kc is not None:
+            kc.stop_channels()
+        return self.running.pop(engine_id)
+
     def restart(self, engine_id: int) -> str | None:
         """Restart the kernel of ``engine_id`` now (KernelManager.restart_kernel; for a task
         past its walltime): the slot waits for the new kernel to register.  Returns why the
         restart failed (the slot is then down), or None."""
-        km = self.running.pop(engine_id)
+        km = self._let_go(engine_id)
         try:
             km.restart_kernel(now=True)
         except Exception as e:
@@ -222,7 +256,7 @@ class EngineLauncher:
         """A slot's kernel died (called before the restarter restarts it, or gives up)."""
         engine_id = next((i for i, m in self.running.items() if m is km), None)
         if engine_id is not None:
-            del self.running[engine_id]
+            self._let_go(engine_id)
         else:
             self.pending.pop(km.tag, None)
         reason = self._reason(km)
@@ -241,11 +275,10 @@ class EngineLauncher:
                            "again")
         self._seen.append((engine_id, reason, fate))
 
-    @staticmethod
-    def _reason(km: KernelManager) -> str:
+    def _reason(self, km: KernelManager) -> str:
         proc: Any = getattr(km.provisioner, "process", None)
         code = proc.returncode if proc is not None else None
-        if code == 0:  # the engine did not decide to leave (it asks to be restarted when it must)
+        if code == 0 and not self.joined:  # the engine did not decide to leave (it asks to be restarted when it must)
             return (f"{exit_reason(code)} although no one asked it to stop: code running in it "
                     "ended it (os._exit in a thread a task started, or posix._exit; os._exit on "
                     "an engine's main thread is answered as the task's error instead)")
@@ -254,8 +287,9 @@ class EngineLauncher:
     def stop_all(self) -> None:
         """Kill every engine this launcher started and remove their connection files."""
         managers = [*self.pending.values(), *self.running.values()]
+        for engine_id in list(self.running):
+            self._let_go(engine_id)
         self.pending.clear()
-        self.running.clear()
         for km in managers:
             try:
                 km.shutdown_kernel(now=True)

@@ -168,16 +168,29 @@ class Requests:
             self._execute(self.core.handle(ev.AbortRequested(m, now)))
 
     def _req_interrupt(self, _client: bytes, engine_ids: list[int]) -> list[int]:
-        """Interrupt engines through jupyter_client (SIGINT to the kernel: the running task stops)."""
+        """Interrupt engines through the jupyter_client KernelManager that started each
+        (``interrupt_kernel``: SIGINT to the kernel, the running task stops): this
+        controller's, or that of the ``ipylb engine join`` that relays its interrupts."""
         done = []
         for engine_id in engine_ids or self._engine_list():
-            km = self.launcher.manager(engine_id) if self.launcher is not None else None
-            if km is None:
-                raise KeyError(f"engine {engine_id} was not started by this controller: "
-                               "interrupt it through its own kernel manager")
-            km.interrupt_kernel()
+            if not self._interrupt(engine_id, None):
+                raise KeyError(f"engine {engine_id} was started neither by this controller nor "
+                               "by an `ipylb engine join` still connected to it: interrupt it "
+                               "through the kernel manager that started it")
             done.append(engine_id)
         return done
+
+    def _req_relay_interrupts(self, client: bytes, tags: Any) -> int:
+        """A process that starts engines itself (``ipylb engine join``, with jupyter_client's
+        KernelManager) will interrupt those registering with these tags when asked
+        (walltime, ``rc.interrupt``): the only way to reach a kernel's process or its
+        control channel on another host.  Returns how many tags it took."""
+        if not (isinstance(tags, list) and all(type(t) is str and 0 < len(t) <= 200
+                                               for t in tags)):
+            raise ValueError("relay_interrupts takes a list of engine tags (str)")
+        for tag in tags:
+            self.relays[tag] = client
+        return len(tags)
 
     def _req_shutdown(self, _client: bytes, _arg: Any) -> None:
         self.stop("a client asked it to (`ipylb cluster stop` or rc.stop_cluster())")
