@@ -46,7 +46,7 @@ import math
 from typing import Any
 
 from .events import ABORTED, Assign, Command, Steal, StealAnswered
-from .task import ASSIGNED, Engine, Task, unrestricted
+from .task import ASSIGNED, Engine, Task, by_key, unrestricted
 
 __all__ = ["AUTO", "MAX_DEPTH", "Pipe", "Pipelining", "depth_for", "parse_hwm"]
 
@@ -86,7 +86,7 @@ class Pipe:
     """The measurements and the steal bookkeeping of ``hwm="auto"``."""
 
     __slots__ = ("rtt", "task_time", "samples", "depth", "new_depth", "probes", "stealing",
-                 "thieves", "late", "idle", "steals", "stolen")
+                 "thieves", "late", "idle", "dirty", "steals", "stolen")
 
     def __init__(self) -> None:
         self.rtt: float | None = None  # EWMA, seconds
@@ -99,9 +99,14 @@ class Pipe:
         self.stealing: dict[Task, tuple[Engine, Engine]] = {}  # task -> (its engine, thief)
         self.thieves: set[Engine] = set()  # idle engines with a request out for them
         self.late: dict[Task, Engine] = {}  # too late to steal: started on that engine
-        self.idle: list[Engine] = []  # engines that may have become idle in this event
+        self.idle: set[Engine] = set()  # registered engines with nothing outstanding
+        self.dirty = False  # an engine became idle, or free to steal for again
         self.steals = 0  # requests sent
         self.stolen = 0  # ... answered "cancelled"
+
+    def became_idle(self, e: Engine) -> None:
+        self.idle.add(e)
+        self.dirty = True
 
     def sample(self, ran: float, rtt: float | None) -> None:
         """One task's run time and, if it was a probe, the round trip around it."""
@@ -151,20 +156,21 @@ class Pipelining:
         rec = p.stealing.pop(t, None)
         if rec is not None:
             p.thieves.discard(rec[1])
-            p.idle.append(rec[1])
+            p.dirty = True
 
     def _pipe_engine_gone(self, e: Engine) -> None:
         """Engine ``e`` left: its probe and the steals from it end (its tasks are re-queued
         by the caller); a steal for it still places the task once answered."""
         p: Pipe = self._pipe  # type: ignore[assignment]
         p.probes.pop(e, None)
+        p.idle.discard(e)
         p.thieves.discard(e)  # its requests stand: the answer places the task elsewhere
         for t, (victim, thief) in list(p.stealing.items()):
             if victim is e:  # the task is re-queued with the engine's others
                 del p.stealing[t]
                 if thief is not e:
                     p.thieves.discard(thief)
-                    p.idle.append(thief)
+                    p.dirty = True
         for t, where in list(p.late.items()):
             if where is e:
                 del p.late[t]
@@ -181,7 +187,7 @@ class Pipelining:
         victim, thief = rec
         del p.stealing[t]
         p.thieves.discard(thief)
-        p.idle.append(thief)
+        p.dirty = True
         if not ev.cancelled:  # it had started: its result will come
             p.late[t] = victim
             self._story.append((t.id, ASSIGNED, ASSIGNED, f"steal: already started on engine "
@@ -211,20 +217,23 @@ class Pipelining:
             self._set_depth(p.new_depth, out)
         now = self._now
         engines = self._engines
+        idle = p.idle
         behind = False
         for c in out:
             if c.__class__ is Assign:
                 e = engines.get(c.engine_id)
                 if e is None:
                     continue
+                idle.discard(e)
                 if e.load == 1:
                     p.probes[e] = (e.queue[0], now)
                 else:
                     behind = True
-        if not (p.idle or (behind and len(engines) > 1)):
+        if not idle or not (p.dirty or behind):
             return
-        p.idle.clear()
-        idle = [e for e in self._by_lru() if e.load == 0 and e not in p.thieves]
+        p.dirty = False
+        thieves = p.thieves
+        idle = sorted((e for e in idle if e not in thieves), key=by_key)  # LRU first
         if not idle:
             return
         victims = sorted((e for e in engines.values() if e.load > 1),

@@ -286,4 +286,4 @@ class Placement:
         e.load -= 1
         self._free.update(e)
         if not e.load and self._pipe is not None:  # hwm="auto": it may steal work
-            self._pipe.idle.append(e)
+            self._pipe.became_idle(e)

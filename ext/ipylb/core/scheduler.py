@@ -501,7 +501,7 @@ class Scheduler(Placement, Dependencies, Failures, Deadlines, Pipelining, Valida
         self._free.registered(e)
         self._nfree += 1
         if self._pipe is not None:
-            self._pipe.idle.append(e)
+            self._pipe.became_idle(e)
         self._story.append((None, None, None, f"engine {eid} added", self._now))
         if self._ready_excl:
             # Tasks held back by exclusions (or targets) may run here; soft exclusions elsewhere

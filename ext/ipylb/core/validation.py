@@ -34,6 +34,9 @@ class Validation:
                 need(t.state is ASSIGNED and t.engine is e, f"{t} queued on {e} but not assigned there")
             assigned += e.load
         need(nfree == self._nfree, f"free engine count {self._nfree} != {nfree}")
+        if self._pipe is not None:
+            idle = {e for e in self._engines.values() if not e.load}
+            need(self._pipe.idle == idle, f"idle engines {self._pipe.idle} != {idle}")
         wrong = self._free.check(self._by_lru())
         need(wrong is None, f"free-engine index: {wrong}")
         plain_ids = {id(t) for t in self._plain} | {id(t) for _, t in self._plain_late}
