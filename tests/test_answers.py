@@ -222,6 +222,7 @@ def test_a_result_sent_just_before_its_engine_is_declared_dead_is_delivered():
         assert ctl.engines.poll(10_000)  # it waits in the controller's socket, unread
         ctl._housekeeping(time.monotonic() + 60)  # a minute of heartbeat silence: dead
         assert ctl.engine_ident == {}
+        ctl._flush_results()  # (the end of the loop's turn)
         kind, meta, bufs = receive(results, rsign)
         assert (kind, meta[0], meta[2], bufs) == (wire.RESULT, "t1", "ok", [b"the result"])
     finally:

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import ipylb
 import pytest
-from ipylb import wire
 from ipylb.client.client import Client
 
 IPYLB = str(Path(sys.executable).with_name("ipylb"))
@@ -88,14 +87,13 @@ def test_a_client_killed_mid_map_loses_nothing(cluster, monkeypatch):
 
     # A new client, counting every result message it receives.
     seen: Counter[str] = Counter()
-    on_message = Client._on_message
+    on_result = Client._on_result
 
-    def counting(self, kind, sender, meta, bufs, mac):
-        if kind == wire.RESULT:
-            seen[meta[0]] += 1
-        on_message(self, kind, sender, meta, bufs, mac)
+    def counting(self, meta, bufs, mac):  # each result, alone (RESULT) or batched (RESULTS)
+        seen[meta[0]] += 1
+        on_result(self, meta, bufs, mac)
 
-    monkeypatch.setattr(Client, "_on_message", counting)
+    monkeypatch.setattr(Client, "_on_result", counting)
     rc = ipylb.Client(profile="killed")
     try:
         ar = rc.get_result(msg_ids)

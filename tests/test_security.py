@@ -112,6 +112,7 @@ def capture_submit(rc, f, *args) -> list[bytes]:
     real, rc._send_sock = rc._send_sock, Recorder()
     try:
         rc.load_balanced_view().apply_async(f, *args)
+        rc._flush()  # (one made right after another is held to leave with the next ones)
     finally:
         rc._send_sock = real
     [frames] = sent

@@ -81,10 +81,12 @@ class _CountingClient(Client):
         self.highest_engine = -1  # the highest engine id registered while we watched
         super().__init__(*args, **kwargs)
 
+    def _on_result(self, meta: Any, bufs: list[Any], mac: bytes) -> None:
+        self.delivered[meta[0]] += 1
+        super()._on_result(meta, bufs, mac)
+
     def _on_message(self, kind: int, sender: bytes, meta: Any, bufs: list[Any], mac: bytes) -> None:
-        if kind == wire.RESULT:
-            self.delivered[meta[0]] += 1
-        elif kind in (wire.EVENT, wire.WELCOME):
+        if kind in (wire.EVENT, wire.WELCOME):
             ids = meta.get("engines") if kind == wire.WELCOME else \
                 meta[1] if meta[0] == "engines" else \
                 [meta[1]] if meta[0] == "engine_added" else None

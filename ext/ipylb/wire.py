@@ -58,8 +58,8 @@ from .shm import valid_name as shm_valid_name
 
 # Message kinds. Client -> controller.
 HELLO, SUBMIT, REQUEST, BYE = 1, 2, 3, 4
-# Controller -> client.
-WELCOME, RESULT, REPLY, EVENT = 11, 12, 13, 14
+# Controller -> client (RESULTS: several results in one message, see batch).
+WELCOME, RESULT, REPLY, EVENT, RESULTS = 11, 12, 13, 14, 15
 # Controller -> engine (WATCH: to an engine's health socket, a client wants the live output
 # of the task it runs).
 REGISTERED, TASK, CANCEL, STOP, REFUSED, ABOUT, FUNCTION, WATCH = 21, 22, 23, 24, 25, 26, 27, 28
@@ -131,6 +131,38 @@ def oversized(frames: Sequence[Any], limit: int) -> int:
         if n > limit:
             return n
     return 0
+
+
+def batch(items: Sequence[tuple[Any, Sequence[Any], bytes]]) -> tuple[list[tuple], list[Any]]:
+    """``(meta, bufs)`` of one message that carries several: each item is ``(meta, bufs,
+    bufs_mac)``; the batch's meta lists ``(meta, len(bufs), bufs_mac)`` per item, its bufs
+    are the items' bufs in order.  The batch is one message, signed once; each item keeps
+    its producer's MAC over its own buffers, checked by the consumer (:func:`unbatch`)."""
+    metas: list[tuple] = []
+    bufs: list[Any] = []
+    for meta, item_bufs, mac in items:
+        metas.append((meta, len(item_bufs), mac))
+        bufs.extend(item_bufs)
+    return metas, bufs
+
+
+def unbatch(meta: Any, bufs: list[Any]) -> list[tuple[Any, list[Any], bytes]]:
+    """The items of a message made by :func:`batch`, as ``(meta, bufs, bufs_mac)``;
+    WireError if its meta does not describe exactly its buffers (a peer bug)."""
+    if type(meta) is not list or not meta:
+        raise WireError("a malformed batch: its meta is not a non-empty list")
+    items = []
+    pos, end = 0, len(bufs)
+    for entry in meta:
+        if type(entry) is not tuple or len(entry) != 3 or type(entry[1]) is not int \
+                or not 0 <= entry[1] <= end - pos or type(entry[2]) is not bytes:
+            raise WireError(f"a malformed batch entry ({entry!r:.80})")
+        n = entry[1]
+        items.append((entry[0], bufs[pos:pos + n], entry[2]))
+        pos += n
+    if pos != end:
+        raise WireError(f"a batch with {end - pos} buffer(s) its entries do not account for")
+    return items
 
 
 def new_key() -> bytes:

@@ -167,7 +167,7 @@ class AsyncResult(Future):
         self._failed = 0  # tasks finished with an error (for progress bars)
         self._split: tuple[AsyncResult, ...] | None = None  # split()'s results, fed by _deliver
         self._arrivals: list[int] = []  # indices in the order results came
-        self._cond = threading.Condition(threading.Lock())
+        self._cond = self._condition  # the Future's own (one Condition per result, not two)
         self._submitted = time.time()
         self._callbacks: list[Callable[[Any], Any]] | None = None  # until finished
         if not msg_ids:  # nothing to wait for (an empty map): done at once
@@ -260,6 +260,8 @@ class AsyncResult(Future):
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until finished or ``timeout`` seconds pass; return ready()."""
+        if self._remaining:
+            self._client._flush()  # a submission held to leave with others goes now
         with self._cond:
             return self._cond.wait_for(self.ready, timeout)
 
@@ -547,6 +549,8 @@ class AsyncMapResult(AsyncResult):
         first failed item raises, or is yielded as its exception with ``return_exceptions``."""
         n = len(self.msg_ids)
         re = self._return_exceptions
+        if self._remaining:
+            self._client._flush()
         for k in range(n):
             with self._cond:
                 if self.ordered:

@@ -33,6 +33,11 @@ from .taskdb import TaskRecords, as_list, job_ids
 CONNECT_TIMEOUT_S = 5.0
 # Tasks per submission message (a map sends its items in batches).
 SUBMIT_BATCH = 256
+# Submissions made back to back (within this many seconds of the one before, as apply_async
+# in a loop: ~0.05-0.1 ms apart) are held and leave together, one message for many tasks
+# (see Client._submit); one after a pause (a lone apply_sync, whose round trip alone is
+# longer) is sent at once.
+BURST_S = 250e-6
 # How long Client(engines=N) waits for its engines to register: this, plus the second
 # term for each engine (kernels boot one CPU-second or so each, a few at a time).
 ENGINE_START_TIMEOUT_S = 60.0
@@ -256,8 +261,71 @@ class Client(Link, TaskRecords):
                     self.history.extend(msg_id for msg_id, _args in batch)
                     if start == 0 and isinstance(ar, AsyncResult):
                         self._submissions.add(ar)
-                wire.send(self._send_sock, self._signer.pack(
-                    wire.SUBMIT, (flags, (len(fbufs), fkey, fmac), metas, tag), bufs, b""))
+                self._send_submission(flags, fbufs, fkey, fmac, metas, bufs, tag)
+
+    def _send_submission(self, flags: dict[str, Any] | None, fbufs: list[Any], fkey: bytes,
+                         fmac: bytes, metas: list[tuple], bufs: list[Any],
+                         tag: tuple[str | None, str]) -> None:
+        """Send one SUBMIT (``bufs``: the function's frames, then each task's), or hold it
+        to leave with the ones right behind it; called with the send lock held.
+
+        Submissions made back to back (the one before less than ``BURST_S`` ago) are held,
+        and join the held one when they share its function, flags and tag: they leave as
+        one message when ``SUBMIT_BATCH`` tasks are held, when this client waits for a
+        result or asks the controller anything, when it closes, or when the sending thread
+        gets to run (Python lets another thread run within its switch interval, 5 ms, so
+        a submitting loop sends every few ms).  A submission after a pause goes at once:
+        a lone ``apply_sync`` waits for no batch."""
+        now = time.monotonic()
+        burst, self._last_submit = now - self._last_submit < BURST_S, now
+        held = self._held
+        if held is not None:
+            if len(fbufs) == 1 and held[2] == fkey and held[4] == tag and \
+                    (held[0] is flags or held[0] == flags) and \
+                    len(held[5]) + len(metas) <= SUBMIT_BATCH:
+                held[5].extend(metas)
+                held[6].extend(bufs[1:])  # (the function's frames are the held ones)
+                if len(held[5]) == SUBMIT_BATCH:
+                    self._send_held()
+                return
+            self._send_held()
+        if burst and len(metas) < SUBMIT_BATCH:
+            self._held = [flags, len(fbufs), fkey, fmac, tag, metas, bufs]
+            if self._sender is None:
+                self._sender = threading.Thread(target=self._send_loop, daemon=True,
+                                                name="ipylb-client-sender")
+                self._sender.start()
+            self._held_cond.notify()
+            return
+        self._submit_messages += 1
+        wire.send(self._send_sock, self._signer.pack(
+            wire.SUBMIT, (flags, (len(fbufs), fkey, fmac), metas, tag), bufs, b""))
+
+    def _send_held(self) -> None:
+        """Send the held submission (with the send lock held)."""
+        flags, nf, fkey, fmac, tag, metas, bufs = self._held  # type: ignore[misc]
+        self._held = None
+        self._submit_messages += 1
+        wire.send(self._send_sock, self._signer.pack(
+            wire.SUBMIT, (flags, (nf, fkey, fmac), metas, tag), bufs, b""))
+
+    def _flush(self) -> None:
+        """Send the held submission now (before this thread waits for a result)."""
+        if self._held is not None:
+            with self._send_lock:
+                if self._held is not None and not self._closed:
+                    self._send_held()
+
+    def _send_loop(self) -> None:
+        """The sending thread: sends a held submission once it gets to run."""
+        with self._held_cond:
+            while not self._closed:
+                if self._held is None:
+                    self._held_cond.wait()
+                elif self._gone is None:
+                    self._send_held()
+                else:  # the controller is gone: its tasks have failed already
+                    self._held = None
 
     def _function_frames(self, fbufs: list[Any]) -> tuple[list[Any], bytes, bytes]:
         """The function's frames as sent (large ones placed in shared memory, afresh each
@@ -283,6 +351,8 @@ class Client(Link, TaskRecords):
         self._replies[req_id] = fut
         with self._send_lock:
             self._check_open()
+            if self._held is not None:  # the submissions it may be about go first
+                self._send_held()
             wire.send(self._send_sock, self._signer.pack(wire.REQUEST, (req_id, op, arg)))
         try:
             ok, value = fut.result(timeout)
@@ -325,6 +395,7 @@ class Client(Link, TaskRecords):
         An unknown msg_id raises KeyError."""
         if timeout is not None and timeout < 0:
             timeout = None
+        self._flush()
         if jobs is None:
             with self._state:
                 return self._state.wait_for(lambda: not self._pending, timeout)
@@ -517,6 +588,10 @@ class Client(Link, TaskRecords):
         ctx = getattr(self, "_ctx", None)
         if ctx is not None:
             with self._send_lock:
+                if self._held is not None and self._gone is None:  # sent: they run on
+                    self._send_held()
+                self._held = None
+                self._held_cond.notify()  # the sending thread ends
                 self._send_sock.close(0)
             ctx.destroy(linger=0)  # closes what a stuck receiver still holds, never hangs
         if hasattr(self, "_pending"):

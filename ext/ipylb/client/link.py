@@ -69,6 +69,14 @@ class Link:
         connection.secure(self._send_sock, info)
         self._send_sock.connect(info["client_url"])
         self._send_lock = threading.Lock()
+        # The submission held to leave with those right behind it (Client._send_submission):
+        # [flags, function frame count, fkey, fmac, tag, task metas, frames]; the thread that
+        # sends it, woken through _held_cond; when the last submission was made.
+        self._held: list[Any] | None = None
+        self._held_cond = threading.Condition(self._send_lock)
+        self._sender: threading.Thread | None = None
+        self._last_submit = 0.0
+        self._submit_messages = 0  # SUBMIT messages sent
         self._ids = itertools.count()
         self._pending: dict[str, tuple[AsyncResult, int]] = {}
         # Extra AsyncResults waiting for a msg_id (get_result of a task already pending).
@@ -232,26 +240,10 @@ class Link:
 
     def _on_message(self, kind: int, _sender: bytes, meta: Any, bufs: list[Any], mac: bytes) -> None:
         if kind == wire.RESULT:
-            if len(bufs) > 1:  # a link the controller made for us: map it, remove it
-                for b in bufs:
-                    if type(b) is shm.Segment:
-                        b.claim()
-            outcome = Outcome.received(meta, bufs, mac)
-            msg_id = outcome.meta[0]
-            again = msg_id in self._outcomes  # sent twice (asked again after a reconnection)
-            self._outcomes[msg_id] = outcome
-            pending = self._pending
-            waiting = pending.pop(msg_id, None)
-            if waiting is not None:
-                waiting[0]._deliver(waiting[1], outcome)
-                if not pending:
-                    with self._state:
-                        self._state.notify_all()
-            if self._watchers:
-                for ar, i in self._watchers.pop(msg_id, ()):
-                    ar._deliver(i, outcome)
-            if not outcome.ok and not again:  # after delivery: nothing here may keep a result
-                self.failures.append(outcome.metadata(None))  # from its waiter
+            self._on_result(meta, bufs, mac)
+        elif kind == wire.RESULTS:  # several, finished within one turn of the controller
+            for item in wire.unbatch(meta, bufs):
+                self._on_result(*item)
         elif kind == wire.REPLY:
             fut = self._replies.pop(meta[0], None)
             if fut is not None:
@@ -276,6 +268,29 @@ class Link:
                 self._engine_ids = dict.fromkeys(meta["engines"])
                 self.scheme = meta["scheme"]
             self._welcome.set()
+
+    def _on_result(self, meta: Any, bufs: list[Any], mac: bytes) -> None:
+        """File one task's result into the AsyncResults waiting for it."""
+        if len(bufs) > 1:  # a link the controller made for us: map it, remove it
+            for b in bufs:
+                if type(b) is shm.Segment:
+                    b.claim()
+        outcome = Outcome.received(meta, bufs, mac)
+        msg_id = outcome.meta[0]
+        again = msg_id in self._outcomes  # sent twice (asked again after a reconnection)
+        self._outcomes[msg_id] = outcome
+        pending = self._pending
+        waiting = pending.pop(msg_id, None)
+        if waiting is not None:
+            waiting[0]._deliver(waiting[1], outcome)
+            if not pending:
+                with self._state:
+                    self._state.notify_all()
+        if self._watchers:
+            for ar, i in self._watchers.pop(msg_id, ()):
+                ar._deliver(i, outcome)
+        if not outcome.ok and not again:  # after delivery: nothing here may keep a result
+            self.failures.append(outcome.metadata(None))  # from its waiter
 
     def _on_event(self, event: tuple) -> None:
         with self._state:

@@ -50,6 +50,9 @@ ORPHAN_SWEEP_S = 60.0
 # place among the listeners.  Live clients ping when idle, live engines answer for their
 # tasks, so only the gone are forgotten.  Hosts' clocks must agree within this (see wire.py).
 FORGET_AFTER_S = 300.0
+# Results for one client that finish within one turn of the main loop leave as one RESULTS
+# message (wire.batch), at most this many per message; a lone result is a plain RESULT.
+RESULTS_BATCH = 256
 FORGET_SWEEP_S = 30.0
 # The largest frame a peer may send (bytes): zmq reads a frame's size before its bytes and
 # disconnects a peer that announces more, so nobody, authenticated or not, makes us buffer
@@ -142,6 +145,8 @@ class Controller(Requests):
         # tag -> that process's client (its receiving socket), which is sent the requests.
         self.relays: dict[str, bytes] = {}
         self.listeners: set[bytes] = set()  # client receive sockets that said hello
+        # Results not sent yet, per client: sent once per main-loop turn (see _send_result).
+        self._outbox: dict[bytes, list[tuple[Any, list[Any], bytes]]] = {}
         # Task functions by key, as long as a record holds them; and per engine, the keys of
         # the functions it holds (with their sizes), least recently used first.
         self.functions: weakref.WeakValueDictionary[bytes, Function] = \
@@ -206,6 +211,8 @@ class Controller(Requests):
         poller.register(self.heartbeats.sock, zmq.POLLIN)  # one socket for every engine
         next_housekeeping = 0.0
         while self._running:
+            if self._outbox:  # what the last turn finished, before we wait again
+                self._flush_results()
             now = time.monotonic()
             if now >= next_housekeeping:
                 self._housekeeping(now)
@@ -624,7 +631,24 @@ class Controller(Requests):
             self.remote.add(ident)
 
     def _send_client(self, ident: bytes, kind: int, meta: Any, bufs: list[Any] = (), mac: bytes | None = None) -> None:
+        if ident in self._outbox:  # results it is owed go first: messages keep their order
+            self._flush_client(ident)
         wire.send(self.clients, [ident, *self.signer.pack(kind, meta, bufs, mac, ident)])
+
+    def _flush_results(self) -> None:
+        """Send every client the results waiting for it (one message each)."""
+        for client in list(self._outbox):
+            self._flush_client(client)
+
+    def _flush_client(self, client: bytes) -> None:
+        box = self._outbox.pop(client, None)
+        if not box:
+            return
+        if len(box) == 1:
+            self._send_client(client, wire.RESULT, *box[0])
+        else:  # one signature for all; each result keeps its engine's MAC over its buffers
+            metas, bufs = wire.batch(box)
+            self._send_client(client, wire.RESULTS, metas, bufs, b"")
 
     def _broadcast(self, event: Any) -> None:
         for ident in self.listeners:
@@ -817,7 +841,13 @@ class Controller(Requests):
                 lost = ("WireError", f"task {rec.msg_id} finished, but its result is lost: {e}", "")
                 meta = (*meta[:2], "error", *meta[3:7], lost, *meta[8:])
                 bufs = []
-        self._send_client(client, wire.RESULT, meta, bufs, mac)
+        # Sent at the end of this turn of the main loop, with the others finished in it.
+        box = self._outbox.get(client)
+        if box is None:
+            box = self._outbox[client] = []
+        box.append((meta, bufs, mac))
+        if len(box) >= RESULTS_BATCH:
+            self._flush_client(client)
 
     # -- shutdown ----------------------------------------------------------------
 
@@ -829,6 +859,7 @@ class Controller(Requests):
 
     def close(self) -> None:
         """Tell clients we stop, stop every engine this controller launched, close the sockets."""
+        self._flush_results()
         self._broadcast(("shutdown", self.stop_reason))
         if self.launcher is not None:
             self.launcher.stop_all()
