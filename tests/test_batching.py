@@ -42,10 +42,13 @@ def test_a_thousand_apply_async_in_a_loop_leave_in_far_fewer_messages(other, mon
     view = other.load_balanced_view()
     view.apply_sync(noop)
     before = other._submit_messages
+    received = other._request("messages")[wire.SUBMIT]  # counted by the controller
     ars = [view.apply_async(square, i) for i in range(1000)]
     assert [ar.get(TIMEOUT) for ar in ars] == [i * i for i in range(1000)]
     sent = other._submit_messages - before
     assert 4 <= sent <= 100, sent  # at most 256 tasks a message; far fewer than 1,000
+    # (the session's other client submits nothing meanwhile)
+    assert other._request("messages")[wire.SUBMIT] - received == sent
 
 
 def test_a_submission_after_a_pause_is_sent_at_once(other):
@@ -112,10 +115,50 @@ def test_different_functions_and_flags_keep_their_own_messages(other, monkeypatc
     assert [a.get(TIMEOUT), b.get(TIMEOUT), c.get(TIMEOUT), d.get(TIMEOUT)] == [4, None, 9, 16]
 
 
+# -- engines: tasks in, results out, several per message --------------------------------
+
+
+def sleep_for(seconds):
+    time.sleep(seconds)
+    return seconds
+
+
+@pytest.fixture(scope="module")
+def piped():
+    """One real engine kernel that takes every task at once (hwm=0): tasks queue on it."""
+    c = ipylb.Client(engines=1, hwm=0)
+    yield c
+    c.shutdown()
+
+
+def test_an_engine_takes_tasks_and_sends_results_several_per_message(piped, monkeypatch):
+    monkeypatch.setattr(client_module, "BURST_S", 10.0)
+    view = piped.load_balanced_view()
+    view.apply_sync(square, 0)  # its run time is known from now on: short
+    before = piped._request("messages")
+    ars = [view.apply_async(square, i) for i in range(500)]
+    assert [ar.get(TIMEOUT) for ar in ars] == [i * i for i in range(500)]
+    after = piped._request("messages")
+    done, dones = (after[k] - before.get(k, 0) for k in (wire.DONE, wire.DONES))
+    assert dones >= 1 and done + dones <= 250, (done, dones)  # far fewer than 500
+
+
+def test_results_do_not_wait_for_a_task_whose_function_is_not_known_to_be_short(piped):
+    """A result waits to leave with the next task's only if that task's function last ran
+    under SHORT_TASK_S: the first run of a function (here one that sleeps) sends first."""
+    view = piped.load_balanced_view()
+    view.apply_sync(square, 0)
+    quick = [view.apply_async(square, i) for i in range(20)]
+    slow = view.apply_async(sleep_for, 5.0)  # queued right behind them on the one engine
+    assert [ar.get(TIMEOUT) for ar in quick] == [i * i for i in range(20)]
+    assert not slow.ready()  # the quick ones' results came while it still ran
+    assert slow.get(TIMEOUT) == 5.0
+
+
 # -- the controller: results of one turn, one message per client -------------------------
 
 
-def test_results_finished_in_one_turn_reach_their_client_as_one_message():
+def test_tasks_for_one_engine_and_results_for_one_client_go_as_one_message_each():
     key = wire.new_key()
     ctl = Controller(key, hwm=0)
     ctx = zmq.Context.instance()
@@ -155,7 +198,15 @@ def test_results_finished_in_one_turn_reach_their_client_as_one_message():
         assert ctl.clients.poll(10_000)
         ctl._drain(ctl.clients, ctl._on_client)
         assert receive(engine, esign)[0] == wire.FUNCTION
-        assert [receive(engine, esign)[1][0] for _ in range(3)] == ["t0", "t1", "t2"]  # hwm=0
+        # hwm=0: all three assigned to the one engine by one drain, so sent as one message
+        kind, meta, bufs, _ = receive(engine, esign)
+        assert kind == wire.TASKS
+        sent = wire.unbatch(meta, bufs)
+        assert [(m[0], b) for m, b, _mac in sent] == [
+            (f"t{i}", [f"argument {i}".encode()]) for i in range(3)]
+        for _m, b, mac in sent:  # each under its client's MAC
+            esign.check_bufs(b, mac)
+        assert not engine.poll(200)
         now = time.time()
         made = {}
         for i in range(3):  # three results within one turn of the controller's loop

@@ -182,6 +182,10 @@ FUNCTION_WARN_BYTES = 4 << 20
 _warned_functions: set[str] = set()
 
 
+# The last function pickled by reference and its frames (not to be changed by callers).
+_last_by_reference: tuple[Any, list[Any]] = (None, [])
+
+
 def dumps_function(f: Any) -> list[Any]:
     """Pickle a task's function into ``[pickle, *out_of_band_buffers]`` (as :func:`dumps`:
     large arrays it closes over travel beside the pickle, through shared memory on one
@@ -192,10 +196,16 @@ def dumps_function(f: Any) -> list[Any]:
     a numpy array, which goes out of band), it would not weigh on the function.
     Messages name what ``f.__wrapped__`` is, if set (a map's chunk runner wraps the map's
     function)."""
+    global _last_by_reference
     named = getattr(f, "__wrapped__", f)
     try:
         if _by_reference(f):
-            return [pickle.dumps(f, 5)]
+            last = _last_by_reference
+            if last[0] is f:  # the same function again (apply_async in a loop): the same
+                return last[1]  # frames, so the client also reuses their key (its MAC)
+            frames = [pickle.dumps(f, 5)]
+            _last_by_reference = (f, frames)
+            return frames
         frames = _dumps_deep(f)
     except Exception as e:
         name = repr(getattr(named, "__qualname__", named))
@@ -224,8 +234,13 @@ def dumps_function(f: Any) -> list[Any]:
     return frames
 
 
+_NO_ARGS = pickle.dumps(((), {}), 5)
+
+
 def dumps_args(args: tuple, kwargs: dict) -> list[Any]:
     """Pickle a task's arguments, or raise SerializationError naming the bad one."""
+    if not args and not kwargs:
+        return [_NO_ARGS]
     try:
         # Large bytes arguments (top level) go out of band too.
         return dumps((tuple(map(_blob, args)), {k: _blob(v) for k, v in kwargs.items()}))

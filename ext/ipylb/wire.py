@@ -74,6 +74,8 @@ REGISTER, DONE, STARTED, PROBE, HEALTH, OUTPUT, LEAVING = 31, 32, 33, 34, 35, 36
 STEAL = 29
 # STOLEN: the answer to a STEAL from <engine ident>/steal, (msg_id, cancelled)
 STOLEN = 38
+# Several in one message (see batch): TASKS, controller -> engine; DONES, engine -> controller.
+TASKS, DONES = 30, 39
 
 _SHA256 = hashlib.sha256
 _DIGEST = 32

@@ -16,8 +16,8 @@ import os
 import signal
 import time
 import weakref
-from collections import OrderedDict
-from collections.abc import Callable
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import zmq
@@ -50,9 +50,12 @@ ORPHAN_SWEEP_S = 60.0
 # place among the listeners.  Live clients ping when idle, live engines answer for their
 # tasks, so only the gone are forgotten.  Hosts' clocks must agree within this (see wire.py).
 FORGET_AFTER_S = 300.0
-# Results for one client that finish within one turn of the main loop leave as one RESULTS
-# message (wire.batch), at most this many per message; a lone result is a plain RESULT.
+# Results for one client that finish within one drain of the engines' socket leave as one
+# RESULTS message (wire.batch), at most this many per message; a lone result is a RESULT.
 RESULTS_BATCH = 256
+# While draining a socket, what the messages handled so far made is sent this often (in
+# messages handled), so a long drain (thousands of submissions) holds nothing back for long.
+FLUSH_EVERY = 64
 FORGET_SWEEP_S = 30.0
 # The largest frame a peer may send (bytes): zmq reads a frame's size before its bytes and
 # disconnects a peer that announces more, so nobody, authenticated or not, makes us buffer
@@ -145,8 +148,12 @@ class Controller(Requests):
         # tag -> that process's client (its receiving socket), which is sent the requests.
         self.relays: dict[str, bytes] = {}
         self.listeners: set[bytes] = set()  # client receive sockets that said hello
-        # Results not sent yet, per client: sent once per main-loop turn (see _send_result).
+        # Results not sent yet, per client, and tasks not sent yet, per engine ident: sent
+        # after each drain of a socket, and before the main loop waits (see _flush_out).
         self._outbox: dict[bytes, list[tuple[Any, list[Any], bytes]]] = {}
+        self._tasks_out: dict[bytes, list[tuple[Any, list[Any], bytes]]] = {}
+        # Messages received from clients and engines, by kind (wire.SUBMIT, DONE, DONES...).
+        self.received: Counter[int] = Counter()
         # Task functions by key, as long as a record holds them; and per engine, the keys of
         # the functions it holds (with their sizes), least recently used first.
         self.functions: weakref.WeakValueDictionary[bytes, Function] = \
@@ -180,6 +187,7 @@ class Controller(Requests):
             "validate": lambda _c, _a: self.validate(),
             "activity": self._req_activity,
             "stream": self._req_stream,
+            "messages": lambda _c, _a: dict(self.received),
         }
         # Live output: the clients that want it, by pending msg_id (see _req_stream).
         self.live: dict[str, set[bytes]] = {}
@@ -211,8 +219,8 @@ class Controller(Requests):
         poller.register(self.heartbeats.sock, zmq.POLLIN)  # one socket for every engine
         next_housekeeping = 0.0
         while self._running:
-            if self._outbox:  # what the last turn finished, before we wait again
-                self._flush_results()
+            if self._tasks_out or self._outbox:  # what the last turn made, before we wait
+                self._flush_out()
             now = time.monotonic()
             if now >= next_housekeeping:
                 self._housekeeping(now)
@@ -234,18 +242,25 @@ class Controller(Requests):
         self.close()
 
     def _drain(self, sock: zmq.Socket, handler: Callable[[list[Any]], None]) -> None:
+        """Handle the messages waiting on ``sock`` (at most 1000, then the other socket has
+        a turn); what they make (tasks for engines, results for clients) leaves batched,
+        one message per peer, every ``FLUSH_EVERY`` messages and at the end."""
         recv = wire.recv
-        for _ in range(1000):  # then let the other socket have a turn
+        for n in range(1, 1001):
             try:
                 frames = recv(sock)
             except zmq.Again:
-                return
+                break
             try:
                 handler(frames)
             except wire.WireError as e:
                 log.warning("dropped a message from %r: %s", bytes(frames[0]), e)
             except Exception:
                 log.exception("error handling a message from %r", bytes(frames[0]))
+            if not n % FLUSH_EVERY and (self._tasks_out or self._outbox):
+                self._flush_out()
+        if self._tasks_out or self._outbox:
+            self._flush_out()
 
     def _housekeeping(self, now: float) -> None:
         if self.parent_pid is not None and os.getppid() != self.parent_pid:
@@ -299,8 +314,15 @@ class Controller(Requests):
     def _on_engine(self, frames: list[Any]) -> None:
         ident = frames[0].bytes
         kind, sender, meta, bufs, bufs_mac = self.signer.unpack(frames[1:])
+        self.received[kind] += 1
         if kind == wire.DONE:
             self._on_done(ident, meta, bufs, bufs_mac)
+        elif kind == wire.DONES:  # results finished back to back, each under its own MAC
+            for item in wire.unbatch(meta, bufs):
+                try:
+                    self._on_done(ident, *item)
+                except wire.WireError as e:  # one bad entry: the others still count
+                    log.warning("dropped a result from %r: %s", ident, e)
         elif kind == wire.STARTED:
             engine_id = self.engine_of.get(ident)
             if engine_id is None or not isinstance(meta, str):
@@ -452,6 +474,7 @@ class Controller(Requests):
             return
         self.held.pop(engine_id, None)
         self._sent.pop(engine_id, None)
+        self._tasks_out.pop(ident, None)  # never sent: the core puts them back in the queue
         del self.engine_of[ident]
         self.remote.discard(ident)
         info = self.engine_info.pop(engine_id, None)
@@ -514,6 +537,7 @@ class Controller(Requests):
     def _on_client(self, frames: list[Any]) -> None:
         ident = frames[0].bytes
         kind, _sender, meta, bufs, bufs_mac = self.signer.unpack(frames[1:])
+        self.received[kind] += 1
         if kind == wire.SUBMIT:
             if self.refused and ident[:-1] in self.refused:
                 raise wire.WireError("a submission from a client refused at its hello")
@@ -690,9 +714,11 @@ class Controller(Requests):
                     head = (c.task_id, fkey, 1 if walltime else 0, n)
                 else:
                     head = (c.task_id, fkey, 1) if walltime else (c.task_id, fkey)
-                frames = self.signer.pack(wire.TASK, head, bufs, mac, ident)
-                if not self._to_engine(ident, frames):
-                    unreachable.append(c.engine_id)
+                queued = self._tasks_out.get(ident)
+                if queued is None:
+                    self._tasks_out[ident] = [(head, bufs, mac)]
+                else:
+                    queued.append((head, bufs, mac))
             elif t is ev.Deliver:  # only ever in answer to the TaskDone of _attempt_ended
                 rec = self.store[c.task_id]
                 msg_id, rec.result, rec.result_bufs, rec.result_mac = self._arrived  # type: ignore[misc]
@@ -715,13 +741,16 @@ class Controller(Requests):
                 rec.result_bufs, rec.result_mac = [], b""
                 self._deliver(rec)
             elif t is ev.Steal:
-                to = self.engine_ident[c.engine_id] + b"/steal"
-                frames = self.signer.pack(wire.STEAL, (c.task_id, self._numbers[c.task_id]), to=to)
-                if not self._to_engine(to, frames):  # its steal socket is not connected (yet)
+                ident = self.engine_ident[c.engine_id]
+                if ident in self._tasks_out and not self._send_tasks(ident):  # (sent first)
+                    unreachable.append(c.engine_id)
+                # its steal socket may not be connected (yet)
+                if not self._to_engine(ident + b"/steal", wire.STEAL,
+                                       (c.task_id, self._numbers[c.task_id])):
                     unasked.append(c)
             elif t is ev.Cancel:
                 ident = self.engine_ident[c.engine_id]
-                if not self._to_engine(ident, self.signer.pack(wire.CANCEL, c.task_id, to=ident)):
+                if not self._to_engine(ident, wire.CANCEL, c.task_id):
                     unreachable.append(c.engine_id)
             elif t is ev.Interrupt:
                 self._interrupt_task(c.engine_id, c.task_id)
@@ -781,7 +810,7 @@ class Controller(Requests):
         if km is None and ident is not None:
             log.warning("engine %d was not started by this controller: told to stop, not restarted",
                         engine_id)
-            self._to_engine(ident, self.signer.pack(wire.STOP, None, to=ident))
+            self._to_engine(ident, wire.STOP, None)
 
     def _send_function(self, engine_id: int, ident: bytes, fn: Function,
                        held: OrderedDict[bytes, int]) -> bool:
@@ -800,11 +829,44 @@ class Controller(Requests):
             drop.append(key)
             total -= nbytes
         held[fn.key] = fn.nbytes
-        return self._to_engine(ident, self.signer.pack(wire.FUNCTION, (fn.key, drop), bufs, mac,
-                                                       ident))
+        return self._to_engine(ident, wire.FUNCTION, (fn.key, drop), bufs, mac)
 
-    def _to_engine(self, ident: bytes, frames: list[Any]) -> bool:
-        """Send to an engine; False if it has disconnected (it is then treated as dead)."""
+    def _flush_out(self) -> None:
+        """Send what this turn of the main loop made: each engine its tasks, each client
+        its results (one message each); an engine found unreachable is gone (which may
+        assign its tasks elsewhere: those are sent too)."""
+        while self._tasks_out or self._outbox:
+            for ident in list(self._tasks_out):
+                if not self._send_tasks(ident) and ident in self.engine_of:
+                    self._engine_gone(self.engine_of[ident],
+                                      "its connection to the controller is gone", time.monotonic())
+            self._flush_results()
+
+    def _send_tasks(self, ident: bytes) -> bool:
+        """Send an engine the tasks assigned to it and not sent yet: one TASK, or one TASKS
+        message for several (wire.batch: signed once, each task under its client's MAC).
+        False if the engine is unreachable."""
+        tasks = self._tasks_out.pop(ident, None)
+        if not tasks:
+            return True
+        if len(tasks) == 1:
+            head, bufs, mac = tasks[0]
+            frames = self.signer.pack(wire.TASK, head, bufs, mac, ident)
+        else:
+            metas, bufs = wire.batch(tasks)
+            frames = self.signer.pack(wire.TASKS, metas, bufs, b"", ident)
+        return self._send_engine(ident, frames)
+
+    def _to_engine(self, ident: bytes, kind: int, meta: Any, bufs: Sequence[Any] = (),
+                   mac: bytes | None = None) -> bool:
+        """Send an engine one message; False if it has disconnected (it is then treated as
+        dead).  Its tasks not sent yet go first, and this is signed after them: messages
+        keep their order, and their sequence numbers grow (wire's replay rule)."""
+        if ident in self._tasks_out and not self._send_tasks(ident):
+            return False
+        return self._send_engine(ident, self.signer.pack(kind, meta, bufs, mac, ident))
+
+    def _send_engine(self, ident: bytes, frames: list[Any]) -> bool:
         try:
             wire.send(self.engines, [ident, *frames])
         except zmq.ZMQError as e:
@@ -859,7 +921,7 @@ class Controller(Requests):
 
     def close(self) -> None:
         """Tell clients we stop, stop every engine this controller launched, close the sockets."""
-        self._flush_results()
+        self._flush_out()
         self._broadcast(("shutdown", self.stop_reason))
         if self.launcher is not None:
             self.launcher.stop_all()

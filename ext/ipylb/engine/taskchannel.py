@@ -48,6 +48,14 @@ from .steal import StealDesk
 EVALUE_LIMIT = 64 * 1024
 TRACEBACK_LIMIT = 256 * 1024
 
+# Results finished back to back leave together (TaskChannel._hold): at most this many in
+# one message, and a result with more output or error text than this (characters) goes at
+# once.  A result waits only for a next task already here whose function last ran under
+# SHORT_TASK_S seconds.
+DONE_BATCH = 64
+DONE_BATCH_BYTES = 64 << 10
+SHORT_TASK_S = 0.001
+
 # Seconds between two health reports (CPU %, RSS, current task) to the controller.
 HEALTH_S = 1.0
 # The live output of a task a client watches (issue 15): at most one report every LIVE_S
@@ -159,6 +167,8 @@ class TaskChannel:
         # controller sends each once and says when to drop one (it keeps the same list).
         self.functions: dict[bytes, list[Any]] = {}
         self.functions_received = 0  # how many were sent (a function is sent once per engine)
+        # Seconds the last run of each function took (see _hold).
+        self.last_run_s: dict[bytes, float] = {}
         # The key of the last function run and the function as bound for running.
         self._fn_key: bytes = b""
         self._fn: Any = None
@@ -386,6 +396,13 @@ class TaskChannel:
                 self.cancelled.add(meta)
             elif kind == wire.TASK or kind == wire.FUNCTION:  # in the order they came
                 self.inbox.append((kind, meta, bufs, bufs_mac))
+            elif kind == wire.TASKS:  # several at once: each under its own MAC
+                try:
+                    items = wire.unbatch(meta, bufs)
+                except wire.WireError as e:
+                    self.capture.log(f"ipylb engine: dropped a message: {e}")
+                    continue
+                self.inbox.extend((wire.TASK, *item) for item in items)
             elif kind == wire.REGISTERED:
                 self.engine_id = meta
                 self.desk.start()
@@ -399,10 +416,13 @@ class TaskChannel:
     def _on_readable(self) -> None:
         # The FD is edge-triggered: keep going until the socket has nothing left,
         # checking again after every send (a send can swallow the edge).
+        held: list[tuple[tuple, list[Any]]] = []  # results not sent yet (see _hold)
         try:
             while True:
                 self._drain()
                 if not self.inbox:
+                    if held:
+                        self._send_done(held)
                     if not self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                         return
                     continue
@@ -413,15 +433,53 @@ class TaskChannel:
                 if len(meta) > 3 and not self.desk.take(meta[3], meta[0]):
                     self.cancelled.discard(meta[0])  # given back: it runs on another engine
                     continue
+                if held and not self._hold(meta):
+                    self._send_done(held)
                 try:
-                    frames = self._run(meta, bufs, bufs_mac)
+                    done = self._run(meta, bufs, bufs_mac)
                 except KeyboardInterrupt:
                     raise
                 except BaseException as e:  # noqa: B036 - even the fallback report failed
                     self._unreportable(e)
-                wire.send(self.sock, frames)
+                held.append(done)
+                if len(held) >= DONE_BATCH or self._size(done) > DONE_BATCH_BYTES:
+                    self._send_done(held)
         except KeyboardInterrupt:  # an interrupt that landed between tasks: nothing to stop
             self.kernel.io_loop.add_callback(self._on_readable)
+        finally:
+            if held:  # (an interrupt between tasks: what is done is still reported)
+                self._send_done(held)
+
+    def _hold(self, meta: tuple) -> bool:
+        """Whether results finished so far may wait for the task ``meta`` to end, to leave
+        with its result in one message: only if it is short (its function's last run took
+        under ``SHORT_TASK_S``) and has no walltime (its STARTED report must follow the
+        results before it)."""
+        return not (len(meta) > 2 and meta[2]) and self.last_run_s.get(meta[1], 1.0) < SHORT_TASK_S
+
+    @staticmethod
+    def _size(done: tuple[tuple, list[Any]]) -> int:
+        """A result's output and error text, in characters (what its report's head carries)."""
+        meta = done[0]
+        error = meta[6]
+        return len(meta[4]) + len(meta[5]) + (len(error[1]) + len(error[2]) if error else 0)
+
+    def _send_done(self, held: list[tuple[tuple, list[Any]]]) -> None:
+        """Send the results in ``held`` and empty it: one DONE, or one DONES message for
+        several (wire.batch: signed once, each result under its own MAC)."""
+        signer = self.signer
+        try:
+            if len(held) == 1:
+                meta, result = held[0]
+                frames = signer.pack(wire.DONE, meta, result)
+            else:
+                metas, bufs = wire.batch([(meta, result, signer.bufs_mac(result))
+                                          for meta, result in held])
+                frames = signer.pack(wire.DONES, metas, bufs, b"")
+        except BaseException as e:  # noqa: B036 - a task broke what reporting uses (pickle)
+            self._unreportable(e)
+        held.clear()
+        wire.send(self.sock, frames)
 
     def _unreportable(self, e: BaseException) -> None:
         """A task's outcome could not be sent even as an error: a task broke what the engine
@@ -445,6 +503,7 @@ class TaskChannel:
         self.functions_received += 1
         for old in drop:
             self.functions.pop(old, None)
+            self.last_run_s.pop(old, None)
         try:
             self.signer.check_bufs(bufs, bufs_mac)
         except wire.WireError as e:
@@ -518,8 +577,9 @@ class TaskChannel:
             return
         raise KeyboardInterrupt
 
-    def _run(self, meta: tuple, bufs: list[Any], bufs_mac: bytes) -> list[Any]:
-        """Run one task; return the frames of its DONE message (never raises)."""
+    def _run(self, meta: tuple, bufs: list[Any], bufs_mac: bytes) -> tuple[tuple, list[Any]]:
+        """Run one task; return its report: the meta and result frames of its DONE message,
+        checked to fit the controller's frame limit (never raises)."""
         msg_id, fkey, walltime = meta[0], meta[1], len(meta) > 2 and bool(meta[2])
         started = _now()
         try:
@@ -527,10 +587,10 @@ class TaskChannel:
         except BaseException as e:  # reporting failed: the task still gets an answer
             error = (_safe_name(e), f"the engine could not report the outcome of task {msg_id}: "
                      f"{_safe_name(e)}: {safe_str(e, EVALUE_LIMIT)}", "")
-            return self.signer.pack(wire.DONE, (msg_id, "error", started, _now(), "", "", error))
+            return (msg_id, "error", started, _now(), "", "", error), []
 
     def _attempt(self, msg_id: str, fkey: bytes, started: float, bufs: list[Any],
-                 bufs_mac: bytes, walltime: bool) -> list[Any]:
+                 bufs_mac: bytes, walltime: bool) -> tuple[tuple, list[Any]]:
         if msg_id in self.cancelled:
             self.cancelled.discard(msg_id)
             error = ("TaskAborted", f"task {msg_id} was aborted before it started", "")
@@ -572,6 +632,7 @@ class TaskChannel:
                     raise RuntimeError(self._undo_fault())
             output = self.capture.end(saved)
             saved = None
+            self.last_run_s[fkey] = _now() - started
             if self.placer is not None and len(result) > 1:
                 result = self.placer.place(result)
             status = "ok"
@@ -593,10 +654,9 @@ class TaskChannel:
     def _done(
         self, msg_id: str, status: str, started: float, output: tuple[str, str],
         error: tuple[str, str, str] | None, result: list[Any],
-    ) -> list[Any]:
+    ) -> tuple[tuple, list[Any]]:
         meta = (msg_id, status, started, _now(), output[0], output[1], error)
-        frames = self.signer.pack(wire.DONE, meta, result)
-        n = self.max_frame and wire.oversized(frames, self.max_frame)
+        n = self.max_frame and self._oversized(meta, result)
         if n:  # the controller would refuse it (and drop our connection): fail the task instead
             error = ("SerializationError",
                      f"the result of task {msg_id} (its value or its output) is a frame of {n} "
@@ -604,8 +664,17 @@ class TaskChannel:
                      "start --max-frame-mb): return or print less, or write it to a file", "")
             keep = OUTPUT_KEPT_ON_OVERSIZE
             meta = (msg_id, "error", started, meta[3], meta[4][-keep:], meta[5][-keep:], error)
-            frames = self.signer.pack(wire.DONE, meta)
-        return frames
+            result = []
+        return meta, result
+
+    def _oversized(self, meta: tuple, result: list[Any]) -> int:
+        """The size of the first frame of this report over the controller's limit (0: none).
+        Its head is packed to be measured only when its text could be that large (a
+        character is at most 4 bytes)."""
+        n = wire.oversized(result, self.max_frame)
+        if n or 4 * self._size((meta, result)) + 4096 <= self.max_frame:
+            return n
+        return wire.oversized(self.signer.pack(wire.DONE, meta)[1:2], self.max_frame)
 
 
 def _pickle_result(msg_id: str, value: Any) -> list[Any]:
