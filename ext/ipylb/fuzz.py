@@ -40,7 +40,8 @@ SOCKETS = ("client", "engine")
 _HARMLESS_OPS = ("queue_status", "story", "engine_info", "get_result", "resubmit", "ping",
                  "validate", "no_such_op", "")
 _ALL_KINDS = (wire.HELLO, wire.SUBMIT, wire.REQUEST, wire.BYE, wire.REGISTER, wire.DONE,
-              wire.WELCOME, wire.RESULT, wire.TASK, wire.STOP, 0, 99, -1)
+              wire.DONES, wire.WELCOME, wire.RESULT, wire.RESULTS, wire.TASK, wire.TASKS,
+              wire.STOP, 0, 99, -1)
 
 
 class Fuzzer:
