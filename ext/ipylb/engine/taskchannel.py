@@ -167,8 +167,9 @@ class TaskChannel:
         # controller sends each once and says when to drop one (it keeps the same list).
         self.functions: dict[bytes, list[Any]] = {}
         self.functions_received = 0  # how many were sent (a function is sent once per engine)
-        # Seconds the last run of each function took (see _hold).
+        # Seconds the last run of each function took, and results not sent yet (see _hold).
         self.last_run_s: dict[bytes, float] = {}
+        self.held_done: list[tuple[tuple, list[Any]]] = []
         # The key of the last function run and the function as bound for running.
         self._fn_key: bytes = b""
         self._fn: Any = None
@@ -339,17 +340,19 @@ class TaskChannel:
 
     def _send_leaving(self) -> None:
         if not self.left:
+            if self.held_done:  # the answers of tasks that ran go before it
+                self._send_done(self.held_done)
             self.left = True
             self.capture.log(f"ipylb engine {self.engine_id}: {self.leaving_for}; asking the "
                              "controller to restart it")
             wire.send(self.sock, self.signer.pack(wire.LEAVING, self.leaving_for))
 
-    def _refuse(self, meta: tuple, _bufs: list[Any], _bufs_mac: bytes) -> list[Any]:
+    def _refuse(self, meta: tuple, _bufs: list[Any], _bufs_mac: bytes) -> tuple[tuple, list[Any]]:
         self._send_leaving()  # first: the controller takes the task back, not as refused
         now = _now()
         error = ("UnmetDependency", f"engine {self.engine_id} is being restarted: "
                  f"{self.leaving_for}", "")
-        return self.signer.pack(wire.DONE, (meta[0], "unmet", now, now, "", "", error))
+        return (meta[0], "unmet", now, now, "", "", error), []
 
     def _check_fds(self) -> None:
         """Between tasks: leave if the engine has run out of file descriptors."""
@@ -416,7 +419,7 @@ class TaskChannel:
     def _on_readable(self) -> None:
         # The FD is edge-triggered: keep going until the socket has nothing left,
         # checking again after every send (a send can swallow the edge).
-        held: list[tuple[tuple, list[Any]]] = []  # results not sent yet (see _hold)
+        held = self.held_done
         try:
             while True:
                 self._drain()
