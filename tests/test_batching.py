@@ -238,7 +238,10 @@ def test_tasks_for_one_engine_and_results_for_one_client_go_as_one_message_each(
             wire.REQUEST, (5, "ping", None))])
         kind, meta, bufs, _ = receive(results, rsign)
         assert (kind, meta[0], bufs) == (wire.RESULT, "t3", [b"v3"])
-        assert receive(results, rsign)[:2] == (wire.REPLY, (5, True, None))
+        kind, meta = receive(results, rsign)[:2]
+        if kind == wire.EVENT:  # (a socket that pings is a listener: it is told the engines)
+            kind, meta = receive(results, rsign)[:2]
+        assert (kind, meta) == (wire.REPLY, (5, True, None))
     finally:
         for s in socks:
             s.close(0)
