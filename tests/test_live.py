@@ -147,6 +147,20 @@ def test_watching_a_map_shows_each_task(view, monkeypatch):
     assert out.writes[0][1] is False
 
 
+def test_another_client_watches_a_task_it_did_not_submit(rc, view, monkeypatch):
+    import ipylb
+
+    ar = view.apply_async(lines_slowly, 6, 0.4)
+    other = ipylb.Client(rc._local.connection_file)
+    try:
+        theirs = other.get_result(ar.msg_ids[0])
+        out, err = follow(theirs, monkeypatch)
+    finally:
+        other.close()
+    assert ar.get() == 6 and out.writes[0][1] is False
+    assert out.text == ar.stdout and err.text == ar.stderr and ar.stdout.count("\n") == 6
+
+
 # -- a real Jupyter kernel: the display of the cell that asked ---------------------------------
 
 

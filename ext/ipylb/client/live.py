@@ -99,8 +99,8 @@ class LiveOutput:
     def _draw(self) -> None:
         with self._cond:
             self._drawing = False
-            if not self._finished:
-                self._display.update(*self._joined(live=True))  # type: ignore[union-attr]
+            if not self._finished and not self.ar.ready():  # (else finish() draws, once)
+                self._display.update(*self._joined())  # type: ignore[union-attr]
 
     def finish(self) -> None:
         """The tasks have ended (or the caller gives up): unregister, and in a kernel
@@ -120,17 +120,17 @@ class LiveOutput:
                     else:
                         live.pop(msg_id, None)
             if self._display is not None:
-                self._display.update(*self._joined(live=False))
+                self._display.update(*self._joined())
 
     def _client_live(self) -> dict[str, list[tuple[LiveOutput, int]]]:
         return self.ar._client._live
 
-    def _joined(self, live: bool) -> tuple[str, str]:
-        """stdout and stderr of every task, in task order: live (what came so far) or
-        final (the results' full text; live text for a task without a result)."""
+    def _joined(self) -> tuple[str, str]:
+        """stdout and stderr of every task, in task order: a finished task's full text
+        (from its result), else what came of it so far."""
         outs, errs = [], []
         for i, o in enumerate(self.ar._outcomes):
-            if not live and o is not None:
+            if o is not None:
                 outs.append(o.meta[5] or "")
                 errs.append(o.meta[6] or "")
             else:
