@@ -243,7 +243,8 @@ class LbMagics(Magics):
     def lb(self, line: str, cell: str) -> Any:
         """Run this cell on an engine chosen by the load balancer, in the engine's
         namespace; blocking, the cell's result is the value of its last expression and
-        the engine's stdout/stderr appear below it."""
+        the engine's stdout/stderr appear below it while the cell runs (live output,
+        :mod:`ipylb.client.live`; the full output replaces it when the task ends)."""
         args = parse_argstring(self.lb, line)
         client = self._need_client()
         source = self.shell.transform_cell(cell)
