@@ -23,6 +23,7 @@ from __future__ import annotations
 import _signal
 import dis
 import errno
+import math
 import os
 import signal
 import socket
@@ -236,7 +237,8 @@ class TaskChannel:
             wake = next_health if live is None else min(next_health, live[2])
             if wanted:
                 wake = min(wake, now + LIVE_S)
-            if sock.poll(max(0.0, wake - now) * 1000, zmq.POLLIN):
+            # (rounded up: a poll of 0 ms before the deadline would spin until it)
+            if sock.poll(max(0, math.ceil((wake - now) * 1000)), zmq.POLLIN):
                 self._watch(sock, signer, live, wanted)
             now = time.monotonic()
             if wanted and (live is None or live[0] != self.running):  # one of them started?
