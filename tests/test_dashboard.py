@@ -140,13 +140,15 @@ def test_activity_reports_tasks_engine_health_and_current_task(rc, view):
 
     def running():
         a = rc.activity(got["seq"], int(time.time()))
-        return [e for e in a["engines"].values() if e["task"] is not None] and a
+        return [e for e in a["engines"].values()  # (another may still report a map's task)
+                if e["task"] is not None and e["task"][0] == slow.msg_ids[0]] and a
 
     deadline = time.monotonic() + 30
     while not (now := running()):
         assert time.monotonic() < deadline, "no engine reported the running task"
         time.sleep(0.2)
-    (busy,) = [e for e in now["engines"].values() if e["task"] is not None]
+    (busy,) = [e for e in now["engines"].values()
+               if e["task"] is not None and e["task"][0] == slow.msg_ids[0]]
     assert busy["task"][0] == slow.msg_ids[0] and busy["task"][1] == "sleep_then"
     assert 0 <= now["now"] - busy["task"][2] < 3.5
     info = rc.engine_info()
@@ -154,8 +156,25 @@ def test_activity_reports_tasks_engine_health_and_current_task(rc, view):
         assert e["pid"] == info[eid]["pid"] and e["host"] == info[eid]["hostname"]  # (local)
         assert e["rss"] > 10 << 20 and e["cpu"] >= 0
     assert slow.get(30) == 1
-    with pytest.raises(ValueError, match="two ints"):
+    with pytest.raises(ValueError, match=r"activity takes \(seq, second\)"):
         rc._request("activity", "x")
+    with pytest.raises(ValueError, match="top >= 1"):
+        rc._request("activity", (0, 0, 0))
+    with pytest.raises(ValueError, match="top must be an int >= 1"):
+        rc.activity(top=0)
+    # top=1 of 2 engines (both idle now): the one with the most busy seconds in the last
+    # minute described, the other summed, every finished task counted once between them
+    one = rc.activity(top=1)
+    full = rc.activity()["buckets"]
+    work = {e: sum(b[3] for b in full.get(e, ())) for e in rc.ids}
+    (shown,) = one["engines"]
+    assert shown == max(work, key=lambda e: (work[e], -e))
+    assert set(one["status"]) == {shown, "unassigned"}
+    rest = one["rest"]
+    assert rest["engines"] == 1 and rest["busy"] == 0 and rest["running"] == []
+    assert sum(b[1] for b in rest["buckets"]) + sum(b[1] for b in one["buckets"][shown]) \
+        == sum(b[1] for bs in full.values() for b in bs)
+    assert rc.activity(top=2).get("rest") is None  # no more engines than that: no sum
 
 
 def sub_counts(dash, name):
@@ -232,11 +251,13 @@ def test_lanes_and_rows_aggregate_beyond_a_screenful(rc, view, monkeypatch):
         ar.wait(30)
     d = rc.dashboard()
     try:
-        lanes = d.lanes(time.time())
-        assert [n for n, _ in lanes] == [str(lanes[0][1][0]), "+1"]
-        assert sorted(lanes[0][1] + lanes[1][1]) == rc.ids
-        busy = {e: sum(b[3] for b in d._buckets.get(e, {}).values()) for e in rc.ids}
-        assert busy[lanes[0][1][0]] == max(busy.values()) > 0  # the busiest keeps its lane
+        (name, ids), summed = d.lanes(time.time())
+        # the busiest (seconds of work in the last minute) keeps its lane; the controller
+        # summed the other one (activity(top=1)): counted in "+1", its id not even sent
+        full = rc.activity()["buckets"]
+        busy = {e: sum(b[3] for b in full.get(e, ())) for e in rc.ids}
+        assert ids == [max(busy, key=lambda e: (busy[e], -e))] and name == str(ids[0])
+        assert summed == ("+1", []) and set(d._buckets) == set(ids)
         until(lambda: "ipylb-engine-rest" in d.engines.value, what="the summed row")
         assert d.engines.value.count('<tr class="ipylb-engine"') == 1
         assert d.progress.value.count('class="ipylb-sub"') == 1  # one bar, the rest counted

@@ -4,6 +4,7 @@ that speak the engine protocol over real sockets): what clients see as engines c
 
 from __future__ import annotations
 
+import os
 import subprocess
 from typing import Any
 
@@ -84,3 +85,58 @@ def test_engine_events_are_deltas_and_every_client_sees_the_same_engines(swarm_c
             late.close()
     finally:
         early.close()
+
+
+@pytest.mark.parametrize("n", [100, 1000])
+def test_panel_and_top_of_a_large_cluster_stay_a_screenful(swarm_cluster, n):
+    """Issue 15 item 7: beyond a screenful of engines the dashboard draws MAX_ROWS rows and
+    MAX_LANES lanes (busiest first) plus one "+N" row and lane, from an activity answer of
+    bounded size (the controller sums the rest), whatever the engine count; ``ipylb top``
+    likewise; and once the cluster is gone, the panel says so and stops."""
+    from ipylb import dashboard, top
+    from rich.console import Console
+
+    cluster, spawn = swarm_cluster
+    rc = ipylb.Client(str(cluster.connection_file))
+    try:
+        spawn(n)
+        rc.wait_for_engines(n, 120)
+        assert rc.load_balanced_view().map_sync(abs, range(2 * n)) == [None] * (2 * n)
+        act = rc.activity(top=dashboard.MAX_ROWS)
+        assert len(act["engines"]) == dashboard.MAX_ROWS  # the answer: bounded
+        assert len(act["status"]) == dashboard.MAX_ROWS + 1  # (+ "unassigned")
+        assert set(act["buckets"]) <= set(act["engines"])
+        assert act["rest"]["engines"] == n - dashboard.MAX_ROWS
+        assert act["rest"]["completed"] + sum(s["completed"] for e, s in act["status"].items()
+                                              if e != "unassigned") >= 2 * n
+
+        d = dashboard.Dashboard(rc)
+        try:
+            assert len(d.rows) == dashboard.MAX_ROWS  # rows built per refresh, not n
+            html = d.engines.value
+            assert html.count('<tr class="ipylb-engine"') == dashboard.MAX_ROWS
+            assert f'<tr class="ipylb-engine-rest"><td>+{n - dashboard.MAX_ROWS}</td>' in html
+            assert f'class="ipylb-live">{n}<' in d.summary.value
+            lanes = d.lanes(act["now"])
+            assert len(lanes) == dashboard.MAX_LANES + 1
+            assert lanes[-1][0] == f"+{n - dashboard.MAX_LANES}"
+            d._draw_stream(act["now"])
+            assert len(d._lane_names.text) == dashboard.MAX_LANES + 1
+
+            t = top.Top(rc, "swarm")
+            screen = t.render(t.poll())
+            table = screen.renderables[1]
+            assert table.row_count == top.MAX_ROWS + 1  # the busiest, then "+N"
+            console = Console(width=160, record=True, file=open(os.devnull, "w"))
+            console.print(screen)
+            text = console.export_text()
+            assert f"engines {n} " in text and f"+{n - top.MAX_ROWS}" in text
+
+            cluster.stop()  # the cluster goes: the panel says so and stops updating
+            d._thread.join(30)
+            assert not d.running, "the dashboard kept polling a gone cluster"
+            assert "the cluster is gone" in d.summary.value
+        finally:
+            d.close()
+    finally:
+        rc.close()

@@ -22,7 +22,10 @@ strokes, no per-bar hover boxes).  The stream is redrawn once a second; the tabl
 times a second (traitlets send only values that changed).
 
 Large clusters: at most :data:`MAX_LANES` lanes and :data:`MAX_ROWS` engine rows, busiest
-first; the rest are summed in one "other engines" lane and row.  At thousands of tasks a
+first; the rest are summed in one "+N" lane and row.  The controller does the summing
+(``activity(top=...)``): beyond that many engines it describes only the busiest one by one
+and sends the others as one sum, so neither the answer nor the panel's work per refresh
+grows with the engine count (measured at 1,000 swarm engines: see issue 14/15 notes).  At thousands of tasks a
 second the controller sends at most 2,000 tasks per refresh and the stream keeps at most
 :data:`MAX_BARS` bars; seconds whose tasks were not all sent are drawn from the engines'
 one-second buckets as shaded blocks (how busy the engine was), so the cost per refresh is
@@ -144,7 +147,9 @@ class Dashboard:
         self.restarts = 0  # restarts of the live engines' slots
         self.throughput: float | None = None
         self.refresh_ms: deque[float] = deque(maxlen=100)  # what each refresh cost
-        self._last: dict[int, dict[str, Any]] = {}  # every engine seen, dead ones included
+        self._last: dict[int, dict[str, Any]] = {}  # engines shown, dead ones included
+        self._rest: dict[str, Any] | None = None  # the engines summed by the controller
+        self._rest_buckets: dict[int, list[Any]] = {}  # their buckets, summed per second
         self._samples: deque[tuple[float, int]] = deque()
         self._series: deque[tuple[float, int, float]] = deque()  # (time, queue, tasks/s)
         self._failures_seen: tuple[int, int] = (0, 0)
@@ -242,8 +247,9 @@ class Dashboard:
             self._render_summary("stopped: the client was shut down")
             return False
         t0 = time.perf_counter()
-        try:
-            act = self.client.activity(self._seq, self._second, timeout=POLL_TIMEOUT_S)
+        try:  # beyond a screenful of engines, the controller sums the rest (bounded answer)
+            act = self.client.activity(self._seq, self._second, timeout=POLL_TIMEOUT_S,
+                                       top=max(MAX_LANES, MAX_ROWS))
         except TimeoutError:
             self._render_summary("the controller is not answering")
             return True
@@ -256,7 +262,8 @@ class Dashboard:
                 return False
             raise
         now = act["now"]
-        self._update(act["status"], time.monotonic())
+        self._rest = act.get("rest")
+        self._update(act["status"], act["seq"], time.monotonic())
         self._take(act, now)
         self._render_summary("")
         self._render_progress(act, now)
@@ -269,12 +276,21 @@ class Dashboard:
         self.refresh_ms.append((time.perf_counter() - t0) * 1000)
         return True
 
-    def _update(self, status: dict[Any, Any], now: float) -> None:
+    def _update(self, status: dict[Any, Any], total: int, now: float) -> None:
+        """File the engines' counts; ``total``: tasks finished so far (activity's seq)."""
         self.unassigned = int(status.get("unassigned", 0))
         live = {k: v for k, v in status.items() if isinstance(k, int)}
-        self.restarts = sum(v.get("restarts", 0) for v in live.values())
+        rest = self._rest
+        self.restarts = sum(v.get("restarts", 0) for v in live.values()) + \
+            (rest["restarts"] if rest else 0)
+        if rest:  # engines not in this answer are summed, not gone: only the gone stay rows
+            alive = set(self.client.ids)
+            for eid in [e for e in self._last if e not in live and e in alive]:
+                del self._last[eid]
+            dead = [e for e in self._last if e not in live]
+            for eid in dead[:max(0, len(dead) - MAX_ROWS)]:  # the latest MAX_ROWS gone
+                del self._last[eid]
         self._last.update((int(k), v) for k, v in live.items())
-        total = sum(s["completed"] for s in self._last.values())
         self._samples.append((now, total))
         while len(self._samples) > 2 and now - self._samples[1][0] >= WINDOW_S:
             self._samples.popleft()
@@ -289,10 +305,15 @@ class Dashboard:
             self._dense_from = tasks[0][2]
         self._bars.extend(tasks)
         self._seq = act["seq"]
-        for eid, bs in act["buckets"].items():
-            mine = self._buckets.setdefault(eid, {})
-            for b in bs:
-                mine[b[0]] = b
+        if self._rest is not None:  # the whole window for the engines shown and the rest
+            self._buckets = {eid: {b[0]: b for b in bs} for eid, bs in act["buckets"].items()}
+            self._rest_buckets = {b[0]: b for b in self._rest["buckets"]}
+        else:
+            self._rest_buckets = {}
+            for eid, bs in act["buckets"].items():
+                mine = self._buckets.setdefault(eid, {})
+                for b in bs:
+                    mine[b[0]] = b
         self._second = int(now) - 1  # the current second may still grow
         cutoff = now - WINDOW_S
         for eid in list(self._buckets):
@@ -334,25 +355,28 @@ class Dashboard:
     def lanes(self, now: float) -> list[tuple[str, list[int]]]:
         """The stream's lanes, top to bottom: ``(name, engine ids)``; beyond
         :data:`MAX_LANES` engines, the busiest that many (seconds of work in the window)
-        and one lane "+N" that the rest share."""
+        and one lane "+N" that the rest share (N counts the engines the controller summed,
+        whose ids are not listed)."""
         busy: dict[int, float] = dict.fromkeys(self._live_ids, 0.0)  # seconds of work
         for eid, mine in self._buckets.items():
             busy[eid] = busy.get(eid, 0.0) + sum(b[3] for b in mine.values())
-        if len(busy) <= MAX_LANES:
+        summed = self._rest["engines"] if self._rest else 0
+        if len(busy) <= MAX_LANES and not summed:
             return [(str(e), [e]) for e in sorted(busy)]
         order = sorted(busy, key=lambda e: (-busy[e], e))
         top = sorted(order[:MAX_LANES])
         rest = order[MAX_LANES:]
-        return [*((str(e), [e]) for e in top), (f"+{len(rest)}", rest)]
+        return [*((str(e), [e]) for e in top), (f"+{len(rest) + summed}", rest)]
 
     def _draw_stream(self, now: float) -> None:
         lanes = self.lanes(now)
         lane_of = {e: i for i, (_n, es) in enumerate(lanes) for e in es}
+        summed = len(lanes) - 1 if self._rest else None  # the "+N" lane: engines not listed
         lo = now - WINDOW_S
         done: dict[str, list[tuple[float, float, int]]] = {}
         fails_x, fails_y = [], []
         for eid, start, end, ok, key in self._bars:
-            lane = lane_of.get(eid)
+            lane = lane_of.get(eid, summed)
             if lane is None or end < lo:
                 continue
             s = max(start if start is not None else end, lo)
@@ -373,6 +397,11 @@ class Dashboard:
                         if lo <= sec < self._dense_from:
                             width = min(1.0, b[3]) if b[3] else 0.5
                             dense.append((sec - now, sec + width - now, lane_of[eid]))
+            if summed is not None:  # the summed engines' seconds: shaded by how busy
+                for sec, b in self._rest_buckets.items():
+                    if lo <= sec < self._dense_from:
+                        width = min(1.0, b[3] / max(1, self._rest["engines"])) if b[3] else 0.5
+                        dense.append((sec - now, sec + max(width, 0.1) - now, summed))
         n = max(len(lanes), 1)
         # the span shown: the last minute, or less while the panel has seen less (>= 10 s)
         oldest = min((b[1] if b[1] is not None else b[2] for b in self._bars
@@ -405,7 +434,8 @@ class Dashboard:
     # -- rendering -----------------------------------------------------------------
 
     def _render_summary(self, problem: str) -> None:
-        live = sum(r.state != "dead" for r in self.rows)
+        live = sum(r.state != "dead" for r in self.rows) + \
+            (self._rest["engines"] if self._rest else 0)
         rate = "–" if self.throughput is None else f"{self.throughput:.1f}"
         note = f' <b class="ipylb-note">{html.escape(problem)}</b>' if problem else ""
         self.summary.value = (
@@ -418,8 +448,11 @@ class Dashboard:
 
     def _render_progress(self, act: dict[str, Any], now: float) -> None:
         running_of: dict[int, int] = {}  # id(submission) -> its tasks running now
-        for e in act["engines"].values():
-            owner = self.client.submission_of(e["task"][0]) if e.get("task") else None
+        running = [e["task"][0] for e in act["engines"].values() if e.get("task")]
+        if self._rest:
+            running += self._rest["running"]
+        for msg_id in running:
+            owner = self.client.submission_of(msg_id)
             if owner is not None:
                 running_of[id(owner)] = running_of.get(id(owner), 0) + 1
         mono = time.monotonic()
@@ -448,18 +481,21 @@ class Dashboard:
     def _render_engines(self) -> None:
         rows = self.rows
         hidden = []
+        rest = self._rest
         if len(rows) > MAX_ROWS:  # busiest first, the rest summed
             order = sorted(rows, key=lambda r: (r.state != "busy", -r.outstanding, -r.done,
                                                 r.engine_id))
             rows, hidden = order[:MAX_ROWS], order[MAX_ROWS:]
         body = "".join(_engine_row(r) for r in rows)
-        if hidden:
-            busy = sum(r.state == "busy" for r in hidden)
+        if hidden or rest:
+            busy = sum(r.state == "busy" for r in hidden) + (rest["busy"] if rest else 0)
             dead = sum(r.state == "dead" for r in hidden)
-            body += (f'<tr class="ipylb-engine-rest"><td>+{len(hidden)}</td><td></td>'
+            n = len(hidden) + (rest["engines"] if rest else 0)
+            outstanding = sum(r.outstanding for r in hidden) + (rest["outstanding"] if rest else 0)
+            done = sum(r.done for r in hidden) + (rest["completed"] if rest else 0)
+            body += (f'<tr class="ipylb-engine-rest"><td>+{n}</td><td></td>'
                      f"<td>{busy} busy, {dead} dead</td><td colspan=6></td>"
-                     f"<td>{sum(r.outstanding for r in hidden)}</td>"
-                     f"<td>{sum(r.done for r in hidden)}</td></tr>")
+                     f"<td>{outstanding}</td><td>{done}</td></tr>")
         self.engines.value = (
             '<table class="ipylb-engines"><tr><th>engine</th><th>host</th><th>state</th>'
             "<th>pid</th><th>CPU %</th><th>RSS MB</th><th>restarts</th><th>task</th>"

@@ -1,7 +1,9 @@
 """``ipylb top [--profile P]``: the dashboard's figures live in a terminal (rich's Live
 display): queue depth, throughput, the engines (host, pid, state, CPU %, RSS, restarts,
 current task and how long it has run), and the failures of the last minute.  ``q`` quits
-(Ctrl-C too).  One ``Client.activity()`` round trip per refresh, as the notebook panel.
+(Ctrl-C too).  One ``Client.activity()`` round trip per refresh, as the notebook panel;
+beyond :data:`MAX_ROWS` engines the controller describes the busiest and sums the rest
+(``activity(top=...)``), so a refresh costs the same at 20 engines or 1,000.
 """
 
 from __future__ import annotations
@@ -54,17 +56,23 @@ class Top:
     def poll(self) -> dict[str, Any] | None:
         """One activity round trip (None if the controller did not answer)."""
         try:
-            act = self.client.activity(self.seq, self.second, timeout=5.0)
+            act = self.client.activity(self.seq, self.second, timeout=5.0, top=MAX_ROWS)
         except TimeoutError:
             self.problem = "the controller is not answering"
             return None
         self.problem = ""
         self.seq = act["seq"]
         self.second = int(act["now"]) - 1
-        for eid, bs in act["buckets"].items():
-            mine = self.buckets.setdefault(eid, {})
-            for b in bs:
-                mine[b[0]] = b
+        rest = act.get("rest")
+        if rest is not None:  # beyond MAX_ROWS engines: whole-window buckets, the rest summed
+            self.buckets = {eid: {b[0]: b for b in bs} for eid, bs in act["buckets"].items()}
+            self.buckets[-1] = {b[0]: b for b in rest["buckets"]}
+        else:
+            for eid, bs in act["buckets"].items():
+                mine = self.buckets.setdefault(eid, {})
+                for b in bs:
+                    mine[b[0]] = b
+            self.buckets.pop(-1, None)
         for eid, _start, end, ok, key in act["tasks"]:
             if not ok:
                 self.failures.append((eid, key, end))
@@ -81,11 +89,12 @@ class Top:
         rate = sum(b[1] for b in recent) / 10.0
         status = act["status"]
         engines = act["engines"]
-        busy = sum(1 for e in status if isinstance(e, int) and status[e]["tasks"])
+        rest = act.get("rest") or {"engines": 0, "busy": 0, "outstanding": 0, "completed": 0}
+        busy = sum(1 for e in status if isinstance(e, int) and status[e]["tasks"]) + rest["busy"]
         head = Text.assemble(
             ("ipylb top", "bold"), f" · profile {self.profile} · queue depth ",
             (str(status.get("unassigned", 0)), "bold"), " · engines ",
-            (f"{len(engines)}", "bold"), f" ({busy} busy) · throughput ",
+            (f"{len(engines) + rest['engines']}", "bold"), f" ({busy} busy) · throughput ",
             (f"{rate:.1f}", "bold"), " tasks/s (last 10 s) · q quits")
         table = Table(expand=False, header_style="bold")
         for col in ("engine", "host", "pid", "state", "CPU %", "RSS MB", "restarts", "task",
@@ -105,11 +114,15 @@ class Top:
                 str(e["restarts"]), task[1] if task else "", ran,
                 str(s["tasks"] + s["queue"]), str(s["completed"]),
                 style="bold blue" if s["tasks"] else None)
-        if len(rows) > MAX_ROWS:
-            rest = rows[MAX_ROWS:]
-            table.add_row(f"+{len(rest)}", "", "", f"{sum(status[e]['tasks'] > 0 for e in rest)}"
-                          " busy", "", "", "", "", "", "",
-                          str(sum(status[e]["completed"] for e in rest)))
+        hidden = rows[MAX_ROWS:]  # (and the engines the controller summed)
+        if hidden or rest["engines"]:
+            table.add_row(
+                f"+{len(hidden) + rest['engines']}", "", "",
+                f"{sum(status[e]['tasks'] > 0 for e in hidden) + rest['busy']} busy",
+                "", "", "", "", "",
+                str(sum(status[e]["tasks"] + status[e]["queue"] for e in hidden)
+                    + rest["outstanding"]),
+                str(sum(status[e]["completed"] for e in hidden) + rest["completed"]))
         fails = Table(title="failures (last minute)", title_justify="left", header_style="bold")
         for col in ("engine", "task", "ago"):
             fails.add_column(col)

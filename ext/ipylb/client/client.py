@@ -509,8 +509,8 @@ class Client(Link, TaskRecords):
         entry = self._pending.get(msg_id)
         return None if entry is None or not isinstance(entry[0], AsyncResult) else entry[0]
 
-    def activity(self, seq: int = 0, second: int = 0,
-                 timeout: float | None = 30.0) -> dict[str, Any]:
+    def activity(self, seq: int = 0, second: int = 0, timeout: float | None = 30.0,
+                 top: int | None = None) -> dict[str, Any]:
         """What the cluster has been doing, for monitors (the dashboard, ``ipylb top``), in
         one round trip.  ``seq``/``second``: the ``seq`` of the previous answer and the
         first second (epoch) of buckets wanted, so repeated calls get only what is new.
@@ -524,8 +524,20 @@ class Client(Link, TaskRecords):
         (per live engine: ``host``, ``pid``, ``restarts``, ``cpu`` (%), ``rss`` (bytes),
         ``task``: ``(msg_id, label or function, started)`` or None; health is what the
         engine reported within the last second or two, None before its first report).
+
+        ``top``: with more live engines than this, ``status``, ``engines`` and ``buckets``
+        cover only the ``top`` busiest (most outstanding tasks, then most busy seconds in
+        the last minute; their buckets are then the whole minute, whatever ``second``) and
+        ``rest`` sums the others: ``engines`` (how many), ``busy``, ``outstanding``,
+        ``completed``, ``restarts``, ``buckets`` (summed per second, the whole minute) and
+        ``running`` (their running tasks' msg_ids, at most 2,000).  So a monitor of 1,000
+        engines gets an answer of bounded size.  ValueError if ``top`` is not an int >= 1.
         Raises TimeoutError if the controller does not answer within ``timeout`` s."""
-        return self._request("activity", (seq, second), timeout)
+        if top is None:
+            return self._request("activity", (seq, second), timeout)
+        if type(top) is not int or top < 1:
+            raise ValueError(f"top must be an int >= 1 (engines described one by one), got {top!r}")
+        return self._request("activity", (seq, second, top), timeout)
 
     def engine_info(self) -> dict[int, dict[str, Any]]:
         """Per engine: pid, hostname and the kernel connection file

@@ -33,6 +33,11 @@ class Activity:
         self.seq = 0
         # engine_id -> [second, finished, failed, busy seconds] per second, newest last
         self.buckets: dict[int, deque[list[Any]]] = {}
+        # the same summed over all engines, and each engine's busy seconds over its buckets
+        # (kept as tasks finish: a monitor of 1,000 engines ranks and sums without a pass
+        # over every bucket)
+        self.totals: deque[list[Any]] = deque(maxlen=WINDOW_S + 1)
+        self.work: dict[int, float] = {}
         # engine_id -> its last report: {"cpu": %, "rss": bytes, "task": msg_id or None,
         # "since": start time of that task (seconds since the epoch)}
         self.health: dict[int, dict[str, Any]] = {}
@@ -51,13 +56,33 @@ class Activity:
             b = self.buckets[engine_id] = deque(maxlen=WINDOW_S + 1)
         sec = int(completed)
         busy = completed - started if started is not None else 0.0
+        self.work[engine_id] = self.work.get(engine_id, 0.0) + busy
         if b and b[-1][0] == sec:
             last = b[-1]
             last[1] += 1
             last[2] += not ok
             last[3] += busy
         else:
+            if len(b) == WINDOW_S + 1:  # the oldest second leaves the window
+                self.work[engine_id] -= b[0][3]
             b.append([sec, 1, int(not ok), busy])
+        t = self.totals
+        if not t or t[-1][0] < sec:
+            t.append([sec, 1, int(not ok), busy])
+            return
+        i = len(t)  # this second, or one before it (results do not arrive in time order)
+        while i and t[i - 1][0] > sec:
+            i -= 1
+        if i and t[i - 1][0] == sec:
+            last = t[i - 1]
+            last[1] += 1
+            last[2] += not ok
+            last[3] += busy
+        elif i or len(t) < t.maxlen:  # a second none had yet: in its place (oldest out)
+            if len(t) == t.maxlen:
+                t.popleft()
+                i -= 1
+            t.insert(i, [sec, 1, int(not ok), busy])
 
     def forget(self, engine_id: int) -> None:
         """An engine is gone: its health report goes (its buckets stay for the window)."""
@@ -69,6 +94,7 @@ class Activity:
         old = [e for e, b in self.buckets.items() if not b or b[-1][0] < now - WINDOW_S]
         for e in old:
             del self.buckets[e]
+            self.work.pop(e, None)
 
     def since(self, seq: int) -> tuple[int, list[tuple], bool]:
         """Tasks finished after ``seq`` (at most :data:`ANSWER_TASKS`, the newest), the

@@ -8,11 +8,13 @@ through ``Scheduler.handle``.  A part of :class:`~ipylb.controller.hub.Controlle
 
 from __future__ import annotations
 
+import heapq
 import time
 from typing import Any
 
 from .. import connection, limits, wire
 from ..core import events as ev
+from .activity import ANSWER_TASKS
 from .records import Record, parse_query
 
 __all__ = ["Requests"]
@@ -51,21 +53,39 @@ class Requests:
 
     def _req_activity(self, _client: bytes, arg: Any) -> dict[str, Any]:
         """What the dashboard draws (one round trip per refresh).  ``arg``: ``(seq, second)``
-        of its last answer (``(0, 0)`` at first).  Answers the tasks finished since ``seq``
-        (at most ``activity.ANSWER_TASKS``, each ``(engine_id, started, completed, ok, label
-        or function)``), per-engine one-second buckets ``[second, finished, failed, busy
-        seconds]`` from ``second`` on, queue status, and per live engine its host, pid,
-        restarts, health (CPU %, RSS bytes) and current task ``(msg_id, key, since)``."""
+        of its last answer (``(0, 0)`` at first), or ``(seq, second, top)``.  Answers the
+        tasks finished since ``seq`` (at most ``activity.ANSWER_TASKS``, each ``(engine_id,
+        started, completed, ok, label or function)``), per-engine one-second buckets
+        ``[second, finished, failed, busy seconds]`` from ``second`` on, queue status, and
+        per live engine its host, pid, restarts, health (CPU %, RSS bytes) and current task
+        ``(msg_id, key, since)``.
+
+        With ``top`` (>= 1) and more live engines than that, only the ``top`` busiest
+        (outstanding tasks, then busy seconds in their buckets) are described one by one,
+        with their buckets of the whole window; ``rest`` sums the others (see
+        ``Client.activity``), so the answer's size is bounded whatever the engine count.
+        The work here stays one pass over the engines' counts."""
         act = self.activity
-        if not (type(arg) is tuple and len(arg) == 2 and type(arg[0]) is int
-                and type(arg[1]) is int):
-            raise ValueError("activity takes (seq, second): two ints")
-        seq, second = arg
+        if not (type(arg) is tuple and len(arg) in (2, 3) and all(type(a) is int for a in arg)
+                and (len(arg) == 2 or arg[2] >= 1)):
+            raise ValueError("activity takes (seq, second) or (seq, second, top): ints, top >= 1")
+        seq, second = arg[:2]
+        top = arg[2] if len(arg) == 3 else None
         now = time.time()
         act.prune(now)
         last, tasks, skipped = act.since(seq)
+        status = self._req_queue_status(_client, False)
+        shown: Any = self.engine_info
+        rest = None
+        if top is not None and len(shown) > top:
+            shown, rest = self._busiest(status, top)
+            buckets = {e: list(act.buckets.get(e, ())) for e in shown}
+            status = {e: status[e] for e in (*shown, "unassigned")}
+        else:
+            buckets = {e: [x for x in b if x[0] >= second] for e, b in act.buckets.items()}
         engines = {}
-        for engine_id, info in self.engine_info.items():
+        for engine_id in shown:
+            info = self.engine_info[engine_id]
             h = act.health.get(engine_id, {})
             task = h.get("task")
             rec = self.store.records.get(task) if task else None
@@ -74,9 +94,49 @@ class Requests:
                 "restarts": info.get("restarts", 0), "cpu": h.get("cpu"), "rss": h.get("rss"),
                 "task": None if rec is None else (task, rec.label or rec.func, h.get("since")),
             }
-        return {"now": now, "seq": last, "tasks": tasks, "skipped": skipped,
-                "buckets": {e: [x for x in b if x[0] >= second] for e, b in act.buckets.items()},
-                "status": self._req_queue_status(_client, False), "engines": engines}
+        answer = {"now": now, "seq": last, "tasks": tasks, "skipped": skipped,
+                  "buckets": buckets, "status": status, "engines": engines}
+        if rest is not None:
+            answer["rest"] = rest
+        return answer
+
+    def _busiest(self, status: dict[Any, Any], top: int) -> tuple[list[int], dict[str, Any]]:
+        """The ``top`` busiest live engines (ids, in id order) and the others summed:
+        ``engines``, ``busy`` (running a task), ``outstanding``, ``completed``, ``restarts``,
+        ``buckets`` (per second of the window, summed: ``[second, finished, failed, busy
+        seconds]``), ``running`` (msg_ids of their running tasks, at most ANSWER_TASKS).
+        One pass over the engines' counts; the buckets come from the running totals less
+        the shown engines' own (O(top), not O(engines))."""
+        act = self.activity
+        work = act.work
+        shown = sorted(heapq.nsmallest(top, self.engine_info, key=lambda e: (
+            -(status[e]["tasks"] + status[e]["queue"]), -work.get(e, 0.0), e)))
+        mine = set(shown)
+        running: list[str] = []
+        busy = outstanding = completed = restarts = n = 0
+        health = act.health
+        for e in self.engine_info:
+            if e in mine:
+                continue
+            s = status[e]
+            n += 1
+            busy += s["tasks"]
+            outstanding += s["tasks"] + s["queue"]
+            completed += s["completed"]
+            restarts += s.get("restarts", 0)
+            if s["tasks"] and len(running) < ANSWER_TASKS:
+                task = health.get(e, {}).get("task")
+                if task:
+                    running.append(task)
+        summed = {b[0]: list(b) for b in act.totals}
+        for e in shown:
+            for sec, k, failed, secs in act.buckets.get(e, ()):
+                m = summed.get(sec)
+                if m is not None:
+                    m[1], m[2], m[3] = max(0, m[1] - k), max(0, m[2] - failed), max(0.0, m[3] - secs)
+        return shown, {"engines": n, "busy": busy, "outstanding": outstanding,
+                       "completed": completed, "restarts": restarts,
+                       "buckets": [b for b in summed.values() if b[1]], "running": running}
 
     def _known(self, msg_ids: list[str]) -> list[Record]:
         unknown = [m for m in msg_ids if m not in self.store]
