@@ -106,8 +106,12 @@ def test_stopped_cluster_tells_its_clients_and_finished_results_survive(runtime)
         text = str(info.value)
         assert "shut down" in text and "asked it to" in text
         assert "SQLite" in text and repr(slow.msg_ids[0]) in text
-        with pytest.raises(ControllerGone):
+        with pytest.raises(ControllerGone) as info:
             view.apply_sync(pow, 2, 3)  # without a timeout, and it does not hang
+        assert info.value.shut_down is True  # it said it stopped (`ipylb engine join` ends 0)
+        with pytest.raises(ControllerGone) as info:
+            rc.engine_info()
+        assert info.value.shut_down is True
     finally:
         rc.close()
 
@@ -135,6 +139,9 @@ def test_killed_standalone_controller_is_noticed_through_its_pid(runtime):
             slow.get(timeout=30)
         assert time.monotonic() - t0 < NOTICE_S
         assert "kept results in memory" in str(info.value)
+        with pytest.raises(ControllerGone) as info:
+            rc.engine_info()
+        assert info.value.shut_down is False  # it vanished without a word
         assert wait_gone(engines)
         assert leftovers(runtime) == []  # the engines removed their kernel files and sockets
     finally:

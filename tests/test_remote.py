@@ -310,3 +310,74 @@ def nap(seconds):
 
     time.sleep(seconds)
     return seconds
+
+
+def _kernel_answers(info: dict, timeout: float) -> bool:
+    """Whether the kernel of connection info ``info`` answers a kernel_info_request on its
+    shell channel within ``timeout`` seconds (a jupyter_client client: CurveZMQ if ``info``
+    has the keys, plain otherwise)."""
+    import queue
+
+    from jupyter_client import BlockingKernelClient
+
+    kc = BlockingKernelClient()
+    kc.load_connection_info(info)
+    kc.start_channels(iopub=False, stdin=False, hb=False, control=False)
+    try:
+        msg_id = kc.kernel_info()
+        while True:
+            reply = kc.get_shell_msg(timeout=timeout)
+            if reply["parent_header"].get("msg_id") == msg_id:
+                return reply["content"]["status"] == "ok"
+    except queue.Empty:
+        return False
+    finally:
+        kc.stop_channels()
+
+
+def test_curve_covers_the_engines_own_jupyter_channels(runtime):  # noqa: F811
+    """With --curve, jupyter_client provisions CurveZMQ keys into each engine kernel's
+    connection file, and its shell, iopub, stdin, control and heartbeat channels run
+    encrypted: a client without the keys gets nothing from them (a valid HMAC key is not
+    enough), one with them works; the controller pings the heartbeats under the keys (the
+    engines stay registered past the heartbeat timeout) and interrupts through control."""
+    from ipylb.error import WalltimeExceeded
+
+    _start("cc", "--curve", "--heartbeat-timeout", "2")
+    ipylb_cmd("engine", "add", "-n", "1", "--profile", "cc")  # local: ipc channels
+    join = subprocess.Popen([IPYLB, "engine", "join", "--profile", "cc"],  # tcp channels
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    try:
+        with ipylb.Client(profile="cc") as rc:
+            rc.wait_for_engines(2, 120)
+            kernels = {e["tag"]: json.loads(open(e["connection_file"]).read())
+                       for e in rc.engine_info().values()}
+            assert sorted(k["transport"] for k in kernels.values()) == ["ipc", "tcp"]
+            for info in kernels.values():
+                assert len(info["curve_publickey"]) == len(info["curve_secretkey"]) == 40
+                plain = {k: v for k, v in info.items() if not k.startswith("curve_")}
+                assert not _kernel_answers(plain, 3)  # > the heartbeat timeout, too
+                assert _kernel_answers(info, 30)
+            assert len({k["curve_publickey"] for k in kernels.values()}) == 2  # one per kernel
+            assert len(rc.ids) == 2  # heartbeats answered under CurveZMQ all along
+            view = rc.load_balanced_view()
+            assert sorted(view.map_sync(lambda x: x * 2, range(8))) == list(range(0, 16, 2))
+            def sleep_long():  # (by value: the controller's engine cannot import tests)
+                import time
+
+                time.sleep(60)
+
+            for engine_id in rc.ids:  # interrupts reach both kinds (control channel, relayed)
+                t0 = time.monotonic()
+                with view.temp_flags(walltime=1, targets=engine_id):
+                    ar = view.apply_async(sleep_long)
+                with pytest.raises(WalltimeExceeded, match=r"interrupted \(KeyboardInterrupt\)"):
+                    ar.get(30)
+                assert time.monotonic() - t0 < 4.0
+        ipylb_cmd("cluster", "stop", "--profile", "cc")
+        _out, err = join.communicate(timeout=60)
+    finally:
+        ipylb_cmd("cluster", "stop", "--profile", "cc")
+        join.kill()
+    assert "1 engine(s) joined" in err
+    assert "without encryption" not in err  # ipykernel's warning for plain tcp channels

@@ -163,7 +163,8 @@ def join(path: Path, n: int, ip: str | None, timeout: float) -> int:
              "(a restarted cluster has a new key); copy the new one here")
         return 1
     # Not restarted here: they end when their controller stops them (exit code 0).
-    launcher = EngineLauncher(str(path), ip=ip, restart=False, joined=True)
+    launcher = EngineLauncher(str(path), ip=ip, restart=False, joined=True,
+                              curve=bool(info.get("curve_serverkey")))
     stop = threading.Event()
     # The controller's interrupt requests for our engines, (engine_id, tag, task_id), carried
     # out on this thread (the launcher's only user); None: a signal came.
@@ -199,30 +200,25 @@ def _wait_registered(rc: Any, launcher: Any, n: int, timeout: float, stop: threa
     waited = 0.0
     try:
         rc.relay_interrupts(sorted(tags), lambda *request: asked.put(request))
-    except ControllerGone as gone:
+        while waited < timeout:
+            for engine_id, meta in rc.engine_info().items():
+                if meta.get("tag") in tags:
+                    launcher.registered(meta["tag"], engine_id)
+            if not launcher.pending:
+                return sorted(launcher.running)
+            dead = launcher.poll_dead()
+            if dead:
+                _say("; ".join(reason for _id, reason, _fate in dead))
+                return None
+            _relay(launcher, asked, POLL_S)
+            if stop.is_set():
+                return None
+            waited += POLL_S
+    except ControllerGone as gone:  # stopped before we saw them register: theirs to end
         _say(str(gone))
+        if gone.shut_down:
+            stop.set()
         return None
-    while waited < timeout:
-        try:
-            engines = rc.engine_info()
-        except ControllerGone as gone:  # stopped before we saw them register: theirs to end
-            _say(str(gone))
-            if gone.shut_down:
-                stop.set()
-            return None
-        for engine_id, meta in engines.items():
-            if meta.get("tag") in tags:
-                launcher.registered(meta["tag"], engine_id)
-        if not launcher.pending:
-            return sorted(launcher.running)
-        dead = launcher.poll_dead()
-        if dead:
-            _say("; ".join(reason for _id, reason, _fate in dead))
-            return None
-        _relay(launcher, asked, POLL_S)
-        if stop.is_set():
-            return None
-        waited += POLL_S
     _say(f"{len(launcher.pending)} of {n} engine(s) did not register within {timeout:.0f} s "
          "(their log is above)")
     return None

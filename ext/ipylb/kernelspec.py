@@ -41,7 +41,10 @@ def spec(name: str, python: str, provisioner: str | None, config: dict[str, Any]
         "display_name": f"ipylb engine ({name})",
         "language": "python",
         "interrupt_mode": "signal",
-        "metadata": {"debugger": False},
+        # ipylb.engine serves its channels under the CurveZMQ keys of its connection file
+        # (IPKernelApp's); the SSH launcher's kernel reads none.
+        "metadata": {"debugger": False} if provisioner == DISTRIBUTED else
+                    {"debugger": False, "supported_encryption": ["curve"]},
         "env": {"IPYLB_CLUSTER_FILE": cluster_file} if cluster_file else {},
     }
     if provisioner == DISTRIBUTED:  # its parent is a shell that exits at once: do not watch it

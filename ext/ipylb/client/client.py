@@ -25,7 +25,7 @@ from typing import Any
 from .. import connection, limits, wire
 from ..error import ClientClosed, ControllerGone, NoCluster, SerializationError
 from .asyncresult import AsyncResult, Outcome
-from .link import ADD_ENGINES, LOCAL_URLS, SHUT_DOWN, Link
+from .link import ADD_ENGINES, LOCAL_URLS, Link
 from .local import LocalCluster
 from .taskdb import TaskRecords, as_list, job_ids
 
@@ -125,6 +125,7 @@ class Client(Link, TaskRecords):
         # Why the controller is gone (None while it serves): pending results have failed
         # with ControllerGone, and new submissions raise it.
         self._gone: str | None = None
+        self._said_shut_down = False  # it said so before it went (ControllerGone.shut_down)
         self._why_closed = ""
         self._warned_empty = False
         self.block = False  # the block flag new views start with (as in ipyparallel)
@@ -361,7 +362,10 @@ class Client(Link, TaskRecords):
             raise TimeoutError(f"the controller did not answer {op!r} within {timeout} s") from None
         if not ok:
             ename, evalue = value
-            raise _REQUEST_ERRORS.get(ename, RuntimeError)(evalue)
+            error = _REQUEST_ERRORS.get(ename, RuntimeError)(evalue)
+            if isinstance(error, ControllerGone):  # it went while this request waited
+                error.shut_down = self._said_shut_down
+            raise error
         return value
 
     def _check_open(self) -> None:
@@ -371,7 +375,7 @@ class Client(Link, TaskRecords):
         if self._gone is not None:
             gone = ControllerGone(f"{self._gone}; connect a new Client once a cluster runs "
                                   "(`ipylb cluster start`, or Client(engines=N))")
-            gone.shut_down = self._gone.startswith(SHUT_DOWN)
+            gone.shut_down = self._said_shut_down
             raise gone
 
     def load_balanced_view(self, targets: int | list[int] | None = None) -> Any:

@@ -250,6 +250,7 @@ class Link:
                 fut.set_result(meta[1:])
         elif kind == wire.EVENT:
             if meta[0] == "shutdown":  # the controller stops: the loop fails what is pending
+                self._said_shut_down = True  # (kept once _controller_gone rewrites _gone)
                 self._gone = f"{SHUT_DOWN} ({meta[1]})"
             elif meta[0] == "output":  # a running task's live output (client/live.py)
                 _, msg_id, (out, out_end), (err, err_end) = meta

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     launcher = EngineLauncher(args.connection_file, kernel_name=args.kernel or KERNEL_NAME,
                               restart=args.restart,
                               restart_limit=args.restart_limit,
-                              stable_start_time=args.restart_stable)
+                              stable_start_time=args.restart_stable, curve=args.curve)
     try:
         ctl = Controller(key, ip=args.ip, scheme=args.scheme, hwm=args.hwm,
                          launcher=launcher, parent_pid=args.parent_pid,

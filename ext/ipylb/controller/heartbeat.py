@@ -19,7 +19,7 @@ import zmq
 class Heartbeats:
     """Pings engines' heartbeat channels; tells which ones stopped answering.
 
-    One ROUTER socket reaches every engine: each connection gets a routing id naming its
+    One ROUTER socket reaches every engine (two with CurveZMQ kernels, below): each connection gets a routing id naming its
     engine (ZMQ_CONNECT_ROUTING_ID), so a ping goes to one engine and its echo says whose
     it is.  The controller polls this one socket however many engines there are (one
     socket per engine made every poll, so every task round trip, O(engines): 0.7 ms ->
@@ -31,18 +31,37 @@ class Heartbeats:
         self.timeout = timeout
         self.sock = ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
-        self.peers: dict[int, tuple[bytes, str]] = {}  # engine id -> (routing id, url)
+        # Kernels whose Jupyter channels run CurveZMQ (keys in their connection file, as
+        # jupyter_client provisions them: ``ipylb cluster start --curve``) are pinged from a
+        # second ROUTER, a CurveZMQ client under a keypair of its own (a socket's security
+        # mechanism is all or nothing; the server key is set per connection).
+        self.curve_sock: zmq.Socket | None = None
+        if zmq.has("curve"):
+            self.curve_sock = ctx.socket(zmq.ROUTER)
+            self.curve_sock.setsockopt(zmq.LINGER, 0)
+            self.curve_sock.curve_publickey, self.curve_sock.curve_secretkey = zmq.curve_keypair()
+        self.socks = [s for s in (self.sock, self.curve_sock) if s is not None]
+        # engine id -> (routing id, url, the socket that pings it)
+        self.peers: dict[int, tuple[bytes, str, zmq.Socket]] = {}
         self.engine_of: dict[bytes, int] = {}  # routing id -> engine id
         self.last_answer: dict[int, float] = {}
         self._next_ping = 0.0
         self._last_tick: float | None = None
 
-    def add(self, engine_id: int, url: str, now: float) -> None:
-        """Start watching an engine (zmq.ZMQError: a url zmq refuses)."""
+    def add(self, engine_id: int, url: str, now: float, key: str | None = None) -> None:
+        """Start watching an engine; ``key``: its kernel's CurveZMQ public key (Z85), if its
+        channels are encrypted (zmq.ZMQError: a url or key zmq refuses, or no CurveZMQ in
+        this libzmq)."""
         rid = b"hb-%d" % engine_id
-        self.sock.setsockopt(zmq.CONNECT_ROUTING_ID, rid)
-        self.sock.connect(url)
-        self.peers[engine_id] = (rid, url)
+        sock = self.sock
+        if key is not None:
+            sock = self.curve_sock
+            if sock is None:
+                raise zmq.ZMQError(zmq.EINVAL, "an encrypted heartbeat, and no CurveZMQ here")
+            sock.curve_serverkey = key.encode("ascii")  # for the connection made next
+        sock.setsockopt(zmq.CONNECT_ROUTING_ID, rid)
+        sock.connect(url)
+        self.peers[engine_id] = (rid, url, sock)
         self.engine_of[rid] = engine_id
         self.last_answer[engine_id] = now
 
@@ -53,21 +72,23 @@ class Heartbeats:
         if peer is not None:
             del self.engine_of[peer[0]]
             try:
-                self.sock.disconnect(peer[1])
+                peer[2].disconnect(peer[1])
             except zmq.ZMQError:  # already gone (its endpoint was dropped)
                 pass
 
     def answered(self, now: float) -> None:
-        """Drain the echoes waiting on the socket: each marks its engine alive at ``now``."""
-        recv, engine_of, last = self.sock.recv_multipart, self.engine_of, self.last_answer
-        while True:
-            try:
-                rid = recv(zmq.NOBLOCK)[0]
-            except zmq.Again:
-                return
-            engine_id = engine_of.get(rid)
-            if engine_id is not None:  # (an echo from an engine removed meanwhile: dropped)
-                last[engine_id] = now
+        """Drain the echoes waiting on the sockets: each marks its engine alive at ``now``."""
+        engine_of, last = self.engine_of, self.last_answer
+        for sock in self.socks:
+            recv = sock.recv_multipart
+            while True:
+                try:
+                    rid = recv(zmq.NOBLOCK)[0]
+                except zmq.Again:
+                    break
+                engine_id = engine_of.get(rid)
+                if engine_id is not None:  # (an echo from an engine removed meanwhile: dropped)
+                    last[engine_id] = now
 
     def tick(self, now: float) -> list[tuple[int, str]]:
         """Send pings when due; return (engine_id, reason) for engines silent too long."""
@@ -78,10 +99,9 @@ class Heartbeats:
                 self.last_answer[engine_id] += away
         if now >= self._next_ping:
             self._next_ping = now + self.interval
-            send = self.sock.send_multipart
-            for rid, _url in self.peers.values():
+            for rid, _url, sock in self.peers.values():
                 try:  # (a ROUTER drops what it cannot route now: the next ping will do)
-                    send((rid, b"ping"), zmq.NOBLOCK)
+                    sock.send_multipart((rid, b"ping"), zmq.NOBLOCK)
                 except zmq.Again:
                     pass
         return [
@@ -91,5 +111,6 @@ class Heartbeats:
         ]
 
     def close(self) -> None:
-        """Close the socket (the controller is stopping)."""
-        self.sock.close(0)
+        """Close the sockets (the controller is stopping)."""
+        for sock in self.socks:
+            sock.close(0)

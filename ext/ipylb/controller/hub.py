@@ -66,7 +66,8 @@ MAX_FRAME_BYTES = 256 << 20
 # What a registration may carry, and the types of the fields (others are kept as they come);
 # pid and heartbeat are required: an engine nobody can watch could hold its tasks forever.
 _REGISTER_FIELDS = {"connection_file": str, "pid": int, "hostname": str, "tag": str,
-                    "heartbeat": str, "shm_domain": (str, type(None))}
+                    "heartbeat": str, "heartbeat_key": (str, type(None)),
+                    "shm_domain": (str, type(None))}
 _REGISTER_REQUIRED = ("pid", "heartbeat")
 
 
@@ -216,7 +217,8 @@ class Controller(Requests):
         poller = self.poller
         poller.register(self.clients, zmq.POLLIN)
         poller.register(self.engines, zmq.POLLIN)
-        poller.register(self.heartbeats.sock, zmq.POLLIN)  # one socket for every engine
+        for sock in self.heartbeats.socks:  # one socket for every engine (or two: curve)
+            poller.register(sock, zmq.POLLIN)
         next_housekeeping = 0.0
         while self._running:
             if self._tasks_out or self._outbox:  # what the last turn made, before we wait
@@ -237,7 +239,7 @@ class Controller(Requests):
                 self._drain(self.engines, self._on_engine)
             if self.clients in ready:
                 self._drain(self.clients, self._on_client)
-            if self.heartbeats.sock in ready:
+            if len(ready) > (self.engines in ready) + (self.clients in ready):  # a heartbeat one
                 self.heartbeats.answered(now)
         self.close()
 
@@ -449,7 +451,8 @@ class Controller(Requests):
             raise wire.WireError(f"engine {self.engine_of[ident]} registered a second time")
         engine_id = self._next_engine
         try:  # every engine is watched: one that stops answering is dead after heartbeat_timeout
-            self.heartbeats.add(engine_id, meta["heartbeat"], time.monotonic())
+            self.heartbeats.add(engine_id, meta["heartbeat"], time.monotonic(),
+                                meta.get("heartbeat_key"))
         except zmq.ZMQError as e:
             raise wire.WireError(f"a registration with a heartbeat url zmq refuses: {e}") from None
         self._next_engine += 1

@@ -95,6 +95,21 @@ def _local(km: KernelManager) -> bool:
     return getattr(km.provisioner, "process", None) is not None
 
 
+def _check_curve_kernelspec() -> None:
+    """RuntimeError, saying what to do, if the installed ``ipylb-engine`` kernelspec does not
+    declare CurveZMQ support (one installed by an ipylb older than that support):
+    jupyter_client refuses ``transport_encryption="required"`` for it, in its own words."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    spec = KernelSpecManager().get_kernel_spec(KERNEL_NAME)
+    if "curve" not in (spec.metadata or {}).get("supported_encryption", []):
+        raise RuntimeError(
+            f"--curve: the {KERNEL_NAME!r} kernelspec in {spec.resource_dir} does not declare "
+            "CurveZMQ support (metadata.supported_encryption), so jupyter_client will not "
+            "encrypt its kernels' channels: it predates this ipylb; reinstall ipylb "
+            "(`pip install -e .` in a checkout) to update it")
+
+
 class EngineLauncher:
     """Starts engine kernels from the ``ipylb-engine`` kernelspec, notices when they die,
     and (``restart``) restarts them through jupyter_client's KernelRestarter.
@@ -106,18 +121,26 @@ class EngineLauncher:
 
     def __init__(self, cluster_file: str, cwd: str | None = None, kernel_name: str = KERNEL_NAME,
                  ip: str | None = None, restart: bool = True, restart_limit: int = 5,
-                 stable_start_time: float = 10.0, joined: bool = False) -> None:
+                 stable_start_time: float = 10.0, joined: bool = False,
+                 curve: bool = False) -> None:
         """``ip``: where the engines' Jupyter channels listen (tcp), for engines whose
         controller is on another host; None: unix sockets in the runtime dir.  ``joined``:
         the engines of a controller elsewhere (``ipylb engine join``), for which exit code 0
         is the normal end (their controller stopped them, or their connection to it
-        dropped), where the controller's own launcher never lets one end so."""
+        dropped), where the controller's own launcher never lets one end so.  ``curve``
+        (``ipylb cluster start --curve``): the engines' own Jupyter channels (shell, iopub,
+        stdin, control, heartbeat) run CurveZMQ too, under keys jupyter_client provisions
+        per kernel into its 0600 connection file (``KernelManager.transport_encryption``:
+        "required" for the ``ipylb-engine`` kernelspec, "auto" for others, which get keys
+        only if their kernelspec declares ``supported_encryption`` and their provisioner
+        provisions them, as jupyter_client's LocalProvisioner does)."""
         self.cluster_file = cluster_file
         self.ip = ip
         self.cwd = cwd or os.getcwd()
         self.kernel_name = kernel_name
         self.autorestart = restart
         self.joined = joined
+        self.curve = curve
         self.restart_limit = restart_limit
         self.stable_start_time = stable_start_time
         self.pending: dict[str, EngineKernelManager] = {}  # tag -> manager, not registered yet
@@ -132,6 +155,11 @@ class EngineLauncher:
         """Start ``n`` engines (from kernelspec ``kernel_name``, default this launcher's);
         they boot in parallel and register themselves."""
         kernel_name = kernel_name or self.kernel_name
+        encryption = "disabled"
+        if self.curve:
+            encryption = "required" if kernel_name == KERNEL_NAME else "auto"
+            if kernel_name == KERNEL_NAME:
+                _check_curve_kernelspec()
         for _ in range(n):
             # The tag is also the kernel id: what remote provisioners pass on to the engine
             # (a full uuid, as they expect); short for ours (it names unix socket paths).
@@ -143,15 +171,18 @@ class EngineLauncher:
                 # Another kernelspec: its provisioner (local, SSH, Kubernetes, a batch system)
                 # decides where the kernel runs and how its channels are reached.
                 km = EngineKernelManager(kernel_name=kernel_name, tag=tag,
-                                         autorestart=self.autorestart)
+                                         autorestart=self.autorestart,
+                                         transport_encryption=encryption)
             elif self.ip is None:
                 km = EngineKernelManager(kernel_name=kernel_name, transport="ipc",
                                          ip=str(base), connection_file=f"{base}.json", tag=tag,
-                                         autorestart=self.autorestart)
+                                         autorestart=self.autorestart,
+                                         transport_encryption=encryption)
             else:  # the controller (another host) pings their heartbeat over tcp
                 km = EngineKernelManager(kernel_name=kernel_name, transport="tcp",
                                          ip=self.ip, connection_file=f"{base}.json", tag=tag,
-                                         autorestart=self.autorestart)
+                                         autorestart=self.autorestart,
+                                         transport_encryption=encryption)
             env = {**os.environ, "IPYLB_CLUSTER_FILE": self.cluster_file, "IPYLB_ENGINE_TAG": tag}
             # The engine's own stdout goes where our log goes: our stdout is a pipe that
             # the process which started us closes once we are ready.

@@ -192,6 +192,9 @@ class TaskChannel:
             # Remote provisioners pass on only KERNEL_ID: the launcher makes it the tag too.
             "tag": os.environ.get("IPYLB_ENGINE_TAG") or os.environ.get("KERNEL_ID", ""),
             "heartbeat": self._heartbeat_url(),
+            # The kernel's CurveZMQ public key (its Jupyter channels are encrypted: the
+            # controller pings the heartbeat under it), or None.
+            "heartbeat_key": _decoded(getattr(self.kernel.parent, "curve_publickey", None)),
             "shm_domain": shm.domain() if self.placer is not None else None,
             "versions": compat.versions(),
         }
@@ -724,3 +727,7 @@ def _describe(e: BaseException) -> tuple[str, str, str]:
         tb = (f"{tb[:half]}\n... [{len(tb) - 2 * half} characters of traceback cut by ipylb] ...\n"
               f"{tb[-half:]}")
     return _safe_name(e), evalue, tb
+
+
+def _decoded(key: bytes | None) -> str | None:
+    return key.decode("ascii") if isinstance(key, bytes) else None
