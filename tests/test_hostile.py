@@ -744,3 +744,106 @@ def test_a_thread_left_by_an_earlier_task_does_not_print_into_later_tasks(view, 
     finally:
         with view.temp_flags(targets=first.engine_id):
             view.apply_async(stop_chatter).get(60)
+
+
+# -- a task that breaks what the engine itself uses ----------------------------------------
+
+
+def test_a_watchdog_a_task_leaves_does_not_kill_the_engine_in_a_later_task(view):
+    """faulthandler.dump_traceback_later(1, exit=True) left armed ended the engine a second
+    later, in the middle of an innocent task (EngineError), like a left-over alarm."""
+
+    def arms():
+        import faulthandler
+
+        faulthandler.dump_traceback_later(1, exit=True)
+        return "armed"
+
+    first = view.apply_async(arms)
+    assert first.get(60) == "armed"
+
+    def innocent():
+        import time
+
+        time.sleep(2)
+        return "alive"
+
+    with view.temp_flags(follow=first):
+        ar = view.apply_async(innocent)
+    assert ar.get(60) == "alive"
+    assert ar.engine_id == first.engine_id
+
+
+def floods(n):
+    import sys
+
+    sys.stdout.write("x" * n)
+    return n
+
+
+def test_a_task_that_patches_time_sleep_leaves_output_capture_working(lone):
+    """time.sleep = None killed the engine's output reader thread: a later task printing more
+    than the pipe holds (1 MiB) blocked in write for good, and its caller waited forever."""
+
+    def patches():
+        import time
+
+        time.sleep, time.real_sleep = None, time.sleep
+        return "patched"
+
+    view = lone.load_balanced_view()
+    assert view.apply_async(patches).get(60) == "patched"
+    try:
+        ar = view.apply_async(floods, 3 << 20)
+        assert ar.get(60) == 3 << 20
+        assert len(ar.stdout) == 3 << 20
+        assert ar.stderr == ""  # no traceback of a dying reader thread
+    finally:
+
+        def unpatch():
+            import time
+
+            time.sleep = time.real_sleep
+
+        view.apply_async(unpatch).get(60)
+
+
+def test_a_task_that_breaks_what_its_engine_reads_with_leaves_no_task_unanswered(lone):
+    """pickle.loads = None: the engine could not read any later message and dropped it, so
+    every later task sent there waited forever.  Now the engine asks to be restarted: the
+    task it could not read fails with EngineError saying why, and later tasks run."""
+
+    def breaks_loads():
+        import pickle
+
+        pickle.loads = None
+        return "broken"
+
+    view = lone.load_balanced_view()
+    old = lone.ids[0]
+    assert view.apply_async(breaks_loads).get(60) == "broken"
+    lost = view.apply_async(pow, 2, 3)
+    with pytest.raises(ipylb.error.EngineError, match="could not read a message from the "
+                       "controller .*a task broke what the engine reads with"):
+        lost.get(60)
+    new_engine(lone, old)
+    assert view.apply_async(opens_files).get(60) == b"opened\n"
+
+
+def test_a_task_that_breaks_what_its_engine_captures_with_gets_an_answer_and_a_new_engine(lone):
+    """os.dup2 = None broke the end of every task on the engine: each was answered with "could
+    not report" for good.  Now the first is, and then the engine is restarted."""
+
+    def breaks_dup2():
+        import os
+
+        os.dup2 = None
+        return "broken"
+
+    view = lone.load_balanced_view()
+    old = lone.ids[0]
+    with pytest.raises(RemoteError, match="the engine could not report the outcome of task .*; "
+                       "the engine is restarted"):
+        view.apply_async(breaks_dup2).get(60)
+    new_engine(lone, old)
+    assert view.apply_async(every_stream).get(60) == (1, 2)

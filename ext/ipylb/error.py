@@ -50,6 +50,11 @@ class WireError(IpylbError, ValueError):
     """A message (or a payload it points to) that failed authentication or could not be read."""
 
 
+class UnreadableMessage(WireError):
+    """A message signed under the cluster key whose head does not decode: the sender has a
+    bug, or the receiver's own unpickling is broken (an engine whose task patched pickle)."""
+
+
 class RemoteError(IpylbError):
     """An exception raised by task code on an engine (or decided by the scheduler).
 

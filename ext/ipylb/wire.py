@@ -51,7 +51,7 @@ from typing import Any
 import zmq
 
 from .digest import CHUNK, chunk_digests
-from .error import WireError
+from .error import UnreadableMessage, WireError
 from .shm import MIN_BYTES as SHM_MIN_BYTES
 from .shm import Segment
 from .shm import valid_name as shm_valid_name
@@ -265,7 +265,7 @@ class Signer:
         try:
             kind, sender, to, seq, meta, bufs_mac, segs = pickle.loads(head)
         except Exception as e:  # signed but malformed: a peer bug, not an attack
-            raise WireError(f"unreadable message head: {e!r}") from None
+            raise UnreadableMessage(f"unreadable message head: {e!r}") from None
         if to != self.sender and not (to == b"" and kind in self._open_kinds):
             raise WireError(f"a message for {to!r} reached {self.sender!r}: replayed or misrouted")
         if seq <= self._last_seen.get(sender, self._floor):

@@ -359,8 +359,9 @@ class Controller(Requests):
             self._on_output(sender, meta)
         elif kind == wire.LEAVING:  # after its last answer: a task left it unfit to serve
             engine_id = self.engine_of.get(ident)
-            if engine_id is not None and isinstance(meta, str):
-                self._restart_engine(engine_id, meta[:2000], idle=True)
+            if engine_id is not None and type(meta) is tuple and len(meta) == 2 \
+                    and isinstance(meta[0], str):
+                self._restart_engine(engine_id, meta[0][:2000], idle=meta[1] is True)
         else:
             raise wire.WireError(f"unexpected message kind {kind!r} on the engine socket")
 
@@ -801,7 +802,7 @@ class Controller(Requests):
     def _restart_engine(self, engine_id: int, reason: str, idle: bool = False) -> None:
         """Forget an engine and restart its kernel through jupyter_client (the new kernel
         registers as a new engine): the core gave up on it (its task ignored a walltime
-        interrupt), or it asked (LEAVING, ``idle``: it answered its tasks and runs no more).
+        interrupt), or it asked (LEAVING; ``idle``: it answered every task sent to it).
         An engine we did not start is told to stop instead."""
         ident = self.engine_ident.get(engine_id)
         km = self.launcher.manager(engine_id) if self.launcher is not None else None

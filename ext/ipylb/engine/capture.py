@@ -48,6 +48,9 @@ _CHUNK = 65536
 # then costs a write per line, not also a thread switch; the pipe holds what comes meanwhile.
 _BATCH_S = 0.005
 _BAD = select.POLLERR | select.POLLNVAL
+# Bound now: a task that patches os or time (``time.sleep = None``) must not stop the reader
+# thread (a task printing more than the pipe holds would then block for good).
+_read, _write, _sleep = os.read, os.write, time.sleep
 
 
 class TaskStream(io.TextIOWrapper):
@@ -77,7 +80,7 @@ class _StrayAwareStream(TaskStream):
             capture = self._capture
             if owner is not None and owner != capture.seq:
                 try:
-                    os.write(capture._original[self._index], s.encode("utf-8", "backslashreplace"))
+                    _write(capture._original[self._index], s.encode("utf-8", "backslashreplace"))
                 except OSError:
                     pass
                 return len(s)
@@ -248,7 +251,7 @@ class Capture:
             # The timeout lets a thread whose pipes were replaced notice it and end.
             events = poller.poll(1000)
             if self._sinks is not None:  # a task writes: let it go on, read in batches
-                time.sleep(_BATCH_S)
+                _sleep(_BATCH_S)
                 events = poller.poll(0)
             idle: list[tuple[int, bytes]] = []
             with self._lock:
@@ -260,7 +263,7 @@ class Capture:
                     i = reads.index(fd)
                     for _ in range(16):  # then let go of the lock: a task may be ending
                         try:
-                            chunk = os.read(fd, _CHUNK)
+                            chunk = _read(fd, _CHUNK)
                         except (BlockingIOError, InterruptedError):
                             break
                         except OSError:
@@ -274,7 +277,7 @@ class Capture:
                             idle.append((i, chunk))
             for i, chunk in idle:  # outside the lock: the log may be slow
                 try:
-                    os.write(self._original[i], chunk)
+                    _write(self._original[i], chunk)
                 except OSError:
                     pass
 
@@ -316,7 +319,7 @@ class Capture:
                     i = self._reads.index(fd)
                     left = _pending(fd)
                     while left > 0:
-                        chunk = os.read(fd, min(left, _CHUNK))
+                        chunk = _read(fd, min(left, _CHUNK))
                         if not chunk:
                             break
                         sinks[i].add(chunk)  # type: ignore[index]
@@ -351,6 +354,6 @@ class Capture:
     def log(self, text: str) -> None:
         """Write a line of the engine's own to the controller's log (never a task's output)."""
         try:
-            os.write(self._original[1], text.encode("utf-8", "replace") + b"\n")
+            _write(self._original[1], text.encode("utf-8", "replace") + b"\n")
         except OSError:
             pass

@@ -20,12 +20,14 @@ from .taskchannel import TaskChannel
 
 # How often an engine checks that the process that launched it is still there.
 PARENT_POLL_S = 0.5
+# Bound now: a task that patches os or time must not stop the watch (nor replace os._exit).
+_getppid, _sleep, _exit = os.getppid, time.sleep, os._exit
 
 
 def _remove_files_if_orphaned(parent: int, connection_file: str) -> None:
     """Remove our kernel connection file and ipc sockets if the process that launched us
     is gone: nobody else will (a living launcher's KernelManager does it itself)."""
-    if connection_file and os.getppid() != parent:
+    if connection_file and _getppid() != parent:
         remove_kernel_files(connection_file)
 
 
@@ -33,10 +35,10 @@ def _exit_when_orphaned(parent: int, connection_file: str) -> None:
     """Exit once the launching process is gone, so a killed client leaves no engine behind,
     and no file either."""
     while True:
-        time.sleep(PARENT_POLL_S)
-        if os.getppid() != parent:
+        _sleep(PARENT_POLL_S)
+        if _getppid() != parent:
             _remove_files_if_orphaned(parent, connection_file)
-            os._exit(1)
+            _exit(1)
 
 
 class EngineShell(ZMQInteractiveShell):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import _signal
 import dis
 import errno
+import faulthandler
 import math
 import os
 import signal
@@ -39,7 +40,13 @@ from typing import Any
 import zmq
 
 from .. import compat, connection, shm, wire
-from ..error import UNREPORTABLE_EXIT, SerializationError, UnmetDependency, safe_str
+from ..error import (
+    UNREPORTABLE_EXIT,
+    SerializationError,
+    UnmetDependency,
+    UnreadableMessage,
+    safe_str,
+)
 from ..serialize import dumps, reason
 from . import guard, unpickle
 from .capture import Capture
@@ -75,6 +82,9 @@ CONTROLLER_SILENCE_S = 20.0
 
 
 _SIGINT_SET = (signal.SIGINT.value,)
+# Bound now: what the engine's threads and last resort use, whatever a task patches later.
+_monotonic, _exit = time.monotonic, os._exit
+_cancel_watchdog = faulthandler.cancel_dump_traceback_later
 
 
 def _set_sigint(handler: Any) -> Any:
@@ -180,6 +190,7 @@ class TaskChannel:
         self.fault: str | None = None
         self.leaving_for: str | None = None
         self.left = False
+        self._leaving_idle = True
         self.stopping = False  # the engine's loop is stopped on purpose (EngineApp)
         self._loop: Any = None
 
@@ -234,16 +245,16 @@ class TaskChannel:
         # report]; and the watched tasks not seen running yet, with when they were asked for.
         live: list[Any] | None = None
         wanted: dict[str, float] = {}
-        next_health = time.monotonic() + HEALTH_S
+        next_health = _monotonic() + HEALTH_S
         while True:  # (a daemon thread: it ends with the engine)
-            now = time.monotonic()
+            now = _monotonic()
             wake = next_health if live is None else min(next_health, live[2])
             if wanted:
                 wake = min(wake, now + LIVE_S)
             # (rounded up: a poll of 0 ms before the deadline would spin until it)
             if sock.poll(max(0, math.ceil((wake - now) * 1000)), zmq.POLLIN):
                 self._watch(sock, signer, live, wanted)
-            now = time.monotonic()
+            now = _monotonic()
             if wanted and (live is None or live[0] != self.running):  # one of them started?
                 live = self._started(wanted, now) or live  # (the ended one's result has the rest)
             if live is not None and now >= live[2]:
@@ -278,7 +289,7 @@ class TaskChannel:
                 continue
             if kind == wire.WATCH and type(meta) is str and (live is None or live[0] != meta):
                 wanted.pop(meta, None)
-                wanted[meta] = time.monotonic()
+                wanted[meta] = _monotonic()
                 if len(wanted) > WANTED_MAX:
                     del wanted[next(iter(wanted))]
 
@@ -334,12 +345,14 @@ class TaskChannel:
 
     # -- a task left the engine unfit to serve (guard) ------------------------------------
 
-    def leave_after(self, reason: str) -> None:
+    def leave_after(self, reason: str, idle: bool = True) -> None:
         """Answer the task running now, then ask the controller to restart this engine for
         ``reason`` (a task broke it); tasks that come meanwhile are refused (UnmetDependency:
-        the controller places them elsewhere)."""
+        the controller places them elsewhere).  ``idle``: every task sent to this engine so
+        far was answered (False: one was lost, the first of its queue fails with EngineError)."""
         if self.leaving_for is None:
             self.leaving_for = reason
+            self._leaving_idle = idle
             self._run = self._refuse  # type: ignore[method-assign]
             self._loop.call_soon(self._send_leaving)  # after the running task's answer
 
@@ -350,7 +363,8 @@ class TaskChannel:
             self.left = True
             self.capture.log(f"ipylb engine {self.engine_id}: {self.leaving_for}; asking the "
                              "controller to restart it")
-            wire.send(self.sock, self.signer.pack(wire.LEAVING, self.leaving_for))
+            wire.send(self.sock, self.signer.pack(wire.LEAVING,
+                                                  (self.leaving_for, self._leaving_idle)))
 
     def _refuse(self, meta: tuple, _bufs: list[Any], _bufs_mac: bytes) -> tuple[tuple, list[Any]]:
         self._send_leaving()  # first: the controller takes the task back, not as refused
@@ -399,6 +413,11 @@ class TaskChannel:
                 kind, _sender, meta, bufs, bufs_mac = self.signer.unpack(frames)
             except wire.WireError as e:
                 self.capture.log(f"ipylb engine: dropped a message: {e}")
+                if isinstance(e, UnreadableMessage):  # signed by the controller: we cannot read
+                    # A task broke what the engine reads with (pickle.loads = None): the task
+                    # in that message would never be answered, nor any later one.
+                    self.leave_after(f"it could not read a message from the controller ({e}): "
+                                     "a task broke what the engine reads with", idle=False)
                 continue
             if kind == wire.CANCEL:
                 self.cancelled.add(meta)
@@ -500,7 +519,7 @@ class TaskChannel:
                              f"{_safe_name(e)}: {safe_str(e, 1000)}; exiting with code "
                              f"{UNREPORTABLE_EXIT} so that the controller answers it")
         finally:
-            os._exit(UNREPORTABLE_EXIT)
+            _exit(UNREPORTABLE_EXIT)
 
     # -- running -----------------------------------------------------------------
 
@@ -593,8 +612,12 @@ class TaskChannel:
         try:
             return self._attempt(msg_id, fkey, started, bufs, bufs_mac, walltime)
         except BaseException as e:  # reporting failed: the task still gets an answer
-            error = (_safe_name(e), f"the engine could not report the outcome of task {msg_id}: "
-                     f"{_safe_name(e)}: {safe_str(e, EVALUE_LIMIT)}", "")
+            why = (f"the engine could not report the outcome of task {msg_id}: {_safe_name(e)}: "
+                   f"{safe_str(e, EVALUE_LIMIT)}")
+            # What the engine reports with is broken (a task patched os, or closed what it
+            # needs): it would fail every later task the same way, so it is restarted.
+            self.leave_after(why[:1000])
+            error = (_safe_name(e), f"{why}; the engine is restarted", "")
             return (msg_id, "error", started, _now(), "", "", error), []
 
     def _attempt(self, msg_id: str, fkey: bytes, started: float, bufs: list[Any],
@@ -635,6 +658,8 @@ class TaskChannel:
                 # An alarm a task set (signal.alarm, setitimer) and did not cancel would
                 # fire in a later task: kill its engine (SIGALRM's default) or raise there.
                 _signal.setitimer(_signal.ITIMER_REAL, 0.0)
+                # So would faulthandler.dump_traceback_later(t, exit=True): end the engine.
+                _cancel_watchdog()
                 _set_sigint(previous)
                 if self.fault is not None or self._loop._stopping:  # it broke the engine: guard
                     raise RuntimeError(self._undo_fault())
