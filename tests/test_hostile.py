@@ -847,3 +847,33 @@ def test_a_task_that_breaks_what_its_engine_captures_with_gets_an_answer_and_a_n
         view.apply_async(breaks_dup2).get(60)
     new_engine(lone, old)
     assert view.apply_async(every_stream).get(60) == (1, 2)
+
+
+def test_a_forked_child_that_returns_from_its_task_exits_instead_of_serving(view):
+    """os.fork() in a task, both processes returning: the child went on as a second copy of
+    the engine (its sockets and output pipes shared), running for good; now it exits when its
+    task function ends, and what it printed reaches the output."""
+
+    def forks():
+        import os
+
+        pid = os.fork()
+        if pid == 0:
+            print("from the child")
+            return "child"
+        os.waitpid(pid, 0)  # it ends by itself
+        return "parent"
+
+    ar = view.apply_async(forks)
+    assert ar.get(60) == "parent"
+    assert ar.stdout == "from the child\n"
+
+    def children():
+        import psutil
+
+        return [p.pid for p in psutil.Process().children(recursive=True)]
+
+    with view.temp_flags(follow=ar):
+        after = view.apply_async(children)
+        assert after.get(60) == []
+    assert after.engine_id == ar.engine_id

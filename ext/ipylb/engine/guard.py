@@ -10,6 +10,9 @@ and how the engine answers it (README "What a task can break").
   in the task instead; the task fails with an error that says so, and then the engine asks
   the controller to restart it (wire ``LEAVING``), as the task meant its process to end.
   (Forked children and other threads exit for real.)
+- It forks (``os.fork()``) and the child returns from the task instead of calling
+  ``os._exit``: that child would go on as a second copy of the engine, sharing its sockets
+  and output pipes.  It exits instead (status 0) when its task function ends.
 - It leaks file descriptors up to ``RLIMIT_NOFILE``: every later task that opens anything
   would fail with ``EMFILE``.  The engine checks once a second (its health thread), and at
   once after a task fails with ``EMFILE``; with at most :data:`FD_RESERVE` left it answers
@@ -40,6 +43,16 @@ EXIT_ASKED = (
     "exit_now = True): an engine does not exit for a task. ipylb ignored it and the engine "
     "serves on; return from the task instead"
 )
+
+
+# The fault of a forked child whose task function returned (set in the child only).
+FORKED = "a child the task forked returned from the task"
+
+
+def install_fork_guard(channel: Any) -> None:
+    """Mark a child forked by a task (``os.register_at_fork``): when its task function ends,
+    the child exits instead of serving as a second engine (:meth:`TaskChannel._undo_fault`)."""
+    os.register_at_fork(after_in_child=lambda: setattr(channel, "fault", FORKED))
 
 
 class ExitCalled(BaseException):

@@ -28,6 +28,7 @@ import math
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 import traceback
@@ -212,6 +213,7 @@ class TaskChannel:
         wire.send(self.sock, self.signer.pack(wire.REGISTER, meta))
         self._loop = loop
         guard.install_exit_guard(self)
+        guard.install_fork_guard(self)
         loop.add_reader(self.sock.FD, self._on_readable)
         loop.add_reader(self.monitor.FD, self._on_monitor)
         loop.call_soon(self._on_monitor)  # the FD is edge-triggered: arm it by reading EVENTS
@@ -383,6 +385,13 @@ class TaskChannel:
         """After a task that stopped the engine's loop, asked the kernel to exit or called
         ``os._exit``: undo what can be undone; the task's error."""
         fault, self.fault = self.fault, None
+        if fault is guard.FORKED:  # we are that child: leave, flushing what it printed
+            for s in (sys.stdout, sys.stderr, *self.capture.streams):
+                try:
+                    s.flush()
+                except BaseException:  # noqa: B036 - nothing may keep the child here
+                    pass
+            _exit(0)
         if self._loop._stopping:
             self._loop._stopping = False  # asyncio's flag, read after this callback returns
             fault = fault or guard.LOOP_STOPPED
