@@ -86,7 +86,7 @@ class Pipe:
     """The measurements and the steal bookkeeping of ``hwm="auto"``."""
 
     __slots__ = ("rtt", "task_time", "samples", "depth", "new_depth", "probes", "stealing",
-                 "thieves", "late", "idle", "dirty", "steals", "stolen")
+                 "thieves", "late", "idle", "loaded", "dirty", "steals", "stolen")
 
     def __init__(self) -> None:
         self.rtt: float | None = None  # EWMA, seconds
@@ -100,6 +100,7 @@ class Pipe:
         self.thieves: set[Engine] = set()  # idle engines with a request out for them
         self.late: dict[Task, Engine] = {}  # too late to steal: started on that engine
         self.idle: set[Engine] = set()  # registered engines with nothing outstanding
+        self.loaded: set[Engine] = set()  # engines that may hold tasks behind a running one
         self.dirty = False  # an engine became idle, or free to steal for again
         self.steals = 0  # requests sent
         self.stolen = 0  # ... answered "cancelled"
@@ -164,6 +165,7 @@ class Pipelining:
         p: Pipe = self._pipe  # type: ignore[assignment]
         p.probes.pop(e, None)
         p.idle.discard(e)
+        p.loaded.discard(e)
         p.thieves.discard(e)  # its requests stand: the answer places the task elsewhere
         for t, (victim, thief) in list(p.stealing.items()):
             if victim is e:  # the task is re-queued with the engine's others
@@ -229,17 +231,19 @@ class Pipelining:
                     p.probes[e] = (e.queue[0], now)
                 else:
                     behind = True
-        if not idle or not (p.dirty or behind):
+                    p.loaded.add(e)
+        if not idle or not (p.dirty or behind) or not p.loaded:
             return
         p.dirty = False
+        # Engines only come to hold queued tasks by assignment (seen above): no scan.
+        loaded = p.loaded = {e for e in p.loaded if e.load > 1}
+        if not loaded:
+            return
         thieves = p.thieves
         idle = sorted((e for e in idle if e not in thieves), key=by_key)  # LRU first
         if not idle:
             return
-        victims = sorted((e for e in engines.values() if e.load > 1),
-                         key=lambda e: (-e.load, e.key))
-        if not victims:
-            return
+        victims = sorted(loaded, key=lambda e: (-e.load, e.key))
         for thief in idle:
             for victim in victims:
                 t = self._stealable(victim, thief)
