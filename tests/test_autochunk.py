@@ -158,3 +158,34 @@ def test_imap_chunks_keep_the_items_before_an_input_error_or_an_unpicklable_item
 def test_imap_bad_chunksize_says_what_is_allowed(view):
     with pytest.raises(ValueError, match="int >= 1 or 'auto'"):
         view.imap(double, range(3), chunksize="big")
+
+
+def fails_at_5(i):
+    import threading
+
+    if i == 5:
+        raise ValueError("bad item")
+    return threading.Lock() if i == 6 else i
+
+
+@pytest.mark.parametrize("chunksize", [4, "auto"])
+def test_a_chunk_that_fails_names_the_item_that_raised_or_does_not_pickle(view, chunksize):
+    amr = view.map_async(fails_at_5, [0, 1, 2, 3, 4, 5, 7, 8], chunksize=chunksize)
+    with pytest.raises(CompositeError) as e:
+        amr.get(60)
+    assert "ValueError: bad item (raised by item 5 of the map)" in str(e.value)
+    if chunksize == 4:
+        assert "(chunks 1 (items 4-7))" in str(e.value)  # the chunk, by its items
+    got = view.map_sync(fails_at_5, range(10), chunksize=chunksize, return_exceptions=True)
+    errors = {x.evalue for x in got if isinstance(x, RemoteError)}
+    assert "bad item (raised by item 5 of the map)" in errors
+    if chunksize == 4:  # items 4-7: item 5 raised first; 8-9 are fine
+        assert got[8:] == [8, 9] and all(isinstance(x, RemoteError) for x in got[4:8])
+    amr = view.map_async(fails_at_5, [0, 1, 2, 3, 4, 6, 7, 8], chunksize=chunksize)
+    with pytest.raises(CompositeError) as e:
+        amr.get(60)
+    assert "could not be pickled: item 5 of the map returned a lock object: TypeError: cannot " \
+           "pickle '_thread.lock' object" in str(e.value)  # not "(list object)"
+    it = view.imap(fails_at_5, range(10), chunksize=chunksize)
+    with pytest.raises(RemoteError, match=r"bad item \(raised by item 5 of the map\)"):
+        list(it)

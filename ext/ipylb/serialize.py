@@ -254,8 +254,8 @@ def dumps_args(args: tuple, kwargs: dict) -> list[Any]:
 def dumps_items(items: Sequence[tuple], first: int, chunked: bool, what: str = "map",
                 sent: str | Callable[[], str] = "nothing was sent") -> list[Any]:
     """Pickle map items (argument tuples) as one task's arguments: a chunk runner's
-    ``((list(items),), {})`` if ``chunked``, else the single item's ``(item, {})`` (large
-    bytes arguments out of band, as :func:`dumps_args`).
+    ``((list(items), first), {})`` if ``chunked``, else the single item's ``(item, {})``
+    (large bytes arguments out of band, as :func:`dumps_args`).
 
     ``first`` is the position of ``items[0]`` in the whole ``what`` (``"map"``,
     ``"imap"``), so that an item that does not pickle is named by its own position, not by
@@ -263,7 +263,7 @@ def dumps_items(items: Sequence[tuple], first: int, chunked: bool, what: str = "
     positional argument 0 (lock object): TypeError: ...``, ending with ``sent``: what the
     caller had already sent (``"nothing was sent"``, or what became of what was), or a
     function that says it (called only on failure)."""
-    args = (list(items),) if chunked else tuple(map(_blob, items[0]))
+    args = (list(items), first) if chunked else tuple(map(_blob, items[0]))
     try:
         return dumps((args, {}))
     except Exception as e:

@@ -708,9 +708,13 @@ def _composite(amr: AsyncMapResult, failed: list[int]) -> CompositeError:
     which = ", ".join(map(str, failed[:20])) + (", ..." if len(failed) > 20 else "")
     if items == tasks:
         what = f"{len(failed)} of {tasks} task(s) raised an exception (items {which})"
-    else:  # chunked: a failed chunk loses all its items
+    else:  # chunked: a failed chunk loses all its items (each error says which raised)
+        starts = [0]
+        for n in amr._chunk_sizes:
+            starts.append(starts[-1] + n)
+        which = ", ".join(f"{i} (items {starts[i]}-{starts[i + 1] - 1})" for i in failed[:20])
         what = (f"{len(failed)} of {tasks} chunk(s) of a map over {items} items raised an "
-                f"exception (chunks {which})")
+                f"exception (chunks {which}{', ...' if len(failed) > 20 else ''})")
     return CompositeError(what, elist)
 
 

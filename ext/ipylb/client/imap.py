@@ -194,7 +194,8 @@ class IMapIterator(Iterator[Any]):
             if not items:
                 return
             try:
-                tasks.append((client._new_msg_id(), dumps_items(items, 0, True)))
+                pos = self._sent_items + sum(sizes)
+                tasks.append((client._new_msg_id(), dumps_items(items, pos, True)))
                 sizes.append(len(items))
             except SerializationError:
                 for item in items:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..dependency import dependent, to_spec
 from ..error import PURE_REFUSES
-from ..serialize import dumps_args, dumps_function, dumps_items
+from ..serialize import dumps, dumps_args, dumps_function, dumps_items, reason
 from .asyncresult import AsyncMapResult, AsyncResult
 from .autochunk import map_auto
 from .client import _engine_list
@@ -25,14 +25,43 @@ _ATTRS = frozenset((*_FLAGS, "client", "_results"))
 
 
 class _Chunk:
-    """Runs ``f`` over one chunk of a map: ``[f(*item) for item in items]``."""
+    """Runs ``f`` over one chunk of a map: ``[f(*item) for item in items]``.  ``first``
+    (the map position of ``items[0]``, sent with the chunk) lets its messages name the
+    item, not the chunk: an exception gets the note ``(raised by item 5 of the map)``, and
+    a result that does not pickle is traced to its item (:meth:`_ipylb_culprit`)."""
 
     def __init__(self, f: Callable) -> None:
         self.f = f
 
-    def __call__(self, items: list[tuple]) -> list[Any]:
+    def __call__(self, items: list[tuple], first: int = 0) -> list[Any]:
         f = self.f
-        return [f(*item) for item in items]
+        out: list[Any] = []
+        append = out.append
+        try:
+            for item in items:
+                append(f(*item))
+        except BaseException as e:
+            add_note = getattr(e, "add_note", None)  # (Python 3.11)
+            if add_note is not None:
+                try:
+                    add_note(f"(raised by item {first + len(out)} of the map)")
+                except Exception:  # an exception that takes no attributes: as it is
+                    pass
+            raise
+        return out
+
+    @staticmethod
+    def _ipylb_culprit(args: tuple, value: Any) -> str | None:
+        """Which item of this chunk returned a value that does not pickle, and why (the
+        engine asks when the chunk's list of values does not); None if none alone."""
+        first = args[1] if len(args) > 1 else 0
+        for k, v in enumerate(value if type(value) is list else ()):
+            try:
+                dumps(v)
+            except Exception as e:
+                return (f"item {first + k} of the map returned a {type(v).__name__} object: "
+                        f"{reason(e)}")
+        return None
 
     @property
     def __wrapped__(self) -> Callable:  # what messages name (serialize.dumps_function)

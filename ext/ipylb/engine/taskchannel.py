@@ -653,7 +653,7 @@ class TaskChannel:
                 value = f(*args, **kwargs)
                 # Making the result is part of the task: its walltime and rc.interrupt() reach
                 # a slow __reduce__, and what that prints is the task's output.
-                result = _pickle_result(msg_id, value)
+                result = _pickle_result(msg_id, value, f, args)
             finally:
                 if walltime:  # an interrupt() racing this end has signalled, or never will
                     with self._lock:
@@ -719,17 +719,23 @@ class TaskChannel:
         return wire.oversized(self.signer.pack(wire.DONE, meta)[1:2], self.max_frame)
 
 
-def _pickle_result(msg_id: str, value: Any) -> list[Any]:
-    """The frames of a task's return value, or SerializationError saying why not."""
+def _pickle_result(msg_id: str, value: Any, f: Any, args: tuple) -> list[Any]:
+    """The frames of a task's return value, or SerializationError saying why not (which
+    item, for a map's chunk: its runner ``f`` traces it, ``f._ipylb_culprit(args, value)``)."""
     try:
         return dumps(value)
     except KeyboardInterrupt:  # the task's walltime or rc.interrupt(): the task's own error
         raise
     except BaseException as e:  # noqa: B036 - a __reduce__ may raise anything
+        why = f"({_safe_name(value)} object) could not be pickled: {reason(e)}"
+        culprit = getattr(f, "_ipylb_culprit", None)
+        if culprit is not None:
+            try:
+                why = f"could not be pickled: {culprit(args, value) or reason(e)}"
+            except BaseException:  # noqa: B036 - the items' own __reduce__ again
+                pass
         raise SerializationError(
-            f"the result of task {msg_id} ({_safe_name(value)} object) could not be pickled: "
-            f"{reason(e)}. Return a picklable value."
-        ) from None
+            f"the result of task {msg_id} {why}. Return a picklable value.") from None
 
 
 def _safe_name(obj: Any) -> str:
