@@ -161,6 +161,41 @@ def test_another_client_watches_a_task_it_did_not_submit(rc, view, monkeypatch):
     assert out.text == ar.stdout and err.text == ar.stderr and ar.stdout.count("\n") == 6
 
 
+def test_output_forged_by_a_key_holder_that_is_no_engine_reaches_no_client(rc, view,
+                                                                           monkeypatch):
+    """OUTPUT signed under the cluster key, for a watched running task, but from a socket
+    that is no engine's health socket (nor an engine's main one): the controller drops it."""
+    import json
+
+    import zmq
+    from ipylb import wire
+
+    info = json.loads(open(rc._local.connection_file).read())
+    ar = view.apply_async(lines_slowly, 6, 0.4)
+    sent = threading.Event()
+
+    def forge():  # spread over the task's run (2.4 s), while it is watched
+        try:
+            for ident in (b"engine-forged/health", b"engine-forged"):
+                signer = wire.Signer(info["key"].encode(), ident, info["controller_id"].encode())
+                s = zmq.Context.instance().socket(zmq.DEALER)
+                s.setsockopt(zmq.IDENTITY, ident)
+                s.setsockopt(zmq.LINGER, 0)
+                s.connect(info["engine_url"])
+                for _ in range(5):
+                    wire.send(s, signer.pack(wire.OUTPUT, (ar.msg_ids[0], ("FORGED\n", 7),
+                                                           ("", 0))))
+                    time.sleep(0.2)
+                s.close()
+        finally:
+            sent.set()
+
+    threading.Thread(target=forge, daemon=True).start()
+    out, _err = follow(ar, monkeypatch)
+    assert sent.wait(30) and ar.get() == 6
+    assert "FORGED" not in out.text and out.text == ar.stdout
+
+
 # -- a real Jupyter kernel: the display of the cell that asked ---------------------------------
 
 

@@ -38,10 +38,10 @@ KINDS = ("random", "truncated", "unsigned", "wrong_key", "replayed", "malformed"
 SOCKETS = ("client", "engine")
 # Requests a key holder may send without changing what real clients get.
 _HARMLESS_OPS = ("queue_status", "story", "engine_info", "get_result", "resubmit", "ping",
-                 "validate", "no_such_op", "")
+                 "validate", "stream", "no_such_op", "")
 _ALL_KINDS = (wire.HELLO, wire.SUBMIT, wire.REQUEST, wire.BYE, wire.REGISTER, wire.DONE,
               wire.DONES, wire.WELCOME, wire.RESULT, wire.RESULTS, wire.TASK, wire.TASKS,
-              wire.STOP, 0, 99, -1)
+              wire.STOP, wire.HEALTH, wire.OUTPUT, wire.WATCH, 0, 99, -1)
 
 
 class Fuzzer:

@@ -377,16 +377,17 @@ class Controller(Requests):
     def _on_output(self, sender: bytes, meta: Any) -> None:
         """A watched task's new output: an EVENT ``("output", msg_id, (stdout, end),
         (stderr, end))`` to each client that asked for it (ends are byte positions in the
-        task's streams), nothing once the task has finished."""
-        if not (sender.endswith(b"/health") and sender.removesuffix(b"/health") in self.engine_of
+        task's streams), nothing once the task has finished.  Only the engine the task is
+        assigned to speaks for it: a report from any other socket is dropped."""
+        engine_id = self.engine_of.get(sender.removesuffix(b"/health"))
+        if not (engine_id is not None and sender.endswith(b"/health")
                 and type(meta) is tuple and len(meta) == 3 and type(meta[0]) is str
                 and all(type(m) is tuple and len(m) == 2 and type(m[0]) is str
                         and type(m[1]) is int for m in meta[1:])):
             raise wire.WireError("a malformed live output report, or one from no engine")
         clients = self.live.get(meta[0])
-        rec = self.store.records.get(meta[0]) if clients else None
-        if rec is None or rec.result is not None:
-            return
+        if not clients or self.core.engine_of(meta[0]) != engine_id:
+            return  # nobody asked, the task has ended, or it is not this engine's
         for client in clients:  # type: ignore[union-attr]
             if client in self.listeners:
                 self._send_client(client, wire.EVENT, ("output", *meta))
