@@ -139,12 +139,24 @@ def test_display_outputs_of_a_finished_task_prints_it_once(view, monkeypatch):
     assert out.text == "line 0\nline 1\n" and err.text == "warn 0\nwarn 1\n"
 
 
-def test_watching_a_map_shows_each_task(view, monkeypatch):
-    amr = view.map_async(lines_slowly, [3, 3], [0.4, 0.4])
+def tagged(tag, n, pause):
+    import time
+
+    for i in range(n):
+        print(f"{tag} {i}", flush=True)
+        time.sleep(pause)
+    return tag
+
+
+def test_watching_a_map_shows_each_task_as_it_ends(view, monkeypatch):
+    amr = view.map_async(tagged, ["quick", "slow"], [1, 8], [0, 0.4])
     out, _err = follow(amr, monkeypatch)
-    assert amr.get() == [3, 3]
-    assert sorted(out.text.splitlines()) == sorted(amr.stdout[0].splitlines() * 2)
-    assert out.writes[0][1] is False
+    assert amr.get() == ["quick", "slow"]
+    assert sorted(out.text.splitlines()) == sorted(amr.stdout[0].splitlines()
+                                                   + amr.stdout[1].splitlines())
+    assert [t for t, _ in out.writes if "slow" in t] and out.text.count("quick 0") == 1
+    # the quick task's output is printed when it ends, not after the slow one
+    assert ("quick 0\n", False) in out.writes, out.writes
 
 
 def test_another_client_watches_a_task_it_did_not_submit(rc, view, monkeypatch):

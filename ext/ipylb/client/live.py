@@ -22,6 +22,7 @@ Where it is shown:
 
 from __future__ import annotations
 
+import functools
 import sys
 import threading
 from collections import deque
@@ -38,6 +39,7 @@ __all__ = ["LiveOutput"]
 # A live view keeps at most this many characters per task and stream (the newest): a task
 # printing for hours must not make each update longer.  The result has everything.
 KEPT_CHARS = 100_000
+TRIMMED = "[ipylb: earlier live output not shown; the full output comes with the result]\n"
 
 
 class LiveOutput:
@@ -51,7 +53,9 @@ class LiveOutput:
         self._cond = threading.Condition()
         self._texts = [["", ""] for _ in range(n)]  # per task: live stdout, stderr
         self._ends = [[0, 0] for _ in range(n)]  # per task: byte positions reported
-        self._fresh: deque[tuple[str, str]] = deque()  # reports not yet printed (console)
+        # Outside a kernel: what follow() has to print, in order: reports (index, stdout,
+        # stderr) and ends of tasks (index, None, None).
+        self._fresh: deque[tuple[int, str | None, str | None]] = deque()
         self._finished = False
         self._drawing = False  # a draw of the display is queued
         self._display = _Display.here()
@@ -68,6 +72,9 @@ class LiveOutput:
         for i, msg_id in pending:
             client._live.setdefault(msg_id, []).append((live, i))
         ar.add_done_callback(lambda _ar: live.finish())
+        if live._display is None:  # each task's rest is printed as it ends
+            for i, part in enumerate(ar.split()):
+                part.add_done_callback(functools.partial(live._task_done, i))
         if pending:
             try:
                 client._request("stream", [m for _i, m in pending])
@@ -86,11 +93,14 @@ class LiveOutput:
             if self._finished or self.ar._outcomes[index] is not None:
                 return  # the result came first: it has all this
             texts = self._texts[index]
-            texts[0] = (texts[0] + out)[-KEPT_CHARS:]
-            texts[1] = (texts[1] + err)[-KEPT_CHARS:]
+            for k, new in ((0, out), (1, err)):
+                text = texts[k] + new
+                if len(text) > KEPT_CHARS:
+                    text = TRIMMED + text[-KEPT_CHARS:]
+                texts[k] = text
             self._ends[index] = list(ends)
             if self._display is None:
-                self._fresh.append((out, err))
+                self._fresh.append((index, out, err))
                 self._cond.notify_all()
             elif not self._drawing:  # drawn off this thread (it delivers results), once
                 self._drawing = True  # for the reports that came meanwhile
@@ -146,12 +156,14 @@ class LiveOutput:
         return self._display is not None
 
     def follow(self) -> None:
-        """Outside a kernel: print reports to sys.stdout/sys.stderr as they come, until the
-        tasks end; then what their results hold beyond what was printed.  In a kernel,
-        wait for the tasks.  KeyboardInterrupt leaves the tasks running."""
+        """Outside a kernel: print reports to sys.stdout/sys.stderr as they come, and as
+        each task ends, what its result holds beyond what was printed of it; return once
+        every task has ended.  In a kernel, wait for the tasks.  KeyboardInterrupt leaves
+        the tasks running."""
         if self._display is not None:
             self.ar.wait()
             return
+        ended: set[int] = set()  # tasks whose rest is printed
         while True:
             with self._cond:
                 while not self._fresh and not self._finished:
@@ -159,15 +171,31 @@ class LiveOutput:
                 fresh = list(self._fresh)
                 self._fresh.clear()
                 finished = self._finished
-            for out, err in fresh:
-                _write(sys.stdout, out)
-                _write(sys.stderr, err)
+            for i, out, err in fresh:
+                if out is None:  # task i ended (reports of it come before this)
+                    self._print_rest(i, ended)
+                else:
+                    _write(sys.stdout, out)
+                    _write(sys.stderr, err)
             if finished:
                 break
-        for i, o in enumerate(self.ar._outcomes):
-            if o is not None:
-                for k, stream in ((0, sys.stdout), (1, sys.stderr)):
-                    _write(stream, _beyond(o.meta[5 + k] or "", self._ends[i][k]))
+        for i in range(len(self.ar.msg_ids)):
+            self._print_rest(i, ended)
+
+    def _print_rest(self, i: int, ended: set[int]) -> None:
+        o = self.ar._outcomes[i]
+        if o is None or i in ended:
+            return
+        ended.add(i)
+        for k, stream in ((0, sys.stdout), (1, sys.stderr)):
+            _write(stream, _beyond(o.meta[5 + k] or "", self._ends[i][k]))
+
+    def _task_done(self, index: int, _part: Any) -> None:
+        """Task ``index`` has ended (a callback): its rest is printed next (console)."""
+        with self._cond:
+            if not self._finished:
+                self._fresh.append((index, None, None))
+                self._cond.notify_all()
 
 
 def _beyond(text: str, end: int) -> str:
