@@ -9,7 +9,11 @@ cost grew with the queue or the engines, the cost per event would grow along a
 row or down a column.  Then, per scheme, the cost of one plain TaskSubmitted +
 TaskDone pair with every engine but one busy (the free one anywhere in LRU
 order: where a scan over engines would show).  Times are this process's CPU time
-(``time.process_time``), so a machine shared with other jobs skews them less.
+(``time.process_time``), so a machine shared with other jobs skews them less; the GC-paused
+figure is also split into user and kernel (sys) time, with the minor page faults per
+event: a queue of a million tasks keeps ~360 bytes each, and the kernel's first touches of
+that memory are a cost that grows with the queue while the core's own steps do not
+(tests/core/test_scale.py counts them).
 
 Run: ``ipylb bench --core`` or ``python -m ipylb.bench.core_micro [--engines 4,64,1000]
 [--sizes 1000,10000,100000,1000000]``.
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import gc
 import random
+import resource
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -46,14 +51,18 @@ def _workload(n: int, seed: int, window: int = 50) -> list[TaskSubmitted]:
     return events
 
 
-def run_dag(n: int, engines: int = 4, seed: int = 0) -> tuple[float, float, int]:
-    """Submit n tasks, then complete them all; (submit s, complete s, events)."""
+def run_dag(n: int, engines: int = 4, seed: int = 0,
+            usage: dict[str, float] | None = None) -> tuple[float, float, int]:
+    """Submit n tasks, then complete them all; (submit s, complete s, events).  ``usage``,
+    if given, gets the timed phases' ``user`` and ``sys`` CPU seconds and ``faults`` (minor
+    page faults: first touches of new memory, which the kernel's time pays for)."""
     core = Scheduler(seed=seed)
     handle = core.handle
     running: deque[tuple[str, int]] = deque()
     for e in range(engines):
         handle(EngineAdded(e, 0.0))
     subs = _workload(n, seed)
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.process_time()
     for ev in subs:
         for c in handle(ev):
@@ -68,13 +77,19 @@ def run_dag(n: int, engines: int = 4, seed: int = 0) -> tuple[float, float, int]
                 running.append((c.task_id, c.engine_id))
         done += 1
     t2 = time.process_time()
+    if usage is not None:
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        usage.update(user=r1.ru_utime - r0.ru_utime, sys=r1.ru_stime - r0.ru_stime,
+                     faults=r1.ru_minflt - r0.ru_minflt)
     if done != n:
         raise RuntimeError(f"only {done} of {n} tasks completed")
     return t1 - t0, t2 - t1, n + done
 
 
-def best_of(n: int, engines: int, runs: int, collect: bool) -> tuple[float, float, int]:
-    """The fastest of ``runs`` runs of :func:`run_dag`, with CPython's cyclic GC on or paused.
+def best_of(n: int, engines: int, runs: int, collect: bool,
+            usage: dict[str, float] | None = None) -> tuple[float, float, int]:
+    """The fastest of ``runs`` runs of :func:`run_dag`, with CPython's cyclic GC on or paused
+    (``usage``: the fastest run's, as :func:`run_dag` fills it).
 
     Pausing the GC separates the core's own cost from the collector's, which
     grows with the number of live objects (here every task record is kept).
@@ -84,12 +99,15 @@ def best_of(n: int, engines: int, runs: int, collect: bool) -> tuple[float, floa
         gc.collect()
         if not collect:
             gc.disable()
+        mine: dict[str, float] = {}
         try:
-            r = run_dag(n, engines)
+            r = run_dag(n, engines, usage=mine)
         finally:
             gc.enable()
         if best is None or r[0] + r[1] < best[0] + best[1]:
             best = r
+            if usage is not None:
+                usage.update(mine)
     return best  # type: ignore[return-value]
 
 
@@ -129,19 +147,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     print("ipylb core micro benchmark: hwm=1, leastload; N tasks queued up front "
           "(half plain, half after 1-2 recent tasks), then completed by E engines")
     print(f"{'E':>5} {'N tasks':>9} {'submit ev/s':>12} {'complete ev/s':>14} {'overall ev/s':>13}"
-          f" {'µs/event':>9} {'µs/event, GC paused':>20}")
+          f" {'µs/event':>9} {'µs/event, GC paused':>20} {'(user':>6} {'sys)':>5} {'faults/ev':>9}")
     run_dag(2_000, counts[0])  # warm up (first-call costs, allocator)
-    per_event = []
+    per_event, per_user = [], []
     for engines in counts:
         for n in sizes:
             runs = max(1, args.runs if n <= 10_000 else 1)
             ts, tc, events = best_of(n, engines, runs, collect=True)
-            ts2, tc2, _ = best_of(n, engines, runs, collect=False)
+            use: dict[str, float] = {}
+            ts2, tc2, _ = best_of(n, engines, runs, collect=False, usage=use)
             us = (ts2 + tc2) / events * 1e6
             per_event.append(us)
+            per_user.append(use["user"] / events * 1e6)
             print(f"{engines:>5} {n:>9,} {n / ts:>12,.0f} {n / tc:>14,.0f} {events / (ts + tc):>13,.0f}"
-                  f" {(ts + tc) / events * 1e6:>9.2f} {us:>20.2f}")
-    print(f"µs/event with the GC paused, slowest / fastest: {max(per_event) / min(per_event):.2f}")
+                  f" {(ts + tc) / events * 1e6:>9.2f} {us:>20.2f} {per_user[-1]:>6.2f}"
+                  f" {use['sys'] / events * 1e6:>5.2f} {use['faults'] / events:>9.3f}")
+    print(f"µs/event with the GC paused, slowest / fastest: {max(per_event) / min(per_event):.2f}"
+          f" (user CPU alone: {max(per_user) / min(per_user):.2f}; the rest is the kernel's, "
+          "mostly first touches of the memory a growing queue takes)")
     print("plain TaskSubmitted + TaskDone pair, every engine but one busy (best of 3), µs:")
     print(f"{'scheme':<12}" + "".join(f"{f'E={e}':>9}" for e in counts) + f"{'slowest/fastest':>17}")
     for scheme in SCHEMES:
