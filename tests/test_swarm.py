@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from typing import Any
 
 import ipylb
@@ -140,3 +141,69 @@ def test_panel_and_top_of_a_large_cluster_stay_a_screenful(swarm_cluster, n):
             d.close()
     finally:
         rc.close()
+
+
+def test_a_forgotten_client_that_comes_back_gets_the_whole_engine_list(tmp_path):
+    """Deltas assume a listener heard every one: a client forgotten meanwhile (silent for
+    --forget-after) missed some, so its next ping brings it the whole list again."""
+    import json
+    import sys
+
+    import zmq
+    from ipylb import compat
+
+    path = tmp_path / "ipylb-forget.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ipylb.controller", "--connection-file", str(path),
+         "--engines", "0", "--parent-pid", str(os.getpid()), "--forget-after", "1.0"],
+        stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+        env={**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp_path)})
+    procs: list[subprocess.Popen] = []
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    rc = None
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        info = json.loads(path.read_text())
+        rc = ipylb.Client(str(path))  # a live client (it pings): it stays a listener
+        ident = b"comes-back-r"
+        signer = wire.Signer(info["key"].encode(), ident, info["controller_id"].encode())
+        sock.setsockopt(zmq.IDENTITY, ident)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(info["client_url"])
+
+        def send(kind: int, meta: Any) -> None:
+            sock.send_multipart([bytes(f) for f in signer.pack(kind, meta)])
+
+        def receive() -> tuple[int, Any]:
+            assert sock.poll(20_000), "nothing from the controller"
+            kind, _sender, meta, _b, _m = wire.Signer(info["key"].encode(), ident).unpack(
+                sock.recv_multipart())
+            return kind, meta
+
+        send(wire.HELLO, {"versions": compat.versions()})
+        kind, meta = receive()
+        assert kind == wire.WELCOME and meta["engines"] == []
+        before = rc._request("validate", None, 30)["listeners"]
+        deadline = time.monotonic() + 30  # silent: forgotten within a second or two
+        while rc._request("validate", None, 30)["listeners"] == before:
+            assert time.monotonic() < deadline, "the silent client was never forgotten"
+            time.sleep(0.2)
+        procs = swarm.spawn(info, 4)  # registrations it does not hear about
+        rc.wait_for_engines(4, 60)
+        assert not sock.poll(500)
+        send(wire.REQUEST, (1, "queue_status", False))  # its ping: it listens again
+        got = [receive() for _ in range(2)]
+        assert (wire.EVENT, ("engines", [0, 1, 2, 3])) in got
+        assert any(k == wire.REPLY for k, _ in got)
+    finally:
+        sock.close(0)
+        if rc is not None:
+            rc.close()
+        proc.terminate()
+        proc.wait(10)
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
