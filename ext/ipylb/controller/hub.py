@@ -41,6 +41,9 @@ FUNCTION_BYTES_HELD = 512 << 20
 
 # Housekeeping (engine liveness, parent watch) runs at least this often.
 HOUSEKEEPING_S = 0.25
+# Watches of finished tasks (live output) are forgotten this often (seconds); till then
+# they cost nothing but memory: a report for a task not assigned is dropped anyway.
+LIVE_PRUNE_S = 5.0
 # Shared-memory segments nobody owns (their producer died before sending them, or a client
 # never claimed its link) are removed this long after they were written, checked this often.
 ORPHAN_GRACE_S = 300.0
@@ -192,6 +195,7 @@ class Controller(Requests):
         }
         # Live output: the clients that want it, by pending msg_id (see _req_stream).
         self.live: dict[str, set[bytes]] = {}
+        self._next_live_prune = 0.0
 
     def _router(self, ip: str, port: int = 0) -> zmq.Socket:
         # tcp even on one machine: measured here, an 8 MB message crosses a unix socket
@@ -269,8 +273,9 @@ class Controller(Requests):
             log.warning("parent process %s is gone: shutting down", self.parent_pid)
             self.stop(f"the process that started it (pid {self.parent_pid}) is gone")
             return
-        if self.live:
+        if self.live and now >= self._next_live_prune:
             self._prune_live()
+            self._next_live_prune = now + LIVE_PRUNE_S
         if now >= self._next_forget:
             self._forget_idle_peers()
             self._next_forget = now + self._forget_sweep
