@@ -14,10 +14,18 @@ ABOVE_THE_CLIENT = [
 
 
 def _private_reaches(source: str) -> list[tuple[int, str]]:
-    """``x._name`` where ``x`` is not ``self``/``cls``/``super()``: a reach into another
-    object's privates.  Dunders and IPython's display hooks (``_repr_*_``) are public."""
+    """``x._name`` where ``x`` is not ``self``/``cls``/``super()``, or ``getattr(x, "_name")``:
+    a reach into another object's privates, by line.  Dunders and IPython's display hooks
+    (``_repr_*_``) are public."""
     found = []
     for node in ast.walk(ast.parse(source)):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                and node.func.id in ("getattr", "setattr", "hasattr") and len(node.args) > 1
+                and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str)
+                and node.args[1].value.startswith("_") and not node.args[1].value.endswith("_")):
+            found.append((node.lineno, f"{node.func.id}({ast.unparse(node.args[0])}, "
+                                       f"{node.args[1].value!r})"))
+            continue
         if not isinstance(node, ast.Attribute) or not node.attr.startswith("_"):
             continue
         if node.attr.endswith("_"):
@@ -29,7 +37,7 @@ def _private_reaches(source: str) -> list[tuple[int, str]]:
                 and owner.func.id == "super"):
             continue
         found.append((node.lineno, f"{ast.unparse(owner)}.{node.attr}"))
-    return found
+    return sorted(found)
 
 
 def _private_imports(source: str) -> list[tuple[int, str]]:
@@ -42,8 +50,10 @@ def _private_imports(source: str) -> list[tuple[int, str]]:
 
 
 def test_the_checker_sees_a_private_reach():
-    src = "def f(rc, ar):\n    rc._pending\n    ar._outcomes[0]\n    self._ok\n    x.__len__\n"
-    assert _private_reaches(src) == [(2, "rc._pending"), (3, "ar._outcomes")]
+    src = ("def f(rc, ar):\n    rc._pending\n    ar._outcomes[0]\n    self._ok\n    x.__len__\n"
+           "    getattr(rc, '_local', None)\n    getattr(f, '__name__')\n")
+    assert _private_reaches(src) == [(2, "rc._pending"), (3, "ar._outcomes"),
+                                     (6, "getattr(rc, '_local')")]
     assert _private_imports("from .client.local import _engine_env, read_ready\n"
                             "from . import __version__\n") == [(1, "client.local._engine_env")]
 
