@@ -112,8 +112,11 @@ def spawn(info: dict[str, Any], n: int) -> list[subprocess.Popen]:
     return procs
 
 
-def measure(n: int, tasks: int, idle_s: float = 3.0, latency_n: int = 300) -> dict[str, float]:
-    """One fresh controller with a swarm of ``n`` identities: its figures."""
+def measure(n: int, tasks: int, idle_s: float = 3.0, latency_n: int = 300,
+            listeners: int = 1) -> dict[str, float]:
+    """One fresh controller with a swarm of ``n`` identities: its figures.  ``listeners``:
+    clients connected meanwhile (a dashboard is one more; every one hears of every
+    registration)."""
     import psutil
 
     import ipylb
@@ -124,8 +127,10 @@ def measure(n: int, tasks: int, idle_s: float = 3.0, latency_n: int = 300) -> di
     cluster = LocalCluster(0)
     procs: list[subprocess.Popen] = []
     rc = None
+    others: list[Any] = []
     try:
         rc = ipylb.Client(str(cluster.connection_file))
+        others = [ipylb.Client(str(cluster.connection_file)) for _ in range(listeners - 1)]
         ctl = psutil.Process(cluster.info["pid"])
         c0, t0 = ctl.cpu_times(), time.perf_counter()
         procs = spawn(cluster.info, n)
@@ -159,6 +164,8 @@ def measure(n: int, tasks: int, idle_s: float = 3.0, latency_n: int = 300) -> di
                 "ctl_cpu_us_per_task": cpu_us, "latency_p50_ms": statistics.median(lat) * 1e3,
                 "rss_MB": ctl.memory_info().rss / 1e6}
     finally:
+        for other in others:
+            other.close()
         if rc is not None:
             rc.close()
         cluster.stop()
@@ -178,6 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--small", type=int, default=8, help="identities of the reference swarm")
     p.add_argument("--tasks", type=int, default=4000, help="no-op tasks per map")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds (medians)")
+    p.add_argument("--listeners", type=int, default=1,
+                   help="clients connected while the swarm registers (at least 1)")
     p.add_argument("--serve", nargs=2, type=int, metavar=("COUNT", "FIRST"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.serve:
@@ -187,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     for r in range(args.rounds):
         order = [args.small, args.engines] if r % 2 == 0 else [args.engines, args.small]
         for n in order:
-            fig = measure(n, args.tasks)
+            fig = measure(n, args.tasks, listeners=max(1, args.listeners))
             res[n].append(fig)
             print(f"round {r + 1}, {n} engines: " + ", ".join(f"{k} {v:.4g}" for k, v in fig.items()),
                   flush=True)
