@@ -877,3 +877,24 @@ def test_a_forked_child_that_returns_from_its_task_exits_instead_of_serving(view
         after = view.apply_async(children)
         assert after.get(60) == []
     assert after.engine_id == ar.engine_id
+
+
+def test_an_engine_whose_task_ignores_termination_signals_still_stops_with_its_cluster():
+    """A task that ignores SIGTERM, SIGINT, SIGHUP and SIGQUIT leaves nothing behind when the
+    cluster shuts down (engines are stopped with SIGKILL through jupyter_client)."""
+    from procs import wait_gone
+
+    def ignores():
+        import os
+        import signal
+
+        for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
+            signal.signal(s, signal.SIG_IGN)
+        return os.getpid()
+
+    own = ipylb.Client(engines=1)
+    try:
+        pid = own.load_balanced_view().apply_async(ignores).get(60)
+    finally:
+        own.shutdown()
+    assert wait_gone([pid], 30)
