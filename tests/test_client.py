@@ -56,9 +56,19 @@ def test_map_results_iterate_as_they_arrive_in_order(view):
     assert time.monotonic() - t0 >= 0.25
 
 
-def test_unordered_iteration_yields_fast_items_first(view):
-    amr = view.map_async(slow_identity, ["slow", "fast"], [1.0, 0.0], ordered=False)
+def held_identity(x, release):
+    """``x`` once the file ``release`` exists (None: at once); 60 s at most."""
+    deadline = time.monotonic() + 60
+    while release is not None and not os.path.exists(release) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return x
+
+
+def test_unordered_iteration_yields_fast_items_first(view, tmp_path):
+    release = tmp_path / "release"  # "slow" finishes only after "fast" has been yielded
+    amr = view.map_async(held_identity, ["slow", "fast"], [str(release), None], ordered=False)
     first = next(iter(amr))
+    release.touch()
     assert first == "fast"
     assert sorted(amr) == ["fast", "slow"]
     assert amr.get() == ["slow", "fast"]  # get() is always in submission order
