@@ -196,3 +196,20 @@ def test_a_steal_under_another_key_is_ignored(fake, tmp_path):
     done = [fake.recv(wire.DONE)[1][0] for _ in range(2)]
     assert done == ["long", "queued"]  # it ran: the forged request did nothing
     assert runs(marks, "queued") == 1
+
+
+def test_hwm_on_the_command_lines(capsys):
+    """`--hwm` takes an int >= 0 or auto, on `ipylb cluster start` and `ipylb bench`; anything
+    else is refused before anything starts, with the reason."""
+    import argparse
+
+    from ipylb import cli
+    from ipylb.bench import main as bench_main
+
+    assert cli._hwm("auto") == "auto" and cli._hwm("0") == 0 and cli._hwm("4") == 4
+    for bad in ("fast", "-1", "1.5"):
+        with pytest.raises(argparse.ArgumentTypeError, match="int >= 0 .* or 'auto'"):
+            cli._hwm(bad)
+    with pytest.raises(SystemExit):
+        bench_main(["--hwm", "1,fast"])
+    assert "--hwm: hwm must be an int >= 0 (0: no limit) or 'auto', not 'fast'" in capsys.readouterr().err

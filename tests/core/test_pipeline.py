@@ -34,7 +34,7 @@ from ipylb.core.events import (
     TaskDone,
     TaskSubmitted,
 )
-from ipylb.core.pipeline import MAX_DEPTH, START_DEPTH, depth_for
+from ipylb.core.pipeline import MAX_DEPTH, START_DEPTH, depth_for, parse_hwm
 from ipylb.core.scheduler import Scheduler
 
 
@@ -208,6 +208,10 @@ def test_fixed_hwm_never_steals():
 
 
 def test_hwm_values():
+    assert parse_hwm("auto") == "auto" and parse_hwm("3") == 3 and parse_hwm(0) == 0
+    for bad in ("fast", "-1", -1, 1.5, True, None):
+        with pytest.raises(ValueError, match="'auto'"):
+            parse_hwm(bad)
     with pytest.raises(ValueError, match="'auto'"):
         Scheduler(hwm="fast")
     with pytest.raises(ValueError):
