@@ -275,27 +275,36 @@ def test_lb_cell_streams_into_its_own_display(kernel):
 def test_display_outputs_updates_its_cell_while_another_cell_runs(kernel):
     started = kernel.execute(CELL.replace("%%lb\n", "%%lb --noblock -o ar\n"))
     iopub_until_idle(kernel, started)
-    first = kernel.execute("ar.display_outputs()")
-    msgs = iopub_until_idle(kernel, first)
+    first = kernel.execute("ar.display_outputs()")  # returns at once
+    # Another cell runs (a local sleep) while the task prints: the display still lands in
+    # the first cell (its parent), never in the one running.
+    second = kernel.execute("import time\ntime.sleep(4)")
+    msgs = iopub_until_idle(kernel, second)
+    if not any(m["content"]["data"]["text/plain"] == FULL for m in displays(msgs)):
+        msgs += iopub_until(kernel, lambda m: m in displays([m])
+                            and m["content"]["data"]["text/plain"] == FULL)
     shown = displays(msgs)
     assert shown and shown[0]["msg_type"] == "display_data"
+    assert all(m["parent_header"]["msg_id"] == first for m in shown), [
+        (m["msg_type"], m["parent_header"].get("msg_id")) for m in shown]
+    busy = next(i for i, m in enumerate(msgs) if m["parent_header"].get("msg_id") == second
+                and m["msg_type"] == "status")
+    assert displays(msgs[busy:]), "nothing was shown while the other cell ran"
     did = shown[0]["content"]["transient"]["display_id"]
-    # Another cell runs (a local sleep) while the task prints: the updates still name the
-    # first cell as their parent, never the one running.
-    second = kernel.execute("import time\ntime.sleep(4)")
-    later = iopub_until_idle(kernel, second)
-    if not any(m["content"]["data"]["text/plain"] == FULL for m in displays(later, did)):
-        later += iopub_until(kernel, lambda m: m in displays([m], did)
-                             and m["content"]["data"]["text/plain"] == FULL)
-    during = [m for m in displays(later, did)
-              if m["parent_header"]["msg_id"] == first]
-    assert during and during == displays(later), [
-        (m["msg_type"], m["parent_header"].get("msg_id")) for m in displays(later)]
-    texts = [m["content"]["data"]["text/plain"] for m in displays(msgs + later, did)[1:]]
+    assert displays(msgs, did) == shown  # one display, updated in place
+    texts = [m["content"]["data"]["text/plain"] for m in shown]
     assert texts[-1] == FULL and texts.count(FULL) <= 2 and all(FULL.startswith(t) for t in texts)
     assert any(t != FULL for t in texts), "no partial output came while the task ran"
     reply = kernel.execute_interactive("assert ar.stdout == " + repr(FULL), timeout=30)
     assert reply["content"]["status"] == "ok", reply["content"]
+
+
+def test_a_cell_that_prints_nothing_shows_no_empty_output(kernel):
+    msg_id = kernel.execute("%%lb\nimport time\ntime.sleep(0.6)\n6 * 7")
+    msgs = iopub_until_idle(kernel, msg_id)
+    assert not displays(msgs), displays(msgs)
+    results = [m for m in msgs if m["msg_type"] == "execute_result"]
+    assert results and results[0]["content"]["data"]["text/plain"] == "42"
 
 
 def iopub_until(kc, pred, timeout=120.0):

@@ -212,15 +212,17 @@ def _write(stream: Any, text: str) -> None:
 
 
 class _Display:
-    """A display made in the cell running now, updated from any thread under that cell's
-    parent header: so its updates land in that cell, not in the one running then."""
+    """A display in the cell running when it was made, drawn from any thread under that
+    cell's parent header: so it lands in that cell, not in the one running then.  It is
+    shown at the first text (a task that prints nothing leaves no empty output)."""
 
     def __init__(self, shell: Any) -> None:
-        from IPython.display import display
-
         self.pub = shell.display_pub
         self.parent = self.pub.parent_header  # the execute_request of the cell running now
-        self.id = display({"text/plain": ""}, raw=True, display_id=True).display_id
+        self.id: str | None = None
+        self._set_parent = getattr(self.pub, "set_thread_parent", None)  # ipykernel >= 6.29
+        if self._set_parent is None:  # no parent per thread: shown now, in this cell
+            self._draw("")
 
     @classmethod
     def here(cls) -> _Display | None:
@@ -235,12 +237,20 @@ class _Display:
         return cls(shell)
 
     def update(self, out: str, err: str) -> None:
-        from IPython.display import update_display
-
-        set_parent = getattr(self.pub, "set_thread_parent", None)  # ipykernel >= 6.29
-        token = set_parent(self.parent) if set_parent is not None else None
+        """Show ``out`` then ``err`` (text/plain) in place of what was shown."""
+        if self.id is None and not (out or err):
+            return
+        token = self._set_parent(self.parent) if self._set_parent is not None else None
         try:
-            update_display({"text/plain": out + err}, raw=True, display_id=self.id)
+            self._draw(out + err)
         finally:
             if token is not None:
                 self.pub.reset_thread_parent(token)
+
+    def _draw(self, text: str) -> None:
+        from IPython.display import display, update_display
+
+        if self.id is None:
+            self.id = display({"text/plain": text}, raw=True, display_id=True).display_id
+        else:
+            update_display({"text/plain": text}, raw=True, display_id=self.id)
