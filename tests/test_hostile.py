@@ -632,7 +632,9 @@ def leaks_fds(catch):
     try:
         while True:
             LEAKED.append(os.open(os.devnull, os.O_RDONLY))
-    except OSError:
+    except OSError as e:
+        if catch == "wrap":  # as a library would: the EMFILE is the cause
+            raise RuntimeError("could not open the data file") from e
         if not catch:
             raise
     return len(LEAKED)
@@ -644,14 +646,20 @@ def opens_files():
     return subprocess.run(["echo", "opened"], capture_output=True, check=True).stdout
 
 
-def test_a_task_that_leaks_every_file_descriptor_fails_saying_so_and_the_engine_restarts(lone):
+@pytest.mark.parametrize("how", [False, "wrap"])
+def test_a_task_that_leaks_every_file_descriptor_fails_saying_so_and_the_engine_restarts(lone,
+                                                                                       how):
     """Leaking fds up to RLIMIT_NOFILE left the engine failing every later task that opened
-    anything with EMFILE, for good."""
+    anything with EMFILE, for good.  (Also when the EMFILE is the cause of the task's error.)"""
     view = lone.load_balanced_view()
     old = lone.ids[0]
     with pytest.raises(RemoteError) as info:
-        view.apply_async(leaks_fds, False).get(60)
-    assert info.value.ename == "OSError" and "Too many open files" in info.value.evalue
+        view.apply_async(leaks_fds, how).get(60)
+    if how == "wrap":
+        assert info.value.ename == "RuntimeError"
+        assert "Too many open files" in info.value.traceback
+    else:
+        assert info.value.ename == "OSError" and "Too many open files" in info.value.evalue
     assert "[ipylb: the engine ran out of file descriptors (at least " in info.value.evalue
     assert "the engine is restarted to get them back]" in info.value.evalue
     new_engine(lone, old)

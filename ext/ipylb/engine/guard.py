@@ -87,6 +87,19 @@ def install_exit_guard(channel: Any) -> None:
     os._exit = _exit  # type: ignore[assignment]
 
 
+def out_of_fds(e: BaseException) -> bool:
+    """Whether ``e``, or an exception it was raised from or while handling (a library that
+    wraps OSError), is EMFILE: the engine then checks its descriptors at once."""
+    for _ in range(8):
+        if isinstance(e, OSError) and e.errno == errno.EMFILE:
+            return True
+        nxt = e.__cause__ or e.__context__
+        if nxt is None:
+            return False
+        e = nxt
+    return False
+
+
 def fds_exhausted() -> str | None:
     """None if this process can open files, else why it is to be restarted.  Two system
     calls: the lowest free descriptor tells how many are open below it."""

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import _signal
 import dis
-import errno
 import faulthandler
 import math
 import os
@@ -684,7 +683,7 @@ class TaskChannel:
         except BaseException as e:  # noqa: B036 - SystemExit/KeyboardInterrupt are task errors too
             status, result = "error", []
             error = _describe(e)
-            if isinstance(e, OSError) and e.errno == errno.EMFILE:
+            if guard.out_of_fds(e):
                 why = guard.fds_exhausted()
                 if why:
                     self.leave_after(why)
