@@ -208,6 +208,36 @@ def test_output_forged_by_a_key_holder_that_is_no_engine_reaches_no_client(rc, v
     assert "FORGED" not in out.text and out.text == ar.stdout
 
 
+def test_lb_cell_in_a_terminal_shell_prints_while_it_runs(rc, monkeypatch):
+    """IPython without a kernel (a terminal): the blocking cell prints as output comes."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    shell = InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "ipylb")
+    shell.user_ns["rc"] = rc
+    shell.run_line_magic("lb_use", "rc")
+
+    class Pending:  # what Recorder asks: has the cell's task finished?
+        def ready(self):
+            return shell.user_ns["lb_ar"].ready()
+
+    out = Recorder(Pending())
+    monkeypatch.setattr(sys, "stdout", out)
+    try:
+        r = shell.run_cell("%%lb -o lb_ar\nimport time\nfor i in range(5):\n"
+                           "    print('tick', i, flush=True)\n    time.sleep(0.4)\n'end'",
+                           store_history=False)
+    finally:
+        monkeypatch.undo()
+        shell.run_line_magic("lb_stop", "")
+        shell.run_line_magic("unload_ext", "ipylb")
+    assert r.success and r.result == "end", r.error_in_exec
+    full = "".join(f"tick {i}\n" for i in range(5))
+    live = [t for t, done in out.writes if not done and "tick" in t]
+    assert live and full.startswith("".join(live)), out.writes
+    assert full in out.text and out.text.count("tick 0") == 1
+
+
 # -- a real Jupyter kernel: the display of the cell that asked ---------------------------------
 
 
