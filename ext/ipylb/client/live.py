@@ -10,14 +10,15 @@ position in the task's stream).  Tasks nobody watches cost nothing: no report is
 
 Where it is shown:
 
-- In a Jupyter kernel, in the cell that asked: a display (``display_id``) made there and
-  updated by the client's threads under that cell's parent header
-  (ipykernel's ``set_thread_parent``), so the output lands in that cell even while
-  another cell runs.  Once the tasks end, their full output (``ar.stdout``/``ar.stderr``,
-  from the results) replaces the live view, once.
+- In a Jupyter kernel, in the cell that asked: a display (``display_id``) shown and
+  updated by ipylb's callbacks thread under that cell's parent header (ipykernel's
+  ``set_thread_parent``), so the output lands in that cell even while another cell runs;
+  it appears with the first text (a task that prints nothing leaves no empty output).
+  Once the tasks end, their full output (``ar.stdout``/``ar.stderr``, from the results)
+  replaces the live view, once.
 - Elsewhere (plain Python, a terminal IPython), the caller's thread prints each report to
-  ``sys.stdout``/``sys.stderr`` as it comes, then, once the tasks end, what the results
-  hold beyond what was printed: nothing twice.
+  ``sys.stdout``/``sys.stderr`` as it comes and, as each task ends, what its result holds
+  beyond what was printed of it: nothing twice.
 """
 
 from __future__ import annotations
