@@ -81,23 +81,39 @@ def chatter(seconds, width):
 
 def test_live_text_keeps_utf8_characters_whole():
     data = "aé€😀".encode()  # 1 + 2 + 3 + 4 bytes
-    assert live_text(data, 0, 100) == ("aé€😀", 10)
+    assert live_text(data, 0, 100) == ("aé€😀", 10, 4)
     for cut in range(1, 10):  # a character cut by the end waits for the next report
-        text, end = live_text(data[:cut], 0, 100)
+        text, end, chars = live_text(data[:cut], 0, 100)
         assert text.encode() == data[:end] and end <= cut and cut - end < 4
-        rest, end2 = live_text(data, end, 100)
-        assert text + rest == "aé€😀" and end2 == 10
+        assert chars == len(text)
+        rest, end2, chars2 = live_text(data, end, 100, chars)
+        assert text + rest == "aé€😀" and end2 == 10 and chars2 == 4
+
+
+def test_live_text_counts_positions_in_characters_of_the_results_text():
+    # invalid UTF-8 is one U+FFFD per maximal bad part in the result (Sink.take), whatever
+    # the reports' cuts and skips were: the positions index that text
+    data = b"\xff\xfe\xe2\x82ok\xf0\x9f" + "é".encode() * 30 + b"\xc3"
+    full = data.decode("utf-8", "replace")
+    for limit in (3, 7, 1000):
+        for first in range(len(data) + 1):
+            text, end, chars = live_text(data[:first], 0, limit)
+            assert full.startswith(data[:end].decode("utf-8", "replace")) and chars == len(
+                data[:end].decode("utf-8", "replace"))
+            rest, end2, chars2 = live_text(data, end, limit, chars)
+            assert end2 == len(data) - 1 and chars2 == len(full) - 1  # the lone \xc3 waits
+            assert full.endswith(rest.split("\n")[-1] + "\ufffd")
 
 
 def test_live_text_over_the_limit_keeps_the_newest_after_a_note():
     data = b"0123456789" * 10
-    text, end = live_text(data, 5, 20)
-    assert end == 100
+    text, end, chars = live_text(data, 5, 20, 5)
+    assert end == 100 and chars == 100
     note, kept = text.split("\n", 1)
     assert kept == "0123456789" * 2 and "75 " + SKIPPED in note
     # a kept part that starts inside a character skips that character's tail
-    text, end = live_text("é".encode() * 10, 0, 5)
-    assert text.endswith("éé") and "é" * 3 not in text and end == 20
+    text, end, chars = live_text("é".encode() * 10, 0, 5)
+    assert text.endswith("éé") and "é" * 3 not in text and end == 20 and chars == 10
 
 
 # -- plain Python: printed as it comes -----------------------------------------------------------
@@ -130,6 +146,29 @@ def test_a_chatty_task_gets_a_bounded_number_of_capped_reports(view, monkeypatch
     assert any(SKIPPED in t for t in live), "a chatty task's reports say what they skipped"
     # What came after the last report is printed once, and ends the text as the result does.
     assert out.writes[-1][1] is True and ar.stdout.endswith(out.writes[-1][0])
+
+
+def invalid_utf8_slowly(n, pause):
+    import os
+    import time
+
+    for i in range(n):
+        os.write(1, b"\xff\xe2\x82 bad %d\n" % i)  # invalid UTF-8, then text
+        os.write(2, b"\xc3(%d\n" % i)
+        time.sleep(pause)
+    return n
+
+
+def test_invalid_utf8_is_printed_once_as_the_result_holds_it(view, monkeypatch):
+    # The result's text has one U+FFFD per bad part, 3 bytes where the task wrote 1 or 2:
+    # positions counted in bytes printed the text after the last report again.
+    ar = view.apply_async(invalid_utf8_slowly, 6, 0.4)
+    out, err = follow(ar, monkeypatch)
+    assert ar.get() == 6
+    assert ar.stdout == "".join(f"\ufffd\ufffd bad {i}\n" for i in range(6))
+    assert ar.stderr == "".join(f"\ufffd({i}\n" for i in range(6))
+    assert sum(not done for _, done in out.writes) >= 2  # live reports came
+    assert out.text == ar.stdout and err.text == ar.stderr
 
 
 def test_display_outputs_of_a_finished_task_prints_it_once(view, monkeypatch):

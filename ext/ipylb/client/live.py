@@ -5,8 +5,8 @@ controller for the live output of the result's tasks (the ``stream`` request).  
 engine running one then reports what it printed lately, at most every
 ``engine.taskchannel.LIVE_S`` seconds and ``LIVE_BYTES`` bytes per stream (the newest, after
 a note of what was skipped), and the controller passes each report on to the clients that
-asked, as an ``("output", msg_id, (stdout, end), (stderr, end))`` event (``end``: the byte
-position in the task's stream).  Tasks nobody watches cost nothing: no report is made.
+asked, as an ``("output", msg_id, (stdout, end), (stderr, end))`` event (``end``: the character
+position in the task's stream, as the result's text has it).  Tasks nobody watches cost nothing: no report is made.
 
 Where it is shown:
 
@@ -53,7 +53,7 @@ class LiveOutput:
         n = len(ar.msg_ids)
         self._cond = threading.Condition()
         self._texts = [["", ""] for _ in range(n)]  # per task: live stdout, stderr
-        self._ends = [[0, 0] for _ in range(n)]  # per task: byte positions reported
+        self._ends = [[0, 0] for _ in range(n)]  # per task: character positions reported
         # Outside a kernel: what follow() has to print, in order: reports (index, stdout,
         # stderr) and ends of tasks (index, None, None).
         self._fresh: deque[tuple[int, str | None, str | None]] = deque()
@@ -200,10 +200,10 @@ class LiveOutput:
 
 
 def _beyond(text: str, end: int) -> str:
-    """``text`` after its first ``end`` bytes (UTF-8): what the live reports did not show."""
-    if not end:
-        return text
-    return text.encode("utf-8", "surrogateescape")[end:].decode("utf-8", "replace")
+    """``text`` after its first ``end`` characters: what the live reports did not show (the
+    engine counts positions in characters of the result's text, so invalid UTF-8 the task
+    wrote, one U+FFFD each there, does not shift them)."""
+    return text[end:]
 
 
 def _write(stream: Any, text: str) -> None:

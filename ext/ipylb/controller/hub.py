@@ -381,8 +381,8 @@ class Controller(Requests):
 
     def _on_output(self, sender: bytes, meta: Any) -> None:
         """A watched task's new output: an EVENT ``("output", msg_id, (stdout, end),
-        (stderr, end))`` to each client that asked for it (ends are byte positions in the
-        task's streams), nothing once the task has finished.  Only the engine the task is
+        (stderr, end))`` to each client that asked for it (ends are character positions in
+        the text of the task's streams, as its result will carry it), nothing once the task has finished.  Only the engine the task is
         assigned to speaks for it: a report from any other socket is dropped."""
         engine_id = self.engine_of.get(sender.removesuffix(b"/health"))
         if not (engine_id is not None and sender.endswith(b"/health")

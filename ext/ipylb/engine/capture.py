@@ -160,15 +160,20 @@ class _Sink:
         return text
 
 
-def live_text(data: bytes | bytearray, start: int, limit: int) -> tuple[str, int]:
-    """The text of ``data[start:]`` and the byte position it ends at, for live output.
+def live_text(data: bytes | bytearray, start: int, limit: int,
+              chars: int = 0) -> tuple[str, int, int]:
+    """The text of ``data[start:]``, the byte position it ends at, and the character
+    position it ends at in the result's text (``data`` decoded as :meth:`_Sink.take` does,
+    given ``chars``, the character position of ``start``), for live output.
 
     At most ``limit`` bytes: of more, the newest are kept after a note of how many were
     skipped (the full output still comes with the result).  A UTF-8 character cut by the
-    end is left for the next call; a cut one at the start of the kept bytes is skipped."""
+    end is left for the next call; a cut one at the start of the kept bytes is skipped.
+    Positions in characters, not bytes, are what the client can find in the result's
+    text: an invalid byte there is one U+FFFD, three bytes when encoded again."""
     end = len(data)
     if end <= start:
-        return "", start
+        return "", start, chars
     skipped = 0
     if end - start > limit:
         skipped = end - limit - start
@@ -176,6 +181,7 @@ def live_text(data: bytes | bytearray, start: int, limit: int) -> tuple[str, int
         while start < end and data[start] & 0xC0 == 0x80:  # a continuation byte
             start += 1
             skipped += 1
+        chars += len(bytes(data[start - skipped:start]).decode("utf-8", "replace"))
     cut = end
     i = end - 1
     while i > start and end - i < 4 and data[i] & 0xC0 == 0x80:
@@ -186,10 +192,11 @@ def live_text(data: bytes | bytearray, start: int, limit: int) -> tuple[str, int
     if end - i < need:  # the last character is not all there yet
         cut = i
     text = bytes(data[start:cut]).decode("utf-8", "replace")
+    chars += len(text)
     if skipped:
         text = (f"[ipylb: {skipped} bytes of live output skipped (at most {limit} bytes per "
                 "report); the full output comes with the result]\n") + text
-    return text, cut
+    return text, cut, chars
 
 
 def _pending(fd: int) -> int:
@@ -336,20 +343,22 @@ class Capture:
             self._reopen()
         return sinks[0].take("stdout"), sinks[1].take("stderr")  # type: ignore[index]
 
-    def peek(self, since: tuple[int, int], limit: int,
-             current: Callable[[], bool]) -> tuple[tuple[str, int], tuple[str, int]] | None:
-        """What the running task wrote to stdout and stderr after byte positions ``since``,
-        for its live output (the health thread's, not the main thread's): per stream
-        ``(text, position after it)``, at most ``limit`` bytes each (the newest, after a
-        note of how many were skipped; see :func:`live_text`).  None if no task runs, or
+    def peek(self, since: tuple[tuple[int, int], tuple[int, int]], limit: int,
+             current: Callable[[], bool]) -> tuple[tuple[str, int, int], ...] | None:
+        """What the running task wrote to stdout and stderr after positions ``since``
+        (per stream: bytes, characters), for its live output (the health thread's, not the
+        main thread's): per stream ``(text, byte position after it, character position
+        after it)``, at most ``limit`` bytes each (the newest, after a note of how many were
+        skipped; see :func:`live_text`).  None if no task runs, or
         ``current()`` (asked under the reader's lock) says it is not the one wanted: the
         task running under that lock cannot end, so what is read is its own."""
         with self._lock:
             sinks = self._sinks
             if sinks is None or not current():
                 return None
-            return (live_text(sinks[0].data, since[0], limit),
-                    live_text(sinks[1].data, since[1], limit))
+            (out, out_chars), (err, err_chars) = since
+            return (live_text(sinks[0].data, out, limit, out_chars),
+                    live_text(sinks[1].data, err, limit, err_chars))
 
     def log(self, text: str) -> None:
         """Write a line of the engine's own to the controller's log (never a task's output)."""

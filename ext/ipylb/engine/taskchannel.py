@@ -300,7 +300,7 @@ class TaskChannel:
         engine, or aborted, never runs here; one that does later is asked for again)."""
         running = self.running
         if running is not None and wanted.pop(running, None) is not None:
-            return [running, (0, 0), 0.0]
+            return [running, ((0, 0), (0, 0)), 0.0]
         for msg_id in [m for m, t in wanted.items() if now - t > WANTED_S]:
             del wanted[msg_id]
         return None
@@ -313,14 +313,15 @@ class TaskChannel:
         got = self.capture.peek(live[1], LIVE_BYTES, lambda: self.running == msg_id)
         if got is None:
             return None
-        (out, out_end), (err, err_end) = got
+        (out, out_end, out_chars), (err, err_end, err_chars) = got
         live[2] = now + LIVE_S
-        if out or err:
+        if out or err:  # positions for the client in characters of the result's text
             try:
-                wire.send(sock, signer.pack(wire.OUTPUT, (msg_id, (out, out_end), (err, err_end))))
+                wire.send(sock, signer.pack(wire.OUTPUT,
+                                            (msg_id, (out, out_chars), (err, err_chars))))
             except zmq.ZMQError:  # not sent: the same bytes (and newer) go with the next one
                 return live
-            live[1] = (out_end, err_end)
+            live[1] = ((out_end, out_chars), (err_end, err_chars))
         return live
 
     def _on_monitor(self) -> None:
