@@ -457,6 +457,7 @@ class Dashboard:
                 running_of[id(owner)] = running_of.get(id(owner), 0) + 1
         mono = time.monotonic()
         parts = []
+        more = 0  # shown ones beyond MAX_SUBMISSIONS: counted, their rows not even built
         finished_at = {}  # only the submissions still held: the dict stays bounded
         for ar in self.client.submissions():
             total = len(ar.msg_ids)
@@ -465,16 +466,17 @@ class Dashboard:
                 seen = finished_at[id(ar)] = self._finished_at.get(id(ar), mono)
                 if mono - seen > SUBMISSION_LINGER_S:
                     continue
+            if len(parts) == MAX_SUBMISSIONS:
+                more += 1
+                continue
             failed = ar.failed_count
             running = running_of.get(id(ar), 0)
             waiting = total - done - running
             parts.append(_progress_row(ar.name, total, done - failed, failed, running, waiting,
                                        now - ar.submitted_at))
         self._finished_at = finished_at
-        if len(parts) > MAX_SUBMISSIONS:
-            more = len(parts) - MAX_SUBMISSIONS
-            parts = [*parts[:MAX_SUBMISSIONS],
-                     f'<div class="ipylb-sub ipylb-more">… and {more} more submissions</div>']
+        if more:
+            parts.append(f'<div class="ipylb-sub ipylb-more">… and {more} more submissions</div>')
         self.progress.value = "".join(parts) or \
             '<div class="ipylb-sub ipylb-no-subs">no submissions in flight</div>'
 
