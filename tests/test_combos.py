@@ -93,6 +93,36 @@ def test_an_alarm_a_task_leaves_does_not_hit_the_next_task(view):
     assert ar.engine_id == first.engine_id
 
 
+@pytest.mark.parametrize("timer", ["ITIMER_VIRTUAL", "ITIMER_PROF"])
+def test_a_cpu_timer_a_task_leaves_does_not_kill_the_engine_in_a_later_task(view, timer):
+    """setitimer(ITIMER_VIRTUAL or ITIMER_PROF) left armed killed the engine (SIGVTALRM,
+    SIGPROF: their default action ends the process) once a later, innocent task had used
+    that much CPU: it failed with EngineError.  The same kind as a left-over alarm."""
+
+    def arms(timer):
+        import signal
+
+        signal.setitimer(getattr(signal, timer), 0.3)
+        return "armed"
+
+    first = view.apply_async(arms, timer)
+    assert first.get(60) == "armed"
+
+    def burns(timer):
+        import signal
+        import time
+
+        end = time.process_time() + 0.8
+        while time.process_time() < end:
+            pass
+        return signal.getitimer(getattr(signal, timer))
+
+    with view.temp_flags(follow=first):  # on the engine that armed it
+        ar = view.apply_async(burns, timer)
+    assert ar.get(60) == (0.0, 0.0)
+    assert ar.engine_id == first.engine_id
+
+
 def test_a_task_that_breaks_what_its_engine_reports_with_still_gets_an_answer():
     """A task that broke pickle.dumps (which the engine packs every report with, its fallback
     error too) was never answered, and its engine took tasks it never answered while its

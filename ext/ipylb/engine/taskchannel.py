@@ -665,8 +665,12 @@ class TaskChannel:
                 # is pending to our handler (running is None now: ignored) before it goes.
                 _signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGINT_SET)
                 # An alarm a task set (signal.alarm, setitimer) and did not cancel would
-                # fire in a later task: kill its engine (SIGALRM's default) or raise there.
+                # fire in a later task: kill its engine (SIGALRM's default) or raise there;
+                # so would its CPU timers (SIGVTALRM, SIGPROF: their default ends the
+                # process).  ~0.5 us each.
                 _signal.setitimer(_signal.ITIMER_REAL, 0.0)
+                _signal.setitimer(_signal.ITIMER_VIRTUAL, 0.0)
+                _signal.setitimer(_signal.ITIMER_PROF, 0.0)
                 # So would faulthandler.dump_traceback_later(t, exit=True): end the engine.
                 _cancel_watchdog()
                 _set_sigint(previous)
