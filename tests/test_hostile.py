@@ -862,19 +862,25 @@ def test_a_forked_child_that_returns_from_its_task_exits_instead_of_serving(view
     the engine (its sockets and output pipes shared), running for good; now it exits when its
     task function ends, and what it printed reaches the output."""
 
-    def forks():
+    def forks(how):
         import os
+        import sys
 
         pid = os.fork()
         if pid == 0:
             print("from the child")
+            if how == "exit":
+                sys.exit(3)
+            if how == "raise":
+                raise ValueError("in the child")
             return "child"
-        os.waitpid(pid, 0)  # it ends by itself
-        return "parent"
+        _, status = os.waitpid(pid, 0)  # it ends by itself
+        return os.waitstatus_to_exitcode(status)
 
-    ar = view.apply_async(forks)
-    assert ar.get(60) == "parent"
-    assert ar.stdout == "from the child\n"
+    for how, status in (("return", 0), ("exit", 3), ("raise", 1)):
+        ar = view.apply_async(forks, how)
+        assert ar.get(60) == status
+        assert ar.stdout == "from the child\n"
 
     def children():
         import psutil

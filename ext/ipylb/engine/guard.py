@@ -12,7 +12,8 @@ and how the engine answers it (README "What a task can break").
   (Forked children and other threads exit for real.)
 - It forks (``os.fork()``) and the child returns from the task instead of calling
   ``os._exit``: that child would go on as a second copy of the engine, sharing its sockets
-  and output pipes.  It exits instead (status 0) when its task function ends.
+  and output pipes.  It exits instead when its task function ends (status 0, or as Python
+  would for ``sys.exit(n)`` or an exception).
 - It leaks file descriptors up to ``RLIMIT_NOFILE``: every later task that opens anything
   would fail with ``EMFILE``.  The engine checks once a second (its health thread), and at
   once after a task fails with ``EMFILE``; with at most :data:`FD_RESERVE` left it answers
@@ -53,6 +54,17 @@ def install_fork_guard(channel: Any) -> None:
     """Mark a child forked by a task (``os.register_at_fork``): when its task function ends,
     the child exits instead of serving as a second engine (:meth:`TaskChannel._undo_fault`)."""
     os.register_at_fork(after_in_child=lambda: setattr(channel, "fault", FORKED))
+
+
+def child_status(e: BaseException | None) -> int:
+    """The exit status of a forked child whose task function ended with ``e`` (None: it
+    returned), as Python's own: ``sys.exit(n)``'s n, 1 for an exception."""
+    if e is None:
+        return 0
+    if isinstance(e, SystemExit):
+        code = e.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    return 1
 
 
 class ExitCalled(BaseException):

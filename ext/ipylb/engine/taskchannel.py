@@ -391,7 +391,7 @@ class TaskChannel:
                     s.flush()
                 except BaseException:  # noqa: B036 - nothing may keep the child here
                     pass
-            _exit(0)
+            _exit(guard.child_status(sys.exc_info()[1]))
         if self._loop._stopping:
             self._loop._stopping = False  # asyncio's flag, read after this callback returns
             fault = fault or guard.LOOP_STOPPED
