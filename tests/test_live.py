@@ -171,6 +171,30 @@ def test_invalid_utf8_is_printed_once_as_the_result_holds_it(view, monkeypatch):
     assert out.text == ar.stdout and err.text == ar.stderr
 
 
+def fails_first(flag):
+    import os
+    import time
+
+    if not os.path.exists(flag):
+        open(flag, "w").close()
+        print("first attempt, which fails", flush=True)
+        time.sleep(1.5)  # its output is reported
+        raise RuntimeError("once")
+    print("second attempt", flush=True)
+    return "ok"
+
+
+def test_a_retried_task_prints_its_last_attempt_in_full(view, monkeypatch, tmp_path):
+    # The positions reported of the first attempt cut the second attempt's text (its
+    # result's), which ended before any report of it: "second attempt" was never printed.
+    with view.temp_flags(retries=1):
+        ar = view.apply_async(fails_first, str(tmp_path / "flag"))
+    out, _err = follow(ar, monkeypatch)
+    assert ar.get() == "ok" and ar.stdout == "second attempt\n"
+    assert out.writes[0] == ("first attempt, which fails\n", False)  # live, while it ran
+    assert out.text.endswith("second attempt\n")
+
+
 def test_display_outputs_of_a_finished_task_prints_it_once(view, monkeypatch):
     ar = view.apply_async(lines_slowly, 2, 0)
     ar.get()
@@ -235,7 +259,7 @@ def test_output_forged_by_a_key_holder_that_is_no_engine_reaches_no_client(rc, v
                 s.connect(info["engine_url"])
                 for _ in range(5):
                     wire.send(s, signer.pack(wire.OUTPUT, (ar.msg_ids[0], ("FORGED\n", 7),
-                                                           ("", 0))))
+                                                           ("", 0), time.time())))
                     time.sleep(0.2)
                 s.close()
         finally:

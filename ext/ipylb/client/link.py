@@ -253,9 +253,9 @@ class Link:
                 self._said_shut_down = True  # (kept once _controller_gone rewrites _gone)
                 self._gone = f"{SHUT_DOWN} ({meta[1]})"
             elif meta[0] == "output":  # a running task's live output (client/live.py)
-                _, msg_id, (out, out_end), (err, err_end) = meta
+                _, msg_id, (out, out_end), (err, err_end), started = meta
                 for live, i in self._live.get(msg_id, ()):
-                    live.add(i, out, err, (out_end, err_end))
+                    live.add(i, out, err, (out_end, err_end), started)
             else:
                 self._on_event(meta)
         elif kind == wire.WELCOME:

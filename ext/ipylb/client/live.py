@@ -5,7 +5,7 @@ controller for the live output of the result's tasks (the ``stream`` request).  
 engine running one then reports what it printed lately, at most every
 ``engine.taskchannel.LIVE_S`` seconds and ``LIVE_BYTES`` bytes per stream (the newest, after
 a note of what was skipped), and the controller passes each report on to the clients that
-asked, as an ``("output", msg_id, (stdout, end), (stderr, end))`` event (``end``: the character
+asked, as an ``("output", msg_id, (stdout, end), (stderr, end), started)`` event (``end``: the character
 position in the task's stream, as the result's text has it).  Tasks nobody watches cost nothing: no report is made.
 
 Where it is shown:
@@ -54,6 +54,7 @@ class LiveOutput:
         self._cond = threading.Condition()
         self._texts = [["", ""] for _ in range(n)]  # per task: live stdout, stderr
         self._ends = [[0, 0] for _ in range(n)]  # per task: character positions reported
+        self._started: list[float | None] = [None] * n  # per task: the attempt reported
         # Outside a kernel: what follow() has to print, in order: reports (index, stdout,
         # stderr) and ends of tasks (index, None, None).
         self._fresh: deque[tuple[int, str | None, str | None]] = deque()
@@ -88,12 +89,18 @@ class LiveOutput:
 
     # -- the client's threads --------------------------------------------------------
 
-    def add(self, index: int, out: str, err: str, ends: tuple[int, int]) -> None:
-        """A report for task ``index`` (the receiving thread): keep it, show it."""
+    def add(self, index: int, out: str, err: str, ends: tuple[int, int],
+            started: float) -> None:
+        """A report for task ``index`` (the receiving thread) of its attempt that started at
+        ``started`` (engine's clock, seconds): keep it, show it.  A report of another
+        attempt (a retry) starts that task's live text afresh."""
         with self._cond:
             if self._finished or self.ar._outcomes[index] is not None:
                 return  # the result came first: it has all this
             texts = self._texts[index]
+            if self._started[index] != started:
+                self._started[index] = started
+                texts[:] = ["", ""]
             for k, new in ((0, out), (1, err)):
                 text = texts[k] + new
                 if len(text) > KEPT_CHARS:
@@ -188,8 +195,11 @@ class LiveOutput:
         if o is None or i in ended:
             return
         ended.add(i)
+        # Positions reported of another attempt than the result's (it was retried, and
+        # the last attempt ended before a report of it) do not apply: all of it is new.
+        ends = self._ends[i] if len(o.meta) > 3 and o.meta[3] == self._started[i] else (0, 0)
         for k, stream in ((0, sys.stdout), (1, sys.stderr)):
-            _write(stream, _beyond(o.meta[5 + k] or "", self._ends[i][k]))
+            _write(stream, _beyond(o.meta[5 + k] or "", ends[k]))
 
     def _task_done(self, index: int, _part: Any) -> None:
         """Task ``index`` has ended (a callback): its rest is printed next (console)."""

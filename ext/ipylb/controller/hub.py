@@ -381,14 +381,17 @@ class Controller(Requests):
 
     def _on_output(self, sender: bytes, meta: Any) -> None:
         """A watched task's new output: an EVENT ``("output", msg_id, (stdout, end),
-        (stderr, end))`` to each client that asked for it (ends are character positions in
-        the text of the task's streams, as its result will carry it), nothing once the task has finished.  Only the engine the task is
-        assigned to speaks for it: a report from any other socket is dropped."""
+        (stderr, end), started)`` to each client that asked for it (ends are character
+        positions in the text of the task's streams, as its result will carry it; started:
+        the attempt's start stamp, as its result will carry it), nothing once the task has
+        finished.  Only the engine the task is assigned to speaks for it: a report from any
+        other socket is dropped."""
         engine_id = self.engine_of.get(sender.removesuffix(b"/health"))
         if not (engine_id is not None and sender.endswith(b"/health")
-                and type(meta) is tuple and len(meta) == 3 and type(meta[0]) is str
+                and type(meta) is tuple and len(meta) == 4 and type(meta[0]) is str
+                and type(meta[3]) is float
                 and all(type(m) is tuple and len(m) == 2 and type(m[0]) is str
-                        and type(m[1]) is int for m in meta[1:])):
+                        and type(m[1]) is int for m in meta[1:3])):
             raise wire.WireError("a malformed live output report, or one from no engine")
         clients = self.live.get(meta[0])
         if not clients or self.core.engine_of(meta[0]) != engine_id:

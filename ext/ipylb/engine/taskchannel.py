@@ -310,15 +310,19 @@ class TaskChannel:
         """Send what the watched task wrote since the last report (at most LIVE_BYTES per
         stream); None once it no longer runs (its result carries the rest)."""
         msg_id = live[0]
-        got = self.capture.peek(live[1], LIVE_BYTES, lambda: self.running == msg_id)
+        # The attempt's start stamp (its result's too): a task retried here is another
+        # attempt, whose text starts afresh (peek checks both under the reader's lock).
+        started = self.running_since
+        got = self.capture.peek(live[1], LIVE_BYTES,
+                                lambda: self.running == msg_id and self.running_since == started)
         if got is None:
             return None
         (out, out_end, out_chars), (err, err_end, err_chars) = got
         live[2] = now + LIVE_S
         if out or err:  # positions for the client in characters of the result's text
             try:
-                wire.send(sock, signer.pack(wire.OUTPUT,
-                                            (msg_id, (out, out_chars), (err, err_chars))))
+                wire.send(sock, signer.pack(wire.OUTPUT, (msg_id, (out, out_chars),
+                                                          (err, err_chars), started)))
             except zmq.ZMQError:  # not sent: the same bytes (and newer) go with the next one
                 return live
             live[1] = ((out_end, out_chars), (err_end, err_chars))
