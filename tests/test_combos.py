@@ -39,6 +39,37 @@ def test_a_task_that_blocks_sigint_leaves_later_tasks_interruptible(rc, view):
     assert ar.engine_id == first.engine_id and ar.engine_id in rc.ids
 
 
+def test_a_task_that_makes_fds_1_and_2_non_blocking_leaves_later_prints_whole(view):
+    """A task that set fds 1 and 2 non-blocking (os.set_blocking, as asyncio's
+    connect_write_pipe(sys.stdout) does) and returned: a later task printing more than the
+    capture pipe holds failed with BlockingIOError, on that engine for good."""
+
+    def unblocks():
+        import os
+
+        os.set_blocking(1, False)
+        os.set_blocking(2, False)
+        return "non-blocking"
+
+    first = view.apply_async(unblocks)
+    assert first.get(60) == "non-blocking"
+
+    def prints(n):
+        import os
+        import sys
+
+        sys.stdout.write("o" * n)
+        sys.stdout.flush()
+        os.write(2, b"e" * n)  # fd level too (C code, child processes)
+        return os.get_blocking(1), os.get_blocking(2)
+
+    n = 3 << 20  # three times the pipe
+    with view.temp_flags(follow=first):  # on the engine that did it
+        ar = view.apply_async(prints, n)
+    assert ar.get(60) == (True, True)
+    assert ar.stdout == "o" * n and ar.stderr == "e" * n
+
+
 @pytest.mark.parametrize("where", ["/dev/null", "a file"])
 def test_a_task_that_points_fds_1_and_2_elsewhere_leaves_the_next_one_captured(view, where,
                                                                               tmp_path):

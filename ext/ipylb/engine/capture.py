@@ -337,6 +337,12 @@ class Capture:
             try:
                 os.dup2(self._writes[0], 1)
                 os.dup2(self._writes[1], 2)
+                # and blocking: O_NONBLOCK a task set on them (os.set_blocking(1, False),
+                # asyncio's connect_write_pipe(sys.stdout)) is the pipes' own, and made a
+                # later task's print of more than the pipe holds fail with BlockingIOError.
+                # One F_GETFL each when unchanged.
+                os.set_blocking(self._writes[0], True)
+                os.set_blocking(self._writes[1], True)
             except OSError:
                 broken = True
         if broken:
