@@ -225,8 +225,6 @@ class Controller(Requests):
             poller.register(sock, zmq.POLLIN)
         next_housekeeping = 0.0
         while self._running:
-            if self._tasks_out or self._outbox:  # what the last turn made, before we wait
-                self._flush_out()
             now = time.monotonic()
             if now >= next_housekeeping:
                 self._housekeeping(now)
@@ -238,6 +236,8 @@ class Controller(Requests):
                     self._execute(self.core.handle(ev.Tick(now)))
                     continue
                 wake = min(wake, deadline)
+            if self._tasks_out or self._outbox:  # what housekeeping or a deadline made
+                self._flush_out()
             ready = dict(poller.poll(max(0.0, wake - now) * 1000))
             if self.engines in ready:
                 self._drain(self.engines, self._on_engine)
