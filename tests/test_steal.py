@@ -84,7 +84,8 @@ class FakeController:
         port = self.sock.bind_to_random_port("tcp://127.0.0.1")
         self.cluster = tmp / "cluster.json"
         self.cluster.write_text(json.dumps({"key": self.key.decode(), "controller_id": self.ident.decode(),
-                                            "engine_url": f"tcp://127.0.0.1:{port}"}))
+                                            "engine_url": f"tcp://127.0.0.1:{port}",
+                                            "hwm": "auto"}))
         os.chmod(self.cluster, 0o600)
         self.km = KernelManager(kernel_name=KERNEL_NAME)
         self.km.start_kernel(env={**os.environ, "IPYLB_CLUSTER_FILE": str(self.cluster),

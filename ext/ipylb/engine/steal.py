@@ -42,7 +42,10 @@ class StealDesk:
 
     def take(self, number: int, msg_id: str) -> bool:
         """The main thread is about to run task ``number`` (``msg_id``): False if it was
-        given back (skip it: it runs elsewhere), else True (it may no longer be)."""
+        given back (skip it: it runs elsewhere), else True (it may no longer be).  Starts
+        serving if it does not yet (an engine whose cluster file did not say hwm "auto")."""
+        if self._thread is None:
+            self.start()
         with self._lock:
             self.taken = number
             if msg_id in self.given_back:
@@ -59,7 +62,10 @@ class StealDesk:
             return True
 
     def start(self) -> None:
-        """Connect and serve (once; later calls do nothing)."""
+        """Connect and serve (once; later calls do nothing).  Only clusters with hwm "auto"
+        need it: an engine starts it at registration when its cluster file says so, else
+        at its first numbered task (a request before it connects is answered for it by
+        the controller: "too late", the task stays)."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._serve, daemon=True, name="ipylb-steal")
             self._thread.start()

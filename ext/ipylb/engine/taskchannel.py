@@ -445,7 +445,8 @@ class TaskChannel:
                 self.inbox.extend((wire.TASK, *item) for item in items)
             elif kind == wire.REGISTERED:
                 self.engine_id = meta
-                self.desk.start()
+                if self._cluster.get("hwm") == "auto":  # else at its first numbered task
+                    self.desk.start()
                 self.user_ns.setdefault("ipylb_engine_id", meta)
             elif kind == wire.STOP:
                 self._stop_loop()
