@@ -106,6 +106,23 @@ class FakeController:
             if kind == want:
                 return sender, meta
 
+    def done(self, n: int, timeout: float = TIMEOUT) -> list[str]:
+        """The msg_ids of the next ``n`` results, whether they came one per message (DONE)
+        or several (DONES)."""
+        deadline = time.monotonic() + timeout
+        ids: list[str] = []
+        while len(ids) < n:
+            left = deadline - time.monotonic()
+            assert left > 0, f"{len(ids)} results of {n} within {timeout} s: {ids}"
+            if not self.sock.poll(left * 1000):
+                continue
+            kind, _sender, meta, bufs, _mac = self.signer.unpack(self.sock.recv_multipart()[1:])
+            if kind == wire.DONE:
+                ids.append(meta[0])
+            elif kind == wire.DONES:
+                ids.extend(item[0][0] for item in wire.unbatch(meta, bufs))
+        return ids
+
     def register(self) -> None:
         sender, _meta = self.recv(wire.REGISTER)
         self.engine = sender
@@ -166,6 +183,31 @@ def test_a_queued_task_is_given_back_and_never_runs_there(fake, tmp_path):
     done = [fake.recv(wire.DONE)[1][0] for _ in range(2)]
     assert done == ["long", "after"]  # nothing for "queued": it was skipped
     assert runs(marks, "queued") == 0
+
+
+def test_a_task_queued_twice_on_an_engine_is_given_back_by_its_number(fake, tmp_path):
+    """The same task can be queued twice on one engine (given back, retried elsewhere, then
+    sent here again behind a long task) and given back twice.  The engine kept what it gave
+    back by msg_id: the first copy's skip forgot it, and the second copy ran here while the
+    engine it was given to ran it too.  By number, each copy is skipped or run as answered."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    fake.task("long", str(marks), "long", 1.5)
+    first = fake.task("twice", str(marks), "twice", 0.0)
+    wait_for_run(marks, "long")
+    fake.steal("twice", first)
+    assert fake.recv(wire.STOLEN)[1] == ("twice", True)
+    second = fake.task("twice", str(marks), "twice", 0.0)  # back again, still behind "long"
+    fake.steal("twice", second)
+    assert fake.recv(wire.STOLEN)[1] == ("twice", True)
+    # and a copy given back while another copy of the same task stays: that one runs
+    fake.task("again", str(marks), "again", 0.0)
+    kept = fake.task("again", str(marks), "again", 0.0)
+    fake.steal("again", kept)
+    assert fake.recv(wire.STOLEN)[1] == ("again", True)
+    fake.task("after", str(marks), "after", 0.0)
+    assert fake.done(3) == ["long", "again", "after"]
+    assert runs(marks, "twice") == 0 and runs(marks, "again") == 1
 
 
 def test_a_steal_of_a_task_that_just_started_is_too_late(fake, tmp_path):

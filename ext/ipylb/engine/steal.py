@@ -37,7 +37,9 @@ class StealDesk:
         self._url = url
         self._lock = threading.Lock()
         self.taken = 0  # the number of the last task the main thread took to run
-        self.given_back: set[str] = set()  # answered "cancelled", not yet reached
+        # Answered "cancelled", not yet reached: by number, as the same task may be queued
+        # here twice (given back, retried elsewhere, sent here again) and given back twice.
+        self.given_back: dict[int, str] = {}
         self._thread: threading.Thread | None = None
 
     def take(self, number: int, msg_id: str) -> bool:
@@ -48,8 +50,7 @@ class StealDesk:
             self.start()
         with self._lock:
             self.taken = number
-            if msg_id in self.given_back:
-                self.given_back.discard(msg_id)
+            if self.given_back.pop(number, None) == msg_id:
                 return False
         return True
 
@@ -58,7 +59,7 @@ class StealDesk:
         with self._lock:
             if number <= self.taken:
                 return False
-            self.given_back.add(msg_id)
+            self.given_back[number] = msg_id
             return True
 
     def start(self) -> None:
