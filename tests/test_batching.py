@@ -107,12 +107,17 @@ def test_different_functions_and_flags_keep_their_own_messages(other, monkeypatc
     monkeypatch.setattr(client_module, "BURST_S", 10.0)
     view = other.load_balanced_view()
     view.apply_sync(noop)
+    before = other._submit_messages
     a = view.apply_async(square, 2)
     b = view.apply_async(noop)
     with view.temp_flags(retries=1):
         c = view.apply_async(square, 3)
     d = view.apply_async(square, 4)
-    assert [a.get(TIMEOUT), b.get(TIMEOUT), c.get(TIMEOUT), d.get(TIMEOUT)] == [4, None, 9, 16]
+    # each unlike the one before (a DAG's loop, each task its own `after`): sent at once
+    assert other._held is None and other._submit_messages == before + 4
+    e = view.apply_async(square, 5)  # like d: held, for the next ones like it
+    assert other._held is not None
+    assert [ar.get(TIMEOUT) for ar in (a, b, c, d, e)] == [4, None, 9, 16, 25]
 
 
 # -- engines: tasks in, results out, several per message --------------------------------

@@ -270,8 +270,8 @@ class Client(Link, TaskRecords):
         """Send one SUBMIT (``bufs``: the function's frames, then each task's), or hold it
         to leave with the ones right behind it; called with the send lock held.
 
-        Submissions made back to back (the one before less than ``BURST_S`` ago) are held,
-        and join the held one when they share its function, flags and tag: they leave as
+        Submissions made back to back (the one before less than ``BURST_S`` ago) and alike
+        (its function, flags and tag) are held, and the alike ones after join: they leave as
         one message when ``SUBMIT_BATCH`` tasks are held, when this client waits for a
         result or asks the controller anything, when it closes, or when the sending thread
         gets to run (Python lets another thread run within its switch interval, 5 ms, so
@@ -279,18 +279,22 @@ class Client(Link, TaskRecords):
         a lone ``apply_sync`` waits for no batch."""
         now = time.monotonic()
         burst, self._last_submit = now - self._last_submit < BURST_S, now
+        # Like the one before (function, tag, flags): the next may well be like it too.
+        last, self._last_kind = self._last_kind, (fkey, tag, flags)
+        alike = len(fbufs) == 1 and last is not None and last[0] == fkey and \
+            last[1] == tag and (last[2] is flags or last[2] == flags)
         held = self._held
-        if held is not None:
-            if len(fbufs) == 1 and held[2] == fkey and held[4] == tag and \
-                    (held[0] is flags or held[0] == flags) and \
-                    len(held[5]) + len(metas) <= SUBMIT_BATCH:
+        if held is not None:  # (held is always the last one's kind)
+            if alike and len(held[5]) + len(metas) <= SUBMIT_BATCH:
                 held[5].extend(metas)
                 held[6].extend(bufs[1:])  # (the function's frames are the held ones)
                 if len(held[5]) == SUBMIT_BATCH:
                     self._send_held()
                 return
             self._send_held()
-        if burst and len(metas) < SUBMIT_BATCH:
+        # Held only in a run of alike ones: a loop whose every task has flags of its own (a
+        # DAG's `after`) sends each at once, without waking the sending thread for nothing.
+        if burst and alike and len(metas) < SUBMIT_BATCH:
             self._held = [flags, len(fbufs), fkey, fmac, tag, metas, bufs]
             if self._sender is None:
                 self._sender = threading.Thread(target=self._send_loop, daemon=True,

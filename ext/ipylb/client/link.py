@@ -76,6 +76,7 @@ class Link:
         self._held_cond = threading.Condition(self._send_lock)
         self._sender: threading.Thread | None = None
         self._last_submit = 0.0
+        self._last_kind: tuple[bytes, Any, Any] | None = None  # (fkey, tag, flags) of the last
         self._submit_messages = 0  # SUBMIT messages sent
         self._ids = itertools.count()
         self._pending: dict[str, tuple[AsyncResult, int]] = {}
