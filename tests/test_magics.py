@@ -358,6 +358,39 @@ def test_kernel_restart_and_shutdown_leave_no_engines(tmp_path):
     assert wait_gone(pids, 15), [p for p in pids if pid_alive(p)]
 
 
+def test_interrupting_the_kernel_leaves_the_cluster_it_started_serving(tmp_path):
+    """Jupyter's interrupt (the stop button; KernelManager.interrupt_kernel) signals the
+    kernel's whole process group: the controller %lb_start had started in that group got the
+    SIGINT and shut down, killing the cluster and the interrupted cell's task.  README: the
+    task goes on; %lb_interrupt stops it."""
+    from jupyter_client.manager import start_new_kernel
+
+    km, kc = start_new_kernel(kernel_name="python3", cwd=str(tmp_path))
+    try:
+        reply = kc.execute_interactive("%load_ext ipylb\n%lb_start -n 1 -o rc", timeout=60)
+        assert reply["content"]["status"] == "ok", reply["content"]
+        msg_id = kc.execute("%%lb -o cell\nimport time\nprint('started', flush=True)\n"
+                            "time.sleep(2)\n'ran on'")
+        deadline = time.monotonic() + 60
+        while True:  # the task runs: its live output came
+            msg = kc.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
+            if msg["parent_header"].get("msg_id") == msg_id and "started" in str(
+                    msg["content"].get("data", {}).get("text/plain", "")):
+                break
+        km.interrupt_kernel()
+        reply = kc.get_shell_msg(timeout=60)
+        assert reply["parent_header"]["msg_id"] == msg_id
+        assert reply["content"]["ename"] == "KeyboardInterrupt"
+        reply = kc.execute_interactive("value = cell.get(60)\nafter = rc.load_balanced_view()"
+                                       ".apply_sync(lambda: 6 * 7)", timeout=90,
+                                       user_expressions={"r": "(value, after)"})
+        assert reply["content"]["status"] == "ok", reply["content"]
+        assert reply["content"]["user_expressions"]["r"]["data"]["text/plain"] == "('ran on', 42)"
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=False)
+
+
 def test_a_client_closed_elsewhere_is_forgotten(shell, rc, capsys):
     other = ipylb.Client(rc._local.connection_file)  # a second client of the session's cluster
     shell.user_ns["other"] = other

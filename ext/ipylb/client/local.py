@@ -124,8 +124,11 @@ class LocalCluster:
             *policy,
             *(["--kernel", kernel] if kernel else []),
         ]
+        # A session of its own: a SIGINT to the client's process group (Ctrl-C in a terminal,
+        # Jupyter's interrupt of the kernel, which signals its whole group) is the client's,
+        # not a request to stop the cluster.  It still ends with the client (--parent-pid).
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                                     text=True, env=engine_env())
+                                     text=True, env=engine_env(), start_new_session=True)
         line = read_ready(self.proc)
         if line != "ready":
             self.proc.wait()
