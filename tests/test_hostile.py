@@ -912,3 +912,30 @@ def test_an_engine_whose_task_ignores_termination_signals_still_stops_with_its_c
     finally:
         own.shutdown()
     assert wait_gone([pid], 30)
+
+
+def test_a_task_that_breaks_sys_modules_ipylb_leaves_ipylbs_wrappers_working(lone):
+    """sys.modules['ipylb'] = None on an engine made every later map chunk, @depend and
+    @require task there fail to unpickle (DeserializationError: import of ipylb halted), for
+    good: ipylb's wrappers are pickled by reference to its modules."""
+
+    def breaks(names):
+        import sys
+
+        for name in names:
+            sys.modules[name] = None
+        return "broken"
+
+    def square(x):
+        return x * x
+
+    def yes():
+        return True
+
+    view = lone.load_balanced_view()
+    for names in (["ipylb"], ["ipylb.client.view", "ipylb.dependency"]):
+        assert view.apply_async(breaks, names).get(60) == "broken"
+        assert view.map_async(square, range(6), chunksize=2).get(60) == [0, 1, 4, 9, 16, 25]
+        assert view.apply_async(breaks, names).get(60) == "broken"
+        assert view.apply_async(ipylb.depend(yes)(square), 3).get(60) == 9
+        assert view.apply_async(ipylb.require("os")(square), 4).get(60) == 16

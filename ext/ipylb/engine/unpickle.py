@@ -6,12 +6,18 @@ fails with :class:`ipylb.error.DeserializationError`, which names what could not
 unpickled (the function, or which argument), why, and the two ways out.  To name the
 argument, a second pass (only on failure) unpickles with stand-ins for what does not
 import and looks for them among the arguments.
+
+ipylb's own wrappers (map chunks, ``dependent``, ``require``) are pickled by reference to
+ipylb's modules: a task that broke ``sys.modules['ipylb...']`` (set it to None) would make
+every later one of them fail on that engine, so on such a failure the engine's own modules
+are put back and the unpickling tried once more.
 """
 
 from __future__ import annotations
 
 import io
 import pickle
+import sys
 from typing import Any
 
 import zmq
@@ -20,11 +26,29 @@ from ..error import DeserializationError, safe_str
 from ..serialize import loads
 from ..shm import Segment
 
+# The engine's own ipylb modules, as loaded when it started.
+_OWN = {k: m for k, m in sys.modules.items() if k == "ipylb" or k.startswith("ipylb.")}
+
+
+def _loads(frames: list[Any]) -> Any:
+    """``loads``, and once more after putting ipylb's modules back if a task broke them."""
+    try:
+        return loads(frames)
+    except ImportError as e:
+        name = e.name or ""
+        if not (name == "ipylb" or name.startswith("ipylb.")):
+            raise
+        broken = [k for k, m in _OWN.items() if sys.modules.get(k) is not m]
+        if not broken:
+            raise
+        sys.modules.update((k, _OWN[k]) for k in broken)
+        return loads(frames)
+
 
 def function(frames: list[Any], msg_id: str) -> Any:
     """The task's function from its frames; DeserializationError if it does not unpickle."""
     try:
-        return loads(frames)
+        return _loads(frames)
     except Exception as e:
         missing = _probe(frames)
         what = f"its function ({missing[0][0]})" if missing else "its function"
@@ -35,7 +59,7 @@ def arguments(frames: list[Any], msg_id: str) -> tuple[tuple, dict]:
     """``(args, kwargs)`` from their frames; DeserializationError naming the argument(s)
     that do not unpickle."""
     try:
-        return loads(frames)
+        return _loads(frames)
     except Exception as e:
         raise DeserializationError(_message(msg_id, _which_argument(frames), e)) from None
 
