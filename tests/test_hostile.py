@@ -939,3 +939,24 @@ def test_a_task_that_breaks_sys_modules_ipylb_leaves_ipylbs_wrappers_working(lon
         assert view.apply_async(breaks, names).get(60) == "broken"
         assert view.apply_async(ipylb.depend(yes)(square), 3).get(60) == 9
         assert view.apply_async(ipylb.require("os")(square), 4).get(60) == 16
+
+
+def test_a_task_that_breaks_import_gets_its_engine_restarted_not_deaf(lone):
+    """builtins.__import__ = None: the engine failed inside its receive callback, the socket's
+    edge was consumed, and no later task sent there was ever answered (heartbeat fine)."""
+
+    def breaks_import():
+        import builtins
+
+        builtins.__import__ = None
+        return "broken"
+
+    view = lone.load_balanced_view()
+    old = lone.ids[0]
+    assert view.apply_async(breaks_import).get(60) == "broken"
+    lost = view.apply_async(pow, 2, 3)
+    with pytest.raises(ipylb.error.EngineError, match="could not report a task's outcome "
+                       r"\(or receive the next task\)"):
+        lost.get(60)
+    new_engine(lone, old)
+    assert view.apply_async(pow, 2, 4).get(60) == 16

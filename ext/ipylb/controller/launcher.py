@@ -41,8 +41,8 @@ def exit_reason(returncode: int | None) -> str:
         return f"killed by {name}{hint}"
     if returncode == UNREPORTABLE_EXIT:
         return (f"its process exited with code {returncode}: it could not report a task's "
-                "outcome, as a task had broken what the engine uses to (the controller's log "
-                "says how)")
+                "outcome (or receive the next task), as a task had broken what the engine uses "
+                "to (the controller's log says how)")
     return f"its process exited with code {returncode}"
 
 

@@ -487,6 +487,12 @@ class TaskChannel:
                     self._send_done(held)
         except KeyboardInterrupt:  # an interrupt that landed between tasks: nothing to stop
             self.kernel.io_loop.add_callback(self._on_readable)
+        except Exception as e:  # receiving failed (a task broke what it uses: __import__ = None)
+            # Escaping would leave the socket's edge consumed: no task answered again, while
+            # the heartbeat says all is well.  What ran is reported first (finally), then exit.
+            if held:
+                self._send_done(held)
+            self._unreportable(e)
         finally:
             if held:  # (an interrupt between tasks: what is done is still reported)
                 self._send_done(held)
@@ -523,13 +529,13 @@ class TaskChannel:
         wire.send(self.sock, frames)
 
     def _unreportable(self, e: BaseException) -> None:
-        """A task's outcome could not be sent even as an error: a task broke what the engine
-        uses to report (``pickle.dumps = None``, a patched socket).  Serving on would leave
-        this task and every later one unanswered while the heartbeat says all is well, so
-        the engine exits: the controller answers the task (EngineError, or a retry) and
-        restarts the kernel."""
+        """A task's outcome could not be sent even as an error, or the next task could not be
+        received: a task broke what the engine uses (``pickle.dumps = None``, a patched
+        socket, ``builtins.__import__ = None``).  Serving on would leave this task and every
+        later one unanswered while the heartbeat says all is well, so the engine exits: the
+        controller answers the task (EngineError, or a retry) and restarts the kernel."""
         try:
-            self.capture.log(f"ipylb engine {self.engine_id}: could not report a task: "
+            self.capture.log(f"ipylb engine {self.engine_id}: could not report or receive a task: "
                              f"{_safe_name(e)}: {safe_str(e, 1000)}; exiting with code "
                              f"{UNREPORTABLE_EXIT} so that the controller answers it")
         finally:
