@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -116,6 +117,7 @@ def lab(tmp_path, browser_ready):
 
 @pytest.mark.timeout(1500)
 def test_dashboard_renders_and_updates_in_jupyterlab(lab, tmp_path):
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import sync_playwright
 
     base, token = lab
@@ -135,9 +137,16 @@ def test_dashboard_renders_and_updates_in_jupyterlab(lab, tmp_path):
             page.goto(f"{base}/lab/tree/03-dashboard.ipynb?token={token}")
             page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']")
             cells = page.locator(".jp-NotebookPanel .jp-Cell")
-            cells.last.click()
-            page.locator(".lm-MenuBar-item", has_text="Run").click()
-            page.locator(".lm-Menu-item[data-command='notebook:run-all-above']").click()
+            started = page.locator(".jp-InputPrompt", has_text=re.compile(r"\[(\*|\d+)\]"))
+            for _attempt in range(3):  # a loaded machine: Lab may not have taken the click
+                cells.last.click()
+                page.locator(".lm-MenuBar-item", has_text="Run").click()
+                page.locator(".lm-Menu-item[data-command='notebook:run-all-above']").click()
+                try:
+                    started.first.wait_for(timeout=60_000)
+                    break
+                except PlaywrightTimeout:
+                    continue
 
             # Watch the panel while the tasks run, until the cell that waits for them prints.
             dash = page.locator(".ipylb-dash").first

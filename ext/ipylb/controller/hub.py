@@ -478,8 +478,9 @@ class Controller(Requests):
         log.warning("engine %d is gone: %s", engine_id, reason)
         if not self.engine_ident and self.launcher is not None and self.launcher.pending:
             self._broadcast(("restarting", len(self.launcher.pending)))  # before "no engines"
-        self._broadcast(("engine_removed", engine_id))
         self._execute(self.core.handle(ev.EngineRemoved(engine_id, reason, now, idle)))
+        # After its tasks' failures: a client that sees the engine gone sees them failed.
+        self._broadcast(("engine_removed", engine_id))
         self._check_stranded()
 
     def _check_stranded(self) -> None:
