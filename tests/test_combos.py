@@ -154,21 +154,38 @@ def test_a_cpu_timer_a_task_leaves_does_not_kill_the_engine_in_a_later_task(view
     assert ar.engine_id == first.engine_id
 
 
-def test_a_task_that_breaks_what_its_engine_reports_with_still_gets_an_answer():
+def breaks_pickle():
+    import pickle
+
+    pickle.dumps = None
+    return "broken"
+
+
+def breaks_the_socket():
+    import zmq
+
+    zmq.Socket.send = zmq.Socket.send_multipart = None
+    return "broken"
+
+
+def breaks_ipylb_wire():
+    import ipylb.wire
+
+    ipylb.wire.send = None
+    return "broken"
+
+
+@pytest.mark.parametrize("breaks", [breaks_pickle, breaks_the_socket, breaks_ipylb_wire])
+def test_a_task_that_breaks_what_its_engine_reports_with_still_gets_an_answer(breaks):
     """A task that broke pickle.dumps (which the engine packs every report with, its fallback
     error too) was never answered, and its engine took tasks it never answered while its
     heartbeat said all was well.  Now the engine exits: EngineError, and a new engine.
+    The same for a task that breaks the sending itself (zmq.Socket.send = None, or
+    ipylb.wire.send = None): its caller and every later one's waited forever.
     On a cluster of its own: the shared one's engine ids must stay 0 and 1."""
-
-    def breaks_pickle():
-        import pickle
-
-        pickle.dumps = None
-        return "broken"
-
     with ipylb.Client(engines=1) as own:
         t0 = time.monotonic()
-        ar = own.load_balanced_view().apply_async(breaks_pickle)
+        ar = own.load_balanced_view().apply_async(breaks)
         with pytest.raises(EngineError, match="could not report a task's outcome"):
             ar.get(60)
         assert time.monotonic() - t0 < 60

@@ -526,7 +526,12 @@ class TaskChannel:
         except BaseException as e:  # noqa: B036 - a task broke what reporting uses (pickle)
             self._unreportable(e)
         held.clear()
-        wire.send(self.sock, frames)
+        try:
+            wire.send(self.sock, frames)
+        except zmq.ZMQError:
+            raise
+        except BaseException as e:  # noqa: B036 - a task broke the socket (zmq.Socket.send = None)
+            self._unreportable(e)
 
     def _unreportable(self, e: BaseException) -> None:
         """A task's outcome could not be sent even as an error, or the next task could not be
