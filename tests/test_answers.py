@@ -12,12 +12,12 @@ import time
 
 import ipylb
 import pytest
-import zmq
-from ipylb import compat, connection, wire
+from ipylb import connection, wire
 from ipylb.client.asyncresult import Outcome
 from ipylb.controller.hub import Controller
 from ipylb.controller.records import Function, Record, TaskDB, TaskStore
 from ipylb.error import RemoteError, WireError
+from procs import DrivenController
 from test_pending import TIMEOUT, Gate, wait_at_gate
 
 
@@ -174,39 +174,10 @@ def test_a_result_sent_just_before_its_engine_is_declared_dead_is_delivered():
     A real Controller object on real sockets, driven step by step (time is an argument of
     its housekeeping); the engine and the client are plain DEALER sockets of the test."""
     key = wire.new_key()
-    ctl = Controller(key, heartbeat_timeout=5.0)
-    ctx = zmq.Context.instance()
-    socks = []
-
-    def dealer(ident: bytes, url: str) -> zmq.Socket:
-        s = ctx.socket(zmq.DEALER)
-        s.setsockopt(zmq.IDENTITY, ident)
-        s.setsockopt(zmq.LINGER, 0)
-        s.connect(url)
-        socks.append(s)
-        return s
-
-    def serve(sock: zmq.Socket, handler) -> None:  # one turn of the controller's loop
-        assert sock.poll(10_000)
-        ctl._drain(sock, handler)
-
-    def receive(sock: zmq.Socket, signer: wire.Signer):
-        assert sock.poll(10_000)
-        kind, _sender, meta, bufs, _mac = signer.unpack(sock.recv_multipart())
-        return kind, meta, bufs
-
+    d = DrivenController(Controller(key, heartbeat_timeout=5.0), key, "h9")
+    ctl, engine, submit, results, serve = d.ctl, d.engine, d.submit, d.results, d.serve
+    esign, ssign, rsign, receive = d.esign, d.ssign, d.rsign, d.receive
     try:
-        silent_heartbeat = ctx.socket(zmq.ROUTER)  # takes pings, never answers
-        socks.append(silent_heartbeat)
-        hb_port = silent_heartbeat.bind_to_random_port("tcp://127.0.0.1")
-        engine = dealer(b"engine-h9", ctl.engine_url)
-        submit, results = dealer(b"client-h9-s", ctl.client_url), dealer(b"client-h9-r", ctl.client_url)
-        esign = wire.Signer(key, b"engine-h9", ctl.ident)
-        ssign, rsign = wire.Signer(key, b"client-h9-s", ctl.ident), wire.Signer(key, b"client-h9-r")
-        engine.send_multipart(esign.pack(wire.REGISTER, {
-            "heartbeat": f"tcp://127.0.0.1:{hb_port}", "versions": compat.versions(), "pid": 1}))
-        serve(ctl.engines, ctl._on_engine)
-        assert receive(engine, esign)[0] == wire.REGISTERED
         fkey = ssign.bufs_mac([b"function"])  # the function's frames, then the task's
         submit.send_multipart(ssign.pack(
             wire.SUBMIT, (None, (1, fkey, fkey), [("t1", 1, ssign.bufs_mac([b"argument"]))],
@@ -214,7 +185,7 @@ def test_a_result_sent_just_before_its_engine_is_declared_dead_is_delivered():
             [b"function", b"argument"], b""))
         serve(ctl.clients, ctl._on_client)
         assert receive(engine, esign)[:2] == (wire.FUNCTION, (fkey, []))  # once per engine
-        kind, meta, _ = receive(engine, esign)
+        kind, meta = receive(engine, esign)[:2]
         assert (kind, meta) == (wire.TASK, ("t1", fkey))
         now = time.time()
         engine.send_multipart(esign.pack(wire.DONE, ("t1", "ok", now, now, "", "", None),
@@ -223,12 +194,10 @@ def test_a_result_sent_just_before_its_engine_is_declared_dead_is_delivered():
         ctl._housekeeping(time.monotonic() + 60)  # a minute of heartbeat silence: dead
         assert ctl.engine_ident == {}
         ctl._flush_results()  # (the end of the loop's turn)
-        kind, meta, bufs = receive(results, rsign)
+        kind, meta, bufs, _ = receive(results, rsign)
         assert (kind, meta[0], meta[2], bufs) == (wire.RESULT, "t1", "ok", [b"the result"])
     finally:
-        for s in socks:
-            s.close(0)
-        ctl.close()
+        d.close()
 
 
 def test_wait_on_a_msg_id_another_client_submitted_and_this_one_fetched(rc, view, gate):

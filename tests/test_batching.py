@@ -11,10 +11,11 @@ import time
 import ipylb
 import pytest
 import zmq
-from ipylb import compat, wire
+from ipylb import wire
 from ipylb.client import client as client_module
 from ipylb.client.client import Client
 from ipylb.controller.hub import Controller
+from procs import DrivenController
 
 TIMEOUT = 60
 
@@ -165,36 +166,10 @@ def test_results_do_not_wait_for_a_task_whose_function_is_not_known_to_be_short(
 
 def test_tasks_for_one_engine_and_results_for_one_client_go_as_one_message_each():
     key = wire.new_key()
-    ctl = Controller(key, hwm=0)
-    ctx = zmq.Context.instance()
-    socks = []
-
-    def dealer(ident: bytes, url: str) -> zmq.Socket:
-        s = ctx.socket(zmq.DEALER)
-        s.setsockopt(zmq.IDENTITY, ident)
-        s.setsockopt(zmq.LINGER, 0)
-        s.connect(url)
-        socks.append(s)
-        return s
-
-    def receive(sock: zmq.Socket, signer: wire.Signer):
-        assert sock.poll(10_000)
-        kind, _sender, meta, bufs, mac = signer.unpack(sock.recv_multipart())
-        return kind, meta, bufs, mac
-
+    d = DrivenController(Controller(key, hwm=0), key, "b1")
+    ctl, engine, submit, results = d.ctl, d.engine, d.submit, d.results
+    esign, ssign, rsign, receive = d.esign, d.ssign, d.rsign, d.receive
     try:
-        heartbeat = ctx.socket(zmq.ROUTER)
-        socks.append(heartbeat)
-        hb_port = heartbeat.bind_to_random_port("tcp://127.0.0.1")
-        engine = dealer(b"engine-b1", ctl.engine_url)
-        submit, results = dealer(b"client-b1-s", ctl.client_url), dealer(b"client-b1-r", ctl.client_url)
-        esign = wire.Signer(key, b"engine-b1", ctl.ident)
-        ssign, rsign = wire.Signer(key, b"client-b1-s", ctl.ident), wire.Signer(key, b"client-b1-r")
-        engine.send_multipart(esign.pack(wire.REGISTER, {
-            "heartbeat": f"tcp://127.0.0.1:{hb_port}", "versions": compat.versions(), "pid": 1}))
-        assert ctl.engines.poll(10_000)
-        ctl._drain(ctl.engines, ctl._on_engine)
-        assert receive(engine, esign)[0] == wire.REGISTERED
         fkey = ssign.bufs_mac([b"function"])
         tasks = [(f"t{i}", 1, ssign.bufs_mac([f"argument {i}".encode()])) for i in range(3)]
         submit.send_multipart(ssign.pack(
@@ -248,9 +223,7 @@ def test_tasks_for_one_engine_and_results_for_one_client_go_as_one_message_each(
             kind, meta = receive(results, rsign)[:2]
         assert (kind, meta) == (wire.REPLY, (5, True, None))
     finally:
-        for s in socks:
-            s.close(0)
-        ctl.close()
+        d.close()
 
 
 def test_a_batch_is_refused_unless_its_entries_account_for_its_buffers():
