@@ -200,3 +200,67 @@ def test_dashboard_renders_and_updates_in_jupyterlab(lab, tmp_path):
             page.locator(".ipylb-summary", has_text="stopped").wait_for()
         finally:
             context.close()
+
+
+LIVE_CELL = ("%%lb\nimport time\nfor i in range(6):\n    print(f'live line {i}', flush=True)\n"
+             "    time.sleep(0.8)")
+
+
+@pytest.mark.timeout(900)
+def test_live_output_shows_in_the_submitting_cell_while_it_runs(lab, tmp_path):
+    """Issue 15 item 5 as a user sees it: a blocking ``%%lb`` cell in JupyterLab shows its
+    task's lines while the task runs (the cell still busy), in that cell, each line once at
+    the end."""
+    import nbformat
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+    from playwright.sync_api import sync_playwright
+
+    base, token = lab
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("%load_ext ipylb\n%lb_start -n 1"),
+        nbformat.v4.new_code_cell(LIVE_CELL),
+        nbformat.v4.new_code_cell("%lb_stop"),  # (selected: the cells above it run)
+    ], metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                "language": "python"}})
+    nbformat.write(nb, tmp_path / "root" / "live.ipynb")
+    with sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(
+            str(tmp_path / "chromium-profile"), executable_path=CHROMIUM, headless=True,
+            args=CHROMIUM_FLAGS, viewport={"width": 1280, "height": 1000},
+        )
+        try:
+            page = context.new_page()
+            page.set_default_timeout(300_000)
+            page.add_locator_handler(page.locator(".jp-Dialog", has_text="Select Kernel"),
+                                     lambda dialog: dialog.locator(".jp-mod-accept").click())
+            page.goto(f"{base}/lab/tree/live.ipynb?token={token}")
+            page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']")
+            cells = page.locator(".jp-NotebookPanel .jp-CodeCell")
+            live = cells.nth(1)
+            prompt = live.locator(".jp-InputPrompt").first
+            output = live.locator(".jp-OutputArea")
+            for _attempt in range(3):  # a loaded machine: Lab may not have taken the click
+                cells.last.click()
+                page.locator(".lm-MenuBar-item", has_text="Run").click()
+                page.locator(".lm-Menu-item[data-command='notebook:run-all-above']").click()
+                try:
+                    cells.first.locator(".jp-InputPrompt", has_text=re.compile(
+                        r"\[(\*|\d+)\]")).wait_for(timeout=60_000)
+                    break
+                except PlaywrightTimeout:
+                    continue
+            output.filter(has_text="live line 1").wait_for()
+            # While the lines arrive the cell is still running: they are live, not the end.
+            busy_text = output.inner_text()
+            assert "[*]" in prompt.inner_text(), (prompt.inner_text(), busy_text)
+            assert "live line 5" not in busy_text
+            ARTIFACTS.mkdir(exist_ok=True)
+            live.screenshot(path=str(ARTIFACTS / "browser-live-output.png"))
+            live.locator(".jp-InputPrompt", has_text=re.compile(r"\[\d+\]")).wait_for()
+            final = output.inner_text()
+            assert [final.count(f"live line {i}") for i in range(6)] == [1] * 6, final
+            assert page.locator(".jp-OutputArea-output", has_text="live line").count() >= 1
+            # ... and nothing of it leaked into the other cells
+            assert "live line" not in cells.nth(0).locator(".jp-OutputArea").inner_text()
+        finally:
+            context.close()
