@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -218,3 +219,32 @@ def test_a_controller_that_never_says_ready_is_not_waited_on_forever():
     assert read_ready(silent, timeout=1.0) == "it said nothing within 1 s (killed)"
     assert silent.wait(5) == -signal.SIGKILL
     assert time.monotonic() - t0 < 5
+
+
+def test_a_stall_of_the_client_is_not_taken_for_the_controllers(runtime, monkeypatch):
+    """The client's own stall (its receiving thread held up within a drain of results longer
+    than CONTROLLER_TIMEOUT_S: a loaded machine, a long flood of results, this process
+    descheduled) is not the controller's silence: the controller answered all along, so it
+    is still there after the stall, and the task's result is delivered.  Before, silence was
+    counted from the start of the drain and the cluster was declared gone the moment the
+    stall ended, without one ping asking it (ipylb bench under load, stall.md)."""
+    monkeypatch.setattr(link, "CONTROLLER_TIMEOUT_S", 2.0)
+    rc = ipylb.Client(engines=1)
+    try:
+        view = rc.load_balanced_view()
+        assert view.apply_sync(abs, -1) == 1
+        deliver, stalled = rc._on_result, threading.Event()
+
+        def stall_once(*args):
+            if not stalled.is_set():  # the receiving thread, inside its drain
+                stalled.set()
+                threading.Event().wait(2.5 * link.CONTROLLER_TIMEOUT_S)
+            deliver(*args)
+
+        rc._on_result = stall_once
+        assert view.apply_async(abs, -2).get(timeout=60) == 2
+        assert stalled.is_set()
+        assert view.apply_sync(abs, -3) == 3  # still connected: not declared gone
+        assert rc._gone is None
+    finally:
+        rc.close()

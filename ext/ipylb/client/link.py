@@ -35,8 +35,12 @@ __all__ = ["Link", "LOCAL_URLS", "ADD_ENGINES"]
 FAILURES_KEPT = 1000
 # Controller liveness: after this much silence the receiving thread pings the controller
 # (a request it answers at once, from its main loop); after CONTROLLER_TIMEOUT_S of silence
-# the controller counts as gone (stopped, hung, or unreachable).  A controller on this machine
-# is also watched through its process (pid), which tells within PID_CHECK_S.
+# the controller counts as gone (stopped, hung, or unreachable), provided a ping left at least
+# CONTROLLER_TIMEOUT_S - PING_AFTER_S before and nothing came since: silence is counted from
+# when this thread last read the socket dry, so a stall of this thread (or of this whole
+# process: descheduled under load, stopped, a long drain of results) is never taken for the
+# controller's.  A controller on this machine is also watched through its process (pid),
+# which tells within PID_CHECK_S.
 PING_AFTER_S = 1.0
 CONTROLLER_TIMEOUT_S = 10.0
 PID_CHECK_S = 0.5
@@ -146,12 +150,12 @@ class Link:
             # silent for its forget_after (results flowing to us are not heard from us).
             keepalive = min(float(self._info.get("forget_after") or 300.0) / 4, 60.0)
             heard = pinged = checked = time.monotonic()
+            asked = None  # when the first ping since `heard` left (None: none has)
             while not self._closed:
                 ready = poller.poll(200)
                 if ready and ready[-1][0] is monitor:  # listed in registration order
                     broken = self._link_event(sock, signer, monitor, hello, broken)
                 if ready and ready[0][0] is sock:
-                    heard = time.monotonic()
                     while True:
                         try:
                             frames = recv(sock)
@@ -163,6 +167,9 @@ class Link:
                             continue
                         except Exception:  # a bug here must not stop results arriving
                             traceback.print_exc()
+                    # Heard until the socket ran dry, not when the drain began: a drain
+                    # (or a stall of ours within it) longer than the timeout is no silence.
+                    heard, asked = time.monotonic(), None
                 now = time.monotonic()
                 if now - checked < PID_CHECK_S and self._gone is None:
                     continue  # (results flowing: the checks below twice a second at most)
@@ -170,7 +177,9 @@ class Link:
                 if reason is None:
                     checked = now
                     reason = self._controller_exited()
-                if reason is None and now - heard > CONTROLLER_TIMEOUT_S:
+                if reason is None and now - heard > CONTROLLER_TIMEOUT_S and asked is not None \
+                        and now - asked > CONTROLLER_TIMEOUT_S - PING_AFTER_S \
+                        and not sock.poll(0):  # (an answer came while this thread stalled)
                     reason = (f"it has not answered for {now - heard:.0f} s (stopped, hung, or "
                               "the network to it is down)")
                 if reason is not None:
@@ -181,6 +190,8 @@ class Link:
                     with contextlib.suppress(zmq.Again):
                         wire.send(sock, signer.pack(wire.REQUEST, (-1, "ping", None)))
                     pinged = now
+                    if asked is None and now - heard > PING_AFTER_S:
+                        asked = now
             with contextlib.suppress(zmq.Again):
                 wire.send(sock, signer.pack(wire.BYE, None))
         finally:
