@@ -7,6 +7,7 @@ started with the real ``ipylb`` command, killed or stopped under clients that wa
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -245,6 +246,25 @@ def test_a_stall_of_the_client_is_not_taken_for_the_controllers(runtime, monkeyp
         assert view.apply_async(abs, -2).get(timeout=60) == 2
         assert stalled.is_set()
         assert view.apply_sync(abs, -3) == 3  # still connected: not declared gone
+        assert rc._gone is None
+    finally:
+        rc.close()
+
+
+def test_a_client_process_holding_the_gil_does_not_lose_its_controller(runtime, monkeypatch):
+    """The stall seen in ``ipylb bench`` under load: the client's main thread held the GIL
+    for over CONTROLLER_TIMEOUT_S (a full garbage collection of an 800 MB heap), so the
+    receiving thread, back from an empty poll, found the controller "silent" that long and
+    gave it up at once, though it had not been pinged meanwhile.  Here a C call holds the GIL
+    (libc's sleep through ctypes.PyDLL, which does not release it) for 2.5 timeouts; the
+    controller is asked once the stall ends, answers, and the client goes on."""
+    monkeypatch.setattr(link, "CONTROLLER_TIMEOUT_S", 2.0)
+    rc = ipylb.Client(engines=1)
+    try:
+        view = rc.load_balanced_view()
+        assert view.apply_sync(abs, -1) == 1
+        ctypes.PyDLL(None).sleep(int(2.5 * link.CONTROLLER_TIMEOUT_S))  # GIL held throughout
+        assert view.apply_sync(abs, -2) == 2
         assert rc._gone is None
     finally:
         rc.close()
