@@ -31,6 +31,10 @@ class Farm:
     skips: frozenset[str] = frozenset()
 
     def start(self, n: int) -> Any: ...
+    # Stop the cluster and drop the client (or pool): a stopped farm held every result and
+    # metadata of its round (ipyparallel's rc.results), hundreds of MB after a few rounds,
+    # which made each full garbage collection of the bench process take seconds under load,
+    # GIL held, inside the next farm's timed workloads (and starved ipylb's client: stall.md).
     def stop(self) -> None: ...
     def view(self) -> Any: ...
 
@@ -48,6 +52,7 @@ class Ipylb(Farm):
 
     def stop(self) -> None:
         self.rc.shutdown()
+        del self.rc
 
     def view(self) -> Any:
         return self.rc.load_balanced_view()
@@ -77,6 +82,7 @@ class IpylbStandalone(Ipylb):
 
         self.rc.stop_cluster()
         self.rc.close()
+        del self.rc
         connection.log_file(self.profile).unlink(missing_ok=True)  # a benchmark's, not a user's
 
 
@@ -93,6 +99,7 @@ class Ipyparallel(Farm):
     def stop(self) -> None:
         self.rc.close()
         self.cluster.stop_cluster_sync()
+        del self.rc, self.cluster
 
     def view(self) -> Any:
         return self.rc.load_balanced_view()
@@ -144,6 +151,7 @@ class ProcessPool(Farm):
 
     def stop(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
+        del self.pool
 
     def view(self) -> Any:
         return _PoolView(self.pool)
