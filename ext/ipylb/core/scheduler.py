@@ -376,8 +376,8 @@ class Scheduler(Placement, Dependencies, Failures, Deadlines, Pipelining, Valida
     def _submit_slow(self, t: Task, ev: TaskSubmitted, out: list[Command]) -> None:
         """Submission with dependencies and/or a timeout."""
         x = t.x = Extra()
-        x.submitted = ev.time
-        x.walltime = ev.walltime or 0.0
+        if ev.walltime:
+            x.walltime = ev.walltime
         after = ev.after if ev.after is not None and ev.after.ids else None
         follow = ev.follow if ev.follow is not None and ev.follow.ids else None
         tasks = self._tasks
@@ -392,6 +392,7 @@ class Scheduler(Placement, Dependencies, Failures, Deadlines, Pipelining, Valida
             return
         if ev.timeout:
             x.timeout = ev.timeout
+            x.submitted = ev.time
             t.deadline = ev.time + ev.timeout
             self._push_deadline(t)
         if ev.targets is not None:
@@ -415,8 +416,9 @@ class Scheduler(Placement, Dependencies, Failures, Deadlines, Pipelining, Valida
                     why, cause = w, d
             else:
                 if d.dependents is None:
-                    d.dependents = []
-                d.dependents.append(t)
+                    d.dependents = [t]  # exact size: most tasks have one dependent
+                else:
+                    d.dependents.append(t)
         if why is None:
             why = self._when_dead(t)
         if why is not None:
