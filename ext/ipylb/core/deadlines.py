@@ -147,14 +147,14 @@ class Deadlines:
 
     def _push_deadline(self, t: Task) -> None:
         self._dl_count += 1
-        heapq.heappush(self._deadlines, (t.deadline, self._dl_count, t))  # type: ignore[arg-type]
+        heapq.heappush(self._deadlines, (t.x.deadline, self._dl_count, t))  # type: ignore[arg-type]
 
     def _expire(self, now: float, out: list[Command]) -> None:
         """Fail every unassigned task whose deadline is due."""
         dl = self._deadlines
         while dl and dl[0][0] <= now:
             deadline, _, t = heapq.heappop(dl)
-            if t.deadline == deadline and (t.state is WAITING or t.state is READY):
+            if t.x.deadline == deadline and (t.state is WAITING or t.state is READY):
                 self._fail_timeout(t, out)
 
     def _fail_timeout(self, t: Task, out: list[Command]) -> None:

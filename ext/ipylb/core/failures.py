@@ -22,7 +22,7 @@ class Failures:
         if x.failed_on is None:
             x.failed_on = set()
         x.failed_on.add(e)
-        t.deadline = None  # it ran: the timeout no longer applies
+        x.deadline = None  # it ran: the timeout no longer applies
         self._requeue(t, f"{what}, retrying ({t.retries} left)")
 
     def _attempt_failed(self, t: Task, e: Engine, error: str, message: str,
@@ -45,8 +45,8 @@ class Failures:
             self._unassigned -= 1
         t.state = FAILED
         t.engine = None
-        t.deadline = None
         x = extra(t)
+        x.deadline = None
         self._ready_excl.discard(t)
         x.why = why or message
         cx = cause.x if cause is not None and cause.state is FAILED else None

@@ -208,7 +208,7 @@ class Pipelining:
         if thief.alive and thief.load < self._cap and (x is None or unrestricted(x)
                                                        or self._eligible(t, thief)):
             self._assign(t, thief, out)
-        elif t.deadline is not None:
+        elif x is not None and x.deadline is not None:
             self._push_deadline(t)
 
     def _pipe_settle(self, out: list[Command]) -> None:

@@ -91,7 +91,7 @@ class Placement:
         if not freed and len(fresh) == 1:  # the usual case: one new task, no freed slot
             t = fresh.pop()
             if t.state is READY:
-                if t.deadline is not None and t.deadline <= self._now:
+                if (x := t.x) is not None and x.deadline is not None and x.deadline <= self._now:
                     self._fail_timeout(t, out)
                 else:
                     self._place(t, out)
@@ -104,7 +104,7 @@ class Placement:
             for t in batch:
                 if t.state is not READY:
                     continue
-                if t.deadline is not None and t.deadline <= self._now:
+                if (x := t.x) is not None and x.deadline is not None and x.deadline <= self._now:
                     self._fail_timeout(t, out)
                 elif self._enqueue(t, out):
                     queued.append(t)
@@ -129,17 +129,18 @@ class Placement:
     def _enqueue_on(self, t: Task, cands: list[Engine], out: list[Command]) -> bool:
         """Queue constrained ready task ``t`` on its candidate engines ``cands``; with none,
         fail it if it is impossible (False), else it waits for an engine."""
-        t.gen += 1
+        x: Extra = t.x  # type: ignore[assignment]  # constrained: it has one
+        x.gen += 1
         if not cands:
             why = self._stuck(t)
             if why is not None:
                 self._fail_impossible(t, why, out)
                 return False
         else:
-            entry = (t.seq, t.gen, t)
+            entry = (t.seq, x.gen, t)
             for e in cands:
                 heapq.heappush(e.heap, entry)
-        if t.x.follow is None:  # type: ignore[union-attr]
+        if x.follow is None:
             self._ready_excl.add(t)
         return True
 
@@ -249,7 +250,7 @@ class Placement:
         h = e.heap
         while h:
             seq, gen, t = h[0]
-            if t.gen == gen and t.state is READY and self._eligible(t, e):
+            if t.x.gen == gen and t.state is READY and self._eligible(t, e):
                 if best is None or seq < best.seq:
                     best, src = t, 3
                 break

@@ -268,7 +268,7 @@ class Scheduler(Placement, Dependencies, Failures, Deadlines, Pipelining, Valida
         first = None
         while dl:
             deadline, _, t = dl[0]
-            if t.deadline == deadline and (t.state is WAITING or t.state is READY):
+            if t.x.deadline == deadline and (t.state is WAITING or t.state is READY):
                 first = deadline
                 break
             heapq.heappop(dl)
@@ -393,7 +393,7 @@ class Scheduler(Placement, Dependencies, Failures, Deadlines, Pipelining, Valida
         if ev.timeout:
             x.timeout = ev.timeout
             x.submitted = ev.time
-            t.deadline = ev.time + ev.timeout
+            x.deadline = ev.time + ev.timeout
             self._push_deadline(t)
         if ev.targets is not None:
             x.targets = frozenset(ev.targets)
@@ -460,7 +460,7 @@ class Scheduler(Placement, Dependencies, Failures, Deadlines, Pipelining, Valida
             self._story.append((t.id, ASSIGNED, DONE, "error", self._now))
             out.append(Deliver(t.id))
         if x is not None:
-            t.deadline = None
+            x.deadline = None
             self._drop_follow_links(t)
         if t.dependents:
             self._finished(t, out)
@@ -487,7 +487,7 @@ class Scheduler(Placement, Dependencies, Failures, Deadlines, Pipelining, Valida
                        why=f"{t.id} was aborted")
             return
         self._requeue(t, f"refused by engine {e.id}")
-        if t.deadline is not None:
+        if t.x is not None and t.x.deadline is not None:
             self._push_deadline(t)
 
     def _on_engine_added(self, ev: EngineAdded, out: list[Command]) -> None:
@@ -510,7 +510,7 @@ class Scheduler(Placement, Dependencies, Failures, Deadlines, Pipelining, Valida
             # narrow lazily (the entries fail their eligibility check).
             for t in sorted(self._ready_excl, key=by_seq):
                 if self._eligible(t, e):
-                    heapq.heappush(e.heap, (t.seq, t.gen, t))
+                    heapq.heappush(e.heap, (t.seq, t.x.gen, t))
         self._freed.append(e)
 
     def _on_engine_removed(self, ev: EngineRemoved, out: list[Command]) -> None:
@@ -554,7 +554,7 @@ class Scheduler(Placement, Dependencies, Failures, Deadlines, Pipelining, Valida
                            why=f"{t.id} was aborted")
             else:  # queued behind: back to the queue, no retry used
                 self._requeue(t, f"engine {e.id} died before it started")
-                if t.deadline is not None:
+                if t.x is not None and t.x.deadline is not None:
                     self._push_deadline(t)
         # Tasks whose follow deps ran on the dead engine, and ready tasks with
         # exclusions (whose candidates may have shrunk, or widened back to the

@@ -124,6 +124,8 @@ class Extra:
         "f_engines",  # follow all=False: engines where counted deps ran
         "targets",  # frozenset of engine ids it may run on, or None (any)
         "rare",  # Rare | None
+        "deadline",  # when it times out unless started (None: no timeout)
+        "gen",  # bumped on each constrained queueing; engine heap entries of older gens are stale
     )
 
     def __init__(self) -> None:
@@ -133,6 +135,8 @@ class Extra:
         self.f_engines: set[Engine] | None = None
         self.targets: frozenset[int] | None = None
         self.rare: Rare | None = None
+        self.deadline: float | None = None
+        self.gen = 0
 
 
 for _name in Rare.__slots__:
@@ -143,7 +147,8 @@ del _name
 class Task:
     """One task: its state and where it is, plus rare details in ``x``."""
 
-    __slots__ = ("id", "seq", "state", "engine", "retries", "ok", "deadline", "dependents", "x", "gen")
+    # 8 slots: 96 bytes with the GC header (a 9th would make it 112: pymalloc's 16-byte classes)
+    __slots__ = ("id", "seq", "state", "engine", "retries", "ok", "dependents", "x")
 
     def __init__(self, task_id: str, seq: int, retries: int) -> None:
         self.id = task_id
@@ -152,10 +157,8 @@ class Task:
         self.engine: Engine | None = None  # assigned to / ran on (None if failed by us)
         self.retries = retries if retries > 0 else 0  # attempts left after a failure
         self.ok = False  # when done: the engine reported success
-        self.deadline: float | None = None
         self.dependents: list[Task] | None = None
-        self.x: Extra | None = None
-        self.gen = 0  # bumped on each (re)queueing; heap entries of older gens are stale
+        self.x: Extra | None = None  # also holds its deadline, if it has a timeout
 
     def __repr__(self) -> str:
         return f"<task {self.id} {self.state}>"

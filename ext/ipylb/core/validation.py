@@ -49,7 +49,7 @@ class Validation:
             if s is WAITING or s is READY:
                 unassigned += 1
                 need(t.engine is None, f"{t} unassigned but has an engine")
-                need(t.deadline is None or t.deadline > self._now,
+                need(t.x is None or t.x.deadline is None or t.x.deadline > self._now,
                      f"{t} is past its deadline but still unassigned")
             if s is ASSIGNED:
                 n_assigned += 1
@@ -74,7 +74,7 @@ class Validation:
                     need(not any(e.load < cap for e in cands),
                          f"{t} ready while its candidate engines {cands} have free slots")
                     for e in cands:
-                        need((e.id, id(t), t.gen) in heap_entries, f"{t} missing from {e}'s queue")
+                        need((e.id, id(t), t.x.gen) in heap_entries, f"{t} missing from {e}'s queue")
                     if x.follow is None:
                         need(t in self._ready_excl, f"{t} ready with exclusions but not tracked")
                     if not cands:
