@@ -268,3 +268,34 @@ def test_a_client_process_holding_the_gil_does_not_lose_its_controller(runtime, 
         assert rc._gone is None
     finally:
         rc.close()
+
+
+def test_a_ping_that_leaves_late_is_counted_from_when_it_left(runtime, monkeypatch):
+    """The receiving thread stalls between deciding to ping and the ping leaving (under
+    load: the GIL held by a 13 s garbage collection in the middle of the send), and the
+    controller then takes longer than one poll to answer.  The ping's age counts from when
+    it left: before, it counted from the decision, so the ping looked 13 s unanswered the
+    moment it left and a live controller was given up on (seen in ipylb bench, stall.md)."""
+    monkeypatch.setattr(link, "CONTROLLER_TIMEOUT_S", 2.0)
+    rc = ipylb.Client(engines=1)
+    pid = rc.cluster_info["pid"]
+    send, late = link.wire.send, threading.Event()
+
+    def send_late(sock, frames):
+        if threading.current_thread().name == "ipylb-client-receiver" and not late.is_set():
+            late.set()  # the first ping after a silence: the stall, then a slow answer
+            ctypes.PyDLL(None).sleep(int(2.5 * link.CONTROLLER_TIMEOUT_S))  # GIL held
+            os.kill(pid, signal.SIGSTOP)
+            threading.Timer(0.5, os.kill, (pid, signal.SIGCONT)).start()
+        return send(sock, frames)
+
+    try:
+        view = rc.load_balanced_view()
+        assert view.apply_sync(abs, -1) == 1
+        monkeypatch.setattr(link.wire, "send", send_late)
+        assert late.wait(60)  # the receiving thread pinged (after PING_AFTER_S of silence)
+        assert rc.queue_status(timeout=30)["unassigned"] == 0  # answered: not given up on
+        assert rc._gone is None
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        rc.close()

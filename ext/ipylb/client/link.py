@@ -191,7 +191,9 @@ class Link:
                         wire.send(sock, signer.pack(wire.REQUEST, (-1, "ping", None)))
                     pinged = now
                     if asked is None and now - heard > PING_AFTER_S:
-                        asked = now
+                        # When it left, not `now`: this thread may have stalled in between
+                        # (a ping sent after a 13 s stall had been counted 13 s old).
+                        asked = time.monotonic()
             with contextlib.suppress(zmq.Again):
                 wire.send(sock, signer.pack(wire.BYE, None))
         finally:
