@@ -144,8 +144,10 @@ def test_a_chatty_task_gets_a_bounded_number_of_capped_reports(view, monkeypatch
     assert 1 <= len(live) <= seconds / LIVE_S + 2, len(live)
     assert all(len(t.encode()) <= LIVE_BYTES + 200 for t in live)
     assert any(SKIPPED in t for t in live), "a chatty task's reports say what they skipped"
-    # What came after the last report is printed once, and ends the text as the result does.
-    assert out.writes[-1][1] is True and ar.stdout.endswith(out.writes[-1][0])
+    # What came after the last report is printed once, and ends the text as the result does
+    # (the last report may already hold the end, when the engine reported after the last
+    # print: then nothing is left to print at the end).
+    assert ar.stdout.endswith(out.writes[-1][0])
 
 
 def invalid_utf8_slowly(n, pause):

@@ -369,8 +369,10 @@ def test_interrupting_the_kernel_leaves_the_cluster_it_started_serving(tmp_path)
     try:
         reply = kc.execute_interactive("%load_ext ipylb\n%lb_start -n 1 -o rc", timeout=60)
         assert reply["content"]["status"] == "ok", reply["content"]
+        # (stop_on_error=False: ipykernel would abort requests that reach it right after
+        # the interrupt's error, and the next one is sent at once)
         msg_id = kc.execute("%%lb -o cell\nimport time\nprint('started', flush=True)\n"
-                            "time.sleep(2)\n'ran on'")
+                            "time.sleep(2)\n'ran on'", stop_on_error=False)
         deadline = time.monotonic() + 60
         while True:  # the task runs: its live output came
             msg = kc.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
