@@ -11,7 +11,7 @@ TaskDone pair with every engine but one busy (the free one anywhere in LRU
 order: where a scan over engines would show).  Times are this process's CPU time
 (``time.process_time``), so a machine shared with other jobs skews them less; the GC-paused
 figure is also split into user and kernel (sys) time, with the minor page faults per
-event: a queue of a million tasks keeps ~360 bytes each, and the kernel's first touches of
+event: a queue of a million tasks keeps ~280 bytes each (half of them with dependencies), and the kernel's first touches of
 that memory are a cost that grows with the queue while the core's own steps do not
 (tests/core/test_scale.py counts them).
 

@@ -415,10 +415,13 @@ class Scheduler(Placement, Dependencies, Failures, Deadlines, Pipelining, Valida
                 if w is not None and why is None:
                     why, cause = w, d
             else:
-                if d.dependents is None:
-                    d.dependents = [t]  # exact size: most tasks have one dependent
+                ds = d.dependents
+                if ds is None:  # most tasks have one dependent: a 1-tuple, 48 bytes
+                    d.dependents = (t,)
+                elif ds.__class__ is tuple:
+                    d.dependents = [ds[0], t]
                 else:
-                    d.dependents.append(t)
+                    ds.append(t)  # type: ignore[union-attr]
         if why is None:
             why = self._when_dead(t)
         if why is not None:

@@ -157,7 +157,7 @@ class Task:
         self.engine: Engine | None = None  # assigned to / ran on (None if failed by us)
         self.retries = retries if retries > 0 else 0  # attempts left after a failure
         self.ok = False  # when done: the engine reported success
-        self.dependents: list[Task] | None = None
+        self.dependents: tuple[Task] | list[Task] | None = None  # (t,) while one, then a list
         self.x: Extra | None = None  # also holds its deadline, if it has a timeout
 
     def __repr__(self) -> str:
