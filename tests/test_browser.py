@@ -14,6 +14,7 @@ is skipped locally and fails under CI=true.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -115,17 +116,17 @@ def lab(tmp_path, browser_ready):
         log.close()
 
 
-@pytest.mark.timeout(1500)
-def test_dashboard_renders_and_updates_in_jupyterlab(lab, tmp_path):
-    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+@contextlib.contextmanager
+def _notebook_page(lab: tuple[str, str], tmp_path: Path, notebook: str, height: int):
+    """A headless Chromium page on ``notebook`` in the JupyterLab of ``lab``, its kernel
+    idle; closed on exit."""
     from playwright.sync_api import sync_playwright
 
     base, token = lab
-    ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as p:
         context = p.chromium.launch_persistent_context(
             str(tmp_path / "chromium-profile"), executable_path=CHROMIUM, headless=True,
-            args=CHROMIUM_FLAGS, viewport={"width": 1280, "height": 1600},
+            args=CHROMIUM_FLAGS, viewport={"width": 1280, "height": height},
         )
         try:
             page = context.new_page()
@@ -134,72 +135,87 @@ def test_dashboard_renders_and_updates_in_jupyterlab(lab, tmp_path):
             # one kernel it may offer is the notebook's own.
             page.add_locator_handler(page.locator(".jp-Dialog", has_text="Select Kernel"),
                                      lambda dialog: dialog.locator(".jp-mod-accept").click())
-            page.goto(f"{base}/lab/tree/03-dashboard.ipynb?token={token}")
+            page.goto(f"{base}/lab/tree/{notebook}?token={token}")
             page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']")
-            cells = page.locator(".jp-NotebookPanel .jp-Cell")
-            started = page.locator(".jp-InputPrompt", has_text=re.compile(r"\[(\*|\d+)\]"))
-            for _attempt in range(3):  # a loaded machine: Lab may not have taken the click
-                cells.last.click()
-                page.locator(".lm-MenuBar-item", has_text="Run").click()
-                page.locator(".lm-Menu-item[data-command='notebook:run-all-above']").click()
-                try:
-                    started.first.wait_for(timeout=60_000)
-                    break
-                except PlaywrightTimeout:
-                    continue
-
-            # Watch the panel while the tasks run, until the cell that waits for them prints.
-            dash = page.locator(".ipylb-dash").first
-            depth = page.locator(".ipylb-queue-depth").first
-            waiter = cells.filter(has_text="amr.wait_interactive()")
-            failures = page.locator("tr.ipylb-failure")
-            simulate = page.locator(".ipylb-sub[data-name='simulate'] .ipylb-counts").first
-            bars = page.locator(".ipylb-stream svg g.curve")  # bqplot: a line per task (3 dummies)
-            try:
-                depth.wait_for(timeout=120_000)
-            except Exception:  # what the page shows instead, for whoever reads the failure
-                page.screenshot(path=str(ARTIFACTS / "browser-failure.png"), full_page=True)
-                raise
-            simulate.wait_for()  # the labelled map's progress bar
-            page.locator(".ipylb-stream svg").first.wait_for()
-            depths: list[int] = []
-            progress: list[str] = []
-            shots: list[bytes] = []
-            live_shot = ARTIFACTS / "dashboard-live.png"
-            live_shot.unlink(missing_ok=True)
-            deadline = time.monotonic() + 900  # a backstop only
-            while "WalltimeExceeded" not in waiter.locator(".jp-OutputArea").inner_text():
-                assert time.monotonic() < deadline, "the notebook did not finish in 900 s"
-                depths.append(int(depth.inner_text()))
-                if simulate.count():
-                    progress.append(simulate.inner_text())
-                if len(shots) < 2 and bars.count() > 10 and failures.count() >= 2 and (
-                        not shots or progress[-1] != progress[0]):
-                    # mid-run, twice: stream, bars and table drawn, and different
-                    shots.append(dash.screenshot(path=str(live_shot)))
-                page.wait_for_timeout(100)
-
-            assert len(shots) == 2 and shots[0] != shots[1], "no two different live screenshots"
-            page.locator("tr.ipylb-failure[data-ename='WalltimeExceeded']").wait_for()
-            assert page.locator("tr.ipylb-engine").count() == 2
-            assert len(set(progress)) >= 3, progress  # the map's bar moved, live
-            assert max(depths) > 0, depths
-            assert bars.count() > 10  # the task stream
-            assert "CPU %" in page.locator("table.ipylb-engines").inner_text()
-            enames = {failures.nth(i).get_attribute("data-ename") for i in range(failures.count())}
-            assert enames == {"RuntimeError", "ImpossibleDependency", "DependencyTimeout",
-                              "WalltimeExceeded"}
-            assert "cannot run" in page.locator("tr.ipylb-failure[data-ename='ImpossibleDependency']").first.inner_text()
-            assert "└─" in page.locator(".ipylb-tree").first.inner_text()  # the chain's tree
-            page.screenshot(path=str(ARTIFACTS / "browser-03-dashboard.png"), full_page=True)
-            page.locator(".ipylb-dash").first.screenshot(path=str(ARTIFACTS / "dashboard.png"))
-
-            cells.last.click()
-            page.locator(".lm-MenuBar-item", has_text="Run").click()
-            page.locator(".lm-Menu-item[data-command='notebook:run-cell']").click()
-            page.locator(".ipylb-summary", has_text="stopped").wait_for()
+            yield page
         finally:
             context.close()
+
+
+def _run_all_above(page, cells) -> None:
+    """Run the cells above the last one (Run menu), again should Lab not have taken the
+    click (no cell started within 60 s on a loaded machine)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    started = page.locator(".jp-InputPrompt", has_text=re.compile(r"\[(\*|\d+)\]"))
+    for _attempt in range(3):
+        cells.last.click()
+        page.locator(".lm-MenuBar-item", has_text="Run").click()
+        page.locator(".lm-Menu-item[data-command='notebook:run-all-above']").click()
+        try:
+            started.first.wait_for(timeout=60_000)
+            return
+        except PlaywrightTimeout:
+            continue
+
+
+@pytest.mark.timeout(1500)
+def test_dashboard_renders_and_updates_in_jupyterlab(lab, tmp_path):
+    ARTIFACTS.mkdir(exist_ok=True)
+    with _notebook_page(lab, tmp_path, "03-dashboard.ipynb", 1600) as page:
+        cells = page.locator(".jp-NotebookPanel .jp-Cell")
+        _run_all_above(page, cells)
+
+        # Watch the panel while the tasks run, until the cell that waits for them prints.
+        dash = page.locator(".ipylb-dash").first
+        depth = page.locator(".ipylb-queue-depth").first
+        waiter = cells.filter(has_text="amr.wait_interactive()")
+        failures = page.locator("tr.ipylb-failure")
+        simulate = page.locator(".ipylb-sub[data-name='simulate'] .ipylb-counts").first
+        bars = page.locator(".ipylb-stream svg g.curve")  # bqplot: a line per task (3 dummies)
+        try:
+            depth.wait_for(timeout=120_000)
+        except Exception:  # what the page shows instead, for whoever reads the failure
+            page.screenshot(path=str(ARTIFACTS / "browser-failure.png"), full_page=True)
+            raise
+        simulate.wait_for()  # the labelled map's progress bar
+        page.locator(".ipylb-stream svg").first.wait_for()
+        depths: list[int] = []
+        progress: list[str] = []
+        shots: list[bytes] = []
+        live_shot = ARTIFACTS / "dashboard-live.png"
+        live_shot.unlink(missing_ok=True)
+        deadline = time.monotonic() + 900  # a backstop only
+        while "WalltimeExceeded" not in waiter.locator(".jp-OutputArea").inner_text():
+            assert time.monotonic() < deadline, "the notebook did not finish in 900 s"
+            depths.append(int(depth.inner_text()))
+            if simulate.count():
+                progress.append(simulate.inner_text())
+            if len(shots) < 2 and bars.count() > 10 and failures.count() >= 2 and (
+                    not shots or progress[-1] != progress[0]):
+                # mid-run, twice: stream, bars and table drawn, and different
+                shots.append(dash.screenshot(path=str(live_shot)))
+            page.wait_for_timeout(100)
+
+        assert len(shots) == 2 and shots[0] != shots[1], "no two different live screenshots"
+        page.locator("tr.ipylb-failure[data-ename='WalltimeExceeded']").wait_for()
+        assert page.locator("tr.ipylb-engine").count() == 2
+        assert len(set(progress)) >= 3, progress  # the map's bar moved, live
+        assert max(depths) > 0, depths
+        assert bars.count() > 10  # the task stream
+        assert "CPU %" in page.locator("table.ipylb-engines").inner_text()
+        enames = {failures.nth(i).get_attribute("data-ename") for i in range(failures.count())}
+        assert enames == {"RuntimeError", "ImpossibleDependency", "DependencyTimeout",
+                          "WalltimeExceeded"}
+        assert "cannot run" in page.locator("tr.ipylb-failure[data-ename='ImpossibleDependency']").first.inner_text()
+        assert "└─" in page.locator(".ipylb-tree").first.inner_text()  # the chain's tree
+        page.screenshot(path=str(ARTIFACTS / "browser-03-dashboard.png"), full_page=True)
+        page.locator(".ipylb-dash").first.screenshot(path=str(ARTIFACTS / "dashboard.png"))
+
+        cells.last.click()
+        page.locator(".lm-MenuBar-item", has_text="Run").click()
+        page.locator(".lm-Menu-item[data-command='notebook:run-cell']").click()
+        page.locator(".ipylb-summary", has_text="stopped").wait_for()
 
 
 LIVE_CELL = ("%%lb\nimport time\nfor i in range(6):\n    print(f'live line {i}', flush=True)\n"
@@ -212,10 +228,7 @@ def test_live_output_shows_in_the_submitting_cell_while_it_runs(lab, tmp_path):
     task's lines while the task runs (the cell still busy), in that cell, each line once at
     the end."""
     import nbformat
-    from playwright.sync_api import TimeoutError as PlaywrightTimeout
-    from playwright.sync_api import sync_playwright
 
-    base, token = lab
     nb = nbformat.v4.new_notebook(cells=[
         nbformat.v4.new_code_cell("%load_ext ipylb\n%lb_start -n 1"),
         nbformat.v4.new_code_cell(LIVE_CELL),
@@ -223,44 +236,22 @@ def test_live_output_shows_in_the_submitting_cell_while_it_runs(lab, tmp_path):
     ], metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
                                 "language": "python"}})
     nbformat.write(nb, tmp_path / "root" / "live.ipynb")
-    with sync_playwright() as p:
-        context = p.chromium.launch_persistent_context(
-            str(tmp_path / "chromium-profile"), executable_path=CHROMIUM, headless=True,
-            args=CHROMIUM_FLAGS, viewport={"width": 1280, "height": 1000},
-        )
-        try:
-            page = context.new_page()
-            page.set_default_timeout(300_000)
-            page.add_locator_handler(page.locator(".jp-Dialog", has_text="Select Kernel"),
-                                     lambda dialog: dialog.locator(".jp-mod-accept").click())
-            page.goto(f"{base}/lab/tree/live.ipynb?token={token}")
-            page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']")
-            cells = page.locator(".jp-NotebookPanel .jp-CodeCell")
-            live = cells.nth(1)
-            prompt = live.locator(".jp-InputPrompt").first
-            output = live.locator(".jp-OutputArea")
-            for _attempt in range(3):  # a loaded machine: Lab may not have taken the click
-                cells.last.click()
-                page.locator(".lm-MenuBar-item", has_text="Run").click()
-                page.locator(".lm-Menu-item[data-command='notebook:run-all-above']").click()
-                try:
-                    cells.first.locator(".jp-InputPrompt", has_text=re.compile(
-                        r"\[(\*|\d+)\]")).wait_for(timeout=60_000)
-                    break
-                except PlaywrightTimeout:
-                    continue
-            output.filter(has_text="live line 1").wait_for()
-            # While the lines arrive the cell is still running: they are live, not the end.
-            busy_text = output.inner_text()
-            assert "[*]" in prompt.inner_text(), (prompt.inner_text(), busy_text)
-            assert "live line 5" not in busy_text
-            ARTIFACTS.mkdir(exist_ok=True)
-            live.screenshot(path=str(ARTIFACTS / "browser-live-output.png"))
-            live.locator(".jp-InputPrompt", has_text=re.compile(r"\[\d+\]")).wait_for()
-            final = output.inner_text()
-            assert [final.count(f"live line {i}") for i in range(6)] == [1] * 6, final
-            assert page.locator(".jp-OutputArea-output", has_text="live line").count() >= 1
-            # ... and nothing of it leaked into the other cells
-            assert "live line" not in cells.nth(0).locator(".jp-OutputArea").inner_text()
-        finally:
-            context.close()
+    with _notebook_page(lab, tmp_path, "live.ipynb", 1000) as page:
+        cells = page.locator(".jp-NotebookPanel .jp-CodeCell")
+        live = cells.nth(1)
+        prompt = live.locator(".jp-InputPrompt").first
+        output = live.locator(".jp-OutputArea")
+        _run_all_above(page, cells)
+        output.filter(has_text="live line 1").wait_for()
+        # While the lines arrive the cell is still running: they are live, not the end.
+        busy_text = output.inner_text()
+        assert "[*]" in prompt.inner_text(), (prompt.inner_text(), busy_text)
+        assert "live line 5" not in busy_text
+        ARTIFACTS.mkdir(exist_ok=True)
+        live.screenshot(path=str(ARTIFACTS / "browser-live-output.png"))
+        live.locator(".jp-InputPrompt", has_text=re.compile(r"\[\d+\]")).wait_for()
+        final = output.inner_text()
+        assert [final.count(f"live line {i}") for i in range(6)] == [1] * 6, final
+        assert page.locator(".jp-OutputArea-output", has_text="live line").count() >= 1
+        # ... and nothing of it leaked into the other cells
+        assert "live line" not in cells.nth(0).locator(".jp-OutputArea").inner_text()
