@@ -13,7 +13,7 @@ from typing import Any
 
 from ipylb.connection import pid_alive
 
-__all__ = ["IPYLB", "DrivenController", "ipylb_cmd", "pid_alive", "wait_gone"]
+__all__ = ["IPYLB", "DrivenController", "ipylb_cmd", "pid_alive", "reap", "wait_gone"]
 
 IPYLB = str(Path(sys.executable).with_name("ipylb"))
 
@@ -22,6 +22,17 @@ def ipylb_cmd(*args: str, timeout: float = 90) -> subprocess.CompletedProcess:
     """Run ``ipylb ARGS`` with no stdin; its output captured as text; ``timeout`` seconds."""
     return subprocess.run([IPYLB, *args], capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL)
+
+
+def reap(procs: Iterable[subprocess.Popen], timeout: float = 10) -> None:
+    """Wait for each of our child ``procs`` to end (``timeout`` seconds each), killing any
+    that does not."""
+    for p in procs:
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 def wait_gone(pids: Iterable[int], timeout: float = 10) -> bool:

@@ -14,6 +14,7 @@ import pytest
 from ipylb import wire
 from ipylb.bench import swarm
 from ipylb.client.local import LocalCluster
+from procs import reap
 
 
 class EventLog(ipylb.Client):
@@ -59,12 +60,7 @@ def swarm_cluster():
     finally:
         for cluster in clusters:
             cluster.stop()
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        reap(procs)
 
 
 def test_engine_events_are_deltas_and_every_client_sees_the_same_engines(swarm_cluster):
@@ -209,9 +205,4 @@ def test_a_forgotten_client_that_comes_back_gets_the_whole_engine_list(tmp_path)
             rc.close()
         proc.terminate()
         proc.wait(10)
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        reap(procs)
