@@ -33,6 +33,8 @@ def scenario(path: str, mark: str) -> dict:
         info = rc.engine_info()
         out["engines"] = {str(k): {"heartbeat": v["heartbeat"], "pid": v["pid"],
                                    "shm_domain": v.get("shm_domain")} for k, v in info.items()}
+        # what the dashboard and `ipylb top` show as each engine's host
+        out["monitor_hosts"] = [e["host"] for e in rc.activity()["engines"].values()]
         v = rc.load_balanced_view()
         out["map"] = v.map_sync(lambda x: x * x, range(32))
         a = v.apply_async(os.getpid)

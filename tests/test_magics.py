@@ -8,6 +8,7 @@ behind.
 
 from __future__ import annotations
 
+import re
 import signal
 import sys
 import threading
@@ -244,6 +245,49 @@ def test_interrupt_aborts_a_task_that_has_not_started(lb, rc, capsys):
     ar = lb.user_ns["ar_int"]
     assert ar.ready() and isinstance(ar.error, TaskAborted)
     assert blockers.get(10) == [0, 1]  # the neighbours ran
+
+
+def test_interrupting_a_cell_whose_task_runs_names_lb_interrupt(lb, rc, capsys):
+    """Issue 10 item 9: the task goes on, and the hint names what a notebook that used the
+    magics has to stop it (%lb_interrupt; it has no `rc` of its own), which then does."""
+    from test_pending import Gate
+
+    gate = Gate()
+    main = threading.main_thread()
+    running = threading.Event()
+
+    def interrupt_once_running():
+        gate.running()  # the cell's task has connected: it runs on an engine now
+        running.set()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            frame = sys._current_frames().get(main.ident)
+            while frame is not None and frame.f_code.co_name != "_wait":
+                frame = frame.f_back
+            if frame is not None:
+                signal.pthread_kill(main.ident, signal.SIGINT)
+                return
+            time.sleep(0.01)
+
+    t = threading.Thread(target=interrupt_once_running)
+    t.start()
+    try:
+        r = run(lb, f"%%lb -o ar_running\nimport socket\n"
+                    f"socket.create_connection(('127.0.0.1', {gate.port})).recv(64)")
+        t.join()
+        assert running.is_set() and isinstance(r.error_in_exec, KeyboardInterrupt)
+        err = capsys.readouterr().err
+        assert "interrupted: 1 task(s) already running go on (%lb_interrupt stops them; " \
+               "-o NAME keeps a handle)" in err
+        ar = lb.user_ns["ar_running"]
+        assert not ar.ready()  # it goes on, as the hint says
+        ok(lb, "%lb_interrupt")
+        assert re.search(r"interrupted engine\(s\) \d+, where 1 unfinished task\(s\) of the magics",
+                         capsys.readouterr().out)
+        with pytest.raises(RemoteError, match="KeyboardInterrupt"):
+            ar.get(30)
+    finally:
+        gate.close()
 
 
 # -- %lbmap ----------------------------------------------------------------------------

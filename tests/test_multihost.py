@@ -62,6 +62,8 @@ def test_engines_in_b(hosts, curve):
     # The controller in A pings each engine's Jupyter heartbeat in B, at B's address.
     assert all(e["heartbeat"].startswith(f"tcp://{netns.B_IP}:") for e in engines.values())
     assert all(e["shm_domain"] is None for e in engines.values())  # nothing shared: inline
+    assert len(seen["monitor_hosts"]) == 2  # the dashboard's engine table names B's address
+    assert all(f"({netns.B_IP})" in h for h in seen["monitor_hosts"]), seen["monitor_hosts"]
     assert seen["map"] == [x * x for x in range(32)]
     assert seen["follow_same_engine"] and seen["after_started_after"]
     assert seen["payload_ok"]  # 8 MB there and back

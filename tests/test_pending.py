@@ -80,6 +80,7 @@ def busy(status):
 
 def check_retry_is_pending(rc, view, gate, tmp_path):
     """The issue's input: retries=1, the first attempt failed, the second runs."""
+    seq = rc.activity()["seq"]  # what the dashboard and `ipylb top` have seen finish
     with view.temp_flags(retries=1):
         ar = view.apply_async(wait_at_gate, gate.port, str(tmp_path))
     msg_id = ar.msg_ids[0]
@@ -97,10 +98,18 @@ def check_retry_is_pending(rc, view, gate, tmp_path):
         assert other.db_query({"msg_id": msg_id}, keys=["status"]) == [
             {"msg_id": msg_id, "status": "pending"}]
         assert not ar.ready()
+        # The dashboard's view: its failed first attempt is no finished task (no red cross,
+        # no failure counted), and the engine it runs on shows it as its current task.
+        act = rc.activity(seq)
+        assert [t for t in act["tasks"] if t[4] == "wait_at_gate"] == []
+        wait_until(lambda: msg_id in [e["task"][0] for e in rc.activity(seq)["engines"].values()
+                                      if e["task"]])  # health reports come once a second
         conn.sendall(b"second attempt")
         assert ar.get(TIMEOUT) == "second attempt"
         assert hub.get(TIMEOUT) == "second attempt"
         assert ar.metadata.status == "ok"
+        finished = [t for t in rc.activity(seq)["tasks"] if t[4] == "wait_at_gate"]
+        assert [(t[0], t[3]) for t in finished] == [(ar.metadata.engine_id, True)]
     rc.purge_results([msg_id])  # finished now: accepted
     with pytest.raises(KeyError, match="purged"):
         rc.get_result(msg_id)
