@@ -54,6 +54,22 @@ def test_engines_with_a_running_cluster_is_refused(kwargs, names, runtime):
     assert list(runtime.glob("ipylb-local-*.json")) == []  # nothing was started
 
 
+@pytest.mark.parametrize("kwargs, names", [
+    ({"profile": "p", "hwm": 4}, "hwm"),
+    ({"url_or_file": "some/file.json", "restart": False}, "restart"),
+    ({"scheme": "lru", "heartbeat_timeout": 5.0}, "scheme, heartbeat_timeout"),
+    ({"profile": "p", "kernel": "ssh-engines"}, "kernel"),
+])
+def test_settings_of_a_private_cluster_with_a_running_one_are_refused(kwargs, names, runtime):
+    """The same kind: what only configures a cluster this client starts is refused, not
+    ignored, when the client connects to a running one (which keeps its own settings)."""
+    with pytest.raises(ValueError, match="configure\\(s\\) a cluster this client starts") as e:
+        ipylb.Client(**kwargs)
+    assert str(e.value).startswith(f"{names} configure(s)")
+    assert "ipylb cluster start --scheme S --hwm H" in str(e.value)
+    assert list(runtime.glob("ipylb-*.json")) == []  # nothing was started
+
+
 def test_a_file_and_a_profile_together_are_refused():
     with pytest.raises(ValueError, match="pass one of them"):
         ipylb.Client("some/file.json", profile="p")
