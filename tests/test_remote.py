@@ -175,14 +175,31 @@ def test_kernelspec_install_and_engines_from_it(runtime):  # noqa: F811
     assert spec["argv"][1:] == ["-m", "ipylb.engine", "-f", "{connection_file}"]
     assert spec["metadata"]["kernel_provisioner"] == {"provisioner_name": "local-provisioner",
                                                       "config": {}}
+    # A mark only engines started from this kernelspec have (jupyter_client puts a spec's
+    # env into its kernels' environment): proof that --kernel/kernel= is used, not ignored.
+    spec["env"] = {"IPYLB_TEST_SPEC": "my-engines"}
+    (runtime / "data" / "kernels" / "my-engines" / "kernel.json").write_text(json.dumps(spec))
+
+    def spec_mark():
+        import os
+
+        return os.environ.get("IPYLB_TEST_SPEC")
+
     with ipylb.Client(engines=1, kernel="my-engines") as rc:
-        assert rc.load_balanced_view().apply_sync(lambda: 6 * 7) == 42
-    _start("k2", "--kernel", "my-engines")
-    assert ipylb_cmd("engine", "add", "--profile", "k2", "--kernel", "my-engines").returncode == 0
-    with ipylb.Client(profile="k2") as rc:
-        assert len(rc.ids) == 1
-        assert rc.load_balanced_view().apply_sync(lambda: 1) == 1
-    ipylb_cmd("cluster", "stop", "--profile", "k2")
+        assert rc.load_balanced_view().apply_sync(spec_mark) == "my-engines"
+    with ipylb.Client(engines=1) as rc:  # the default kernelspec has no such mark
+        assert rc.load_balanced_view().apply_sync(spec_mark) is None
+    # engine add --kernel on a cluster of the default kernelspec; engine add without it on a
+    # cluster started with --kernel (the cluster's kernelspec is the default)
+    for profile, start, add, expected in (("k2", [], ["--kernel", "my-engines"], [None, "my-engines"]),
+                                          ("k3", ["--kernel", "my-engines"], [], ["my-engines"] * 2)):
+        _start(profile, *start, "-n", "1")  # (the last -n wins)
+        assert ipylb_cmd("engine", "add", "--profile", profile, *add).returncode == 0
+        with ipylb.Client(profile=profile) as rc:
+            rc.wait_for_engines(2, 60)
+            marks = [rc.load_balanced_view(targets=e).apply_sync(spec_mark) for e in rc.ids]
+        ipylb_cmd("cluster", "stop", "--profile", profile)
+        assert marks == expected, (profile, marks)
     with pytest.raises(ValueError, match="no Jupyter kernelspec 'nope'"):
         ipylb.Client(engines=1, kernel="nope")
     bad = ipylb_cmd("kernelspec", "install", "--name", "x", "--provisioner", "no-such")
