@@ -187,22 +187,33 @@ def _parsers(p: argparse.ArgumentParser, path: str):
 
 def test_every_cli_option_has_a_help_line_with_its_default():
     from ipylb import cli as ipylb_cli
+    from ipylb import soak, top
     from ipylb.bench import parser as bench_parser
     from ipylb.demo import parser as demo_parser
 
     checked = 0
-    for root in (ipylb_cli._parser(), bench_parser(), demo_parser()):
+    for root in (ipylb_cli._parser(), bench_parser(), demo_parser(), soak.parser(),
+                 top._parser()):
         for path, p in _parsers(root, root.prog):
             fmt = p._get_formatter()
             for action in p._actions:
                 if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
                     continue
                 assert action.help, f"{path} {action.option_strings}: no help line"
-                if action.option_strings:
-                    checked += 1
-                    assert action.required or "%(default)" in fmt._get_help_string(action), \
-                        f"{path} {action.option_strings}: its help does not give its default"
-    assert checked > 15
+                if not action.option_strings:
+                    continue
+                checked += 1
+                text = fmt._get_help_string(action)
+                if action.required:  # no default to give
+                    assert "%(default)" not in text, f"{path} {action.option_strings}"
+                else:  # argparse's "(default: X)", or the default said in words: not both
+                    words = "default" in action.help.replace("(default: %(default)s)", "")
+                    appended = "%(default)" in text
+                    assert words != appended, f"{path} {action.option_strings}: {text}"
+    assert checked > 40
+    text = " ".join(cli("engine", "join", "--help").stdout.split())
+    assert "Jupyter runtime directory (default: default) --cluster-file" in text  # was: "...
+    assert "controller) --timeout" in text  # (default: default) (default: None)", "...) (default: None)"
 
 
 # -- item 7: a cluster without engines -------------------------------------------------

@@ -22,6 +22,19 @@ from typing import Any
 from . import connection, limits
 from .error import NoCluster
 
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help line ends with its default, as argparse's
+    ArgumentDefaultsHelpFormatter writes it, unless the help already says the default in
+    words (``--profile``'s "default: the cluster's") or the option is required: never a
+    second, contradicting ``(default: None)``.  Used by every ``ipylb`` parser."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.required or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 # How long a running controller has to answer before its connection file counts as stale.
 PING_TIMEOUT_S = 3.0
 # How long `cluster start` and `engine add` wait for engines to register.
@@ -106,8 +119,7 @@ def main(argv: list[str] | None = None) -> None:
 def _parser() -> argparse.ArgumentParser:
     from .client.local import SCHEMES
 
-    # Every option's help line ends with its default (ArgumentDefaultsHelpFormatter).
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = HelpFormatter
     p = argparse.ArgumentParser(prog="ipylb", formatter_class=fmt)
     top = p.add_subparsers(dest="cmd", required=True)
 
@@ -228,7 +240,7 @@ def _parser() -> argparse.ArgumentParser:
         help="run engines as a batch job (SLURM, PBS, LSF) that runs `ipylb engine join`")
     sub.add_argument("-n", "--engines", type=int, required=True, help="how many, in all")
     sub.add_argument("--scheduler", required=True, choices=["slurm", "pbs", "lsf"],
-                     help="the batch system that runs the job (required, no default)")
+                     help="the batch system that runs the job (required)")
     sub.add_argument("--nodes", type=int, default=1,
                      help="spread the engines over this many nodes (srun/pbsdsh/blaunch)")
     sub.add_argument("--time", default=None, help="walltime: minutes, MM:SS or HH:MM:SS")

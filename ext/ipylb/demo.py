@@ -7,6 +7,8 @@ import time
 
 import ipylb
 
+from .cli import HelpFormatter
+
 
 def _sleep_and_return(x: float) -> float:
     import time
@@ -18,7 +20,7 @@ def _sleep_and_return(x: float) -> float:
 def parser() -> argparse.ArgumentParser:
     """``ipylb demo``'s options (each help line ends with its default)."""
     p = argparse.ArgumentParser(prog="ipylb demo", description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("-n", "--engines", type=int, default=4, help="engine kernels to start")
     return p
 

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from . import connection, wire
+from .cli import HelpFormatter
 from .client.client import Client
 from .error import RemoteError
 
@@ -394,10 +395,10 @@ def print_report(report: SoakReport) -> None:
     print("PASS" if report.ok else "FAIL", flush=True)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``ipylb soak``: run the soak, print the summary; exit status 1 unless it passed."""
+def parser() -> argparse.ArgumentParser:
+    """``ipylb soak``'s options (each help line ends with its default)."""
     p = argparse.ArgumentParser(prog="ipylb soak", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("-N", "--tasks", type=int, default=20_000, help="tasks in all (two clients)")
     p.add_argument("-n", "--engines", type=int, default=4, help="engines")
     p.add_argument("--kill-every", type=float, default=2.0,
@@ -406,7 +407,15 @@ def main(argv: list[str] | None = None) -> None:
                    help="also fuzz both controller sockets: messages of each kind per socket")
     p.add_argument("--timeout", type=float, default=600.0,
                    help="seconds to wait for the last results")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the task mix, the chaos thread's picks and the fuzzer: the "
+                        "same seed makes the same choices")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``ipylb soak``: run the soak, print the summary; exit status 1 unless it passed."""
+    p = parser()
     args = p.parse_args(argv)
     if args.tasks < 1 or args.engines < 1 or args.kill_every < 0:
         p.error("--tasks and --engines must be >= 1, --kill-every >= 0")

@@ -23,6 +23,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from .cli import HelpFormatter
+
 # Refreshes per second, engine rows shown (the busiest; the rest summed in one row), and
 # failures listed.
 INTERVAL_S = 0.5
@@ -34,7 +36,7 @@ WINDOW_S = 60
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ipylb top", description="the cluster live in this terminal; q quits",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--profile", default="default", help="which cluster")
     p.add_argument("--interval", type=float, default=INTERVAL_S,
                    help="seconds between refreshes")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..cli import HelpFormatter
+
 # What each mode reads; any other option given with it would be ignored, so it is refused.
 _MODES = {
     "core": set(),
@@ -16,7 +18,7 @@ _MODES = {
 def parser() -> argparse.ArgumentParser:
     """``ipylb bench``'s options (each help line ends with its default)."""
     p = argparse.ArgumentParser(prog="ipylb bench", description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds; medians are reported")
     p.add_argument("--engines", type=int, default=2, help="engines of each cluster measured")
     p.add_argument("--workloads", default="latency,submit,map,payload,dag",
