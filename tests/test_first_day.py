@@ -261,9 +261,11 @@ def test_empty_cluster_says_tasks_wait_and_habits_of_a_shared_cluster(runtime):
 
 
 def test_ipyparallel_direct_interface_says_what_to_use(rc):
-    with pytest.raises(TypeError, match="task interface only.*load_balanced_view"):
-        rc[:]
-    with pytest.raises(TypeError, match="task interface only"):
+    with pytest.raises(TypeError, match=r"^rc\[:\]: ipylb has .*task interface only.*load_balanced_view"):
+        rc[:]  # as written, not rc[slice(None, None, None)]
+    with pytest.raises(TypeError, match=r"^rc\[1:3\]: ipylb has"):
+        rc[1:3]
+    with pytest.raises(TypeError, match=r"^rc\[0\]: ipylb has .*task interface only"):
         rc[0]
     with pytest.raises(AttributeError, match="task interface only"):
         rc.direct_view()

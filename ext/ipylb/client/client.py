@@ -673,7 +673,12 @@ class Client(Link, TaskRecords):
     # -- ipyparallel's direct interface: not here, say what to use -----------------
 
     def __getitem__(self, key: Any) -> Any:
-        raise TypeError(f"rc[{key!r}]: {TASK_INTERFACE_ONLY}")
+        if isinstance(key, slice):  # as it was written: rc[:], rc[1:3]
+            key = ":".join("" if k is None else repr(k)
+                           for k in (key.start, key.stop, *([key.step] if key.step else [])))
+        else:
+            key = repr(key)
+        raise TypeError(f"rc[{key}]: {TASK_INTERFACE_ONLY}")
 
     def __getattr__(self, name: str) -> Any:
         if name in _IPP_DIRECT:
