@@ -110,6 +110,23 @@ def test_overrunning_task_is_interrupted_and_its_engine_serves_on(rc2, f):
     assert view.apply_async(f, 0.01).get(30) == 0.01  # and the engine serves on
 
 
+def test_walltime_as_a_view_attribute_is_checked_when_set_and_applies(rc2):
+    """`view.walltime = S` (the flag set directly, not through temp_flags): checked when
+    set, applied to what the view submits after, 0/None: no limit."""
+    view = rc2.load_balanced_view()
+    for bad, error in ((-1, ValueError), (float("nan"), ValueError), ("1", TypeError),
+                       (True, TypeError)):
+        with pytest.raises(error, match="walltime must be"):
+            view.walltime = bad
+    assert view.walltime == 0
+    view.walltime = 0.5
+    ar = view.apply_async(nap, 60)
+    view.walltime = None
+    assert view.apply_async(nap, 1.0).get(30) == 1.0  # past 0.5 s, but no limit now
+    with pytest.raises(WalltimeExceeded, match="walltime of 0.5s"):
+        ar.get(30)
+
+
 def test_an_interrupted_task_keeps_its_output_and_where_it_stopped(rc2):
     view = rc2.load_balanced_view()
     with view.temp_flags(walltime=1):
