@@ -88,6 +88,24 @@ def test_running_task_on_a_killed_engine_follows_the_death_rules():
             assert view.apply_async(pid).get(60) != engine_pid  # the restarted kernel serves
 
 
+def segfault():
+    import ctypes
+
+    ctypes.string_at(0)  # reads address 0: SIGSEGV in C code, as a crashing extension would
+
+
+def test_a_task_that_segfaults_its_engine_fails_saying_so_and_the_engine_comes_back():
+    """The issue's third way to die (after a kill and out of memory, which is a SIGKILL):
+    a segfault.  The task fails with EngineError naming the signal; the slot is restarted."""
+    with ipylb.Client(engines=1) as rc:
+        view = rc.load_balanced_view()
+        old_pid = view.apply_sync(pid)
+        with pytest.raises(EngineError, match="SIGSEGV.*restarting it"):
+            view.apply_async(segfault).get(60)
+        assert view.apply_async(pid).get(60) != old_pid  # the restarted kernel serves
+        assert [rc.queue_status()[e]["restarts"] for e in rc.ids] == [1]
+
+
 def test_a_hung_engine_found_by_its_heartbeat_is_restarted():
     with ipylb.Client(engines=2, heartbeat_timeout=2.0) as rc:
         hung = rc.engine_info()[1]["pid"]
