@@ -73,3 +73,14 @@ def test_arrays_a_function_closes_over_go_out_of_band():
     big = np.zeros(1_000_000)
     frames = serialize.dumps_function(lambda: big.sum())
     assert len(frames) == 2 and frames[1].nbytes == big.nbytes and len(frames[0]) < 10_000
+
+
+def test_an_array_a_function_closes_over_reaches_the_engine_through_shared_memory(view):
+    """Out of band on one host means shared memory, as for arguments: on the engine the
+    closure's array is a mapped segment, not a copy that came through the sockets."""
+    from test_shm import where_is
+
+    big = np.arange(4_000_000, dtype="f8")
+    mapped, _writable = view.apply_sync(lambda: where_is(big))
+    assert mapped is True
+    assert view.apply_sync(lambda i: float(big[i]), 3_999_999) == 3_999_999.0
