@@ -57,8 +57,8 @@ class Core:
     def started(self, tid: str, eid: int) -> list[Any]:
         return self(TaskStarted(tid, eid, self.now))
 
-    def done(self, tid: str, eid: int, ok: bool = True) -> list[Any]:
-        return self(TaskDone(tid, eid, ok, self.now))
+    def done(self, tid: str, eid: int, ok: bool = True, skipped: bool = False) -> list[Any]:
+        return self(TaskDone(tid, eid, ok, self.now, skipped=skipped))
 
     def unmet(self, tid: str, eid: int, reason: str = "") -> list[Any]:
         return self(TaskUnmet(tid, eid, self.now, reason))

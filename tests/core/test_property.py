@@ -110,6 +110,7 @@ class World:
         self.order: list[str] = []
         self.forgotten: set[str] = set()
         self.pending: set[str] = set()
+        self.ran_on: dict[int, int] = {}  # engine -> attempts that ran there
         self.stats: dict[str, int] = {}
         for _ in range(engines):
             self.add_engine()
@@ -409,6 +410,8 @@ class World:
             exp = {tid: ABORTED} if i.abort else None
             self.send(TaskUnmet(tid, e, self.now), expect_fail=exp)
             return
+        if not i.cancelled:  # it runs (a cancelled one is skipped: completed nowhere)
+            self.ran_on[e] = self.ran_on.get(e, 0) + 1
         ok = not i.cancelled and self.rng.random() >= i.p_fail
         if interrupted and not ok:  # stopped by its walltime's interrupt
             if i.retries > 0 and not i.abort:
@@ -429,7 +432,7 @@ class World:
             return
         i.final, i.engine = ("ok" if ok else "err"), (None if i.cancelled else e)
         self.pending.discard(tid)
-        self.send(TaskDone(tid, e, ok, self.now), expect_deliver=(tid,))
+        self.send(TaskDone(tid, e, ok, self.now, skipped=i.cancelled), expect_deliver=(tid,))
 
     def tick(self, dt: float) -> None:
         self.now += dt
@@ -553,7 +556,10 @@ class World:
                 i = self.tasks[tid]
                 want = "failed" if i.final == "sched" else "done"
                 assert self.core.task_state(tid) == want, (tid, i.final)
-        assert self.core.queue_status()["unassigned"] == 0
+        status = self.core.queue_status()
+        assert status["unassigned"] == 0
+        for e in self.live:  # queue_status's "completed": what ran there, not what was skipped
+            assert status[e]["completed"] == self.ran_on.get(e, 0), (e, status[e])
 
 
 CONFIGS = [

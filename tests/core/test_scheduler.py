@@ -886,10 +886,23 @@ def test_abort_queued_behind_cancels_on_the_engine_then_delivers_its_error():
     assert c.abort("b") == [Cancel("b", 0)]
     assert c.abort("b") == []  # only once
     c.done("a", 0)
-    cmds = c.done("b", 0, ok=False)
+    cmds = c.done("b", 0, ok=False, skipped=True)  # the engine skipped it
     assert cmds[0] == Deliver("b")  # no retry for an aborted task
     assert Assign("d", 0) in cmds  # treated as failed
     assert fail_of(cmds, "e").error == IMPOSSIBLE  # it ran nowhere: nothing to follow
+    assert c.s.queue_status()[0]["completed"] == 1  # a, not b: b never ran there
+
+
+def test_a_cancel_that_comes_too_late_leaves_a_task_that_ran_and_failed_where_it_ran():
+    """The Cancel crossed the task's start on the engine: it ran, and failed on its own."""
+    c = Core(engines=1, hwm=2)
+    c.run("a")
+    c.submit("b")
+    c.submit("e", follow=dep("b", success=False, failure=True))
+    assert c.abort("b") == [Cancel("b", 0)]
+    c.done("a", 0)
+    assert c.done("b", 0, ok=False) == [Deliver("b"), Assign("e", 0)]  # it ran on engine 0
+    assert c.s.queue_status()[0]["completed"] == 2
 
 
 def test_abort_running_or_finished_does_nothing_but_is_logged():

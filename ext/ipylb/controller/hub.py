@@ -511,18 +511,21 @@ class Controller(Requests):
         started, ended = meta[2], meta[3]
         ran = ended - started if type(started) is float and type(ended) is float else None
         self._attempt_ended(rec, engine_id, status == "ok", (engine_id, *meta[1:], rec.submitted),
-                            bufs, bufs_mac, now, ran)
+                            bufs, bufs_mac, now, ran, status == "aborted")
 
     def _attempt_ended(self, rec: Record, engine_id: int, ok: bool, result: tuple,
-                       bufs: list[Any], mac: bytes, now: float, ran: float | None = None) -> None:
+                       bufs: list[Any], mac: bytes, now: float, ran: float | None = None,
+                       skipped: bool = False) -> None:
         """An attempt of ``rec`` ended on an engine (``ran``: seconds it ran there, by the
-        engine's clock, if known).  Its result becomes the task's only if
+        engine's clock, if known; ``skipped``: the engine did not run it, a CANCEL came
+        first).  Its result becomes the task's only if
         the core says it is final (a Deliver): a failed attempt with retries left, and a
         stale or repeated report, leave the record as it was, pending until its last
         attempt ends (issue 9: a task waiting for its retry is not finished anywhere)."""
         self._arrived = (rec.msg_id, result, bufs, mac)
         try:
-            self._execute(self.core.handle(ev.TaskDone(rec.msg_id, engine_id, ok, now, ran)))
+            self._execute(self.core.handle(ev.TaskDone(rec.msg_id, engine_id, ok, now, ran,
+                                                       skipped)))
         finally:
             self._arrived = None
 
@@ -760,7 +763,8 @@ class Controller(Requests):
             rec = self.store[c.task_id]
             result = (c.engine_id, "error", None, time.time(), "", "", ("WireError", why, ""),
                       rec.submitted)
-            self._attempt_ended(rec, c.engine_id, False, result, [], b"", time.monotonic())
+            self._attempt_ended(rec, c.engine_id, False, result, [], b"", time.monotonic(),
+                                skipped=True)  # it never reached the engine
 
     def _interrupt_task(self, engine_id: int, task_id: str) -> None:
         """A task's walltime expired: interrupt it on its engine, through the kernel's Jupyter

@@ -99,13 +99,18 @@ class TaskDone:
     """An engine finished a task: ``success`` False means the task raised.
 
     ``ran``: seconds the task ran on its engine, by the engine's own clock (None: not
-    known); ``hwm="auto"`` measures with it (:mod:`ipylb.core.pipeline`)."""
+    known); ``hwm="auto"`` measures with it (:mod:`ipylb.core.pipeline`).
+    ``skipped``: the engine did not run the task at all: a :class:`Cancel` reached it
+    before it started (its answer is the aborted error), or the shell could not send it
+    (``success`` False either way).  Such a task ran nowhere: it is not counted as
+    completed on that engine, nor measured, nor can it be followed."""
 
     task_id: str
     engine_id: int
     success: bool
     time: float
     ran: float | None = None
+    skipped: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,8 +209,8 @@ class Fail:
 class Cancel:
     """Tell ``engine_id`` to skip ``task_id``, queued there but not started.
 
-    The engine answers with an aborted result, which comes back as TaskDone(success=False)
-    and is delivered.
+    The engine answers with an aborted result, which comes back as TaskDone(success=False,
+    skipped=True) and is delivered; if the task had started, its own result comes.
     """
 
     task_id: str

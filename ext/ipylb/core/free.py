@@ -54,9 +54,12 @@ class FreeEngines:
     whether it is registered; :meth:`pick` returns the scheme's choice or None.
     """
 
-    def __init__(self, scheme: str, cap: int) -> None:
+    def __init__(self, scheme: str, cap: int, adaptive: bool = False) -> None:
+        """``cap``: the hwm; ``adaptive``: it will change (hwm="auto": set ``cap``, then
+        :meth:`update` every engine)."""
         self.cap = cap
-        self._by_load = scheme == "leastload" and cap > 1  # hwm=1: every free load is 0
+        # At a fixed hwm=1 every free load is 0: order by key alone.
+        self._by_load = scheme == "leastload" and (cap > 1 or adaptive)
         self._heap: list[tuple[Any, ...]] | None = None
         self._list: list[Any] | None = None
         self._tree: list[int] | None = None

@@ -10,19 +10,27 @@ Depth.  Every engine may hold ``depth`` outstanding tasks, with
 
     depth = 1 + ceil(rtt / task_time), between 1 and MAX_DEPTH,
 
-the number of tasks that run while one round trip completes, plus the one running.
-Both are exponentially weighted moving averages (weight ``ALPHA`` per sample):
+the number of tasks that run while one round trip completes, plus the one running;
+but 1 when ``rtt < NEGLIGIBLE * task_time``: the round trip then costs an engine under
+1% of its time, a task queued behind a running one would save next to nothing, and it
+would cost a steal (a request and its answer before the idle engine gets it) whenever
+another engine frees up first.  Both are exponentially weighted moving averages
+(weight ``ALPHA`` per sample):
 
 * ``task_time``: seconds each task ran on its engine (``TaskDone.ran``, from the
   engine's own start and end stamps, so queueing and network time are not in it);
+  a task its engine skipped (aborted before it started) ran nowhere and is no sample;
 * ``rtt``: for a task sent to an engine with nothing outstanding (it starts as soon as
   it arrives), the controller's time from its Assign to its TaskDone minus what it ran:
   the round trip the pipeline has to hide.
 
-Before the first samples ``depth`` is ``START_DEPTH``.  It is recomputed every
-``EVERY`` samples, and changes only then (each change revisits every engine's free
-slot once, so it must stay rare).  Lowering it leaves tasks already sent where they
-are; raising it fills the new slots at once.
+Slow start: the depth is 1 until measured, so nothing waits on an engine behind
+another task before the measurements say the round trip matters (at depth 1 every
+task is a round-trip sample).  It is recomputed every ``EVERY`` samples and changes
+only then (each change revisits every engine's free slot once, so it must stay rare);
+a rise at most doubles it (1, 2, 4, 8, 16: a short burst of trivial tasks does not
+fill every engine's queue at once), a fall applies at once.  Lowering it leaves tasks
+already sent where they are; raising it fills the new slots at once.
 
 Stealing.  When an engine is idle (nothing outstanding) while a task it may run waits
 queued, not started, on a busy engine, the core emits :class:`~.events.Steal` for the
@@ -36,6 +44,12 @@ so a lost request or answer costs only the steal, never the task: if the busy en
 dies meanwhile, the task is re-queued as any task queued behind a dead engine's
 running one.  One request per idle engine is out at a time.
 
+Aborts.  A task aborted while it waits, queued, on an engine is asked back the same
+way (a Steal with no thief): "cancelled" fails it ABORTED at once (it never ran; its
+slot is free without waiting for the running task); "too late" sends the engine a
+:class:`~.events.Cancel`, which makes it skip the task if it has not in fact started
+(an engine whose steal socket is not connected yet is answered "too late" for it).
+
 Pure: no clock, no I/O; time comes with the events.  The state lives in
 :class:`Pipe`; :class:`Pipelining` is the scheduler's mixin that applies it.
 """
@@ -45,16 +59,17 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .events import ABORTED, Assign, Command, Steal, StealAnswered
+from .events import ABORTED, Assign, Cancel, Command, Steal, StealAnswered
 from .task import ASSIGNED, Engine, Task, by_key, unrestricted
 
 __all__ = ["AUTO", "MAX_DEPTH", "Pipe", "Pipelining", "depth_for", "parse_hwm"]
 
 AUTO = "auto"
-START_DEPTH = 2  # hides one round trip before anything is measured
+START_DEPTH = 1  # slow start: nothing pipelined before the round trip is measured
 MAX_DEPTH = 16  # tasks outstanding per engine at most (trivial tasks)
 ALPHA = 0.2  # EWMA weight of a new sample
 EVERY = 8  # samples between two recomputations of the depth
+NEGLIGIBLE = 0.01  # a round trip under 1% of the task time is not worth a queued task
 
 
 def parse_hwm(value: object) -> int | str:
@@ -74,8 +89,9 @@ def parse_hwm(value: object) -> int | str:
 
 def depth_for(rtt: float, task_time: float) -> int:
     """Outstanding tasks per engine that hide a round trip of ``rtt`` seconds when tasks
-    run ``task_time`` seconds each: ``1 + ceil(rtt / task_time)``, in [1, MAX_DEPTH]."""
-    if rtt <= 0:
+    run ``task_time`` seconds each: ``1 + ceil(rtt / task_time)``, in [1, MAX_DEPTH];
+    1 when the round trip is under ``NEGLIGIBLE`` of the task time (nothing to gain)."""
+    if rtt <= task_time * NEGLIGIBLE:
         return 1
     if task_time <= rtt / MAX_DEPTH:
         return MAX_DEPTH
@@ -96,7 +112,8 @@ class Pipe:
         self.new_depth = 0  # a depth to apply at the end of the event (0: none)
         # engine -> (task it was sent while idle, when): the round-trip samples
         self.probes: dict[Engine, tuple[Task, float]] = {}
-        self.stealing: dict[Task, tuple[Engine, Engine]] = {}  # task -> (its engine, thief)
+        # task -> (its engine, the idle engine it is for; None: asked back for an abort)
+        self.stealing: dict[Task, tuple[Engine, Engine | None]] = {}
         self.thieves: set[Engine] = set()  # idle engines with a request out for them
         self.late: dict[Task, Engine] = {}  # too late to steal: started on that engine
         self.idle: set[Engine] = set()  # registered engines with nothing outstanding
@@ -119,7 +136,7 @@ class Pipe:
             self.rtt = rtt if r is None else r + a * (rtt - r)
         self.samples += 1
         if self.samples % EVERY == 0 and self.rtt is not None:
-            d = depth_for(self.rtt, self.task_time)
+            d = min(depth_for(self.rtt, self.task_time), 2 * self.depth)  # slow start
             if d != self.depth:
                 self.new_depth = d
 
@@ -190,26 +207,44 @@ class Pipelining:
         del p.stealing[t]
         p.thieves.discard(thief)
         p.dirty = True
+        x = t.x
         if not ev.cancelled:  # it had started: its result will come
             p.late[t] = victim
             self._story.append((t.id, ASSIGNED, ASSIGNED, f"steal: already started on engine "
                                 f"{victim.id}", self._now))
+            if x is not None and x.aborted and not x.cancelled:  # skipped if not in fact
+                x.cancelled = True
+                out.append(Cancel(t.id, victim.id))
             return
         p.stolen += 1
         self._unqueue(t, victim)
         self._freed.append(victim)
-        x = t.x
         if x is not None and x.aborted:
             t.engine = None
             self._fail(t, ABORTED, f"task {t.id} was aborted before it ran", out,
                        why=f"{t.id} was aborted")
             return
         self._requeue(t, f"stolen back from engine {victim.id}")
-        if thief.alive and thief.load < self._cap and (x is None or unrestricted(x)
+        if thief is not None and thief.alive and thief.load < self._cap and (x is None or unrestricted(x)
                                                        or self._eligible(t, thief)):
             self._assign(t, thief, out)
         elif x is not None and x.deadline is not None:
             self._push_deadline(t)
+
+    def _pipe_abort(self, t: Task, e: Engine, out: list[Command]) -> bool:
+        """Aborted task ``t`` waits queued on ``e`` behind its running one: ask for it back
+        (a Steal with no thief; its answer fails it, or sends the Cancel).  False if ``e``
+        is known to have started it: the caller sends the Cancel, as for a fixed hwm."""
+        p: Pipe = self._pipe  # type: ignore[assignment]
+        if p.late.get(t) is e or t.x.started is not None:  # type: ignore[union-attr]
+            return False
+        if t not in p.stealing:  # else the answer to the steal out for it decides
+            p.stealing[t] = (e, None)
+            p.steals += 1
+            out.append(Steal(t.id, e.id))
+        self._story.append((t.id, ASSIGNED, ASSIGNED, f"abort: asked engine {e.id} for it "
+                            "back", self._now))
+        return True
 
     def _pipe_settle(self, out: list[Command]) -> None:
         """End of an event: apply a new depth, note round-trip probes, and steal for the

@@ -190,7 +190,7 @@ class Scheduler(Placement, Dependencies, Failures, Deadlines, Pipelining, Valida
             self._cap = parse_hwm(hwm) or BIG  # type: ignore[assignment]
         self.hwm = hwm
         # Engines with a free slot, indexed for the scheme's pick in O(log engines).
-        self._free = FreeEngines(scheme, self._cap)
+        self._free = FreeEngines(scheme, self._cap, adaptive=self._pipe is not None)
         self._stamp = 0  # LRU keys of assignments: 1, 2, ...
         self._unused_stamp = -BIG  # LRU keys of engines never assigned: below those
         self._rng = random.Random(seed)
@@ -436,10 +436,12 @@ class Scheduler(Placement, Dependencies, Failures, Deadlines, Pipelining, Valida
         e: Engine = t.engine  # type: ignore[assignment]
         if e.id != ev.engine_id:
             return
+        skipped = ev.skipped  # cancelled before it started: it ran nowhere
         if self._pipe is not None:
-            self._pipe_done(t, e, ev.ran)
+            self._pipe_done(t, e, None if skipped else ev.ran)
         self._unqueue(t, e)
-        e.completed += 1
+        if not skipped:
+            e.completed += 1
         x = t.x
         if ev.success:
             t.state = DONE
@@ -458,9 +460,10 @@ class Scheduler(Placement, Dependencies, Failures, Deadlines, Pipelining, Valida
             return
         else:
             t.state = DONE
-            if x is not None and x.cancelled:
-                t.engine = None  # skipped by its engine: it ran nowhere
-            self._story.append((t.id, ASSIGNED, DONE, "error", self._now))
+            if skipped:
+                t.engine = None
+            self._story.append((t.id, ASSIGNED, DONE, "skipped: it never ran there"
+                                if skipped else "error", self._now))
             out.append(Deliver(t.id))
         if x is not None:
             x.deadline = None
@@ -593,6 +596,8 @@ class Scheduler(Placement, Dependencies, Failures, Deadlines, Pipelining, Valida
             x.aborted = True
             if e.queue[0] is t:
                 self._story.append((t.id, ASSIGNED, ASSIGNED, "abort: already running", self._now))
+            elif self._pipe is not None and self._pipe_abort(t, e, out):
+                pass  # hwm="auto": asked back, acknowledged (:mod:`.pipeline`)
             else:
                 x.cancelled = True
                 self._story.append((t.id, ASSIGNED, ASSIGNED, f"abort: cancel on engine {e.id}", self._now))
