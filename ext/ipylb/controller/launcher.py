@@ -28,6 +28,17 @@ log = logging.getLogger("ipylb.controller")
 
 
 
+# Why an engine may have been killed by a signal, for its tasks' EngineError.
+_SIGNAL_HINTS = {
+    signal.SIGKILL: ": out of memory?",
+    signal.SIGABRT: (": C code aborted, e.g. zmq's, when a task closed the engine's own file "
+                     "descriptors (its sockets or pipes: os.close, closerange, dup2 over them)"),
+    signal.SIGXCPU: (": over its CPU-time limit (RLIMIT_CPU, which a task lowered for itself "
+                     "with resource.setrlimit)"),
+    signal.SIGXFSZ: ": a file outgrew its size limit (RLIMIT_FSIZE, which a task lowered)",
+}
+
+
 def exit_reason(returncode: int | None) -> str:
     """A sentence for how an engine process ended."""
     if returncode is None:
@@ -37,7 +48,7 @@ def exit_reason(returncode: int | None) -> str:
             name = signal.Signals(-returncode).name
         except ValueError:
             name = f"signal {-returncode}"
-        hint = ": out of memory?" if returncode == -signal.SIGKILL else ""
+        hint = _SIGNAL_HINTS.get(-returncode, "")
         return f"killed by {name}{hint}"
     if returncode == UNREPORTABLE_EXIT:
         return (f"its process exited with code {returncode}: it could not report a task's "

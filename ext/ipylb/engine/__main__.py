@@ -2,6 +2,7 @@
 
 from ipykernel.kernelapp import IPKernelApp
 
+from ..error import safe_str
 from .kernel import EngineKernel
 
 
@@ -16,8 +17,14 @@ class EngineApp(IPKernelApp):
     def start(self) -> None:
         """Serve until the engine is stopped on purpose (by ipylb, a shutdown request, or
         ``exit`` typed in an attached console): a loop stopped by anyone else (a task's
-        ``loop.call_soon(loop.stop)``, a thread it left) is started again."""
-        super().start()
+        ``loop.call_soon(loop.stop)``, a thread it left) is started again.  A loop that
+        fails (an exception out of asyncio's own code: a task replaced a function it uses,
+        such as ``math.ceil``) fails between tasks: the engine asks to be restarted, and
+        the tasks sent to it run elsewhere, no retry used."""
+        try:
+            super().start()
+        except Exception as e:  # noqa: BLE001
+            self._loop_failed(e)
         kernel = self.kernel
         channel = getattr(kernel, "task_channel", None)
         while channel is not None and not channel.stopping and not kernel.shell.exit_now \
@@ -29,6 +36,16 @@ class EngineApp(IPKernelApp):
                 self.io_loop.start()
             except KeyboardInterrupt:
                 pass
+            except Exception as e:  # noqa: BLE001
+                self._loop_failed(e)
+
+    def _loop_failed(self, e: Exception) -> None:
+        channel = getattr(self.kernel, "task_channel", None)
+        if channel is None:
+            raise e
+        channel.leave_now(f"its event loop failed between tasks ({type(e).__name__}: "
+                          f"{safe_str(e, 500)}): a task replaced a function the engine's loop "
+                          "uses (asyncio, selectors, math, time ...)", idle=True)
 
 
 def main() -> None:

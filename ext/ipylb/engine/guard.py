@@ -15,23 +15,38 @@ and how the engine answers it (README "What a task can break").
   and output pipes.  It exits instead when its task function ends (status 0, or as Python
   would for ``sys.exit(n)`` or an exception).
 - It leaks file descriptors up to ``RLIMIT_NOFILE``: every later task that opens anything
-  would fail with ``EMFILE``.  The engine checks once a second (its health thread), and at
-  once after a task fails with ``EMFILE``; with at most :data:`FD_RESERVE` left it answers
-  its task, asks to be restarted and runs no more tasks (they go to other engines).
+  would fail with ``EMFILE``.  The engine checks after a task (:class:`FdWatch`: only once
+  the tasks since the last check ran long enough to have opened what was left, so a no-op
+  task pays a subtraction), once a second (its health thread), and at once after a task
+  fails with ``EMFILE``; with at most :data:`FD_RESERVE` left the task fails saying so,
+  and the engine asks to be restarted and runs no more tasks (they go to other engines).
+- It closes the engine's own descriptors (``os.closerange(3, 4096)``): zmq aborts the
+  process.  ``os.closerange`` in a task keeps the engine's (:func:`install_closerange_guard`);
+  the task fails saying so and the engine is restarted.
+- It changes the engine's resource limits (``resource.setrlimit``, ``resource.prlimit``):
+  a lowered ``RLIMIT_CPU`` would kill the engine with SIGXCPU in a later task.  The limits
+  are put back after the task (:func:`install_rlimit_guard`), like an alarm it left; a
+  hard limit lowered below what the engine had cannot be, and the engine is restarted.
 
-The hot path pays two attribute reads per task (:meth:`TaskChannel._attempt`).
+The hot path pays three attribute reads and a subtraction per task (:meth:`TaskChannel._attempt`).
 """
 
 from __future__ import annotations
 
 import errno
+import math
 import os
 import resource
 import threading
+import time
 from typing import Any
 
 # An engine with fewer file descriptors than this left (of its RLIMIT_NOFILE) is restarted.
 FD_RESERVE = 64
+# The least time (seconds) a task takes to open one file descriptor (a tight loop of dup()
+# in C): tasks that ran less than (descriptors left - reserve) times this since the last
+# check cannot have used them up, so the check after a task is skipped until then.
+FD_OPEN_S = 1e-7
 
 LOOP_STOPPED = (
     "the task stopped the engine's event loop (loop.stop() on the running asyncio loop, or "
@@ -112,6 +127,12 @@ def out_of_fds(e: BaseException) -> bool:
     return False
 
 
+def _fds_message(used: int, soft: int) -> str:
+    return (f"the engine ran out of file descriptors (at least {used} of the {soft} its "
+            "RLIMIT_NOFILE allows are open): a task keeps files, sockets or pipes open (open "
+            "them in a `with` block, or close them); the engine is restarted to get them back")
+
+
 def fds_exhausted() -> str | None:
     """None if this process can open files, else why it is to be restarted.  Two system
     calls: the lowest free descriptor tells how many are open below it."""
@@ -129,6 +150,176 @@ def fds_exhausted() -> str | None:
         if fd < soft - min(FD_RESERVE, soft // 8):
             return None
         used = fd
-    return (f"the engine ran out of file descriptors (at least {used} of the {soft} its "
-            "RLIMIT_NOFILE allows are open): a task keeps files, sockets or pipes open (open "
-            "them in a `with` block, or close them); the engine is restarted to get them back")
+    return _fds_message(used, soft)
+
+
+ENGINE_FDS_CLOSED = (
+    "the task closed file descriptors of the engine's own (its sockets to the controller, "
+    "its output pipes): zmq aborts a process whose sockets are closed under it. The engine is "
+    "restarted; close only the descriptors the task opened")
+
+
+class FdWatch:
+    """Checks, after tasks, that the engine has file descriptors left, at a cost a task
+    that opens none does not notice: :attr:`budget` is the task time (seconds) that may
+    pass before the next check, the time the tasks would need to open the descriptors
+    left (:data:`FD_OPEN_S` each).  A check is one ``dup`` and one ``close``; its limit is
+    the ``RLIMIT_NOFILE`` the engine started with (tasks' changes are undone: see
+    :func:`install_rlimit_guard`)."""
+
+    def __init__(self) -> None:
+        self.soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)  # duplicated to probe
+        self.budget = 0.0  # the first task checks
+
+    def check(self) -> str | None:
+        """None if descriptors are left (and a new budget is set), else why the engine is
+        to be restarted."""
+        soft = self.soft
+        if soft == resource.RLIM_INFINITY:
+            self.budget = math.inf
+            return None
+        try:
+            fd = _dup(self.fd)
+        except OSError as e:
+            return _fds_message(soft, soft) if e.errno == errno.EMFILE else ENGINE_FDS_CLOSED
+        _close(fd)
+        left = soft - min(FD_RESERVE, soft // 8) - fd
+        if left <= 0:
+            return _fds_message(fd, soft)
+        self.budget = left * FD_OPEN_S
+        return None
+
+
+_dup, _close, _closerange = os.dup, os.close, os.closerange
+
+
+def own_fds() -> frozenset[int]:
+    """The file descriptors open in this process now (empty where /proc is missing)."""
+    try:
+        return frozenset(int(n) for n in os.listdir("/proc/self/fd"))
+    except OSError:
+        return frozenset()
+
+
+def closed_engine_fds(lo: int, hi: int, kept: int) -> str:
+    """The task's error after ``os.closerange(lo, hi)`` reached the engine's descriptors."""
+    return (f"the task called os.closerange({lo}, {hi}), which closes the engine's own file "
+            f"descriptors too (its sockets to the controller and its output pipes: {kept} of "
+            "them in that range) and kills it (zmq aborts): ipylb closed the others and kept "
+            "those, answered the task with this error and restarts the engine. Close only the "
+            "descriptors the task opened (or call closerange in a child process)")
+
+
+def install_closerange_guard(channel: Any) -> None:
+    """Replace ``os.closerange``: on the main thread of this process while a task runs, it
+    keeps the engine's own descriptors (``channel.engine_fds``, taken as it registered) and,
+    if the range held any, fails the task (``channel.fault``) and has the engine restarted.
+    Anywhere else (a forked child, between tasks) it closes the range as always."""
+    pid = os.getpid()
+    main = threading.main_thread().ident
+
+    def closerange(fd_low: int, fd_high: int, /) -> None:
+        keep = channel.engine_fds
+        if channel.running is None or threading.get_ident() != main or os.getpid() != pid \
+                or not keep:
+            return _closerange(fd_low, fd_high)
+        kept = sorted(fd for fd in keep if fd_low <= fd < fd_high)
+        start = fd_low
+        for fd in kept:
+            _closerange(start, fd)
+            start = fd + 1
+        _closerange(start, fd_high)
+        if kept:
+            channel.fault = closed_engine_fds(fd_low, fd_high, len(kept))
+            channel.leave_after(channel.fault)
+        return None
+
+    closerange.__doc__ = _closerange.__doc__
+    os.closerange = closerange  # type: ignore[assignment]
+
+
+def rlimit_changed(what: str) -> str:
+    """Why the engine is restarted after a task lowered a hard limit of its (``what``)."""
+    return (f"the task lowered the engine's hard {what}, which only a restart undoes (a "
+            "process may lower its hard limits but not raise them): the engine is restarted. "
+            "Set limits in a child process (subprocess, preexec_fn), or lower only the soft "
+            "limit: the engine puts soft limits back after each task")
+
+
+class LimitsGuard:
+    """The engine's resource limits as it started, put back after a task changed them."""
+
+    def __init__(self) -> None:
+        self.saved: dict[int, tuple[int, int]] = {}  # changed by the running task: as before
+        self.changed = False
+
+    def note(self, which: int) -> None:
+        """A task is about to change limit ``which``: remember what it was."""
+        if which not in self.saved:
+            self.saved[which] = _getrlimit(which)
+        self.changed = True
+
+    def restore(self) -> str | None:
+        """Put the limits the task changed back; None, or why the engine must restart."""
+        saved, self.saved, self.changed = self.saved, {}, False
+        failed = []
+        for which, limits in saved.items():
+            try:
+                if _getrlimit(which) != limits:
+                    _setrlimit(which, limits)
+            except (OSError, ValueError):
+                failed.append(_RLIMIT_NAMES.get(which, f"resource limit {which}"))
+        return rlimit_changed(" and ".join(failed)) if failed else None
+
+
+_getrlimit, _setrlimit, _prlimit = resource.getrlimit, resource.setrlimit, \
+    getattr(resource, "prlimit", None)
+_RLIMIT_NAMES: dict[int, str] = {}
+for _name in sorted(n for n in dir(resource) if n.startswith("RLIMIT_")):
+    _RLIMIT_NAMES.setdefault(getattr(resource, _name), _name)  # NOFILE, not its alias OFILE
+
+
+def install_rlimit_guard(channel: Any, limits: LimitsGuard) -> None:
+    """Replace ``resource.setrlimit`` and ``resource.prlimit`` (of this process): while a
+    task runs on the main thread of this process, ``limits`` remembers what a limit was
+    before the task changed it, and the engine puts it back after the task."""
+    pid = os.getpid()
+    main = threading.main_thread().ident
+
+    def mine(target: int = 0) -> bool:
+        return channel.running is not None and threading.get_ident() == main \
+            and os.getpid() == pid and target in (0, pid)
+
+    def setrlimit(resource_: int, limits_: Any, /) -> None:
+        if mine():
+            limits.note(resource_)
+        return _setrlimit(resource_, limits_)
+
+    setrlimit.__doc__ = _setrlimit.__doc__
+    resource.setrlimit = setrlimit  # type: ignore[assignment]
+    if _prlimit is None:
+        return
+
+    def prlimit(pid_: int, resource_: int, *limits_: Any) -> Any:
+        if limits_ and mine(pid_):
+            limits.note(resource_)
+        return _prlimit(pid_, resource_, *limits_)
+
+    prlimit.__doc__ = _prlimit.__doc__
+    resource.prlimit = prlimit  # type: ignore[assignment]
+
+
+_monotonic = time.monotonic
+
+
+def bind_loop_clocks(loop: Any, kernel: Any) -> None:
+    """Give the engine's asyncio loops (``loop``, and those of the kernel's threads: control,
+    IOPub) the ``time.monotonic`` of now as their clock: ``BaseEventLoop.time`` looks it up
+    in the ``time`` module on every turn, so a task's ``time.monotonic = None`` ended the
+    engine between tasks."""
+    holders = (*threading.enumerate(), getattr(kernel, "iopub_thread", None))
+    for one in (loop, *(getattr(getattr(h, "io_loop", None), "asyncio_loop", None)
+                        for h in holders)):
+        if one is not None:
+            one.time = _monotonic

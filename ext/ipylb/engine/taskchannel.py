@@ -83,8 +83,11 @@ CONTROLLER_SILENCE_S = 20.0
 
 _SIGINT_SET = (signal.SIGINT.value,)
 # Bound now: what the engine's threads and last resort use, whatever a task patches later.
-_monotonic, _exit = time.monotonic, os._exit
+_monotonic, _exit, _sleep, _ceil = time.monotonic, os._exit, time.sleep, math.ceil
 _cancel_watchdog = faulthandler.cancel_dump_traceback_later
+# An engine that asked to be restarted (LEAVING) because it cannot serve on waits this long
+# (seconds) for it, then exits (the controller did not start it, or is gone).
+LEAVING_WAIT_S = 30.0
 
 
 def _set_sigint(handler: Any) -> Any:
@@ -193,6 +196,11 @@ class TaskChannel:
         self._leaving_idle = True
         self.stopping = False  # the engine's loop is stopped on purpose (EngineApp)
         self._loop: Any = None
+        # Descriptors left (checked after tasks), the resource limits a task changed (put
+        # back after it), and the engine's own descriptors (os.closerange keeps them).
+        self.fds = guard.FdWatch()
+        self.limits = guard.LimitsGuard()
+        self.engine_fds: frozenset[int] = frozenset()
 
     def start(self, loop: Any) -> None:
         """Register with the controller and start serving from ``loop``."""
@@ -213,6 +221,11 @@ class TaskChannel:
         self._loop = loop
         guard.install_exit_guard(self)
         guard.install_fork_guard(self)
+        guard.install_closerange_guard(self)
+        guard.install_rlimit_guard(self, self.limits)
+        # asyncio's loops read time.monotonic on every turn: a task's time.monotonic = None
+        # would end them (the kernel's control and IOPub threads run loops of their own).
+        guard.bind_loop_clocks(loop, self.kernel)
         loop.add_reader(self.sock.FD, self._on_readable)
         loop.add_reader(self.monitor.FD, self._on_monitor)
         loop.call_soon(self._on_monitor)  # the FD is edge-triggered: arm it by reading EVENTS
@@ -242,18 +255,33 @@ class TaskChannel:
         sock.connect(self.engine_url)
         proc = psutil.Process()
         proc.cpu_percent(None)
+        failed = False
+        while True:  # (a daemon thread: it ends with the engine)
+            try:
+                self._health_loop(sock, signer, proc)
+            except Exception as e:  # noqa: BLE001 - a task broke what this thread uses
+                # (math.ceil = None, psutil patched): start over, and say so once.
+                if not failed:
+                    failed = True
+                    self.capture.log(f"ipylb engine {self.engine_id}: its health thread failed "
+                                     f"({_safe_name(e)}: {safe_str(e, 200)}): a task replaced "
+                                     "something it uses; it starts over")
+                _sleep(HEALTH_S)
+
+    def _health_loop(self, sock: zmq.Socket, signer: wire.Signer, proc: Any) -> None:
+        """The health thread's work (:meth:`_report_health`), until something fails."""
         # The watched task running: [msg_id, (stdout, stderr) byte positions reported, next
         # report]; and the watched tasks not seen running yet, with when they were asked for.
         live: list[Any] | None = None
         wanted: dict[str, float] = {}
         next_health = _monotonic() + HEALTH_S
-        while True:  # (a daemon thread: it ends with the engine)
+        while True:
             now = _monotonic()
             wake = next_health if live is None else min(next_health, live[2])
             if wanted:
                 wake = min(wake, now + LIVE_S)
             # (rounded up: a poll of 0 ms before the deadline would spin until it)
-            if sock.poll(max(0, math.ceil((wake - now) * 1000)), zmq.POLLIN):
+            if sock.poll(max(0, _ceil((wake - now) * 1000)), zmq.POLLIN):
                 self._watch(sock, signer, live, wanted)
             now = _monotonic()
             if wanted and (live is None or live[0] != self.running):  # one of them started?
@@ -379,11 +407,26 @@ class TaskChannel:
                  f"{self.leaving_for}", "")
         return (meta[0], "unmet", now, now, "", "", error), []
 
+    def _own_more_fds(self) -> None:
+        self.engine_fds |= guard.own_fds()
+
     def _check_fds(self) -> None:
         """Between tasks: leave if the engine has run out of file descriptors."""
         why = guard.fds_exhausted()
         if why:
             self.leave_after(why)
+
+    def _after_fault(self) -> None:
+        """After a task that broke the engine (:meth:`_undo_fault`: raises the task's error)
+        or changed its resource limits (put back; if a hard one cannot be, the engine is
+        restarted and the task fails saying so)."""
+        if self.limits.changed:
+            why = self.limits.restore()
+            if why:
+                self.leave_after(why)
+                self.fault = self.fault or why
+        if self.fault is not None or self._loop._stopping:
+            raise RuntimeError(self._undo_fault())
 
     def _undo_fault(self) -> str:
         """After a task that stopped the engine's loop, asked the kernel to exit or called
@@ -447,6 +490,10 @@ class TaskChannel:
                 self.engine_id = meta
                 if self._cluster.get("hwm") == "auto":  # else at its first numbered task
                     self.desk.start()
+                # What the engine has open by now is its own (os.closerange in a task keeps
+                # it); again a little later, once zmq has made what it makes as it connects.
+                self.engine_fds = guard.own_fds()
+                self._loop.call_later(1.0, self._own_more_fds)
                 self.user_ns.setdefault("ipylb_engine_id", meta)
             elif kind == wire.STOP:
                 self._stop_loop()
@@ -489,10 +536,11 @@ class TaskChannel:
             self.kernel.io_loop.add_callback(self._on_readable)
         except Exception as e:  # receiving failed (a task broke what it uses: __import__ = None)
             # Escaping would leave the socket's edge consumed: no task answered again, while
-            # the heartbeat says all is well.  What ran is reported first (finally), then exit.
+            # the heartbeat says all is well.  What ran is reported first, then the engine
+            # leaves: the task it could not take never ran, so it runs elsewhere.
             if held:
                 self._send_done(held)
-            self._unreportable(e)
+            self._unreportable(e, idle=True)
         finally:
             if held:  # (an interrupt between tasks: what is done is still reported)
                 self._send_done(held)
@@ -533,18 +581,44 @@ class TaskChannel:
         except BaseException as e:  # noqa: B036 - a task broke the socket (zmq.Socket.send = None)
             self._unreportable(e)
 
-    def _unreportable(self, e: BaseException) -> None:
-        """A task's outcome could not be sent even as an error, or the next task could not be
-        received: a task broke what the engine uses (``pickle.dumps = None``, a patched
-        socket, ``builtins.__import__ = None``).  Serving on would leave this task and every
-        later one unanswered while the heartbeat says all is well, so the engine exits: the
-        controller answers the task (EngineError, or a retry) and restarts the kernel."""
+    def _unreportable(self, e: BaseException, idle: bool = False) -> None:
+        """A task's outcome could not be sent even as an error (``idle`` False), or the next
+        task could not be received (``idle``: it never ran): a task broke what the engine
+        uses (``pickle.dumps = None``, a patched socket, ``builtins.__import__ = None``).
+        Serving on would leave this task and every later one unanswered while the heartbeat
+        says all is well, so the engine leaves (:meth:`leave_now`)."""
         try:
-            self.capture.log(f"ipylb engine {self.engine_id}: could not report or receive a task: "
-                             f"{_safe_name(e)}: {safe_str(e, 1000)}; exiting with code "
-                             f"{UNREPORTABLE_EXIT} so that the controller answers it")
-        finally:
+            what = "receive the next task" if idle else "report a task's outcome"
+            why = (f"it could not {what} ({_safe_name(e)}: {safe_str(e, 1000)}): a task broke "
+                   "what the engine uses to (a module function or class it replaced, "
+                   "such as builtins.__import__, pickle.dumps or zmq.Socket.send)")
+        except BaseException:  # noqa: B036 - even formatting it fails: exit, as below
             _exit(UNREPORTABLE_EXIT)
+        self.leave_now(why, idle)
+
+    def leave_now(self, reason: str, idle: bool) -> None:
+        """This engine cannot serve on (a task broke what it receives, reports or loops
+        with): ask the controller to restart it (LEAVING, with ``idle``: no task sent here
+        is left half run, so all of them run elsewhere, no retry used), then wait for that
+        on this thread, taking nothing more.  If the LEAVING cannot be sent, or no restart
+        comes within LEAVING_WAIT_S (an engine the controller did not start is told to stop,
+        which this engine can no longer read), exit with UNREPORTABLE_EXIT: the controller
+        then fails the first task sent here and not answered with EngineError, saying so."""
+        try:
+            self.capture.log(f"ipylb engine {self.engine_id}: {reason}; asking the controller "
+                             "to restart it")
+            if not self.left:
+                self.leaving_for, self.left = reason, True
+                wire.send(self.sock, self.signer.pack(wire.LEAVING, (reason, idle)))
+        except BaseException:  # noqa: B036 - nothing may keep it here
+            _exit(UNREPORTABLE_EXIT)
+        deadline = _monotonic() + LEAVING_WAIT_S
+        while _monotonic() < deadline:
+            try:
+                _sleep(0.1)
+            except BaseException:  # noqa: B036 - an interrupt: wait on
+                pass
+        _exit(UNREPORTABLE_EXIT)
 
     # -- running -----------------------------------------------------------------
 
@@ -690,11 +764,19 @@ class TaskChannel:
                 # So would faulthandler.dump_traceback_later(t, exit=True): end the engine.
                 _cancel_watchdog()
                 _set_sigint(previous)
-                if self.fault is not None or self._loop._stopping:  # it broke the engine: guard
-                    raise RuntimeError(self._undo_fault())
+                # It broke the engine, or changed its resource limits (put back): guard.
+                if self.fault is not None or self._loop._stopping or self.limits.changed:
+                    self._after_fault()
             output = self.capture.end(saved)
             saved = None
-            self.last_run_s[fkey] = _now() - started
+            self.last_run_s[fkey] = spent = _now() - started
+            fds = self.fds
+            fds.budget -= spent
+            if fds.budget < 0.0:  # it ran long enough to have opened what was left: look
+                why = fds.check()
+                if why:
+                    self.leave_after(why)
+                    raise RuntimeError(f"the task returned, but {why}")
             if self.placer is not None and len(result) > 1:
                 result = self.placer.place(result)
             status = "ok"
@@ -704,8 +786,10 @@ class TaskChannel:
         except BaseException as e:  # noqa: B036 - SystemExit/KeyboardInterrupt are task errors too
             status, result = "error", []
             error = _describe(e)
-            if guard.out_of_fds(e):
-                why = guard.fds_exhausted()
+            fds = self.fds
+            fds.budget -= _now() - started
+            if (fds.budget < 0.0 or guard.out_of_fds(e)) and self.leaving_for is None:
+                why = fds.check()
                 if why:
                     self.leave_after(why)
                     error = (error[0], f"{error[1]} [ipylb: {why}]", error[2])
