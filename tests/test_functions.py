@@ -10,7 +10,7 @@ import warnings
 
 import numpy as np
 import pytest
-from ipylb.controller.hub import FUNCTIONS_HELD
+from ipylb.controller.dispatch import FUNCTIONS_HELD
 
 
 def channel_state():

@@ -1,7 +1,7 @@
 """The controller's answers to clients' requests (``REQUEST`` frames: ``(req_id, op, arg)``):
 queue status, activity, results by msg_id, redelivery, resubmission, ``db_query``,
-purge, abort, interrupt, shutdown, adding engines, live output (``stream``), and
-``validate``.  Each answer is computed on the controller's main loop, between messages;
+purge, abort, interrupt, shutdown, adding engines, and ``validate`` (live output's
+``stream`` is in :mod:`.live`).  Each answer is computed on the controller's main loop, between messages;
 the core is reached only through ``Scheduler.handle``.  A part of :class:`~ipylb.controller.hub.Controller`
 (a mixin: ``Controller`` owns the state).
 """
@@ -50,26 +50,6 @@ class Requests:
             if engine_id in status:
                 status[engine_id]["restarts"] = info.get("restarts", 0)
         return status
-
-    def _req_stream(self, client: bytes, msg_ids: Any) -> int:
-        """A client wants the live output of these pending tasks of its own or another
-        client's (``AsyncResult.display_outputs``, ``%%lb``): the engine each is assigned
-        to is asked for it now (it reports once the task runs); a task assigned later, or
-        elsewhere (a retry, a steal), is asked for when its engine's health report (every
-        HEALTH_S) names it as running.  Returns how many of them are pending."""
-        if not (isinstance(msg_ids, list) and all(type(m) is str for m in msg_ids)):
-            raise ValueError("stream takes a list of msg_ids")
-        watched = 0
-        for msg_id in msg_ids:
-            rec = self.store.records.get(msg_id)
-            if rec is None or rec.result is not None:
-                continue
-            self.live.setdefault(msg_id, set()).add(client)
-            watched += 1
-            engine_id = self.core.engine_of(msg_id)
-            if engine_id is not None:
-                self._watch(self.engine_ident[engine_id] + b"/health", msg_id)
-        return watched
 
     def _req_activity(self, _client: bytes, arg: Any) -> dict[str, Any]:
         """What the dashboard draws (one round trip per refresh).  ``arg``: ``(seq, second)``
