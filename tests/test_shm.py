@@ -306,6 +306,83 @@ def test_a_claimed_link_outlives_the_record(prefix):
     assert files(prefix) == set() and bytes(received.view()) == data
 
 
+def spares(placer: shm.Placer) -> list[tuple[int, tuple[int, int]]]:
+    """(size, identity) of the spares a placer holds ready, once it has readied them."""
+    placer.spares.settle(60)
+    return [(n, ident) for n, _fd, ident in placer.spares._ready]
+
+
+def test_a_spare_becomes_the_next_segment_and_never_touches_one_sent(prefix):
+    """After writing a buffer, a producer readies an unnamed file of its size; the next
+    buffer is written into it and only then named: a new segment (its own inode), while
+    the segment sent before keeps its bytes (a consumer still maps it)."""
+    placer = shm.Placer(prefix)
+    first = os.urandom(BIG)
+    seg1 = placer.place([b"p", memoryview(first)])[1]
+    held = shm.Segment(seg1.name, seg1.nbytes, seg1.ident).view()
+    [(size, ident)] = spares(placer)
+    assert size == BIG and files(prefix) == {seg1.name}  # unnamed until used
+    second = os.urandom(BIG)
+    seg2 = placer.place([b"p", memoryview(second)])[1]
+    assert seg2.ident == ident != seg1.ident and seg2.name != seg1.name
+    assert bytes(shm.Segment(seg2.name, seg2.nbytes, seg2.ident).view()) == second
+    assert bytes(held) == first and bytes(shm.Segment(seg1.name, BIG, seg1.ident).view()) == first
+    assert os.stat(seg2.path).st_mode & 0o777 == 0o600 and files(prefix) == {seg1.name, seg2.name}
+    placer.close()
+    assert placer.spares._ready == []
+
+
+def test_a_larger_spare_is_cut_to_the_buffer_and_passes_the_consumers_checks(prefix):
+    producer, consumer = pair(prefix)
+    placer = shm.Placer(prefix)
+    placer.place([b"p", memoryview(bytearray(2 * BIG))])
+    [(size, ident)] = spares(placer)
+    data = np.random.default_rng(3).integers(0, 255, BIG, dtype="u1")
+    bufs = placer.place(serialize.dumps(data))
+    assert bufs[1].ident == ident and bufs[1].nbytes == os.stat(bufs[1].path).st_size == BIG
+    frames = producer.pack(wire.TASK, None, bufs)
+    _k, _s, _m, got, mac = consumer.unpack(frames)
+    consumer.check_bufs(got, mac)
+    assert np.array_equal(serialize.loads(got), data)
+
+
+def test_a_spare_descriptor_a_task_closed_and_reused_is_never_written(prefix, tmp_path):
+    """A task may close descriptors it does not own (os.closerange) and open files that get
+    their numbers: the placer then must not write (or close) that file."""
+    placer = shm.Placer(prefix)
+    placer.place([b"p", memoryview(bytearray(BIG))])
+    spares(placer)
+    fd = placer.spares._ready[0][1]
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep me")
+    os.close(fd)
+    other = os.open(victim, os.O_RDWR)
+    try:
+        if other != fd:
+            os.dup2(other, fd)
+        data = os.urandom(BIG)
+        seg = placer.place([b"p", memoryview(data)])[1]
+        assert bytes(shm.Segment(seg.name, BIG, seg.ident).view()) == data  # a fresh one
+        assert victim.read_bytes() == b"keep me"
+        os.fstat(fd)  # still open: not closed by the placer either
+    finally:
+        os.close(other)
+        if other != fd:
+            os.close(fd)
+
+
+def test_spares_stay_within_their_count_and_bytes(prefix):
+    placer = shm.Placer(prefix)
+    for _ in range(4):
+        placer.place([b"p"] + [memoryview(bytearray(BIG))] * 3)
+        assert len(spares(placer)) <= shm.SPARE_COUNT
+    huge = shm.SPARE_BYTES + 1
+    placer.close()
+    placer = shm.Placer(prefix)
+    placer.spares.want([huge])
+    assert spares(placer) == []
+
+
 def test_ipylb_shm_off_turns_the_path_off(monkeypatch):
     info = {"shm_domain": shm.domain(), "shm_prefix": shm.controller_prefix("ab12")}
     assert shm.shared_prefix(info) == info["shm_prefix"]
@@ -362,6 +439,40 @@ def test_changing_an_argument_in_place_leaves_the_record_intact(rc, view):
     assert ar.get(30) == arr.size
     assert rc.resubmit(ar).get(30) == [arr.size]  # the stored argument is still zeros
     assert not arr.any()
+
+
+def engine_spares() -> list[int]:
+    """On the engine: the sizes of the spares its placer holds ready (after settling)."""
+    import gc
+
+    from ipylb import shm as engine_shm
+
+    [placer] = [o for o in gc.get_objects() if type(o) is engine_shm.Placer]
+    placer.spares.settle(60)
+    return [n for n, _fd, _ident in placer.spares._ready]
+
+
+def test_echoes_through_spares_keep_every_value_the_client_holds():
+    """Round trips of distinct big arrays, each result kept: client and engine write later
+    buffers into spares readied meanwhile, and no result (a mapping of a segment) ever
+    changes.  Nothing is left in /dev/shm afterwards."""
+    rng = np.random.default_rng(5)
+    with ipylb.Client(engines=1) as rc:
+        prefix = rc.cluster_info["shm_prefix"]
+        view = rc.load_balanced_view()
+        sent, got = [], []
+        for _ in range(6):
+            arr = rng.integers(0, 255, BIG, dtype="u1")
+            sent.append(arr.copy())
+            got.append(view.apply_sync(lambda x: x, arr))
+            arr[:] = 0  # the client's own array changes after sending: the record's must not
+            assert mmap_backed(got[-1])
+        assert view.apply_sync(engine_spares) == [BIG]  # the engine wrote its results so
+        assert [n for n, _ident in spares(rc._placer)] == [BIG]
+        for a, b in zip(sent, got, strict=True):
+            assert np.array_equal(a, b)
+        assert np.array_equal(rc.resubmit(rc.history[0]).get(30)[0], sent[0])
+    assert files(prefix) == set()
 
 
 def test_purge_and_shutdown_remove_the_segments():

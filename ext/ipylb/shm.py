@@ -37,14 +37,18 @@ on another machine.  ``IPYLB_SHM=off`` turns the path off for a process.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import mmap
 import os
 import re
 import secrets
 import stat
+import threading
 import time
+import weakref
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import cache
 from typing import Any
 
@@ -61,6 +65,10 @@ _OWN = re.compile(r"ipylb-(\d+)-(\d+)-[0-9a-f]+-")
 _TAIL = re.compile(r"[0-9a-f]{1,32}-[0-9]{1,20}(-[0-9a-f]{16})?")
 # Names of the segments owned in this process (the controller's records'), never swept.
 _owned: set[str] = set()
+# A producer keeps at most this many spare segments allocated ahead, of at most this many
+# bytes in all (see _Spares).
+SPARE_COUNT = 2
+SPARE_BYTES = 64 << 20
 
 
 @cache
@@ -234,17 +242,150 @@ def _write_all(fd: int, piece: memoryview, offset: int) -> None:
         piece, offset = piece[n:], offset + n
 
 
+class _Spares:
+    """Files in SHM_DIR with their pages allocated ahead, for a producer's next buffers.
+
+    Why: the kernel takes longer to allocate a fresh tmpfs file's pages than to copy a
+    buffer into them (8 MB here: ~1.7 ms to allocate, ~1.0-1.3 ms to write into allocated
+    pages, 2.5-3.8 ms to write a fresh file).  So after a producer wrote a buffer of n
+    bytes, a thread readies a file of n bytes (``posix_fallocate``) while the producer
+    waits for its answer or runs the next task, and the next buffer of that size is only
+    copied in.  A spare is unnamed (``O_TMPFILE``) until used: it gets its segment name
+    (``linkat`` of /proc/self/fd/N) only once its bytes are written, so consumers and the
+    wire see exactly what a fresh segment gives them (a new inode, never written again),
+    and a producer that dies holding spares leaves nothing in /dev/shm (the kernel frees an
+    unnamed file with its last descriptor).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ready: list[tuple[int, int, tuple[int, int]]] = []  # (nbytes, fd, ident), oldest first
+        self._jobs: list[Future] = []
+        self._queued = 0  # bytes of the spares being readied
+        self._pool: ThreadPoolExecutor | None = None
+        self._closed = False
+        self._pid = os.getpid()  # a forked child must not write into its parent's spares
+        self.works = True  # False once O_TMPFILE or the /proc link failed here
+
+    def take(self, nbytes: int) -> int | None:
+        """The descriptor of a ready spare of at least ``nbytes`` (the smallest), truncated
+        to ``nbytes``; None if there is none."""
+        with self._lock:
+            fit = [spare for spare in self._ready if spare[0] >= nbytes]
+            if not fit or os.getpid() != self._pid:
+                return None
+            spare = min(fit)
+            self._ready.remove(spare)
+        n, fd, ident = spare
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            return None
+        if (st.st_dev, st.st_ino) != ident or st.st_nlink:
+            # Not our spare any more: a task closed the descriptor (os.closerange) and the
+            # number now names another file, which must not be written.  Leave it alone.
+            return None
+        try:
+            if n != nbytes:
+                os.ftruncate(fd, nbytes)
+        except OSError:
+            os.close(fd)
+            return None
+        return fd
+
+    def want(self, sizes: list[int]) -> None:
+        """Ready spares for buffers of these sizes, as far as SPARE_COUNT and SPARE_BYTES
+        allow (the oldest ready ones make room: the latest sizes are the likeliest next)."""
+        drop: list[tuple[int, int, tuple[int, int]]] = []
+        with self._lock:
+            if self._closed or not self.works:
+                return
+            for nbytes in sizes:
+                if nbytes > SPARE_BYTES:
+                    continue
+                jobs = sum(not j.done() for j in self._jobs)
+                while self._ready and (len(self._ready) + jobs >= SPARE_COUNT or self._queued
+                                       + sum(s[0] for s in self._ready) + nbytes > SPARE_BYTES):
+                    drop.append(self._ready.pop(0))
+                if jobs >= SPARE_COUNT or self._queued + nbytes > SPARE_BYTES:
+                    break
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(1, thread_name_prefix="ipylb-shm-spares")
+                self._queued += nbytes
+                try:
+                    job = self._pool.submit(self._make, nbytes, drop)
+                except RuntimeError:  # interpreter shutdown
+                    self._queued -= nbytes
+                    break
+                drop = []  # the job closes them, off the caller's thread
+                self._jobs = [j for j in self._jobs if not j.done()] + [job]
+        _close(drop)
+
+    def _make(self, nbytes: int, drop: list[tuple[int, int, tuple[int, int]]]) -> None:
+        _close(drop)  # closing a spare frees its pages: not on the producer's time
+        fd = -1
+        try:
+            st = os.statvfs(SHM_DIR)
+            if st.f_bavail * st.f_frsize >= 2 * nbytes:  # nearly full: don't fill it up
+                fd = os.open(SHM_DIR, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+                os.fchmod(fd, 0o600)  # whatever the umask: consumers require exactly 0600
+                os.posix_fallocate(fd, 0, nbytes)
+                st = os.fstat(fd)
+        except OSError as e:
+            if fd >= 0:
+                os.close(fd)
+            fd = -1
+            if e.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):  # no O_TMPFILE here
+                self.works = False
+        with self._lock:
+            self._queued -= nbytes
+            if fd >= 0 and not self._closed:
+                self._ready.append((nbytes, fd, (st.st_dev, st.st_ino)))
+                fd = -1
+        if fd >= 0:
+            os.close(fd)
+
+    def settle(self, timeout: float | None = None) -> None:
+        """Wait until the spares asked for are ready (for tests and benchmarks)."""
+        for job in list(self._jobs):
+            job.result(timeout)
+
+    def close(self) -> None:
+        """Free every spare (and those still being made, when they are)."""
+        with self._lock:
+            self._closed = True
+            ready, self._ready = self._ready, []
+        _close(ready)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+
+
+def _close(spares: list[tuple[int, int, tuple[int, int]]]) -> None:
+    """Close these spares' descriptors, those still ours (see _Spares.take)."""
+    for _n, fd, ident in spares:
+        try:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) == ident and not st.st_nlink:
+                os.close(fd)
+        except OSError:
+            pass
+
+
 class Placer:
     """The producer's side: moves large out-of-band buffers into new segments."""
 
     def __init__(self, prefix: str) -> None:
         self._prefix = f"{prefix}{secrets.token_hex(6)}-"
         self._count = itertools.count()
+        self.spares = _Spares()
+        # Spares are descriptors: close them when this placer goes (or at exit).
+        weakref.finalize(self, self.spares.close)
 
     def place(self, bufs: list[Any]) -> list[Any]:
         """``bufs`` with each memoryview larger than MIN_BYTES replaced by a Segment
         (kept inline if shared memory is full or refuses it)."""
         out = bufs
+        sizes = []
         for i, b in enumerate(bufs):
             if type(b) is memoryview and b.nbytes > MIN_BYTES:
                 seg = self._write(b)
@@ -252,9 +393,22 @@ class Placer:
                     if out is bufs:
                         out = list(bufs)
                     out[i] = seg
+                    sizes.append(b.nbytes)
+        if sizes:
+            self.spares.want(sizes)
         return out
 
+    def close(self) -> None:
+        """Free the spares now (they are freed anyway when this placer is collected)."""
+        self.spares.close()
+
     def _write(self, view: memoryview) -> Segment | None:
+        flat = view.cast("B") if view.ndim != 1 or view.itemsize != 1 else view
+        fd = self.spares.take(view.nbytes)
+        if fd is not None:
+            seg = self._fill(fd, flat)
+            if seg is not None:
+                return seg
         name = f"{self._prefix}{next(self._count)}"
         path = os.path.join(SHM_DIR, name)
         try:
@@ -268,7 +422,7 @@ class Placer:
             os.fchmod(fd, 0o600)  # whatever the umask: consumers require exactly 0600
             st = os.fstat(fd)
             # One writer: tmpfs serializes writes to a file, so threads would only add overhead.
-            _write_all(fd, view.cast("B") if view.ndim != 1 or view.itemsize != 1 else view, 0)
+            _write_all(fd, flat, 0)
         except BaseException as e:  # /dev/shm full (ENOSPC), a quota...: this one goes inline
             os.close(fd)
             os.unlink(path)
@@ -277,6 +431,25 @@ class Placer:
             raise
         os.close(fd)
         return Segment(name, view.nbytes, (st.st_dev, st.st_ino))
+
+    def _fill(self, fd: int, flat: memoryview) -> Segment | None:
+        """Write ``flat`` into a spare (descriptor ``fd``, consumed) and name it: a new
+        segment; None if that failed (the caller writes a fresh one)."""
+        name = f"{self._prefix}{next(self._count)}"
+        try:
+            _write_all(fd, flat, 0)
+            st = os.fstat(fd)
+            # Named only now, complete: linkat(AT_SYMLINK_FOLLOW) of the unnamed file, which
+            # fails (EEXIST) rather than replace a file someone put under the name.
+            os.link(f"/proc/self/fd/{fd}", os.path.join(SHM_DIR, name), src_dir_fd=fd,
+                    follow_symlinks=True)  # a dir fd makes Python use linkat (ignored: absolute)
+        except OSError as e:
+            if e.errno in (errno.EXDEV, errno.ENOENT, errno.EPERM, errno.EINVAL):
+                self.spares.works = False  # no /proc, or it cannot link here: fresh files only
+            return None
+        finally:
+            os.close(fd)
+        return Segment(name, flat.nbytes, (st.st_dev, st.st_ino))
 
 
 def _remove(selected: Callable[[str], bool], older_than: float | None = None) -> None:
