@@ -472,7 +472,7 @@ def test_echoes_through_spares_keep_every_value_the_client_holds():
         for a, b in zip(sent, got, strict=True):
             assert np.array_equal(a, b)
         assert np.array_equal(rc.resubmit(rc.history[0]).get(30)[0], sent[0])
-    assert files(prefix) == set()
+    assert files(prefix) == set() and rc._placer.spares._ready == []  # closed with the client
 
 
 def test_purge_and_shutdown_remove_the_segments():

@@ -614,6 +614,8 @@ class Client(Link, TaskRecords):
                 self._held_cond.notify()  # the sending thread ends
                 self._send_sock.close(0)
             ctx.destroy(linger=0)  # closes what a stuck receiver still holds, never hangs
+        if getattr(self, "_placer", None) is not None:
+            self._placer.close()  # its spare segments (unnamed files) go now
         if hasattr(self, "_pending"):
             self._abandon(why)
         _live_clients.discard(self)
