@@ -11,6 +11,10 @@ def test_micro_benchmark_prints_a_row_per_engine_count_and_size_and_pair_costs(c
     rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
     assert [(r[0], r[1]) for r in rows] == [("2", "200"), ("2", "400"), ("5", "200"), ("5", "400")]
     assert all(float(r[4].replace(",", "")) > 0 for r in rows)  # overall events/s
+    # µs/event with the default GC, under the controller's GC policy, and with the GC paused
+    assert all(len(r) == 11 and min(map(float, r[5:8])) > 0 for r in rows)
+    assert "µs/event with the controller's GC policy, slowest / fastest:" in out
+    assert "µs/event with the default GC, slowest / fastest:" in out
     pairs = {line.split()[0]: line.split()[1:] for line in out.splitlines()
              if line.split() and line.split()[0] in core_micro.SCHEMES}
     assert set(pairs) == set(core_micro.SCHEMES)

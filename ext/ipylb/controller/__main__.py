@@ -19,6 +19,7 @@ from .. import connection, limits, wire
 from ..connection import KERNEL_NAME
 from ..core.pipeline import parse_hwm
 from ..error import NoCluster
+from .gcpolicy import GCPolicy
 from .hub import FORGET_AFTER_S, MAX_FRAME_BYTES, Controller, stop_on_signals
 from .launcher import EngineLauncher
 from .records import TaskDB, TaskStore
@@ -110,6 +111,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     # One line on stdout tells the launching process we are ready; then stdout is not used.
     print("ready", flush=True)
+    GCPolicy().install()  # long-lived records: full collections skip what survived one
     try:
         ctl.run()
     finally:
