@@ -66,3 +66,39 @@ def test_interrupt_stops_a_sleeping_task(rc, view, tmp_path):
         assert info.value.ename == "KeyboardInterrupt"
     assert time.monotonic() - t0 < 10
     assert view.apply_sync(sleeper, 0) == "slept"  # engines serve on
+
+
+def _has_debugger(rc, engine_id):
+    """Whether the engine kernel's kernel_info_reply offers the Jupyter debugger (ipykernel 7
+    lists it in ``supported_features``, 6 said ``debugger: true``), over its shell channel."""
+    kc = BlockingKernelClient(connection_file=rc.engine_info()[engine_id]["connection_file"])
+    kc.load_connection_file()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=60)
+        kc.kernel_info()
+        content = kc.get_shell_msg(timeout=60)["content"]
+    finally:
+        kc.stop_channels()
+    return bool(content.get("debugger")) or "debugger" in content.get("supported_features", [])
+
+
+def _import_debugpy():
+    import debugpy
+
+    return debugpy.__name__
+
+
+def test_engine_kernels_boot_without_the_debugger_and_tasks_may_still_import_it(rc, view):
+    # Making the kernel's debugger imports debugpy, ~0.09 s of an engine's boot CPU: engines
+    # go without (issue 14 item 7); a task that imports debugpy gets it all the same.
+    assert _has_debugger(rc, rc.ids[0]) is False
+    assert view.apply_sync(_import_debugpy) == "debugpy"
+
+
+def test_ipylb_engine_debugger_1_gives_engines_the_jupyter_debugger(monkeypatch):
+    import ipylb
+
+    monkeypatch.setenv("IPYLB_ENGINE_DEBUGGER", "1")  # engines inherit the client's environment
+    with ipylb.Client(engines=1) as rc1:
+        assert _has_debugger(rc1, rc1.ids[0]) is True

@@ -2,9 +2,12 @@
 soak, fuzz, bench) use the client, its views and results through public API only."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import ipylb
+import pytest
 
 PACKAGE = Path(ipylb.__file__).parent
 ABOVE_THE_CLIENT = [
@@ -66,3 +69,23 @@ def test_modules_above_the_client_use_public_api_only():
         if found:
             bad[name] = found
     assert bad == {}
+
+
+@pytest.mark.parametrize("entry", ["ipylb.engine.__main__", "ipylb.controller.__main__"])
+def test_engine_and_controller_processes_do_not_import_the_client(entry):
+    # `import ipylb` imports the client's names on first use (PEP 562): an engine kernel's
+    # boot spent ~0.1 s of CPU importing a client it never uses (issue 14 item 7).
+    code = (f"import sys, {entry}\n"
+            "print(sorted(m for m in sys.modules if m.startswith(('ipylb.client', 'ipylb.dependency'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_client_names_of_ipylb_import_on_first_use():
+    code = ("import sys, ipylb\nassert 'ipylb.client.client' not in sys.modules\n"
+            "from ipylb import Client, LoadBalancedView, AsyncResult, require\n"
+            "import ipylb.client.client as c\nassert Client is c.Client and ipylb.Client is Client\n"
+            "assert set(ipylb.__all__) <= set(dir(ipylb))\n"
+            "try:\n    ipylb.Nope\nexcept AttributeError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "module 'ipylb' has no attribute 'Nope'"

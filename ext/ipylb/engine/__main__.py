@@ -1,5 +1,11 @@
 """Entry point of the ``ipylb-engine`` kernelspec: ``python -m ipylb.engine -f CONNECTION_FILE``."""
 
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
 from ipykernel.kernelapp import IPKernelApp
 
 from ..error import safe_str
@@ -13,6 +19,22 @@ class EngineApp(IPKernelApp):
 
     def init_poller(self) -> None:
         self.poller = None
+
+    def initialize(self, argv: Any = None) -> None:
+        """IPKernelApp's, without the Jupyter debugger unless ``IPYLB_ENGINE_DEBUGGER=1``:
+        making the kernel imports debugpy, ~0.09 s of each engine's ~0.4 s boot CPU (64
+        engines on 2 cores: ~3 s of start-up; issue 14 item 7), for a debugger that serves a
+        notebook frontend stepping through cells, not tasks.  debugpy is hidden only while
+        the kernel is made (ipykernel then reports ``debugger: false``); a task may still
+        import it."""
+        hide = os.environ.get("IPYLB_ENGINE_DEBUGGER") != "1" and "debugpy" not in sys.modules
+        if hide:
+            sys.modules["debugpy"] = None  # type: ignore[assignment]  # import fails: no debugger
+        try:
+            super().initialize(argv)
+        finally:
+            if hide and sys.modules.get("debugpy", 0) is None:
+                del sys.modules["debugpy"]
 
     def start(self) -> None:
         """Serve until the engine is stopped on purpose (by ipylb, a shutdown request, or
