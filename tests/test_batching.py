@@ -43,13 +43,13 @@ def test_a_thousand_apply_async_in_a_loop_leave_in_far_fewer_messages(other, mon
     view = other.load_balanced_view()
     view.apply_sync(noop)
     before = other._submit_messages
-    received = other._request("messages")[wire.SUBMIT]  # counted by the controller
+    received = other.controller_stats()["messages"]["submit"]  # counted by the controller
     ars = [view.apply_async(square, i) for i in range(1000)]
     assert [ar.get(TIMEOUT) for ar in ars] == [i * i for i in range(1000)]
     sent = other._submit_messages - before
     assert 4 <= sent <= 100, sent  # at most 256 tasks a message; far fewer than 1,000
     # (the session's other client submits nothing meanwhile)
-    assert other._request("messages")[wire.SUBMIT] - received == sent
+    assert other.controller_stats()["messages"]["submit"] - received == sent
 
 
 def test_a_submission_after_a_pause_is_sent_at_once(other):
@@ -141,11 +141,11 @@ def test_an_engine_takes_tasks_and_sends_results_several_per_message(piped, monk
     monkeypatch.setattr(client_module, "BURST_S", 10.0)
     view = piped.load_balanced_view()
     view.apply_sync(square, 0)  # its run time is known from now on: short
-    before = piped._request("messages")
+    before = piped.controller_stats()["messages"]
     ars = [view.apply_async(square, i) for i in range(500)]
     assert [ar.get(TIMEOUT) for ar in ars] == [i * i for i in range(500)]
-    after = piped._request("messages")
-    done, dones = (after[k] - before.get(k, 0) for k in (wire.DONE, wire.DONES))
+    after = piped.controller_stats()["messages"]
+    done, dones = (after.get(k, 0) - before.get(k, 0) for k in ("done", "dones"))
     assert dones >= 1 and done + dones <= 250, (done, dones)  # far fewer than 500
 
 

@@ -65,6 +65,11 @@ def test_start_refuse_status_add_stop(runtime):
         busy = view.apply_async(time.sleep, 30)  # holds the only engine (hwm 1)
         waiting = view.apply_async(pow, 2, 5)
         assert status("p1") == {"engines": 1, "unassigned": 1, "tasks done": 0}
+        # what the controller process handled, and its GC policy (issue 14)
+        said = ipylb_cmd("cluster", "status", "--profile", "p1").stdout
+        assert re.search(r"^messages received: \d+ \(.*\bsubmit [12]\b", said, re.M), said
+        assert re.search(r"^controller GC: freeze survivors of full collections, [1-9]\d* objects "
+                         r"frozen, \d+ full collections$", said, re.M), said
 
         added = ipylb_cmd("engine", "add", "-n", "1", "--profile", "p1")
         assert added.returncode == 0, added.stderr

@@ -41,13 +41,14 @@ def test_survivors_of_a_full_collection_are_frozen_and_skipped(clock):
     _, policy = clock
     kept = Node()
     assert _tracked(kept)
+    before = policy.stats()["full_collections"]
     gc.collect()
-    assert policy.full_collections == 1
     assert gc.get_freeze_count() > 0 and not _tracked(kept)  # frozen: no collection walks it
     young = Node()  # made after the freeze: collected as usual
     assert _tracked(young)
     stats = policy.stats()
-    assert stats["frozen"] == gc.get_freeze_count() and stats["full_collections"] == 1
+    assert stats["frozen"] == gc.get_freeze_count() and stats["full_collections"] == before + 1
+    assert stats["policy"] == GCPolicy.NAME
 
 
 def test_frozen_objects_dropped_are_still_freed_by_reference_counting(clock):
@@ -75,6 +76,16 @@ def test_a_cycle_among_frozen_objects_is_collected_after_the_thaw(clock):
     assert gc.get_freeze_count() > 0  # ... and the survivors are frozen again
 
 
+def test_freeze_now_freezes_what_exists_at_install():
+    kept = Node()
+    policy = GCPolicy().install(freeze_now=True)
+    try:
+        assert not _tracked(kept) and gc.get_freeze_count() > 0
+    finally:
+        policy.uninstall()
+    assert _tracked(kept) and GCPolicy.default_stats()["policy"] == "default"
+
+
 def test_one_policy_per_process_and_uninstall_thaws_everything(clock):
     _, policy = clock
     assert GCPolicy.installed() is policy
@@ -92,3 +103,25 @@ def test_one_policy_per_process_and_uninstall_thaws_everything(clock):
 def test_thaw_every_must_be_positive(bad):
     with pytest.raises(ValueError, match="thaw_every must be a positive number of seconds"):
         GCPolicy(thaw_every=bad)
+
+
+def _noop():
+    return None
+
+
+def test_a_controller_process_runs_under_the_policy_and_counts_its_messages(rc, view):
+    # The controller a Client starts (python -m ipylb.controller) installs the policy and
+    # freezes its set-up at once; rc.controller_stats() is the public way to see both.
+    stats = rc.controller_stats()
+    assert stats["gc"]["policy"] == GCPolicy.NAME
+    assert stats["gc"]["frozen"] > 10_000  # its modules, classes, functions at least
+    assert stats["gc"]["thaw_every_s"] == 600.0
+    assert stats["messages"]["register"] >= len(rc.ids)  # (more if a test restarted one)
+    assert stats["messages_received"] == sum(stats["messages"].values())
+    before = stats["messages"]
+    assert view.apply_sync(_noop) is None
+    after = rc.controller_stats()["messages"]
+    assert after["submit"] == before.get("submit", 0) + 1  # a lone apply_sync: one message
+    done = sum(after.get(k, 0) - before.get(k, 0) for k in ("done", "dones"))
+    assert done == 1
+    assert after["request"] >= before["request"] + 1  # the first controller_stats() (+ pings)

@@ -492,6 +492,7 @@ def cluster_status(args: argparse.Namespace) -> int:
         return _not_running(args.profile)
     try:
         qs, ids, info, hosts = rc.queue_status(), rc.ids, rc.cluster_info, rc.engine_info()
+        stats = rc.controller_stats()
     finally:
         rc.close()
     engines = {k: v for k, v in qs.items() if isinstance(k, int)}
@@ -509,6 +510,11 @@ def cluster_status(args: argparse.Namespace) -> int:
     print(f"unassigned: {qs.get('unassigned', 0)}")
     print(f"engine restarts: {sum(s.get('restarts', 0) for s in engines.values())}")
     print(f"tasks done: {sum(s['completed'] for s in engines.values())}")
+    kinds = ", ".join(f"{k} {n}" for k, n in sorted(stats["messages"].items(), key=lambda kn: -kn[1]))
+    print(f"messages received: {stats['messages_received']}" + (f" ({kinds})" if kinds else ""))
+    g = stats["gc"]
+    print(f"controller GC: {g['policy']}, {g['frozen']} objects frozen, "
+          f"{g['full_collections']} full collections")
     return 0
 
 

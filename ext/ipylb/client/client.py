@@ -438,6 +438,17 @@ class Client(Link, TaskRecords):
                         return False
         return True
 
+    def controller_stats(self, timeout: float | None = 30.0) -> dict[str, Any]:
+        """(ipylb) What the controller process has handled: ``messages``, the messages it
+        received by kind (``{"submit": n, "done": n, "dones": n, "request": n, ...}``: a
+        batch of tasks or results is one message, see README "Fewer messages per task"),
+        ``messages_received`` (their sum), and ``gc``, its garbage collector's state:
+        ``policy`` ("freeze survivors of full collections" for a controller started by
+        ipylb, see :mod:`ipylb.controller.gcpolicy`), ``frozen`` (objects full collections
+        skip), ``full_collections``, ``thaws``, ``thaw_every_s``, ``thresholds``.
+        TimeoutError if the controller does not answer within ``timeout`` seconds."""
+        return self._request("stats", None, timeout)
+
     def queue_status(self, targets: int | list[int] | None = None, verbose: bool = False,
                      timeout: float | None = 30.0) -> dict[Any, Any]:
         """``{engine_id: {"queue": n, "completed": n, "tasks": n, "restarts": n}, ...,

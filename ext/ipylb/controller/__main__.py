@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     # One line on stdout tells the launching process we are ready; then stdout is not used.
     print("ready", flush=True)
-    GCPolicy().install()  # long-lived records: full collections skip what survived one
+    # Long-lived records: full collections skip what survived one (and the set-up, now).
+    GCPolicy().install(freeze_now=True)
     try:
         ctl.run()
     finally:

@@ -46,10 +46,10 @@ class GCPolicy:
 
     :meth:`install` hooks :data:`gc.callbacks` (one policy per process: installing a second
     raises RuntimeError); :meth:`uninstall` removes the hook and thaws everything.
-    ``clock`` gives seconds (``time.monotonic``).  ``full_collections`` and ``thaws`` count
-    what it did.
+    ``clock`` gives seconds (``time.monotonic``).  ``thaws`` counts the thaws so far.
     """
 
+    NAME = "freeze survivors of full collections"
     _installed: GCPolicy | None = None
 
     def __init__(self, thaw_every: float = THAW_EVERY_S,
@@ -59,14 +59,18 @@ class GCPolicy:
         self.thaw_every = thaw_every
         self._clock = clock
         self._thawed = clock()
-        self.full_collections = 0
         self.thaws = 0
 
-    def install(self) -> GCPolicy:
-        """Hook this policy into the collector of this process; returns self."""
+    def install(self, freeze_now: bool = False) -> GCPolicy:
+        """Hook this policy into the collector of this process; returns self.  With
+        ``freeze_now``, first collect and freeze what exists now (a process's modules and
+        set-up: long-lived; at start-up, a cheap point to do it once)."""
         if GCPolicy._installed is not None:
             raise RuntimeError("a GC policy is already installed in this process "
                                "(uninstall() it first)")
+        if freeze_now:
+            gc.collect()
+            gc.freeze()
         GCPolicy._installed = self
         gc.callbacks.append(self._after)
         return self
@@ -84,17 +88,23 @@ class GCPolicy:
         return GCPolicy._installed
 
     def stats(self) -> dict[str, Any]:
-        """What the collector and this policy did so far: ``policy`` (its name), ``frozen``
-        (objects in the permanent generation now), ``full_collections``, ``thaws``,
-        ``thaw_every_s``, ``thresholds`` (``gc.get_threshold()``)."""
-        return {"policy": "freeze survivors of full collections", "frozen": gc.get_freeze_count(),
-                "full_collections": self.full_collections, "thaws": self.thaws,
+        """The collector's state under this policy: ``policy`` (its name), ``frozen`` (objects
+        in the permanent generation now), ``full_collections`` (since the process started),
+        ``thaws``, ``thaw_every_s``, ``thresholds`` (``gc.get_threshold()``)."""
+        return {"policy": self.NAME, "frozen": gc.get_freeze_count(),
+                "full_collections": gc.get_stats()[2]["collections"], "thaws": self.thaws,
                 "thaw_every_s": self.thaw_every, "thresholds": gc.get_threshold()}
+
+    @staticmethod
+    def default_stats() -> dict[str, Any]:
+        """:meth:`stats`' keys for a process without a policy (CPython's default)."""
+        return {"policy": "default", "frozen": gc.get_freeze_count(),
+                "full_collections": gc.get_stats()[2]["collections"], "thaws": 0,
+                "thaw_every_s": None, "thresholds": gc.get_threshold()}
 
     def _after(self, phase: str, info: dict[str, int]) -> None:
         if phase != "stop" or info["generation"] != 2:
             return
-        self.full_collections += 1
         now = self._clock()
         if now - self._thawed >= self.thaw_every:
             self._thawed = now

@@ -179,7 +179,7 @@ class Controller(ClientTraffic, EngineTraffic, Dispatch, LiveOutput, Housekeepin
             "validate": lambda _c, _a: self.validate(),
             "activity": self._req_activity,
             "stream": self._req_stream,
-            "messages": lambda _c, _a: dict(self.received),
+            "stats": self._req_stats,
         }
         # Live output: the clients that want it, by pending msg_id (see _req_stream).
         self.live: dict[str, set[bytes]] = {}

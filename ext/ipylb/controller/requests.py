@@ -15,9 +15,15 @@ from typing import Any
 from .. import connection, limits, wire
 from ..core import events as ev
 from .activity import ANSWER_TASKS
+from .gcpolicy import GCPolicy
 from .records import Record, parse_query
 
 __all__ = ["Requests"]
+
+# What controller_stats calls each kind of message the controller receives.
+KIND_NAMES = {getattr(wire, name): name.lower() for name in (
+    "HELLO", "SUBMIT", "REQUEST", "BYE", "REGISTER", "DONE", "DONES", "STARTED", "PROBE",
+    "HEALTH", "OUTPUT", "LEAVING", "STOLEN")}
 
 
 class Requests:
@@ -43,6 +49,14 @@ class Requests:
                 raise AssertionError(f"task {msg_id} is pending here, unknown to the scheduler")
         return {"listeners": len(self.listeners), "senders": self.signer.senders,
                 "records": len(self.store.records), "engines": len(self.engine_ident)}
+
+    def _req_stats(self, _client: bytes, _arg: Any) -> dict[str, Any]:
+        """``rc.controller_stats()``: messages received by kind, and the process's GC policy
+        and collector state (see :meth:`ipylb.Client.controller_stats`)."""
+        messages = {KIND_NAMES.get(kind, str(kind)): n for kind, n in sorted(self.received.items())}
+        policy = GCPolicy.installed()
+        gc_state = policy.stats() if policy is not None else GCPolicy.default_stats()
+        return {"messages": messages, "messages_received": sum(messages.values()), "gc": gc_state}
 
     def _req_queue_status(self, _client: bytes, verbose: Any) -> dict[Any, Any]:
         status = self.core.queue_status(verbose=verbose is True)
