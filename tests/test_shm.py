@@ -308,8 +308,8 @@ def test_a_claimed_link_outlives_the_record(prefix):
 
 def spares(placer: shm.Placer) -> list[tuple[int, tuple[int, int]]]:
     """(size, identity) of the spares a placer holds ready, once it has readied them."""
-    placer.spares.settle(60)
-    return [(n, ident) for n, _fd, ident in placer.spares._ready]
+    placer.spares.ready(60)
+    return [(n, ident) for n, _fd, ident, _made in placer.spares._ready]
 
 
 def test_a_spare_becomes_the_next_segment_and_never_touches_one_sent(prefix):
@@ -371,16 +371,34 @@ def test_a_spare_descriptor_a_task_closed_and_reused_is_never_written(prefix, tm
             os.close(fd)
 
 
-def test_spares_stay_within_their_count_and_bytes(prefix):
+def test_spares_stay_within_their_count_bytes_and_free_space(prefix, monkeypatch):
     placer = shm.Placer(prefix)
     for _ in range(4):
         placer.place([b"p"] + [memoryview(bytearray(BIG))] * 3)
-        assert len(spares(placer)) <= shm.SPARE_COUNT
-    huge = shm.SPARE_BYTES + 1
+        assert len(spares(placer)) == shm.SPARE_COUNT
     placer.close()
     placer = shm.Placer(prefix)
-    placer.spares.want([huge])
+    placer.spares.want([shm.SPARE_BYTES + 1])
     assert spares(placer) == []
+
+    class Tight:  # /dev/shm with room for 3 spares of BIG bytes only
+        f_frsize, f_bavail = 1, 3 * BIG
+
+    monkeypatch.setattr(shm.os, "statvfs", lambda _path: Tight)
+    placer.spares.want([BIG])
+    assert spares(placer) == []  # a spare would leave too little room for payloads
+
+
+def test_an_idle_spare_is_given_back(prefix, monkeypatch):
+    monkeypatch.setattr(shm, "SPARE_IDLE_S", 0.2)
+    placer = shm.Placer(prefix)
+    placer.place([b"p", memoryview(bytearray(BIG))])
+    [(_n, ident)] = spares(placer)
+    fd = placer.spares._ready[0][1]
+    spares_ = placer.spares
+    with spares_._cond:
+        assert spares_._cond.wait_for(lambda: not spares_._ready, 30)
+    assert not shm._ours(fd, ident)  # closed: its pages are free
 
 
 def test_ipylb_shm_off_turns_the_path_off(monkeypatch):
@@ -448,8 +466,7 @@ def engine_spares() -> list[int]:
     from ipylb import shm as engine_shm
 
     [placer] = [o for o in gc.get_objects() if type(o) is engine_shm.Placer]
-    placer.spares.settle(60)
-    return [n for n, _fd, _ident in placer.spares._ready]
+    return placer.spares.ready(60)
 
 
 def test_echoes_through_spares_keep_every_value_the_client_holds():

@@ -48,7 +48,6 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from functools import cache
 from typing import Any
 
@@ -66,9 +65,12 @@ _TAIL = re.compile(r"[0-9a-f]{1,32}-[0-9]{1,20}(-[0-9a-f]{16})?")
 # Names of the segments owned in this process (the controller's records'), never swept.
 _owned: set[str] = set()
 # A producer keeps at most this many spare segments allocated ahead, of at most this many
-# bytes in all (see _Spares).
+# bytes in all, only while /dev/shm has SPARE_FREE times a spare's size free, and for at
+# most SPARE_IDLE_S seconds each (see _Spares).
 SPARE_COUNT = 2
 SPARE_BYTES = 64 << 20
+SPARE_FREE = 4
+SPARE_IDLE_S = 10.0
 
 
 @cache
@@ -254,15 +256,19 @@ class _Spares:
     (``linkat`` of /proc/self/fd/N) only once its bytes are written, so consumers and the
     wire see exactly what a fresh segment gives them (a new inode, never written again),
     and a producer that dies holding spares leaves nothing in /dev/shm (the kernel frees an
-    unnamed file with its last descriptor).
+    unnamed file with its last descriptor).  At most SPARE_COUNT spares and SPARE_BYTES per
+    process, only while /dev/shm keeps SPARE_FREE times a spare's size free, and each for at
+    most SPARE_IDLE_S: an idle producer gives the memory back.
     """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._ready: list[tuple[int, int, tuple[int, int]]] = []  # (nbytes, fd, ident), oldest first
-        self._jobs: list[Future] = []
-        self._queued = 0  # bytes of the spares being readied
-        self._pool: ThreadPoolExecutor | None = None
+        self._cond = threading.Condition()
+        # (nbytes, fd, ident, made): ready, oldest first; sizes asked for; closing them.
+        self._ready: list[tuple[int, int, tuple[int, int], float]] = []
+        self._wanted: list[int] = []
+        self._drop: list[tuple[int, int, tuple[int, int], float]] = []
+        self._making = 0  # bytes of the spare being made now
+        self._thread: threading.Thread | None = None
         self._closed = False
         self._pid = os.getpid()  # a forked child must not write into its parent's spares
         self.works = True  # False once O_TMPFILE or the /proc link failed here
@@ -270,20 +276,16 @@ class _Spares:
     def take(self, nbytes: int) -> int | None:
         """The descriptor of a ready spare of at least ``nbytes`` (the smallest), truncated
         to ``nbytes``; None if there is none."""
-        with self._lock:
+        with self._cond:
             fit = [spare for spare in self._ready if spare[0] >= nbytes]
             if not fit or os.getpid() != self._pid:
                 return None
             spare = min(fit)
             self._ready.remove(spare)
-        n, fd, ident = spare
-        try:
-            st = os.fstat(fd)
-        except OSError:
-            return None
-        if (st.st_dev, st.st_ino) != ident or st.st_nlink:
+        n, fd, ident, _made = spare
+        if not _ours(fd, ident):
             # Not our spare any more: a task closed the descriptor (os.closerange) and the
-            # number now names another file, which must not be written.  Leave it alone.
+            # number may name another file now, which must not be written.  Leave it alone.
             return None
         try:
             if n != nbytes:
@@ -296,79 +298,110 @@ class _Spares:
     def want(self, sizes: list[int]) -> None:
         """Ready spares for buffers of these sizes, as far as SPARE_COUNT and SPARE_BYTES
         allow (the oldest ready ones make room: the latest sizes are the likeliest next)."""
-        drop: list[tuple[int, int, tuple[int, int]]] = []
-        with self._lock:
-            if self._closed or not self.works:
+        with self._cond:
+            if self._closed or not self.works or os.getpid() != self._pid:
                 return
             for nbytes in sizes:
                 if nbytes > SPARE_BYTES:
                     continue
-                jobs = sum(not j.done() for j in self._jobs)
-                while self._ready and (len(self._ready) + jobs >= SPARE_COUNT or self._queued
-                                       + sum(s[0] for s in self._ready) + nbytes > SPARE_BYTES):
-                    drop.append(self._ready.pop(0))
-                if jobs >= SPARE_COUNT or self._queued + nbytes > SPARE_BYTES:
+                while self._ready and (self._count() >= SPARE_COUNT
+                                       or self._bytes() + nbytes > SPARE_BYTES):
+                    self._drop.append(self._ready.pop(0))  # closed by the thread
+                if self._count() >= SPARE_COUNT or self._bytes() + nbytes > SPARE_BYTES:
                     break
-                if self._pool is None:
-                    self._pool = ThreadPoolExecutor(1, thread_name_prefix="ipylb-shm-spares")
-                self._queued += nbytes
-                try:
-                    job = self._pool.submit(self._make, nbytes, drop)
-                except RuntimeError:  # interpreter shutdown
-                    self._queued -= nbytes
-                    break
-                drop = []  # the job closes them, off the caller's thread
-                self._jobs = [j for j in self._jobs if not j.done()] + [job]
-        _close(drop)
+                self._wanted.append(nbytes)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="ipylb-shm-spares",
+                                                daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
 
-    def _make(self, nbytes: int, drop: list[tuple[int, int, tuple[int, int]]]) -> None:
-        _close(drop)  # closing a spare frees its pages: not on the producer's time
+    def _count(self) -> int:
+        return len(self._ready) + len(self._wanted) + (self._making > 0)
+
+    def _bytes(self) -> int:
+        return sum(s[0] for s in self._ready) + sum(self._wanted) + self._making
+
+    def _run(self) -> None:
+        """The thread: make the spares asked for, close those dropped or idle too long."""
+        cond = self._cond
+        while True:
+            with cond:
+                now = time.monotonic()
+                idle = [s for s in self._ready if now - s[3] > SPARE_IDLE_S]
+                for s in idle:
+                    self._ready.remove(s)
+                if self._closed:
+                    idle += self._ready
+                    self._ready = []
+                drop, self._drop = self._drop + idle, []
+                nbytes = self._wanted.pop(0) if self._wanted and not self._closed else 0
+                self._making = nbytes
+                if not (drop or nbytes or self._closed):
+                    oldest = min((s[3] for s in self._ready), default=None)
+                    cond.wait(None if oldest is None else oldest + SPARE_IDLE_S - now + 0.01)
+                    continue
+            _close(drop)  # frees their pages: here, not on the producer's time
+            made = self._make(nbytes) if nbytes else None
+            with cond:
+                self._making = 0
+                closed = self._closed
+                if made is not None and not closed:
+                    self._ready.append(made)
+                    made = None
+                cond.notify_all()
+            if closed:
+                _close([made] if made is not None else [])
+                return
+
+    def _make(self, nbytes: int) -> tuple[int, int, tuple[int, int], float] | None:
         fd = -1
         try:
             st = os.statvfs(SHM_DIR)
-            if st.f_bavail * st.f_frsize >= 2 * nbytes:  # nearly full: don't fill it up
-                fd = os.open(SHM_DIR, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
-                os.fchmod(fd, 0o600)  # whatever the umask: consumers require exactly 0600
-                os.posix_fallocate(fd, 0, nbytes)
-                st = os.fstat(fd)
+            if st.f_bavail * st.f_frsize < SPARE_FREE * nbytes:  # keep /dev/shm for payloads
+                return None
+            fd = os.open(SHM_DIR, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+            os.fchmod(fd, 0o600)  # whatever the umask: consumers require exactly 0600
+            os.posix_fallocate(fd, 0, nbytes)
+            st = os.fstat(fd)
         except OSError as e:
             if fd >= 0:
                 os.close(fd)
-            fd = -1
             if e.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):  # no O_TMPFILE here
                 self.works = False
-        with self._lock:
-            self._queued -= nbytes
-            if fd >= 0 and not self._closed:
-                self._ready.append((nbytes, fd, (st.st_dev, st.st_ino)))
-                fd = -1
-        if fd >= 0:
-            os.close(fd)
+            return None
+        return nbytes, fd, (st.st_dev, st.st_ino), time.monotonic()
 
-    def settle(self, timeout: float | None = None) -> None:
-        """Wait until the spares asked for are ready (for tests and benchmarks)."""
-        for job in list(self._jobs):
-            job.result(timeout)
+    def ready(self, timeout: float | None = None) -> list[int]:
+        """The sizes of the spares ready, once those asked for are made (for tests)."""
+        with self._cond:
+            self._cond.wait_for(lambda: not self._wanted and not self._making, timeout)
+            return [s[0] for s in self._ready]
 
     def close(self) -> None:
-        """Free every spare (and those still being made, when they are)."""
-        with self._lock:
+        """Free every spare (those being made too, when they are)."""
+        with self._cond:
             self._closed = True
             ready, self._ready = self._ready, []
+            self._wanted.clear()
+            self._cond.notify_all()
         _close(ready)
-        if self._pool is not None:
-            self._pool.shutdown(wait=False)
 
 
-def _close(spares: list[tuple[int, int, tuple[int, int]]]) -> None:
+def _ours(fd: int, ident: tuple[int, int]) -> bool:
+    """Whether descriptor ``fd`` is still the unnamed spare ``ident``."""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == ident and not st.st_nlink
+
+
+def _close(spares: list[tuple[int, int, tuple[int, int], float]]) -> None:
     """Close these spares' descriptors, those still ours (see _Spares.take)."""
-    for _n, fd, ident in spares:
-        try:
-            st = os.fstat(fd)
-            if (st.st_dev, st.st_ino) == ident and not st.st_nlink:
-                os.close(fd)
-        except OSError:
-            pass
+    for _n, fd, ident, _made in spares:
+        if _ours(fd, ident):
+            os.close(fd)
 
 
 class Placer:
