@@ -150,6 +150,28 @@ def test_view_wait_waits_for_its_own_tasks(rc):
     assert v2.wait(other, timeout=-1) is True
 
 
+def test_every_wait_takes_ipyparallels_timeouts_and_says_what_is_wrong(rc, view):
+    """ipyparallel's rule for every wait: None or a negative number (its default, -1): no
+    limit.  ar.wait(-1) returned False at once; ar.get("1") raised "'<' not supported"."""
+    ar = view.apply_async(nap, 0.3)
+    assert ar.wait(-1) is True and ar.get(-1) == 0.3  # waited, as ipyparallel does
+    assert rc.wait([view.apply_async(nap, 0.2)], timeout=-1) is True
+    assert view.wait(timeout=-1) is True
+    assert rc.wait_for_engines(2, timeout=-1) is None
+    import numpy as np
+
+    assert view.apply_async(nap, 0).get(np.float32(30)) == 0  # any real number of seconds
+    for wait in (ar.get, ar.wait, lambda t: ar.wait_interactive(timeout=t),
+                 lambda t: rc.wait(timeout=t),
+                 lambda t: view.wait(timeout=t), lambda t: rc.wait_for_engines(1, timeout=t)):
+        for bad in ("1", True, [1]):
+            with pytest.raises(TypeError, match=r"timeout must be a number of seconds \(None "
+                                                r"or -1: no limit\), got "):
+                wait(bad)
+        with pytest.raises(ValueError, match="got nan"):
+            wait(float("nan"))
+
+
 def test_len_and_wait_for_engines(rc):
     assert len(rc) == 2 == len(rc.load_balanced_view())
     assert rc.wait_for_engines(2, timeout=5) is None

@@ -15,6 +15,7 @@ on a thread of its own and starts another when one of them blocks.
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 import sys
 import threading
@@ -37,6 +38,21 @@ from ..serialize import loads
 
 if TYPE_CHECKING:
     from .client import Client
+
+
+def wait_seconds(timeout: object) -> float | None:
+    """The one rule for the ``timeout`` of every wait (``get``, ``wait``,
+    ``wait_interactive``, ``Client.wait``, ``wait_for_engines``), ipyparallel's: None or a
+    negative number means no limit, else seconds.  TypeError for what is not a number (a
+    str, a bool), ValueError for NaN: never an error about comparing it later."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+        raise TypeError(f"timeout must be a number of seconds (None or -1: no limit), "
+                        f"got {timeout!r}")
+    if timeout != timeout:
+        raise ValueError("timeout must be a number of seconds (None or -1: no limit), got nan")
+    return None if timeout < 0 else float(timeout)
 
 
 class Metadata(dict):
@@ -259,7 +275,9 @@ class AsyncResult(Future):
         return self._remaining == 0
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Wait until finished or ``timeout`` seconds pass; return ready()."""
+        """Wait until finished or ``timeout`` seconds pass (None or -1: no limit, as in
+        ipyparallel); return ready().  TypeError if ``timeout`` is not a number."""
+        timeout = wait_seconds(timeout)
         if self._remaining:
             self._client._flush()  # a submission held to leave with others goes now
         with self._cond:
@@ -279,8 +297,7 @@ class AsyncResult(Future):
         ``return_exceptions`` (default: as the call that made this result said): then
         each failed item's exception object is returned in its place (ipyparallel's rule).
         """
-        if timeout is not None and timeout < 0:
-            timeout = None
+        timeout = wait_seconds(timeout)
         if not self.wait(timeout):
             done = len(self.msg_ids) - self._remaining
             raise TimeoutError(
@@ -463,7 +480,7 @@ class AsyncResult(Future):
         ``timeout`` None or -1: no limit."""
         from .progress import wait_with_progress
 
-        wait_with_progress(self, interval, None if timeout is not None and timeout < 0 else timeout)
+        wait_with_progress(self, interval, wait_seconds(timeout))
 
     def progress(self) -> int:
         """How many tasks have finished."""

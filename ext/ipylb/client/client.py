@@ -24,7 +24,7 @@ from typing import Any
 
 from .. import connection, limits, wire
 from ..error import ClientClosed, ControllerGone, NoCluster, SerializationError
-from .asyncresult import AsyncResult, Outcome
+from .asyncresult import AsyncResult, Outcome, wait_seconds
 from .link import ADD_ENGINES, LOCAL_URLS, Link
 from .local import LocalCluster
 from .taskdb import TaskRecords, as_list, job_ids
@@ -160,8 +160,7 @@ class Client(Link, TaskRecords):
         ``interactive`` (ipyparallel's name; default False here): show ``ipylb: 12/64
         engines up`` on stderr once the wait lasts more than a moment
         (:class:`ipylb.limits.StartProgress`)."""
-        if timeout is not None and timeout < 0:
-            timeout = None
+        timeout = wait_seconds(timeout)
         if not block:
             fut: Future = Future()
 
@@ -401,8 +400,7 @@ class Client(Link, TaskRecords):
         an AsyncResult is waited for until that is done too, as ipyparallel does).
         ``timeout`` in seconds (None or -1: no limit).  True if all are done in time.
         An unknown msg_id raises KeyError."""
-        if timeout is not None and timeout < 0:
-            timeout = None
+        timeout = wait_seconds(timeout)
         self._flush()
         if jobs is None:
             with self._state:
