@@ -15,6 +15,8 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -142,35 +144,67 @@ def test_mismatch_names_both_sides():
     assert "unknown versions" in compat.mismatch(ours, None, "the cluster's controller", "x")
 
 
-def test_an_engine_of_another_python_is_refused_at_registration(rc):
-    """A registration whose versions differ gets REFUSED with the reason (the engine says
-    it and stops); clients are warned, and no engine id is given out."""
+def refuse_an_engine(rc, caught: list) -> tuple[int, str]:
+    """Register an engine of "Python 3.99" on a real socket; the answer's (kind, reason)
+    once the clients' warning is in ``caught`` too."""
     info = rc._local.info
     key, controller = info["key"].encode(), info["controller_id"].encode()
-    ident = b"engine-from-elsewhere"
+    ident = b"engine-from-elsewhere-" + os.urandom(4).hex().encode()
     signer = wire.Signer(key, ident, controller)
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.IDENTITY, ident)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(info["engine_url"])
-    before = rc.ids
     try:
         meta = {"pid": 4242, "hostname": "elsewhere", "connection_file": "", "tag": "",
                 "heartbeat": "", "shm_domain": None,
                 "versions": {**compat.versions(), "python": "3.99", "executable": "/x/python"}}
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            wire.send(sock, signer.pack(wire.REGISTER, meta))
-            assert sock.poll(10_000), "no answer to the registration"
-            kind, _sender, reason, _bufs, _mac = signer.unpack(wire.recv(sock))
-            with rc._state:  # the clients' event comes on their own socket
-                rc._state.wait_for(lambda: any("refused" in str(w.message) for w in caught), 10)
-        warned = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        wire.send(sock, signer.pack(wire.REGISTER, meta))
+        assert sock.poll(10_000), "no answer to the registration"
+        kind, _sender, reason, _bufs, _mac = signer.unpack(wire.recv(sock))
     finally:
         sock.close()
+    deadline = time.monotonic() + 10
+    while not any("refused" in str(w.message) for w in caught):  # on the callback thread
+        assert time.monotonic() < deadline, "clients were not warned"
+        time.sleep(0.01)
+    return kind, reason
+
+
+def test_an_engine_of_another_python_is_refused_at_registration(rc):
+    """A registration whose versions differ gets REFUSED with the reason (the engine says
+    it and stops); clients are warned, and no engine id is given out."""
+    before = rc.ids
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        kind, reason = refuse_an_engine(rc, caught)
+    warned = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert kind == wire.REFUSED
     assert warned == [f"the cluster refused an engine: {reason}"]
     assert reason.startswith("an engine (pid 4242 on elsewhere) runs Python 3.99")
     assert f"the cluster's controller runs Python {HERE}" in reason
     assert rc.ids == before
     assert rc.load_balanced_view().apply_sync(pow, 3, 3) == 27
+
+
+def test_a_warning_hook_that_blocks_holds_up_no_result(rc):
+    """The refusal's warning runs warnings.showwarning, which is user code (a logging
+    bridge, IPython's display): it ran on the thread that receives results, so a hook that
+    blocks held up every result (issue 9 item 6's kind).  Now it runs off that thread."""
+    entered, release = threading.Event(), threading.Event()
+    caught: list = []
+
+    def hook(message, category, filename, lineno, file=None, line=None):
+        caught.append(warnings.WarningMessage(message, category, filename, lineno))
+        entered.set()
+        release.wait(120)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = hook
+        try:
+            refuse_an_engine(rc, caught)
+            assert entered.is_set()  # the hook blocks now
+            assert rc.load_balanced_view().apply_async(pow, 2, 5).get(30) == 32
+        finally:
+            release.set()

@@ -328,8 +328,8 @@ class Link:
                 _callbacks.call(warnings.warn, f"an engine of the cluster stays down: {event[1]}",
                                 RuntimeWarning, 1)
             elif event[0] == "engine_refused":  # the engine itself says why, and stops
-                warnings.warn(f"the cluster refused an engine: {event[1]}", RuntimeWarning,
-                              stacklevel=1)
+                _callbacks.call(warnings.warn, f"the cluster refused an engine: {event[1]}",
+                                RuntimeWarning, 1)
             elif event[0] == "engine_failed":
                 self._engine_failures.append(event[1])
             elif event[0] == "interrupt":  # (engine_id, tag, task_id): relay_interrupts
