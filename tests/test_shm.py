@@ -14,6 +14,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
 
 import ipylb
 import numpy as np
@@ -234,9 +235,28 @@ def test_an_owned_segment_is_removed_with_its_last_reference(prefix):
     owned = [shm.Segment(seg.name, seg.nbytes, seg.ident, owned=True)]
     kept = owned[0]  # e.g. a resubmitted task's record shares the request's buffers
     del owned
-    assert files(prefix) == {seg.name}
+    assert shm.settle_removals(30) and files(prefix) == {seg.name}
     del kept
-    assert files(prefix) == set()
+    assert shm.settle_removals(30) and files(prefix) == set()  # on the remover's thread
+
+
+def test_dropped_segments_are_removed_off_the_dropping_thread(prefix, monkeypatch):
+    """The controller drops records (and their segments) in the turn of its loop that
+    delivers a result: the files, whose removal frees their pages, go on another thread."""
+    removed_by: list[str] = []
+    unlink = os.unlink
+
+    def spy(path, *args, **kwargs):
+        if os.path.basename(path).startswith(prefix):
+            removed_by.append(threading.current_thread().name)
+        return unlink(path, *args, **kwargs)
+
+    seg = shm.Placer(prefix).place([b"p", memoryview(bytearray(BIG))])[1]
+    owned = shm.Segment(seg.name, seg.nbytes, seg.ident, owned=True)
+    monkeypatch.setattr(shm.os, "unlink", spy)
+    del owned
+    assert shm.settle_removals(30) and files(prefix) == set()
+    assert removed_by == ["ipylb-shm-remover"]
 
 
 def test_out_of_mappings_reads_a_copy(prefix, monkeypatch):
@@ -290,7 +310,7 @@ def test_orphans_are_swept_after_their_grace_but_owned_segments_never(prefix):
     shm.sweep_orphans(prefix, grace_s=-1)
     assert files(prefix) == {kept.name}
     del owned
-    assert files(prefix) == set()
+    assert shm.settle_removals(30) and files(prefix) == set()
 
 
 def test_a_claimed_link_outlives_the_record(prefix):

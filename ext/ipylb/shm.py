@@ -49,6 +49,7 @@ import time
 import weakref
 from collections.abc import Callable
 from functools import cache
+from queue import SimpleQueue
 from typing import Any
 
 from .connection import pid_alive
@@ -141,6 +142,7 @@ class Segment:
         self._view: memoryview | None = None
         if owned:
             _owned.add(name)
+            _remover.start()
 
     def __repr__(self) -> str:
         return f"<Segment {self.name} {self.nbytes} bytes>"
@@ -233,9 +235,75 @@ class Segment:
         if self.owned:
             try:
                 _owned.discard(self.name)
-                os.unlink(self.path)
-            except (OSError, TypeError, AttributeError):  # already gone / interpreter exit
+                _remover.remove(self.path)
+            except (TypeError, AttributeError):  # interpreter exit (the controller swept)
                 pass
+
+
+class _Remover:
+    """Removes the files of the controller's dropped segments on a thread of its own.
+
+    Why: removing a file frees its pages, ~0.9 ms per 8 MB here, and records are dropped
+    (store budget) in the turn of the controller's main loop that delivers a result, before
+    that turn's messages leave: measured on an 8 MB echo past the 1 GB budget, the
+    controller's main thread spent 2.4 ms a round trip instead of 1.1.  ``remove`` is
+    called from ``__del__``, so it only puts the path on a SimpleQueue (reentrant, safe
+    there); the thread is started when the first owned segment is made, never in
+    ``__del__``."""
+
+    def __init__(self) -> None:
+        self._queue: SimpleQueue[str | threading.Event] = SimpleQueue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the thread, once per process (again in a fork's child)."""
+        if self._thread is None or not self._thread.is_alive():
+            with self._lock:
+                if self._thread is None or not self._thread.is_alive():
+                    self._thread = threading.Thread(target=self._run, daemon=True,
+                                                    name="ipylb-shm-remover")
+                    self._thread.start()
+
+    def remove(self, path: str) -> None:
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            self._queue.put(path)
+        else:  # a fork's child, or interpreter exit: here and now
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+    def _run(self) -> None:
+        get = self._queue.get
+        while True:
+            item = get()
+            if type(item) is str:
+                try:
+                    os.unlink(item)
+                except OSError:  # already gone (a sweep, someone else)
+                    pass
+            else:
+                item.set()
+
+    def settle(self, timeout: float | None = None) -> bool:
+        """Wait until every file handed over so far is removed; False on timeout."""
+        thread = self._thread
+        if thread is None or not thread.is_alive():
+            return True
+        done = threading.Event()
+        self._queue.put(done)
+        return done.wait(timeout)
+
+
+_remover = _Remover()
+
+
+def settle_removals(timeout: float | None = None) -> bool:
+    """Wait until the files of the segments dropped so far in this process are removed
+    (the controller's records' are removed on a thread: see _Remover); False on timeout."""
+    return _remover.settle(timeout)
 
 
 def _write_all(fd: int, piece: memoryview, offset: int) -> None:

@@ -12,7 +12,7 @@ import heapq
 import time
 from typing import Any
 
-from .. import connection, limits, wire
+from .. import connection, limits, shm, wire
 from ..core import events as ev
 from .activity import ANSWER_TASKS
 from .gcpolicy import GCPolicy
@@ -228,6 +228,7 @@ class Requests:
                                  "wait for them or abort them first")
         forgotten = self.store.purge(msg_ids)
         self._forget(forgotten)
+        shm.settle_removals(10.0)  # their files are gone when the client hears back
         return forgotten
 
     def _forget(self, msg_ids: list[str]) -> None:
