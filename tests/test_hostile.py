@@ -14,7 +14,7 @@ import time
 import ipylb
 import pytest
 from ipylb.engine.capture import OUTPUT_LIMIT
-from ipylb.engine.taskchannel import EVALUE_LIMIT, TRACEBACK_LIMIT
+from ipylb.engine.report import EVALUE_LIMIT, TRACEBACK_LIMIT
 from ipylb.error import RemoteError, SerializationError
 from test_pending import Gate, wait_at_gate
 

@@ -13,7 +13,7 @@ import time
 
 import pytest
 from ipylb.engine.capture import live_text
-from ipylb.engine.taskchannel import LIVE_BYTES, LIVE_S
+from ipylb.engine.health import LIVE_BYTES, LIVE_S
 
 SKIPPED = "bytes of live output skipped"
 

@@ -3,7 +3,7 @@
 ``ar.display_outputs()`` on a running result, and a blocking ``%%lb`` cell, ask the
 controller for the live output of the result's tasks (the ``stream`` request).  The
 engine running one then reports what it printed lately, at most every
-``engine.taskchannel.LIVE_S`` seconds and ``LIVE_BYTES`` bytes per stream (the newest, after
+``engine.health.LIVE_S`` seconds and ``LIVE_BYTES`` bytes per stream (the newest, after
 a note of what was skipped), and the controller passes each report on to the clients that
 asked, as an ``("output", msg_id, (stdout, end), (stderr, end), started)`` event (``end``: the character
 position in the task's stream, as the result's text has it).  Tasks nobody watches cost nothing: no report is made.

@@ -16,22 +16,22 @@ stops the task after it.
 
 With ``hwm="auto"`` tasks come numbered, and the controller may ask for a queued one back
 (:mod:`.steal`): a task given back is skipped unrun when its turn comes.
+
+Parts in modules of their own: the health thread and live output (:mod:`.health`, mixed
+into :class:`TaskChannel`), the globals a task's function runs with (:mod:`.namespace`),
+and what a task's value or error becomes on the wire (:mod:`.report`).
 """
 
 from __future__ import annotations
 
 import _signal
-import dis
 import faulthandler
-import math
 import os
 import signal
 import socket
 import sys
 import threading
 import time
-import traceback
-import types
 import uuid
 from collections import deque
 from time import time as _now
@@ -40,21 +40,13 @@ from typing import Any
 import zmq
 
 from .. import compat, connection, shm, wire
-from ..error import (
-    UNREPORTABLE_EXIT,
-    SerializationError,
-    UnmetDependency,
-    UnreadableMessage,
-    safe_str,
-)
-from ..serialize import dumps, reason
+from ..error import UNREPORTABLE_EXIT, UnmetDependency, UnreadableMessage, safe_str
 from . import guard, unpickle
 from .capture import Capture
+from .health import HealthReports
+from .namespace import bind_interactive
+from .report import EVALUE_LIMIT, describe, pickle_result, safe_name
 from .steal import StealDesk
-
-# A task's error text (characters): the value of the exception, and its traceback.
-EVALUE_LIMIT = 64 * 1024
-TRACEBACK_LIMIT = 256 * 1024
 
 # Results finished back to back leave together (TaskChannel._hold): at most this many in
 # one message, and a result with more output or error text than this (characters) goes at
@@ -64,26 +56,14 @@ DONE_BATCH = 64
 DONE_BATCH_BYTES = 64 << 10
 SHORT_TASK_S = 0.001
 
-# Seconds between two health reports (CPU %, RSS, current task) to the controller.
-HEALTH_S = 1.0
-# The live output of a task a client watches (issue 15): at most one report every LIVE_S
-# seconds, with at most LIVE_BYTES bytes of each stream (the newest; a note says how many
-# were skipped).  So a task printing without pause costs its client a bounded stream.
-LIVE_S = 0.25
-LIVE_BYTES = 16 << 10
-# Watched tasks queued here, not running yet, are remembered for at most this long (seconds)
-# and this many.
-WANTED_S = 600.0
-WANTED_MAX = 1000
-
 # The engine pings the controller this often, and leaves after this long without an answer.
 CONTROLLER_PING_S = 2.0
 CONTROLLER_SILENCE_S = 20.0
 
 
 _SIGINT_SET = (signal.SIGINT.value,)
-# Bound now: what the engine's threads and last resort use, whatever a task patches later.
-_monotonic, _exit, _sleep, _ceil = time.monotonic, os._exit, time.sleep, math.ceil
+# Bound now: what the engine's last resort uses, whatever a task patches later.
+_monotonic, _exit, _sleep = time.monotonic, os._exit, time.sleep
 _cancel_watchdog = faulthandler.cancel_dump_traceback_later
 # An engine that asked to be restarted (LEAVING) because it cannot serve on waits this long
 # (seconds) for it, then exits (the controller did not start it, or is gone).
@@ -95,52 +75,11 @@ def _set_sigint(handler: Any) -> Any:
     return _signal.signal(signal.SIGINT.value, handler)
 
 
-def _shares_globals(v: Any, shipped: dict[str, Any]) -> bool:
-    return isinstance(v, types.FunctionType) and v.__globals__ is shipped
-
-
-_STORES = frozenset({dis.opmap["STORE_GLOBAL"], dis.opmap["DELETE_GLOBAL"]})
-
-
-def _assigned_globals(code: types.CodeType) -> frozenset[str]:
-    """The global names ``code`` (and the code nested in it) assigns or deletes."""
-    names: set[str] = set()
-    todo = [code]
-    while todo:
-        c = todo.pop()
-        if not _STORES.isdisjoint(c.co_code[::2]):  # the rare case: decode the bytecode
-            names.update(i.argval for i in dis.get_instructions(c) if i.opcode in _STORES)
-        todo.extend(k for k in c.co_consts if isinstance(k, types.CodeType))
-    return frozenset(names)
-
-
-def _rehome(f: types.FunctionType, ns: dict[str, Any]) -> types.FunctionType:
-    """``f`` with ``ns`` as its globals."""
-    g = types.FunctionType(f.__code__, ns, f.__name__, f.__defaults__, f.__closure__)
-    g.__kwdefaults__ = f.__kwdefaults__
-    g.__dict__.update(f.__dict__)
-    g.__qualname__ = f.__qualname__
-    return g
-
-
-_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _remote_traceback(e: BaseException) -> str:
-    """The traceback of ``e`` from the user's code on: without ipylb's own frames on top
-    (this channel, the wrappers of dependencies, map chunks and cells)."""
-    tb = e.__traceback__
-    while tb is not None and tb.tb_next is not None and \
-            tb.tb_frame.f_code.co_filename.startswith(_PACKAGE):
-        tb = tb.tb_next
-    return "".join(traceback.format_exception(type(e), e, tb))
-
-
 # Of a task's output too large to send, the last this many characters of each stream are kept.
 OUTPUT_KEPT_ON_OVERSIZE = 64 << 10
 
 
-class TaskChannel:
+class TaskChannel(HealthReports):
     """Serves tasks for one engine kernel."""
 
     def __init__(self, kernel: Any, cluster: dict[str, Any], connection_file: str) -> None:
@@ -231,130 +170,6 @@ class TaskChannel:
         loop.call_soon(self._on_monitor)  # the FD is edge-triggered: arm it by reading EVENTS
         loop.call_soon(self._on_readable)
         threading.Thread(target=self._report_health, daemon=True, name="ipylb-health").start()
-
-    def _report_health(self) -> None:
-        """Every HEALTH_S, tell the controller this process's CPU % and RSS (psutil) and
-        the task running now, from a socket of its own (zmq sockets are not shared
-        between threads): it works while a task holds the main thread, and for engines
-        on other hosts.  A report that cannot be sent at once is dropped.
-
-        The same socket hears WATCH from the controller (a client wants the live output of
-        the task running here): then, every LIVE_S at most, what that task wrote since
-        the last report goes out as OUTPUT (:meth:`_report_output`), until it ends."""
-        import psutil
-
-        ident = self.signer.sender + b"/health"
-        signer = wire.Signer(self._cluster["key"].encode(), ident,
-                             self._cluster["controller_id"].encode())
-        sock = zmq.Context.instance().socket(zmq.DEALER)
-        sock.setsockopt(zmq.IDENTITY, ident)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, 2)
-        sock.setsockopt(zmq.SNDTIMEO, 0)
-        connection.secure(sock, self._cluster)
-        sock.connect(self.engine_url)
-        proc = psutil.Process()
-        proc.cpu_percent(None)
-        failed = False
-        while True:  # (a daemon thread: it ends with the engine)
-            try:
-                self._health_loop(sock, signer, proc)
-            except Exception as e:  # noqa: BLE001 - a task broke what this thread uses
-                # (math.ceil = None, psutil patched): start over, and say so once.
-                if not failed:
-                    failed = True
-                    self.capture.log(f"ipylb engine {self.engine_id}: its health thread failed "
-                                     f"({_safe_name(e)}: {safe_str(e, 200)}): a task replaced "
-                                     "something it uses; it starts over")
-                _sleep(HEALTH_S)
-
-    def _health_loop(self, sock: zmq.Socket, signer: wire.Signer, proc: Any) -> None:
-        """The health thread's work (:meth:`_report_health`), until something fails."""
-        # The watched task running: [msg_id, (stdout, stderr) byte positions reported, next
-        # report]; and the watched tasks not seen running yet, with when they were asked for.
-        live: list[Any] | None = None
-        wanted: dict[str, float] = {}
-        next_health = _monotonic() + HEALTH_S
-        while True:
-            now = _monotonic()
-            wake = next_health if live is None else min(next_health, live[2])
-            if wanted:
-                wake = min(wake, now + LIVE_S)
-            # (rounded up: a poll of 0 ms before the deadline would spin until it)
-            if sock.poll(max(0, _ceil((wake - now) * 1000)), zmq.POLLIN):
-                self._watch(sock, signer, live, wanted)
-            now = _monotonic()
-            if wanted and (live is None or live[0] != self.running):  # one of them started?
-                live = self._started(wanted, now) or live  # (the ended one's result has the rest)
-            if live is not None and now >= live[2]:
-                live = self._report_output(sock, signer, live, now)
-            if now < next_health:
-                continue
-            next_health = now + HEALTH_S
-            if self.engine_id is None:
-                continue
-            if self.leaving_for is None and guard.fds_exhausted():  # checked again between tasks
-                self._loop.call_soon_threadsafe(self._check_fds)
-            task = self.running
-            try:  # psutil reads /proc: a file to open
-                meta = (proc.cpu_percent(None), proc.memory_info().rss, task,
-                        self.running_since if task else None)
-                wire.send(sock, signer.pack(wire.HEALTH, meta))
-            except (OSError, zmq.ZMQError):  # out of fds, the controller slow or gone: next time
-                pass
-
-    def _watch(self, sock: zmq.Socket, signer: wire.Signer, live: list[Any] | None,
-               wanted: dict[str, float]) -> None:
-        """Take the WATCH requests waiting on the health socket into ``wanted`` (at most
-        WANTED_MAX, the oldest dropped).  The task reported already is left as it is: the
-        controller repeats a request while its task runs, and nothing is sent twice."""
-        while True:
-            try:
-                kind, _sender, meta, _bufs, _mac = signer.unpack(wire.recv(sock))
-            except zmq.Again:
-                return
-            except wire.WireError as e:
-                self.capture.log(f"ipylb engine: dropped a message: {e}")
-                continue
-            if kind == wire.WATCH and type(meta) is str and (live is None or live[0] != meta):
-                wanted.pop(meta, None)
-                wanted[meta] = _monotonic()
-                if len(wanted) > WANTED_MAX:
-                    del wanted[next(iter(wanted))]
-
-    def _started(self, wanted: dict[str, float], now: float) -> list[Any] | None:
-        """The watched task running now, if one is (to be reported from its first byte
-        at once); requests older than WANTED_S are dropped (a task stolen by another
-        engine, or aborted, never runs here; one that does later is asked for again)."""
-        running = self.running
-        if running is not None and wanted.pop(running, None) is not None:
-            return [running, ((0, 0), (0, 0)), 0.0]
-        for msg_id in [m for m, t in wanted.items() if now - t > WANTED_S]:
-            del wanted[msg_id]
-        return None
-
-    def _report_output(self, sock: zmq.Socket, signer: wire.Signer, live: list[Any],
-                       now: float) -> list[Any] | None:
-        """Send what the watched task wrote since the last report (at most LIVE_BYTES per
-        stream); None once it no longer runs (its result carries the rest)."""
-        msg_id = live[0]
-        # The attempt's start stamp (its result's too): a task retried here is another
-        # attempt, whose text starts afresh (peek checks both under the reader's lock).
-        started = self.running_since
-        got = self.capture.peek(live[1], LIVE_BYTES,
-                                lambda: self.running == msg_id and self.running_since == started)
-        if got is None:
-            return None
-        (out, out_end, out_chars), (err, err_end, err_chars) = got
-        live[2] = now + LIVE_S
-        if out or err:  # positions for the client in characters of the result's text
-            try:
-                wire.send(sock, signer.pack(wire.OUTPUT, (msg_id, (out, out_chars),
-                                                          (err, err_chars), started)))
-            except zmq.ZMQError:  # not sent: the same bytes (and newer) go with the next one
-                return live
-            live[1] = ((out_end, out_chars), (err_end, err_chars))
-        return live
 
     def _on_monitor(self) -> None:
         """The connection to the controller dropped: it stopped or died, or its host is
@@ -589,7 +404,7 @@ class TaskChannel:
         says all is well, so the engine leaves (:meth:`leave_now`)."""
         try:
             what = "receive the next task" if idle else "report a task's outcome"
-            why = (f"it could not {what} ({_safe_name(e)}: {safe_str(e, 1000)}): a task broke "
+            why = (f"it could not {what} ({safe_name(e)}: {safe_str(e, 1000)}): a task broke "
                    "what the engine uses to (a module function or class it replaced, "
                    "such as builtins.__import__, pickle.dumps or zmq.Socket.send)")
         except BaseException:  # noqa: B036 - even formatting it fails: exit, as below
@@ -647,35 +462,9 @@ class TaskChannel:
                 held[1] = unpickle.function(held[0], msg_id)
             elif isinstance(held[1], wire.WireError):
                 raise held[1]
-            self._fn = self._bind_interactive(held[1])
+            self._fn = bind_interactive(held[1], self.user_ns)
             self._fn_key = key
         return self._fn
-
-    def _bind_interactive(self, f: Any) -> Any:
-        """A function from ``__main__`` runs with the engine's user namespace as globals,
-        and so do the ``__main__`` functions it calls (they came in the same pickle, with
-        the same globals): ``@require``'s imports and pushed names are visible to all.
-
-        The client's globals that came with it are copied in, except the names these
-        functions assign with ``global`` that the engine already has: those belong to the
-        engine (state a task stored, as in ``global MODEL; MODEL = load()``), while names
-        they only read are refreshed to the client's value (README: "Engine state")."""
-        rebind = getattr(f, "_ipylb_rebind", None)
-        if rebind is not None:  # wrappers (dependent, map chunks) bind what they wrap
-            return rebind(self._bind_interactive)
-        if not isinstance(f, types.FunctionType) or f.__module__ != "__main__":
-            return f
-        ns = self.user_ns
-        shipped = f.__globals__
-        if shipped is not ns:
-            functions = [v for v in shipped.values() if _shares_globals(v, shipped)]
-            owned = _assigned_globals(f.__code__).union(
-                *(_assigned_globals(g.__code__) for g in functions))
-            for k, v in shipped.items():
-                if k.startswith("__") or (k in owned and k in ns):
-                    continue
-                ns[k] = _rehome(v, ns) if _shares_globals(v, shipped) else v
-        return _rehome(f, ns)
 
     # -- interrupts ---------------------------------------------------------------
 
@@ -711,12 +500,12 @@ class TaskChannel:
         try:
             return self._attempt(msg_id, fkey, started, bufs, bufs_mac, walltime)
         except BaseException as e:  # reporting failed: the task still gets an answer
-            why = (f"the engine could not report the outcome of task {msg_id}: {_safe_name(e)}: "
+            why = (f"the engine could not report the outcome of task {msg_id}: {safe_name(e)}: "
                    f"{safe_str(e, EVALUE_LIMIT)}")
             # What the engine reports with is broken (a task patched os, or closed what it
             # needs): it would fail every later task the same way, so it is restarted.
             self.leave_after(why[:1000])
-            error = (_safe_name(e), f"{why}; the engine is restarted", "")
+            error = (safe_name(e), f"{why}; the engine is restarted", "")
             return (msg_id, "error", started, _now(), "", "", error), []
 
     def _attempt(self, msg_id: str, fkey: bytes, started: float, bufs: list[Any],
@@ -743,7 +532,7 @@ class TaskChannel:
                 value = f(*args, **kwargs)
                 # Making the result is part of the task: its walltime and rc.interrupt() reach
                 # a slow __reduce__, and what that prints is the task's output.
-                result = _pickle_result(msg_id, value, f, args)
+                result = pickle_result(msg_id, value, f, args)
             finally:
                 if walltime:  # an interrupt() racing this end has signalled, or never will
                     with self._lock:
@@ -785,7 +574,7 @@ class TaskChannel:
             error = ("UnmetDependency", safe_str(e, EVALUE_LIMIT), "")
         except BaseException as e:  # noqa: B036 - SystemExit/KeyboardInterrupt are task errors too
             status, result = "error", []
-            error = _describe(e)
+            error = describe(e)
             fds = self.fds
             fds.budget -= _now() - started
             if (fds.budget < 0.0 or guard.out_of_fds(e)) and self.leaving_for is None:
@@ -821,56 +610,6 @@ class TaskChannel:
         if n or 4 * self._size((meta, result)) + 4096 <= self.max_frame:
             return n
         return wire.oversized(self.signer.pack(wire.DONE, meta)[1:2], self.max_frame)
-
-
-def _pickle_result(msg_id: str, value: Any, f: Any, args: tuple) -> list[Any]:
-    """The frames of a task's return value, or SerializationError saying why not (which
-    item, for a map's chunk: its runner ``f`` traces it, ``f._ipylb_culprit(args, value)``)."""
-    try:
-        return dumps(value)
-    except KeyboardInterrupt:  # the task's walltime or rc.interrupt(): the task's own error
-        raise
-    except BaseException as e:  # noqa: B036 - a __reduce__ may raise anything
-        why = f"({_safe_name(value)} object) could not be pickled: {reason(e)}"
-        culprit = getattr(f, "_ipylb_culprit", None)
-        if culprit is not None:
-            try:
-                why = f"could not be pickled: {culprit(args, value) or reason(e)}"
-            except BaseException:  # noqa: B036 - the items' own __reduce__ again
-                pass
-        raise SerializationError(
-            f"the result of task {msg_id} {why}. Return a picklable value.") from None
-
-
-def _safe_name(obj: Any) -> str:
-    """The name of ``obj``'s class (of ``obj`` itself if it is an exception)."""
-    try:
-        return str(type(obj).__name__)
-    except BaseException:  # noqa: B036 - a metaclass may make even this fail
-        return "object"
-
-
-def _describe(e: BaseException) -> tuple[str, str, str]:
-    """``(ename, evalue, traceback)`` of a task's exception, each within its limit; never
-    raises (an exception whose ``str`` or notes fail gets a fallback text)."""
-    evalue = safe_str(e, EVALUE_LIMIT)
-    if isinstance(e, SystemExit):
-        evalue = f"the task called sys.exit({evalue}); the engine serves on"
-    try:
-        notes = getattr(e, "__notes__", None)
-        if isinstance(notes, list | tuple):
-            evalue += "".join(f" {safe_str(n, EVALUE_LIMIT)}" for n in notes)
-    except BaseException:  # noqa: B036 - a __getattr__ may raise anything
-        pass
-    try:
-        tb = _remote_traceback(e)
-    except BaseException as fail:  # noqa: B036
-        tb = f"<the traceback could not be formatted: {_safe_name(fail)}>"
-    if len(tb) > TRACEBACK_LIMIT:  # keep where it started and where it ended
-        half = TRACEBACK_LIMIT // 2
-        tb = (f"{tb[:half]}\n... [{len(tb) - 2 * half} characters of traceback cut by ipylb] ...\n"
-              f"{tb[-half:]}")
-    return _safe_name(e), evalue, tb
 
 
 def _decoded(key: bytes | None) -> str | None:
