@@ -323,7 +323,7 @@ def test_a_claimed_link_outlives_the_record(prefix):
     del owned  # the record is dropped before the client reads its message
     received = shm.Segment(link.name, link.nbytes, link.ident)
     received.claim()
-    assert files(prefix) == set() and bytes(received.view()) == data
+    assert shm.settle_removals(30) and files(prefix) == set() and bytes(received.view()) == data
 
 
 def spares(placer: shm.Placer) -> list[tuple[int, tuple[int, int]]]:
