@@ -357,6 +357,8 @@ def test_a_larger_spare_is_cut_to_the_buffer_and_passes_the_consumers_checks(pre
     placer = shm.Placer(prefix)
     placer.place([b"p", memoryview(bytearray(2 * BIG))])
     [(size, ident)] = spares(placer)
+    small = placer.place([b"p", memoryview(bytearray(BIG // 2))])[1]  # over twice its size
+    assert small.ident != ident and spares(placer)[0] == (size, ident)
     data = np.random.default_rng(3).integers(0, 255, BIG, dtype="u1")
     bufs = placer.place(serialize.dumps(data))
     assert bufs[1].ident == ident and bufs[1].nbytes == os.stat(bufs[1].path).st_size == BIG

@@ -342,10 +342,12 @@ class _Spares:
         self.works = True  # False once O_TMPFILE or the /proc link failed here
 
     def take(self, nbytes: int) -> int | None:
-        """The descriptor of a ready spare of at least ``nbytes`` (the smallest), truncated
-        to ``nbytes``; None if there is none."""
+        """The descriptor of a ready spare of ``nbytes`` to twice that (the smallest),
+        truncated to ``nbytes``; None if there is none.  (Cutting a spare frees its tail
+        here, ~0.11 ms per MB, against ~0.2 ms per MB to allocate: a spare much larger than
+        the buffer is left to the thread.)"""
         with self._cond:
-            fit = [spare for spare in self._ready if spare[0] >= nbytes]
+            fit = [spare for spare in self._ready if nbytes <= spare[0] <= 2 * nbytes]
             if not fit or os.getpid() != self._pid:
                 return None
             spare = min(fit)
