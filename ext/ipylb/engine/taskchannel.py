@@ -286,9 +286,10 @@ class TaskChannel(HealthReports):
                 self.capture.log(f"ipylb engine: dropped a message: {e}")
                 if isinstance(e, UnreadableMessage):  # signed by the controller: we cannot read
                     # A task broke what the engine reads with (pickle.loads = None): the task
-                    # in that message would never be answered, nor any later one.
+                    # in that message would never be answered, nor any later one.  It never
+                    # ran: it runs elsewhere (idle), as every task sent here after it.
                     self.leave_after(f"it could not read a message from the controller ({e}): "
-                                     "a task broke what the engine reads with", idle=False)
+                                     "a task broke what the engine reads with")
                 continue
             if kind == wire.CANCEL:
                 self.cancelled.add(meta)
