@@ -968,8 +968,8 @@ def test_a_task_that_patches_time_sleep_leaves_output_capture_working(lone):
 
 def test_a_task_that_breaks_what_its_engine_reads_with_leaves_no_task_unanswered(lone):
     """pickle.loads = None: the engine could not read any later message and dropped it, so
-    every later task sent there waited forever.  Now the engine asks to be restarted: the
-    task it could not read fails with EngineError saying why, and later tasks run."""
+    every later task sent there waited forever.  Then the task it could not read failed with
+    EngineError; it never ran, so now it runs on the restarted engine, no retry used."""
 
     def breaks_loads():
         import pickle
@@ -980,10 +980,9 @@ def test_a_task_that_breaks_what_its_engine_reads_with_leaves_no_task_unanswered
     view = lone.load_balanced_view()
     old = lone.ids[0]
     assert view.apply_async(breaks_loads).get(60) == "broken"
-    lost = view.apply_async(pow, 2, 3)
-    with pytest.raises(ipylb.error.EngineError, match="could not read a message from the "
-                       "controller .*a task broke what the engine reads with"):
-        lost.get(60)
+    unread = view.apply_async(pow, 2, 3)
+    assert unread.get(120) == 8
+    assert unread.engine_id != old
     new_engine(lone, old)
     assert view.apply_async(opens_files).get(60) == b"opened\n"
 
@@ -1126,3 +1125,45 @@ def test_a_task_that_breaks_import_gets_its_engine_restarted_not_deaf(lone):
         else:
             old = new_engine(lone, old)
     assert view.apply_async(pow, 2, 4).get(60) == 16
+
+
+def holds_the_gil_later(marker):
+    """Starts a thread that, once this task has ended and its engine has reported itself
+    idle, holds the GIL for good in C code (a loop that never returns to the interpreter);
+    it creates ``marker`` just before."""
+    import collections
+    import itertools
+    import threading
+    import time
+
+    def hog():
+        time.sleep(2.5)  # its engine's health reports (every second) say it is idle
+        open(marker, "w").close()
+        collections.deque(itertools.repeat(None), maxlen=0)
+
+    threading.Thread(target=hog, daemon=True).start()
+    return "started"
+
+
+def test_an_engine_a_thread_freezes_between_tasks_is_restarted_and_its_tasks_run(
+        monkeypatch, capfd, tmp_path):
+    """A thread a task left holding the GIL in C code froze its engine while the heartbeat (a
+    C thread) still answered: every task sent there waited forever.  Now the controller
+    notices that the engine's health reports stopped (IPYLB_FROZEN_S) and restarts it; the
+    task sent to it runs on the new engine."""
+    monkeypatch.setenv("IPYLB_FROZEN_S", "4")
+    marker = tmp_path / "hogging"
+    with ipylb.Client(engines=1) as own:
+        view = own.load_balanced_view()
+        old = own.ids[0]
+        assert view.apply_async(holds_the_gil_later, str(marker)).get(60) == "started"
+        deadline = time.monotonic() + 60
+        while not marker.exists():  # (the engine cannot tell: its Python is what stops)
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        queued = view.apply_async(pow, 2, 3)
+        assert queued.get(120) == 8
+        assert queued.engine_id != old
+    err = capfd.readouterr().err
+    assert "no Python has run in it for " in err and "a thread holds the GIL in C code, " \
+        "between tasks (a thread a task left running)" in err

@@ -83,6 +83,7 @@ class EngineTraffic:
                 cpu, rss, task, since = meta
                 self.activity.health[engine_id] = {"cpu": cpu, "rss": rss, "task": task,
                                                    "since": since}
+                self.heartbeats.reported(engine_id, time.monotonic(), task)
                 if task in self.live:  # (repeated each report: a lost request is no loss)
                     self._watch(sender, task)
         elif kind == wire.OUTPUT:

@@ -9,6 +9,11 @@ Silence counts only while the controller pings: if it was itself too busy to pin
 on time (draining a burst of 200,000 submissions on a loaded machine took it 30 s),
 the time it was away is not held against the engines, which could not answer pings
 that were never sent.
+
+The heartbeat answers without Python (a C thread): an engine whose Python no longer runs
+(a thread a task left holds the GIL in C code) still answers.  Its health reports, sent
+every second by a Python thread, stop: :meth:`Heartbeats.frozen` names engines alive by
+heartbeat whose reports stopped.
 """
 
 from __future__ import annotations
@@ -45,7 +50,10 @@ class Heartbeats:
         self.peers: dict[int, tuple[bytes, str, zmq.Socket]] = {}
         self.engine_of: dict[bytes, int] = {}  # routing id -> engine id
         self.last_answer: dict[int, float] = {}
+        # engine id -> [its last health report (when), the task it named, warned already]
+        self.reports: dict[int, list] = {}
         self._next_ping = 0.0
+        self._next_frozen = 0.0
         self._last_tick: float | None = None
 
     def add(self, engine_id: int, url: str, now: float, key: str | None = None) -> None:
@@ -64,11 +72,43 @@ class Heartbeats:
         self.peers[engine_id] = (rid, url, sock)
         self.engine_of[rid] = engine_id
         self.last_answer[engine_id] = now
+        self.reports[engine_id] = [now, None, False]
+
+    def reported(self, engine_id: int, now: float, task: str | None) -> None:
+        """A health report from an engine (its Python runs), naming the task it runs."""
+        report = self.reports.get(engine_id)
+        if report is not None:
+            report[0], report[1], report[2] = now, task, False
+
+    def frozen(self, now: float, limit: float) -> list[tuple[int, str | None, float]]:
+        """Engines whose heartbeat answers but whose health reports stopped over ``limit``
+        seconds ago (checked once per ping interval; [] between): (engine id, the task its
+        last report named or None, seconds since it)."""
+        if now < self._next_frozen:
+            return []
+        self._next_frozen = now + self.interval
+        alive = now - 3 * self.interval
+        return [(e, r[1], now - r[0]) for e, r in self.reports.items()
+                if now - r[0] > limit and self.last_answer.get(e, 0.0) >= alive]
+
+    def still_frozen(self, engine_id: int, now: float, limit: float) -> bool:
+        """Whether ``engine_id``'s reports are still over ``limit`` s old."""
+        report = self.reports.get(engine_id)
+        return report is not None and now - report[0] > limit
+
+    def warn_once(self, engine_id: int) -> bool:
+        """True the first time it is asked since the engine's last report."""
+        report = self.reports.get(engine_id)
+        if report is None or report[2]:
+            return False
+        report[2] = True
+        return True
 
     def remove(self, engine_id: int) -> None:
         """Stop watching an engine (no-op for one not watched)."""
         peer = self.peers.pop(engine_id, None)
         self.last_answer.pop(engine_id, None)
+        self.reports.pop(engine_id, None)
         if peer is not None:
             del self.engine_of[peer[0]]
             try:
@@ -97,6 +137,8 @@ class Heartbeats:
         if away > 0:  # we did not ping meanwhile: that silence is ours, not theirs
             for engine_id in self.last_answer:
                 self.last_answer[engine_id] += away
+            for report in self.reports.values():
+                report[0] += away
         if now >= self._next_ping:
             self._next_ping = now + self.interval
             for rid, _url, sock in self.peers.values():

@@ -6,6 +6,11 @@ longer needs keeping.
 - An engine's kernel dead (jupyter_client's restarter says so) or its heartbeat silent
   (:mod:`.heartbeat`): the engine is gone, restarted if ours, and its tasks go on
   elsewhere.  A result it sent just before is read first, so it is not lost.
+- An engine whose heartbeat answers but whose Python has not run for :data:`FROZEN_S`
+  (its health reports stopped: a thread holds the GIL in C code): between tasks (its last
+  report named none), a thread a task left froze it: it is restarted and the tasks sent
+  to it run elsewhere, no retry used; during a task, that may be the task's own long C
+  call: the controller's log says so once, and the task's walltime, if any, stops it.
 - Peers silent for ``forget_after`` s, watches of finished tasks, and shared-memory
   segments nobody owns: forgotten or removed.
 
@@ -36,6 +41,9 @@ ORPHAN_GRACE_S = 300.0
 ORPHAN_SWEEP_S = 60.0
 # Idle peers are looked for this often (seconds; more often when ``forget_after`` is short).
 FORGET_SWEEP_S = 30.0
+# An engine alive by heartbeat whose health reports (every second, from a Python thread)
+# stopped this long ago (seconds) has had no Python run: see Housekeeping._frozen.
+FROZEN_S = float(os.environ.get("IPYLB_FROZEN_S", "20"))
 
 
 class Housekeeping:
@@ -90,6 +98,27 @@ class Housekeeping:
             self._engine_gone(engine_id, f"{reason}; {failed or 'restarting it'}", now)
             if failed:
                 self._broadcast(("engine_down", f"engine {engine_id}: {failed}"))
+        frozen = self.heartbeats.frozen(now, FROZEN_S)
+        if frozen:
+            self._frozen(frozen, now)
+
+    def _frozen(self, frozen: list[tuple[int, str | None, float]], now: float) -> None:
+        """Engines alive by heartbeat whose Python has not run for FROZEN_S: a thread holds
+        the GIL in C code (``collections.deque(itertools.repeat(None), maxlen=0)`` in a
+        thread).  Reports waiting in our socket are read first."""
+        self._drain(self.engines, self._on_engine)
+        for engine_id, task, silent in frozen:
+            if not self.heartbeats.still_frozen(engine_id, now, FROZEN_S):
+                continue
+            why = (f"no Python has run in it for {silent:.0f} s (its health reports stopped) "
+                   "while its heartbeat answers: a thread holds the GIL in C code")
+            if task is None:  # between tasks: nothing of a task's own is stopped
+                self._restart_engine(engine_id, f"{why}, between tasks (a thread a task left "
+                                     "running): the tasks sent to it run elsewhere", idle=True)
+            elif self.heartbeats.warn_once(engine_id):
+                log.warning("engine %d: %s: task %s or a thread it started; the tasks sent to "
+                            "it wait until it lets go (a walltime stops a task that does not)",
+                            engine_id, why, task)
 
     def _forget_idle_peers(self) -> None:
         """Forget peers not heard from for ``forget_after`` s: replay state, listener place."""
