@@ -766,9 +766,8 @@ def test_a_task_that_replaces_what_the_engine_uses_between_tasks_hits_no_later_t
     old = lone.ids[0]
     assert view.apply_async(clobbers, module, path).get(60) == "replaced"
     queued = view.apply_async(pow, 2, 3)
-    assert queued.get(120) == 8
+    assert queued.get(120) == 8  # (on the old engine, if it came before the loop turned)
     if restarted:
-        assert queued.engine_id != old
         new_engine(lone, old)
     else:
         assert queued.engine_id == old
