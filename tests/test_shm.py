@@ -10,6 +10,7 @@ import contextlib
 import errno
 import mmap
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -512,6 +513,42 @@ def test_echoes_through_spares_keep_every_value_the_client_holds():
             assert np.array_equal(a, b)
         assert np.array_equal(rc.resubmit(rc.history[0]).get(30)[0], sent[0])
     assert files(prefix) == set() and rc._placer.spares._ready == []  # closed with the client
+
+
+def shm_files_open() -> list[str]:
+    """On the engine: where its descriptors into /dev/shm point (an unnamed file reads
+    '/dev/shm/#<inode> (deleted)')."""
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(shm.SHM_DIR + "/"):
+            out.append(target)
+    return out
+
+
+def test_a_killed_engine_leaves_no_spare_and_its_results_stay_with_the_records():
+    """An engine holds its spare as an unnamed file: SIGKILL frees it with the process,
+    nothing of it can be left in /dev/shm; what it sent stays the controller's (its
+    results are still read), and nothing is left once the cluster stops."""
+    arr = np.arange(BIG, dtype="u1")
+    with ipylb.Client(engines=1) as rc:
+        prefix = rc.cluster_info["shm_prefix"]
+        view = rc.load_balanced_view()
+        ars = [view.apply_async(lambda x: x, arr) for _ in range(2)]
+        for ar in ars:
+            ar.get(60)
+        assert view.apply_sync(engine_spares) == [BIG]
+        held = view.apply_sync(shm_files_open)
+        assert held and all(t.endswith("(deleted)") for t in held), held  # spares, unnamed
+        before = files(prefix)
+        assert len(before) == 4  # 2 arguments, 2 results: the records'
+        os.kill(rc.engine_info()[rc.ids[0]]["pid"], signal.SIGKILL)
+        assert files(prefix) == before
+        assert all(np.array_equal(rc.get_result(ar.msg_ids[0]).get(30), arr) for ar in ars)
+    assert files(prefix) == set()
 
 
 def test_purge_and_shutdown_remove_the_segments():
