@@ -177,6 +177,27 @@ def test_activity_reports_tasks_engine_health_and_current_task(rc, view):
     assert rc.activity(top=2).get("rest") is None  # no more engines than that: no sum
 
 
+def test_activity_totals_stay_the_sum_of_the_engines_buckets_over_the_window():
+    """The totals (what ``activity(top=N)`` sums the hidden engines from) and the per-engine
+    buckets drop the same old seconds: an engine idle for a window, then pruned, left its
+    seconds in the totals, and rest + shown exceeded every engine's buckets (seen: 1887 + 11
+    against 18 after an earlier test's thousands of tasks)."""
+    from ipylb.controller.activity import WINDOW_S, Activity
+
+    act = Activity()
+    for _ in range(50):
+        act.finished(0, 1000.0, 1000.5, True, "old")  # engine 0: busy long ago, then gone
+    act.finished(1, 1000.0 + WINDOW_S, 1000.0 + WINDOW_S + 30, True, "recent")
+    act.finished(1, 1000.0 + WINDOW_S + 40, 1000.0 + WINDOW_S + 45, False, "recent")
+    act.prune(1000.0 + WINDOW_S + 50)
+    assert list(act.buckets) == [1]
+    assert sum(b[1] for b in act.totals) == sum(b[1] for bs in act.buckets.values() for b in bs) == 2
+    assert act.work[1] == pytest.approx(35.0)
+    act.prune(1000.0 + 2 * WINDOW_S + 41)  # engine 1's first second leaves the window
+    assert [b[1] for b in act.buckets[1]] == [b[1] for b in act.totals] == [1]
+    assert act.work[1] == pytest.approx(5.0)
+
+
 def sub_counts(dash, name):
     """(finished, total, failed, running, waiting) of the submission bar named ``name``."""
     m = re.search(rf'data-name="{re.escape(name)}">.*?class="ipylb-counts">(\d+)/(\d+) done · '

@@ -4,8 +4,10 @@ A few processes speak the engine protocol the way an engine kernel does
 (``ipylb.engine.taskchannel``): each identity is a DEALER of its own that registers
 with its versions and a heartbeat url of its own (one Jupyter-style ROUTER echo per
 process, bound at one ipc path per identity, served by ``zmq.proxy`` on a thread, as
-ipykernel's heartbeat is), answers every task at once
-with ``None`` without running it, and stops on STOP.  So the controller's costs per
+ipykernel's heartbeat is), answers every task at once (one by one, or several in one
+TASKS message when the cluster pipelines) with ``None`` without running it, and stops on
+STOP; it serves no steal socket (the controller then answers its own steal requests
+"too late": the tasks are answered anyway).  So the controller's costs per
 engine (registration, heartbeats, placement, one socket each) are measured without 1,000
 kernels.
 
@@ -80,11 +82,12 @@ def _serve(info: dict[str, Any], count: int, first: int, hb_base: str) -> None:
                     frames = wire.recv(sock)
                 except zmq.Again:
                     break
-                kind, _sender, m, _bufs, _mac = signer.unpack(frames)
-                if kind == wire.TASK:
+                kind, _sender, m, bufs, _mac = signer.unpack(frames)
+                if kind == wire.TASK or kind == wire.TASKS:  # TASKS: several at once (hwm > 1)
                     now = time.time()
-                    wire.send(sock, signer.pack(wire.DONE, (m[0], "ok", now, now, "", "", None),
-                                                result))
+                    for head in [m] if kind == wire.TASK else [i[0] for i in wire.unbatch(m, bufs)]:
+                        wire.send(sock, signer.pack(wire.DONE, (head[0], "ok", now, now, "", "",
+                                                                None), result))
                 elif kind == wire.REGISTERED:
                     registered += 1
                     if registered == count:

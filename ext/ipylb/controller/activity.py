@@ -89,12 +89,22 @@ class Activity:
         self.health.pop(engine_id, None)
 
     def prune(self, now: float) -> None:
-        """Drop the buckets of engines that finished nothing in the last window (gone ones:
-        engine ids are never reused, so this bounds the dict)."""
-        old = [e for e, b in self.buckets.items() if not b or b[-1][0] < now - WINDOW_S]
-        for e in old:
-            del self.buckets[e]
-            self.work.pop(e, None)
+        """Drop the seconds older than the window, from every engine's buckets and from the
+        totals alike (so the totals stay the sum of the buckets: both kept up to WINDOW_S + 1
+        seconds *with finishes*, an idle spell would leave older ones in one and not the
+        other), and the engines left with none (gone ones: engine ids are never reused, so
+        this bounds the dict)."""
+        cut = now - WINDOW_S
+        for e in [e for e, b in self.buckets.items() if not b or b[0][0] < cut]:
+            b = self.buckets[e]
+            while b and b[0][0] < cut:
+                self.work[e] -= b.popleft()[3]
+            if not b:
+                del self.buckets[e]
+                self.work.pop(e, None)
+        t = self.totals
+        while t and t[0][0] < cut:
+            t.popleft()
 
     def since(self, seq: int) -> tuple[int, list[tuple], bool]:
         """Tasks finished after ``seq`` (at most :data:`ANSWER_TASKS`, the newest), the
