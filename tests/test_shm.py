@@ -507,8 +507,10 @@ def test_echoes_through_spares_keep_every_value_the_client_holds():
             got.append(view.apply_sync(lambda x: x, arr))
             arr[:] = 0  # the client's own array changes after sending: the record's must not
             assert mmap_backed(got[-1])
-        assert view.apply_sync(engine_spares) == [BIG]  # the engine wrote its results so
-        assert [n for n, _ident in spares(rc._placer)] == [BIG]
+        # Both sides hold spares of that size (a second one if a write came before the
+        # first was ready: the machine is loaded), which their later writes used.
+        assert set(view.apply_sync(engine_spares)) == {BIG}
+        assert {n for n, _ident in spares(rc._placer)} == {BIG}
         for a, b in zip(sent, got, strict=True):
             assert np.array_equal(a, b)
         assert np.array_equal(rc.resubmit(rc.history[0]).get(30)[0], sent[0])
@@ -540,7 +542,7 @@ def test_a_killed_engine_leaves_no_spare_and_its_results_stay_with_the_records()
         ars = [view.apply_async(lambda x: x, arr) for _ in range(2)]
         for ar in ars:
             ar.get(60)
-        assert view.apply_sync(engine_spares) == [BIG]
+        assert set(view.apply_sync(engine_spares)) == {BIG}
         held = view.apply_sync(shm_files_open)
         assert held and all(t.endswith("(deleted)") for t in held), held  # spares, unnamed
         before = files(prefix)
