@@ -731,6 +731,31 @@ def test_a_task_that_closes_the_engines_descriptors_is_told_and_the_next_one_run
     assert view.apply_async(opens_files).get(60) == b"opened\n"
 
 
+def closes_each_descriptor():
+    import os
+
+    for fd in range(3, 4096):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    return "closed"
+
+
+def test_a_task_that_closes_the_engines_descriptors_one_by_one_gets_an_error_that_says_so(lone):
+    """The same with os.close (or C code): the engine cannot keep them, zmq aborts it; the
+    error said only "killed by SIGABRT"."""
+    view = lone.load_balanced_view()
+    old = lone.ids[0]
+    ar = view.apply_async(closes_each_descriptor)
+    queued = view.apply_async(pow, 2, 3)
+    with pytest.raises(ipylb.error.EngineError, match="killed by SIGABRT: C code aborted, e.g. "
+                       "zmq's, when a task closed the engine's own file descriptors"):
+        ar.get(60)
+    assert queued.get(120) == 8
+    new_engine(lone, old)
+
+
 def clobbers(module, path):
     """Replaces ``module.path`` with None (keeping it in builtins._clobbered to put back)."""
     import builtins
