@@ -36,9 +36,9 @@ def test_bench_kernels_options_refused_with_a_reason(argv, said, capsys):
 
 @pytest.mark.slow
 def test_64_engine_kernels_register_and_run_an_8000_task_map():
-    # Issue 14 item 7: on a quiet 2-core machine they register in ~14 s (20 s is the aim;
-    # the assertion leaves room for a loaded one); measure() checks all 64 registered
-    # and every result of the map.
+    # Issue 14 item 7: on this 2-core machine they register in 12.5-17 s at load 10-35 (20 s
+    # is the aim; the assertion leaves room for a more loaded one); measure() checks all 64
+    # registered and every result of the map.
     lines: list[str] = []
     fig = kernels.main(1, 64, 8000, out=lines.append)
     assert fig["startup_s"] < 60
