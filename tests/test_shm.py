@@ -16,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import ipylb
 import numpy as np
@@ -314,6 +315,21 @@ def test_orphans_are_swept_after_their_grace_but_owned_segments_never(prefix):
     assert shm.settle_removals(30) and files(prefix) == set()
 
 
+def test_a_gone_producers_unsent_segments_are_swept_and_nothing_else(prefix):
+    placer, other = shm.Placer(prefix), shm.Placer(prefix)
+    assert shm.valid_producer(placer.prefix, prefix)
+    for bad in (None, prefix, placer.prefix + "0", prefix + "../x-", "ipylb-1-2-ab-0123456789ab-"):
+        assert not shm.valid_producer(bad, prefix)
+    unsent = placer.place([b"p", memoryview(bytearray(BIG))])[1]
+    sent = placer.place([b"p", memoryview(bytearray(BIG))])[1]
+    owned = shm.Segment(sent.name, sent.nbytes, sent.ident, owned=True)  # the controller's
+    link = owned.link()  # a client's, not claimed yet
+    theirs = other.place([b"p", memoryview(bytearray(BIG))])[1]
+    shm.sweep_producer(placer.prefix)
+    assert files(prefix) == {sent.name, link.name, theirs.name}
+    assert not os.path.exists(unsent.path)
+
+
 def test_a_claimed_link_outlives_the_record(prefix):
     """The controller links a result for each client; the client maps and removes its link,
     so the controller dropping the record at once (budget, purge) loses nothing."""
@@ -550,6 +566,41 @@ def test_a_killed_engine_leaves_no_spare_and_its_results_stay_with_the_records()
         os.kill(rc.engine_info()[rc.ids[0]]["pid"], signal.SIGKILL)
         assert files(prefix) == before
         assert all(np.array_equal(rc.get_result(ar.msg_ids[0]).get(30), arr) for ar in ars)
+    assert files(prefix) == set()
+
+
+def place_unsent() -> str:
+    """On the engine: write a segment through the engine's own placer and send it nowhere
+    (as an engine killed between writing a result and sending it would leave it)."""
+    import gc
+
+    from ipylb import shm as engine_shm
+
+    [placer] = [o for o in gc.get_objects() if type(o) is engine_shm.Placer]
+    return placer.place([b"", memoryview(bytearray(3 << 20))])[1].name
+
+
+def test_a_killed_engines_unsent_segments_are_swept_when_it_is_found_gone():
+    """Not after the 5-minute orphan grace: as soon as the controller finds the engine gone.
+    What it sent (the records' segments) stays."""
+    arr = np.arange(BIG, dtype="u1")
+    with ipylb.Client(engines=1) as rc:
+        prefix = rc.cluster_info["shm_prefix"]
+        view = rc.load_balanced_view()
+        ar = view.apply_async(lambda x: x, arr)
+        ar.get(60)
+        unsent = view.apply_sync(place_unsent)
+        victim = rc.ids[0]
+        assert unsent.startswith(rc.engine_info()[victim]["shm_producer"])
+        kept = files(prefix) - {unsent}
+        assert len(kept) == 2 and unsent in files(prefix)
+        os.kill(rc.engine_info()[victim]["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while victim in rc.ids:  # remote state, polled: no event says the controller noticed
+            assert time.monotonic() < deadline, "the killed engine was never found gone"
+            time.sleep(0.05)
+        assert files(prefix) == kept
+        assert np.array_equal(rc.get_result(ar.msg_ids[0]).get(30), arr)
     assert files(prefix) == set()
 
 

@@ -478,7 +478,8 @@ class Placer:
     """The producer's side: moves large out-of-band buffers into new segments."""
 
     def __init__(self, prefix: str) -> None:
-        self._prefix = f"{prefix}{secrets.token_hex(6)}-"
+        # This producer's names: <prefix><12 hex>-<n> (see producer_of).
+        self.prefix = f"{prefix}{secrets.token_hex(6)}-"
         self._count = itertools.count()
         self.spares = _Spares()
         # Spares are descriptors: close them when this placer goes (or at exit).
@@ -512,7 +513,7 @@ class Placer:
             seg = self._fill(fd, flat)
             if seg is not None:
                 return seg
-        name = f"{self._prefix}{next(self._count)}"
+        name = f"{self.prefix}{next(self._count)}"
         path = os.path.join(SHM_DIR, name)
         try:
             st = os.statvfs(SHM_DIR)
@@ -538,7 +539,7 @@ class Placer:
     def _fill(self, fd: int, flat: memoryview) -> Segment | None:
         """Write ``flat`` into a spare (descriptor ``fd``, consumed) and name it: a new
         segment; None if that failed (the caller writes a fresh one)."""
-        name = f"{self._prefix}{next(self._count)}"
+        name = f"{self.prefix}{next(self._count)}"
         try:
             _write_all(fd, flat, 0)
             st = os.fstat(fd)
@@ -588,6 +589,22 @@ def sweep_orphans(prefix: str | None, grace_s: float) -> None:
     if prefix:
         _remove(lambda name: name.startswith(prefix) and name not in _owned,
                 older_than=time.time() - grace_s)
+
+
+def valid_producer(producer: Any, prefix: str | None) -> bool:
+    """Whether ``producer`` is a Placer's name prefix under the controller prefix ``prefix``
+    (what an engine tells the controller when it registers)."""
+    return (isinstance(producer, str) and prefix is not None and producer.startswith(prefix)
+            and re.fullmatch(r"[0-9a-f]{12}-", producer[len(prefix):]) is not None)
+
+
+def sweep_producer(producer: str) -> None:
+    """Remove the segments a producer that is gone (a killed engine) wrote and nobody here
+    owns: those it named but never sent.  Its segments the controller received are owned,
+    and clients' links of them (``<name>-<16 hex>``) are not its names: both are kept."""
+    tail = re.compile(r"[0-9]{1,20}")
+    _remove(lambda name: name.startswith(producer) and name not in _owned
+            and tail.fullmatch(name, len(producer)) is not None)
 
 
 def sweep_stale() -> None:

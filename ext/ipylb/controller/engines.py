@@ -24,7 +24,7 @@ from typing import Any
 
 import zmq
 
-from .. import compat, wire
+from .. import compat, shm, wire
 from ..core import events as ev
 from .records import Record
 
@@ -36,7 +36,7 @@ log = logging.getLogger("ipylb.controller")
 # pid and heartbeat are required: an engine nobody can watch could hold its tasks forever.
 _REGISTER_FIELDS = {"connection_file": str, "pid": int, "hostname": str, "tag": str,
                     "heartbeat": str, "heartbeat_key": (str, type(None)),
-                    "shm_domain": (str, type(None))}
+                    "shm_domain": (str, type(None)), "shm_producer": (str, type(None))}
 _REGISTER_REQUIRED = ("pid", "heartbeat")
 
 
@@ -151,6 +151,8 @@ class EngineTraffic:
         info = self.engine_info.pop(engine_id, None)
         if info is not None and self.relays:
             self.relays.pop(info.get("tag"), None)
+        if info is not None and shm.valid_producer(info.get("shm_producer"), self.shm_prefix):
+            shm.sweep_producer(info["shm_producer"])  # what it wrote and never sent
         self.activity.forget(engine_id)
         self.heartbeats.remove(engine_id)
         log.warning("engine %d is gone: %s", engine_id, reason)

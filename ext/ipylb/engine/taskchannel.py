@@ -154,6 +154,8 @@ class TaskChannel(HealthReports):
             # controller pings the heartbeat under it), or None.
             "heartbeat_key": _decoded(getattr(self.kernel.parent, "curve_publickey", None)),
             "shm_domain": shm.domain() if self.placer is not None else None,
+            # Its segments' names: what it wrote and never sent is swept when it is gone.
+            "shm_producer": self.placer.prefix if self.placer is not None else None,
             "versions": compat.versions(),
         }
         wire.send(self.sock, self.signer.pack(wire.REGISTER, meta))
