@@ -102,3 +102,20 @@ def test_ipylb_engine_debugger_1_gives_engines_the_jupyter_debugger(monkeypatch)
     monkeypatch.setenv("IPYLB_ENGINE_DEBUGGER", "1")  # engines inherit the client's environment
     with ipylb.Client(engines=1) as rc1:
         assert _has_debugger(rc1, rc1.ids[0]) is True
+
+
+def _history_file():
+    from IPython import get_ipython
+
+    return str(get_ipython().history_manager.hist_file)  # the engine's shell
+
+
+def test_engines_keep_ipython_history_in_memory_not_in_the_users_database(monkeypatch, tmp_path):
+    # Every engine start added a session to ~/.ipython's history.sqlite (11,549 in one day of
+    # this project's tests) and ran a history-saving thread; tasks never reach the history.
+    import ipylb
+
+    monkeypatch.setenv("IPYTHONDIR", str(tmp_path))  # engines inherit the client's environment
+    with ipylb.Client(engines=1) as rc1:
+        assert rc1.load_balanced_view().apply_sync(_history_file) == ":memory:"
+    assert not list(tmp_path.rglob("history.sqlite"))

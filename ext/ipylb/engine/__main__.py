@@ -21,12 +21,17 @@ class EngineApp(IPKernelApp):
         self.poller = None
 
     def initialize(self, argv: Any = None) -> None:
-        """IPKernelApp's, without the Jupyter debugger unless ``IPYLB_ENGINE_DEBUGGER=1``:
+        """IPKernelApp's, with IPython's history in memory (not in the user's history
+        database), and without the Jupyter debugger unless ``IPYLB_ENGINE_DEBUGGER=1``:
         making the kernel imports debugpy, ~0.09 s of each engine's ~0.4 s boot CPU (64
         engines on 2 cores: ~3 s of start-up; issue 14 item 7), for a debugger that serves a
         notebook frontend stepping through cells, not tasks.  debugpy is hidden only while
         the kernel is made (ipykernel then reports ``debugger: false``); a task may still
         import it."""
+        # Tasks never reach IPython's history; without this, each engine's start added a
+        # session to the user's ~/.ipython history database (thousands a day under a test
+        # suite) and ran a history-saving thread.  An IPython config file may still set one.
+        self.config.HistoryManager.hist_file = ":memory:"
         hide = os.environ.get("IPYLB_ENGINE_DEBUGGER") != "1" and "debugpy" not in sys.modules
         if hide:
             sys.modules["debugpy"] = None  # type: ignore[assignment]  # import fails: no debugger
