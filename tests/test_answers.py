@@ -13,7 +13,7 @@ import time
 import ipylb
 import pytest
 from ipylb import connection, wire
-from ipylb.client.asyncresult import Outcome
+from ipylb.client.outcome import Outcome
 from ipylb.controller.hub import Controller
 from ipylb.controller.records import Function, Record, TaskDB, TaskStore
 from ipylb.error import RemoteError, WireError

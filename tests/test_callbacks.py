@@ -9,8 +9,8 @@ import logging
 import threading
 
 import pytest
-from ipylb.client import asyncresult
-from ipylb.client.asyncresult import _CallbackRunner
+from ipylb.client import callbacks
+from ipylb.client.callbacks import CallbackRunner
 from test_pending import Gate, wait_at_gate, wait_until
 
 TIMEOUT = 30.0
@@ -122,7 +122,7 @@ def test_callbacks_of_one_result_run_in_the_order_added(view, gate, caplog):
 
 
 def test_runner_runs_callbacks_in_order_on_one_thread():
-    runner, seen, done = _CallbackRunner(), [], threading.Event()
+    runner, seen, done = CallbackRunner(), [], threading.Event()
     for i in range(200):
         runner.call(seen.append, i)
     runner.call(done.set)
@@ -132,8 +132,8 @@ def test_runner_runs_callbacks_in_order_on_one_thread():
 
 
 def test_runner_gives_the_queue_to_another_thread_when_a_callback_blocks(monkeypatch):
-    monkeypatch.setattr(asyncresult, "CALLBACK_STALL_S", 0.05)
-    runner, release, started = _CallbackRunner(), threading.Event(), threading.Event()
+    monkeypatch.setattr(callbacks, "CALLBACK_STALL_S", 0.05)
+    runner, release, started = CallbackRunner(), threading.Event(), threading.Event()
     seen, done = [], threading.Event()
     runner.call(lambda: (started.set(), release.wait(BLOCK)))
     assert started.wait(TIMEOUT)

@@ -8,33 +8,23 @@ No user code runs on the receiving thread, so nothing a user writes can hold up 
 delivery of a result (issue 9 item 6).  It sets each AsyncResult's state and wakes its
 waiters (``get``, ``wait``, iteration, ``concurrent.futures.wait``/``as_completed``)
 itself; done callbacks (``add_done_callback``, which ``asyncio.wrap_future`` also
-uses) and ``cancel()``'s abort go to :class:`_CallbackRunner`, which runs them in order
-on a thread of its own and starts another when one of them blocks.
+uses) and ``cancel()``'s abort go to :class:`~ipylb.client.callbacks.CallbackRunner`,
+which runs them in order on a thread of its own and starts another when one of them blocks.
 """
 
 from __future__ import annotations
 
-import logging
 import numbers
-import os
 import sys
-import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from ..error import (
-    SCHEDULER_ERRORS,
-    CompositeError,
-    RemoteError,
-    SerializationError,
-    WireError,
-    safe_str,
-)
-from ..serialize import loads
+from ..error import CompositeError, RemoteError, SerializationError
+from .callbacks import run_callback, runner
+from .outcome import META_INDEX, METADATA_KEYS, Metadata, Outcome, as_datetime
 
 if TYPE_CHECKING:
     from .client import Client
@@ -53,112 +43,6 @@ def wait_seconds(timeout: object) -> float | None:
     if timeout != timeout:
         raise ValueError("timeout must be a number of seconds (None or -1: no limit), got nan")
     return None if timeout < 0 else float(timeout)
-
-
-class Metadata(dict):
-    """A task's metadata: a dict whose keys are also attributes."""
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-
-_PENDING = object()
-# Where a field sits in a result's meta tuple (see Outcome).
-_META_INDEX = {"engine_id": 1, "stdout": 5, "stderr": 6}
-# What a task's metadata holds (a pending task's has None for what is not known yet).
-METADATA_KEYS = ("msg_id", "engine_id", "status", "submitted", "started", "completed",
-                 "stdout", "stderr", "error", "label")
-
-
-class Outcome:
-    """What came back for one task: status, timings, output, error, payload."""
-
-    __slots__ = ("meta", "bufs", "mac", "_value")
-
-    def __init__(self, meta: tuple, bufs: list[Any], mac: bytes) -> None:
-        # (msg_id, engine_id, status, started, completed, stdout, stderr, error, submitted,
-        # label); submitted (the controller's clock) is None in records stored by older
-        # versions, and both are missing from results made here (lost) or by older versions.
-        self.meta = meta
-        self.bufs = bufs
-        self.mac = mac
-        self._value: Any = _PENDING
-
-    @classmethod
-    def received(cls, meta: Any, bufs: list[Any], mac: bytes) -> Outcome:
-        """The outcome a RESULT message carries.  One whose fields are not what this
-        version reads (a controller of another version, a bug) still answers its task,
-        with an error that says so; raises WireError only if it names no task at all."""
-        if type(meta) is tuple and len(meta) >= 8 and type(meta[0]) is str and (
-                meta[2] == "ok" or _error_triple(meta[7])):
-            return cls(meta, bufs, mac)
-        msg_id = meta[0] if type(meta) is tuple and meta and type(meta[0]) is str else None
-        if msg_id is None:
-            raise WireError(f"a result message that names no task: {str(meta)[:200]}")
-        why = (f"the controller's result for task {msg_id} is malformed ({str(meta)[:200]}): "
-               "are the client and the cluster running different versions of ipylb?")
-        return cls((msg_id, None, "error", None, None, "", "", ("WireError", why, "")), [], b"")
-
-    @classmethod
-    def lost(cls, msg_id: str, why: str, ename: str = "ClientClosed") -> Outcome:
-        """A result that will not arrive here: the client closed first (or, ``ename``
-        ControllerGone, its controller went away)."""
-        return cls((msg_id, None, "error", None, None, "", "", (ename, why, "")), [], b"")
-
-    @property
-    def ok(self) -> bool:
-        return self.meta[2] == "ok"
-
-    def error(self) -> RemoteError:
-        """The task's error as an exception object."""
-        msg_id, engine_id, status = self.meta[:3]
-        ename, evalue, tb = self.meta[7] or ("RemoteError", f"task ended with status {status}", "")
-        info = {"engine_id": engine_id, "msg_id": msg_id}
-        cls = SCHEDULER_ERRORS.get(ename)
-        if cls is not None:
-            return cls(evalue, tb, info)
-        return RemoteError(ename, evalue, tb, info)
-
-    def value(self, client: Client) -> Any:
-        """The task's return value (checked and unpickled once)."""
-        if self._value is _PENDING:
-            client._signer.check_bufs(self.bufs, self.mac)
-            try:
-                self._value = loads(self.bufs)
-            except KeyboardInterrupt:
-                raise
-            except BaseException as e:  # a __setstate__ may raise anything, SystemExit too
-                raise SerializationError(
-                    f"the result of task {self.meta[0]} could not be unpickled here: "
-                    f"{type(e).__name__}: {safe_str(e, 4096)}. Is the module that defines it "
-                    "importable in the client?"
-                ) from e
-            self.bufs = []
-        return self._value
-
-    def metadata(self, submitted: float | None) -> Metadata:
-        """The task's metadata; ``submitted`` is used if the controller did not say."""
-        msg_id, engine_id, status, started, completed, stdout, stderr = self.meta[:7]
-        if len(self.meta) > 8 and self.meta[8] is not None:
-            submitted = self.meta[8]
-        return Metadata(
-            msg_id=msg_id, engine_id=engine_id, status=status,
-            submitted=_dt(submitted), started=_dt(started), completed=_dt(completed),
-            stdout=stdout, stderr=stderr, error=self.error() if status != "ok" else None,
-            label=self.meta[9] if len(self.meta) > 9 else None,
-        )
-
-
-def _error_triple(error: Any) -> bool:
-    """Whether ``error`` is an (ename, evalue, traceback) triple of strings."""
-    return type(error) is tuple and len(error) == 3 and all(type(x) is str for x in error)
-
-
-def _dt(t: float | None) -> datetime | None:
-    return None if t is None else datetime.fromtimestamp(t)
 
 
 class AsyncResult(Future):
@@ -217,7 +101,7 @@ class AsyncResult(Future):
             Future.set_result(self, None)
             if callbacks:
                 for fn in callbacks:
-                    _callbacks.call(fn, self)
+                    runner.call(fn, self)
 
     # -- the Future interface ------------------------------------------------------
 
@@ -240,7 +124,7 @@ class AsyncResult(Future):
                     self._callbacks = []
                 self._callbacks.append(fn)
                 return
-        _run_callback(fn, self)
+        run_callback(fn, self)
 
     def result(self, timeout: float | None = None) -> Any:
         """Same as :meth:`get`."""
@@ -260,7 +144,7 @@ class AsyncResult(Future):
         """Abort the tasks that have not started (they fail with TaskAborted), without
         waiting for the controller.  Returns False: the result still completes."""
         if not self.ready():
-            _callbacks.call(self.abort)
+            runner.call(self.abort)
         return False
 
     def set_result(self, result: Any) -> None:  # noqa: D102 - results come from the cluster only
@@ -356,14 +240,14 @@ class AsyncResult(Future):
     # -- what came back ----------------------------------------------------------
 
     def _each(self, name: str) -> list[Any]:
-        i = _META_INDEX[name]
+        i = META_INDEX[name]
         return [None if o is None else o.meta[i] for o in self._outcomes]
 
     def _metadata(self) -> list[Metadata]:
         return [
             o.metadata(self._submitted) if o is not None
             else Metadata(dict.fromkeys(METADATA_KEYS), msg_id=m, status="pending",
-                          submitted=_dt(self._submitted), stdout="", stderr="", label=self.label)
+                          submitted=as_datetime(self._submitted), stdout="", stderr="", label=self.label)
             for m, o in zip(self.msg_ids, self._outcomes)
         ]
 
@@ -596,108 +480,6 @@ class AsyncHubResult(AsyncMapResult):
         part._submitted = self._submitted
         part.label = self.label
         return part
-
-
-# A callback still running after this many seconds counts as blocked: the callbacks queued
-# behind it start on another thread.
-CALLBACK_STALL_S = 0.2
-
-log = logging.getLogger("ipylb.client")
-
-
-def _run_callback(fn: Callable[..., Any], *args: Any) -> None:
-    try:
-        fn(*args)
-    except Exception:  # as concurrent.futures does: logged, the other callbacks still run
-        log.exception("exception calling callback %r", fn)
-
-
-class _CallbackRunner:
-    """Runs user code that ipylb's threads must not run themselves (done callbacks,
-    cancel()'s abort): in the order given, one at a time, on a daemon thread.
-
-    Sound under blocking: a watchdog thread (started with the first worker; it sleeps on a
-    condition, never polls, while nothing is queued) gives the queue to a further worker
-    when callbacks are queued but every worker has been inside one callback for
-    ``CALLBACK_STALL_S`` (a callback waiting for a result whose own callbacks are queued
-    behind it, or for anything else).  Start order stays the queue's order; workers beyond
-    the first leave once idle.  So the common case costs one lock and one notify per
-    callback and no thread per callback, and no callback can stall the others for good.
-    """
-
-    def __init__(self) -> None:
-        lock = threading.Lock()
-        self._work = threading.Condition(lock)  # workers wait here for callbacks
-        self._watch = threading.Condition(lock)  # the watchdog waits here
-        self._queue: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
-        self._workers = 0  # worker threads alive
-        self._idle = 0  # ... of them waiting for a callback
-        self._taken = 0  # callbacks taken from the queue so far: the watchdog's progress mark
-        self._watching = False
-
-    def call(self, fn: Callable[..., Any], *args: Any) -> None:
-        """Run ``fn(*args)`` soon, after what was queued before (exceptions are logged)."""
-        with self._work:
-            self._queue.append((fn, args))
-            if self._idle:
-                self._work.notify()
-            elif not self._workers:
-                self._spawn()
-            else:
-                self._watch.notify()  # every worker is busy: time them
-
-    def _spawn(self) -> None:  # with the lock held
-        self._workers += 1
-        threading.Thread(target=self._work_loop, daemon=True, name="ipylb-callbacks").start()
-        if not self._watching:
-            self._watching = True
-            threading.Thread(target=self._watch_loop, daemon=True,
-                             name="ipylb-callbacks-watchdog").start()
-
-    def _work_loop(self) -> None:
-        cond, queue = self._work, self._queue
-        cond.acquire()
-        try:
-            while True:
-                while not queue:
-                    if self._idle:  # another worker is idle already: one is enough
-                        self._workers -= 1
-                        return
-                    self._idle += 1
-                    cond.wait()
-                    self._idle -= 1
-                fn, args = queue.popleft()
-                self._taken += 1
-                cond.release()
-                try:
-                    _run_callback(fn, *args)
-                finally:
-                    cond.acquire()
-        finally:
-            cond.release()
-
-    def _watch_loop(self) -> None:
-        queue = self._queue
-        with self._watch:
-            while True:
-                if not queue or self._idle:  # nothing waits, or a worker will take it
-                    self._watch.wait()
-                    continue
-                mark = self._taken
-                deadline = time.monotonic() + CALLBACK_STALL_S
-                while queue and not self._idle and self._taken == mark:
-                    left = deadline - time.monotonic()
-                    if left <= 0:  # every worker is stuck in a callback: one more
-                        self._spawn()
-                        break
-                    self._watch.wait(left)
-
-    def _after_fork(self) -> None:
-        self.__init__()  # type: ignore[misc]
-
-
-_callbacks = _CallbackRunner()
-os.register_at_fork(after_in_child=_callbacks._after_fork)
 
 
 def _items(client: Client, outcome: Outcome | None, n: int, return_exceptions: bool,

@@ -32,7 +32,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ..serialize import dumps_items
-from .asyncresult import AsyncMapResult, Outcome
+from .asyncresult import AsyncMapResult
+from .outcome import Outcome
 
 if TYPE_CHECKING:
     from .client import Client

@@ -24,9 +24,10 @@ from typing import Any
 
 from .. import connection, limits, wire
 from ..error import ClientClosed, ControllerGone, NoCluster, SerializationError
-from .asyncresult import AsyncResult, Outcome, wait_seconds
+from .asyncresult import AsyncResult, wait_seconds
 from .link import ADD_ENGINES, LOCAL_URLS, Link
 from .local import LocalCluster
+from .outcome import Outcome
 from .taskdb import TaskRecords, as_list, job_ids
 
 # How long a client waits for a controller to answer its hello.

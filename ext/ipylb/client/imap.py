@@ -37,7 +37,8 @@ from typing import TYPE_CHECKING, Any
 from ..error import RemoteError, SerializationError
 from ..serialize import dumps_function, dumps_items
 from . import autochunk
-from .asyncresult import Outcome, _callbacks
+from .callbacks import runner
+from .outcome import Outcome
 
 if TYPE_CHECKING:
     from .client import Client
@@ -336,7 +337,7 @@ class IMapIterator(Iterator[Any]):
         if waiting and ids:
             # Not from here: close() may run in garbage collection on any thread, even the
             # client's receiving one, which must not wait for the controller's answer.
-            _callbacks.call(_abort_quietly, self._client, ids)
+            runner.call(_abort_quietly, self._client, ids)
 
 
 def _abort_quietly(client: Client, msg_ids: list[str]) -> None:

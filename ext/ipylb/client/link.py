@@ -27,7 +27,9 @@ from zmq.utils.monitor import recv_monitor_message
 
 from .. import compat, connection, shm, wire
 from ..error import NoCluster, VersionMismatch
-from .asyncresult import AsyncResult, Metadata, Outcome, _callbacks
+from .asyncresult import AsyncResult
+from .callbacks import runner
+from .outcome import Metadata, Outcome
 
 __all__ = ["Link", "LOCAL_URLS", "ADD_ENGINES"]
 
@@ -320,19 +322,19 @@ class Link:
                     self._warned_empty = False
             elif event[0] == "stranded":  # off this thread: warning hooks are user code
                 self._warned_empty = True
-                _callbacks.call(warnings.warn, f"every engine of the cluster is gone: {event[1]} "
+                runner.call(warnings.warn, f"every engine of the cluster is gone: {event[1]} "
                                 f"task(s) wait for a new one ({ADD_ENGINES})", RuntimeWarning, 1)
             elif event[0] == "restarting":  # engines are coming back: no "no engines" warning
                 self._warned_empty = True
             elif event[0] == "engine_down":  # jupyter_client's restarter gave up on a slot
-                _callbacks.call(warnings.warn, f"an engine of the cluster stays down: {event[1]}",
+                runner.call(warnings.warn, f"an engine of the cluster stays down: {event[1]}",
                                 RuntimeWarning, 1)
             elif event[0] == "engine_refused":  # the engine itself says why, and stops
-                _callbacks.call(warnings.warn, f"the cluster refused an engine: {event[1]}",
+                runner.call(warnings.warn, f"the cluster refused an engine: {event[1]}",
                                 RuntimeWarning, 1)
             elif event[0] == "engine_failed":
                 self._engine_failures.append(event[1])
             elif event[0] == "interrupt":  # (engine_id, tag, task_id): relay_interrupts
                 if self._interrupter is not None:
-                    _callbacks.call(self._interrupter, *event[1:])
+                    runner.call(self._interrupter, *event[1:])
             self._state.notify_all()

@@ -30,7 +30,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from ..error import ClientClosed, ControllerGone
-from .asyncresult import _callbacks
+from .callbacks import runner
 
 if TYPE_CHECKING:
     from .asyncresult import AsyncResult
@@ -112,7 +112,7 @@ class LiveOutput:
                 self._cond.notify_all()
             elif not self._drawing:  # drawn off this thread (it delivers results), once
                 self._drawing = True  # for the reports that came meanwhile
-                _callbacks.call(self._draw)
+                runner.call(self._draw)
 
     def _draw(self) -> None:
         with self._cond:

@@ -10,7 +10,8 @@ from concurrent.futures import Future
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from .asyncresult import AsyncHubResult, AsyncResult, Outcome
+from .asyncresult import AsyncHubResult, AsyncResult
+from .outcome import Outcome
 
 if TYPE_CHECKING:
     from .client import Client
