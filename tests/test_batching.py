@@ -12,7 +12,7 @@ import ipylb
 import pytest
 import zmq
 from ipylb import wire
-from ipylb.client import client as client_module
+from ipylb.client import submit as submit_module
 from ipylb.client.client import Client
 from ipylb.controller.hub import Controller
 from procs import DrivenController
@@ -39,7 +39,7 @@ def other(rc):
 def test_a_thousand_apply_async_in_a_loop_leave_in_far_fewer_messages(other, monkeypatch):
     # The gap that makes a burst is set wide, so that a loaded machine (a loop preempted
     # between two calls) still makes one: the mechanism is what is tested here.
-    monkeypatch.setattr(client_module, "BURST_S", 0.05)
+    monkeypatch.setattr(submit_module, "BURST_S", 0.05)
     view = other.load_balanced_view()
     view.apply_sync(noop)
     before = other._submit_messages
@@ -55,7 +55,7 @@ def test_a_thousand_apply_async_in_a_loop_leave_in_far_fewer_messages(other, mon
 def test_a_submission_after_a_pause_is_sent_at_once(other):
     view = other.load_balanced_view()
     view.apply_sync(noop)
-    time.sleep(10 * client_module.BURST_S)  # the pause that makes the next one "lone"
+    time.sleep(10 * submit_module.BURST_S)  # the pause that makes the next one "lone"
     before = other._submit_messages
     ar = view.apply_async(square, 7)
     # Sent by apply_async itself, before it returned: nothing held for a batch.
@@ -66,7 +66,7 @@ def test_a_submission_after_a_pause_is_sent_at_once(other):
 def test_waiting_sends_what_is_held_without_the_sending_thread(rc, monkeypatch):
     """apply_sync and any wait for a result send a held submission themselves: with the
     sending thread never running, back-to-back submissions and their results still flow."""
-    monkeypatch.setattr(client_module, "BURST_S", 10.0)  # every submission after the first is held
+    monkeypatch.setattr(submit_module, "BURST_S", 10.0)  # every submission after the first is held
     monkeypatch.setattr(Client, "_send_loop", lambda self: None)  # the sending thread does nothing
     c = ipylb.Client(rc._local.connection_file)
     try:
@@ -87,7 +87,7 @@ def test_waiting_sends_what_is_held_without_the_sending_thread(rc, monkeypatch):
 
 
 def test_the_sending_thread_sends_a_held_submission_nobody_waits_for(other, monkeypatch):
-    monkeypatch.setattr(client_module, "BURST_S", 10.0)
+    monkeypatch.setattr(submit_module, "BURST_S", 10.0)
     view = other.load_balanced_view()
     view.apply_sync(noop)
     ars = [view.apply_async(square, i) for i in range(5)]
@@ -105,7 +105,7 @@ def test_the_sending_thread_sends_a_held_submission_nobody_waits_for(other, monk
 
 
 def test_different_functions_and_flags_keep_their_own_messages(other, monkeypatch):
-    monkeypatch.setattr(client_module, "BURST_S", 10.0)
+    monkeypatch.setattr(submit_module, "BURST_S", 10.0)
     view = other.load_balanced_view()
     view.apply_sync(noop)
     before = other._submit_messages
@@ -138,7 +138,7 @@ def piped():
 
 
 def test_an_engine_takes_tasks_and_sends_results_several_per_message(piped, monkeypatch):
-    monkeypatch.setattr(client_module, "BURST_S", 10.0)
+    monkeypatch.setattr(submit_module, "BURST_S", 10.0)
     view = piped.load_balanced_view()
     view.apply_sync(square, 0)  # its run time is known from now on: short
     before = piped.controller_stats()["messages"]
