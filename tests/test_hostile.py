@@ -1153,17 +1153,16 @@ def test_a_task_that_breaks_import_gets_its_engine_restarted_not_deaf(lone):
 
 def holds_the_gil_later(marker):
     """Starts a thread that, once this task has ended and its engine has reported itself
-    idle, holds the GIL for good in C code (a loop that never returns to the interpreter);
-    it creates ``marker`` just before."""
-    import collections
-    import itertools
+    idle, holds the GIL for good in C code (libc's sleep called the way ctypes.pythonapi
+    calls: without releasing the GIL); it creates ``marker`` just before."""
+    import ctypes
     import threading
     import time
 
     def hog():
         time.sleep(2.5)  # its engine's health reports (every second) say it is idle
         open(marker, "w").close()
-        collections.deque(itertools.repeat(None), maxlen=0)
+        ctypes.PyDLL(None).sleep(3600)
 
     threading.Thread(target=hog, daemon=True).start()
     return "started"
@@ -1172,9 +1171,9 @@ def holds_the_gil_later(marker):
 def test_an_engine_a_thread_freezes_between_tasks_is_restarted_and_its_tasks_run(
         monkeypatch, capfd, tmp_path):
     """A thread a task left holding the GIL in C code froze its engine while the heartbeat (a
-    C thread) still answered: every task sent there waited forever.  Now the controller
-    notices that the engine's health reports stopped (IPYLB_FROZEN_S) and restarts it; the
-    task sent to it runs on the new engine."""
+    C thread) still answered: every task sent there waited forever.  Now the engine's idle
+    watchdog (a C thread) ends it after IPYLB_FROZEN_S without Python, saying why; the task
+    sent to it (never started) runs on the new engine."""
     monkeypatch.setenv("IPYLB_FROZEN_S", "4")
     marker = tmp_path / "hogging"
     with ipylb.Client(engines=1) as own:
@@ -1189,5 +1188,31 @@ def test_an_engine_a_thread_freezes_between_tasks_is_restarted_and_its_tasks_run
         assert queued.get(120) == 8
         assert queued.engine_id != old
     err = capfd.readouterr().err
-    assert "no Python has run in it for " in err and "a thread holds the GIL in C code, " \
-        "between tasks (a thread a task left running)" in err
+    assert "no Python ran in it for 4 s between tasks: a thread a task left holds the GIL in " \
+        "C code (the tasks sent to it run elsewhere; its threads then: " in err
+    assert 'in hog' in err  # the thread's traceback, where it holds the GIL
+
+
+def holds_the_gil(seconds):
+    """Holds the GIL in C code for ``seconds`` (no Python runs meanwhile, in any thread)."""
+    import ctypes
+
+    return ctypes.PyDLL(None).sleep(seconds)
+
+
+def test_a_task_that_holds_the_gil_itself_is_reported_not_stopped(monkeypatch, capfd):
+    """A task's own long C call that holds the GIL stops the engine's health reports too;
+    that may be the task's work: the controller's log says so, and the task ends as it
+    would (no restart).  (A first version restarted an engine whose last report said it was
+    idle: that was this task, started since, and it ran again on every new engine.)"""
+    monkeypatch.setenv("IPYLB_FROZEN_S", "2")
+    with ipylb.Client(engines=1) as own:
+        view = own.load_balanced_view()
+        old = own.ids[0]
+        ar = view.apply_async(holds_the_gil, 6)
+        assert ar.get(60) == 0
+        assert ar.engine_id == old and own.ids == [old]
+        assert view.apply_async(pow, 2, 3).get(60) == 8
+    err = capfd.readouterr().err
+    assert "no Python has run in it for " in err  # (its last report may predate the task)
+    assert "or a thread a task left); its tasks wait until it lets go" in err

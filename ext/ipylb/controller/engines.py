@@ -18,6 +18,7 @@ and one core event, no more.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import OrderedDict
 from typing import Any
@@ -32,11 +33,19 @@ __all__ = ["EngineTraffic"]
 
 log = logging.getLogger("ipylb.controller")
 
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
 # What a registration may carry, and the types of the fields (others are kept as they come);
 # pid and heartbeat are required: an engine nobody can watch could hold its tasks forever.
 _REGISTER_FIELDS = {"connection_file": str, "pid": int, "hostname": str, "tag": str,
                     "heartbeat": str, "heartbeat_key": (str, type(None)),
-                    "shm_domain": (str, type(None)), "shm_producer": (str, type(None))}
+                    "shm_domain": (str, type(None)), "shm_producer": (str, type(None)),
+                    "watchdog": str}
 _REGISTER_REQUIRED = ("pid", "heartbeat")
 
 
@@ -153,6 +162,8 @@ class EngineTraffic:
             self.relays.pop(info.get("tag"), None)
         if info is not None and shm.valid_producer(info.get("shm_producer"), self.shm_prefix):
             shm.sweep_producer(info["shm_producer"])  # what it wrote and never sent
+        if info is not None and info.get("watchdog"):
+            _remove(info["watchdog"])
         self.activity.forget(engine_id)
         self.heartbeats.remove(engine_id)
         log.warning("engine %d is gone: %s", engine_id, reason)
@@ -162,6 +173,19 @@ class EngineTraffic:
         # After its tasks' failures: a client that sees the engine gone sees them failed.
         self._broadcast(("engine_removed", engine_id))
         self._check_stranded()
+
+    def _frozen_end(self, engine_id: int) -> str | None:
+        """What an engine's idle watchdog wrote (its threads' tracebacks, on one line) if it
+        fired: the engine ended because no Python ran in it between tasks (guard.IdleWatchdog)."""
+        path = self.engine_info.get(engine_id, {}).get("watchdog")
+        if not path:
+            return None
+        try:
+            with open(path, errors="replace") as f:
+                text = f.read(4096)
+        except OSError:
+            return None
+        return " | ".join(line.strip() for line in text.splitlines() if line.strip()) or None
 
     def _check_stranded(self) -> None:
         """No engine is left, and none is being restarted: tell clients, rather than let

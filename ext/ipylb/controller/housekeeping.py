@@ -7,10 +7,10 @@ longer needs keeping.
   (:mod:`.heartbeat`): the engine is gone, restarted if ours, and its tasks go on
   elsewhere.  A result it sent just before is read first, so it is not lost.
 - An engine whose heartbeat answers but whose Python has not run for :data:`FROZEN_S`
-  (its health reports stopped: a thread holds the GIL in C code): between tasks (its last
-  report named none), a thread a task left froze it: it is restarted and the tasks sent
-  to it run elsewhere, no retry used; during a task, that may be the task's own long C
-  call: the controller's log says so once, and the task's walltime, if any, stops it.
+  (its health reports stopped: a thread holds the GIL in C code): the log says so once.
+  Between tasks the engine's own watchdog ends it (:class:`ipylb.engine.guard.IdleWatchdog`)
+  and the tasks sent to it run elsewhere, no retry used; during a task that may be the
+  task's own long C call: its walltime, if it has one, stops it.
 - Peers silent for ``forget_after`` s, watches of finished tasks, and shared-memory
   segments nobody owns: forgotten or removed.
 
@@ -74,8 +74,13 @@ class Housekeeping:
             for engine_id, reason, fate in dead:
                 restarting = fate == "restarting it"
                 if engine_id is not None:
-                    self._engine_gone(engine_id, f"{reason}; restarting it" if restarting else reason,
-                                      now)
+                    frozen = self._frozen_end(engine_id)
+                    if frozen:  # between tasks: no task sent to it started: they run elsewhere
+                        reason = (f"no Python ran in it for {FROZEN_S:.0f} s between tasks: a "
+                                  "thread a task left holds the GIL in C code (the tasks sent to "
+                                  f"it run elsewhere; its threads then: {frozen[:1500]})")
+                    self._engine_gone(engine_id, f"{reason}; restarting it" if restarting else
+                                      reason, now, idle=bool(frozen))
                 elif restarting:
                     log.warning("%s; restarting it", reason)
                 else:
@@ -104,21 +109,19 @@ class Housekeeping:
 
     def _frozen(self, frozen: list[tuple[int, str | None, float]], now: float) -> None:
         """Engines alive by heartbeat whose Python has not run for FROZEN_S: a thread holds
-        the GIL in C code (``collections.deque(itertools.repeat(None), maxlen=0)`` in a
-        thread).  Reports waiting in our socket are read first."""
-        self._drain(self.engines, self._on_engine)
+        the GIL in C code (a task's own long C call, or a thread a task left).  Said once in
+        the log; the engine cannot tell, and the controller cannot tell which (the task's
+        last report may predate a task that started since).  Between tasks the engine's
+        watchdog ends it (see _reap_dead); a task's walltime stops it."""
+        self._drain(self.engines, self._on_engine)  # reports waiting in our socket first
         for engine_id, task, silent in frozen:
-            if not self.heartbeats.still_frozen(engine_id, now, FROZEN_S):
-                continue
-            why = (f"no Python has run in it for {silent:.0f} s (its health reports stopped) "
-                   "while its heartbeat answers: a thread holds the GIL in C code")
-            if task is None:  # between tasks: nothing of a task's own is stopped
-                self._restart_engine(engine_id, f"{why}, between tasks (a thread a task left "
-                                     "running): the tasks sent to it run elsewhere", idle=True)
-            elif self.heartbeats.warn_once(engine_id):
-                log.warning("engine %d: %s: task %s or a thread it started; the tasks sent to "
-                            "it wait until it lets go (a walltime stops a task that does not)",
-                            engine_id, why, task)
+            if self.heartbeats.still_frozen(engine_id, now, FROZEN_S) \
+                    and self.heartbeats.warn_once(engine_id):
+                log.warning("engine %d: no Python has run in it for %.0f s (its health reports "
+                            "stopped) while its heartbeat answers: a thread holds the GIL in C "
+                            "code (the task it runs%s, or a thread a task left); its tasks wait "
+                            "until it lets go (a walltime stops a task that does not)",
+                            engine_id, silent, f", {task}," if task else "")
 
     def _forget_idle_peers(self) -> None:
         """Forget peers not heard from for ``forget_after`` s: replay state, listener place."""

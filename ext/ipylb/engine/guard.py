@@ -28,12 +28,19 @@ and how the engine answers it (README "What a task can break").
   are put back after the task (:func:`install_rlimit_guard`), like an alarm it left; a
   hard limit lowered below what the engine had cannot be, and the engine is restarted.
 
-The hot path pays three attribute reads and a subtraction per task (:meth:`TaskChannel._attempt`).
+- It leaves a thread that holds the GIL in C code: the engine's Python stops while its
+  heartbeat (a C thread) still answers, and the tasks sent to it would wait for good.  While
+  the engine is idle, a C watchdog (:class:`IdleWatchdog`) is armed; if no task starts and
+  no Python runs for :data:`FROZEN_S`, it writes every thread's traceback to a file the
+  controller reads and ends the engine: its tasks never started, so they run elsewhere.
+
+The hot path pays four attribute reads and a subtraction per task (:meth:`TaskChannel._attempt`).
 """
 
 from __future__ import annotations
 
 import errno
+import faulthandler
 import math
 import os
 import resource
@@ -323,3 +330,38 @@ def bind_loop_clocks(loop: Any, kernel: Any) -> None:
                         for h in holders)):
         if one is not None:
             one.time = _monotonic
+
+
+# An idle engine whose Python has not run for this long (seconds) is frozen (IdleWatchdog).
+FROZEN_S = float(os.environ.get("IPYLB_FROZEN_S", "20"))
+
+
+class IdleWatchdog:
+    """faulthandler's watchdog (a C thread: it runs without the GIL), armed by the health
+    thread each second while no task runs, cancelled by the main thread as a task starts.
+    If it fires, no task started and no Python ran (not even the health thread's re-arming)
+    for FROZEN_S: a thread holds the GIL in C code.  It writes every thread's traceback to
+    :attr:`path` (mode 0600, named in the engine's registration: the controller reads it
+    to tell this end from others) and exits the process."""
+
+    def __init__(self, directory: str, ident: str) -> None:
+        self.path = os.path.join(directory, f"ipylb-{ident}-frozen.txt")
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        self.file = os.fdopen(fd, "w")
+
+    def arm(self, channel: Any) -> None:
+        """(Re-)arm it if no task runs (the health thread, each second), and say so in
+        ``channel.watchdog_armed``: a task that starts cancels it if that is set (the
+        channel sets ``running`` first, this checks it last, so one of the two cancels)."""
+        if channel.running is None:
+            faulthandler.dump_traceback_later(FROZEN_S, exit=True, file=self.file)
+            channel.watchdog_armed = True
+            if channel.running is not None:  # one started meanwhile (and may not have seen it)
+                faulthandler.cancel_dump_traceback_later()
+
+    def close(self) -> None:
+        """Remove the file (the engine ends on purpose)."""
+        try:
+            os.remove(self.path)
+        except OSError:
+            pass

@@ -106,6 +106,7 @@ class HealthReports:
             next_health = now + HEALTH_S
             if self.engine_id is None:
                 continue
+            self.watchdog.arm(self)
             if self.leaving_for is None and guard.fds_exhausted():  # checked again between tasks
                 self._loop.call_soon_threadsafe(self._check_fds)
             task = self.running

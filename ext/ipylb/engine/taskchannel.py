@@ -25,11 +25,13 @@ and what a task's value or error becomes on the wire (:mod:`.report`).
 from __future__ import annotations
 
 import _signal
+import atexit
 import faulthandler
 import os
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -140,6 +142,11 @@ class TaskChannel(HealthReports):
         self.fds = guard.FdWatch()
         self.limits = guard.LimitsGuard()
         self.engine_fds: frozenset[int] = frozenset()
+        # Armed while no task runs: ends an engine whose Python a thread froze (guard).
+        self.watchdog = guard.IdleWatchdog(os.path.dirname(connection_file) or
+                                           tempfile.gettempdir(), ident.decode())
+        self.watchdog_armed = False
+        atexit.register(self.watchdog.close)
 
     def start(self, loop: Any) -> None:
         """Register with the controller and start serving from ``loop``."""
@@ -157,6 +164,7 @@ class TaskChannel(HealthReports):
             # Its segments' names: what it wrote and never sent is swept when it is gone.
             "shm_producer": self.placer.prefix if self.placer is not None else None,
             "versions": compat.versions(),
+            "watchdog": self.watchdog.path,
         }
         wire.send(self.sock, self.signer.pack(wire.REGISTER, meta))
         self._loop = loop
@@ -526,6 +534,9 @@ class TaskChannel(HealthReports):
                 wire.send(self.sock, self.signer.pack(wire.STARTED, msg_id))
             self.running_since = started
             self.running = msg_id
+            if self.watchdog_armed:  # the idle watchdog (guard.IdleWatchdog): not idle now
+                self.watchdog_armed = False
+                _cancel_watchdog()
             previous = _set_sigint(self._sigint)
             try:
                 # Unpickling the function and arguments is part of the task, like making its
