@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 
 import ipylb
@@ -26,7 +27,7 @@ def victim(path: str) -> int:
     return -1
 
 
-def scenario(path: str, mark: str) -> dict:
+def scenario(path: str, mark: str, restarted: bool = False) -> dict:
     out: dict = {}
     with ipylb.Client(path) as rc:
         rc.wait_for_engines(2, 60)
@@ -54,10 +55,28 @@ def scenario(path: str, mark: str) -> dict:
             assert time.monotonic() < deadline, "the victim task never started"
             time.sleep(0.05)
         killed = int(open(mark).read())
+        # While the remote engine is found dead and restarted, how long the controller
+        # keeps a request waiting at most (its loop must not wait for a remote restart).
+        stalls, done = [0.0], threading.Event()
+
+        def ask() -> None:
+            while not done.is_set():
+                t = time.monotonic()
+                rc.queue_status(timeout=60)
+                stalls.append(time.monotonic() - t)
+                done.wait(0.05)
+
+        asker = threading.Thread(target=ask)
         os.kill(killed, 9)
         t0 = time.monotonic()
+        asker.start()
         out["retried_on"] = ar.get(60)
         out["noticed_s"] = time.monotonic() - t0
+        if restarted:  # the controller's own engines: wait until its restart is over
+            rc.wait_for_engines(2, 60)
+        done.set()
+        asker.join()
+        out["longest_request_s"] = max(stalls)
         out["killed"] = killed
         out["ids_after"] = rc.ids
     return out
@@ -76,4 +95,4 @@ if __name__ == "__main__":
     if sys.argv[1] == "bench":
         print(json.dumps(bench(sys.argv[2], int(sys.argv[3]))))
     else:
-        print(json.dumps(scenario(sys.argv[1], sys.argv[2])))
+        print(json.dumps(scenario(sys.argv[1], sys.argv[2], sys.argv[3:] == ["restarted"])))

@@ -13,7 +13,9 @@ import logging
 import os
 import signal
 import sys
+import threading
 import uuid
+from collections import deque
 from typing import Any
 
 import zmq
@@ -161,6 +163,8 @@ class EngineLauncher:
         self._controls: dict[int, Any] = {}
         # What the restarters' callbacks saw during one poll: (engine id, reason, fate).
         self._seen: list[tuple[int | None, str, str]] = []
+        # Restarts of remote kernels that failed on their thread: (manager, exception).
+        self._failed: deque[tuple[EngineKernelManager, Exception]] = deque()
 
     def start(self, n: int, kernel_name: str | None = None) -> None:
         """Start ``n`` engines (from kernelspec ``kernel_name``, default this launcher's);
@@ -253,9 +257,22 @@ class EngineLauncher:
 
     def restart(self, engine_id: int) -> str | None:
         """Restart the kernel of ``engine_id`` now (KernelManager.restart_kernel; for a task
-        past its walltime): the slot waits for the new kernel to register.  Returns why the
-        restart failed (the slot is then down), or None."""
+        past its walltime, or a hung engine): the slot waits for the new kernel to register.
+        Returns why the restart failed (the slot is then down), or None.
+
+        A kernel that is not a child process here (a remote provisioner's, e.g. over SSH) is
+        restarted on a thread of its own: that takes signals through the provisioner's
+        listener, an SSH login and the remote kernel's boot, seconds during which the
+        controller's loop would answer no one (its clients give up a controller silent for
+        10 s).  A failure then puts the slot down at the next :meth:`poll_dead`."""
         km = self._let_go(engine_id)
+        if not _local(km):
+            self.pending[km.tag] = km  # registers when it is up, as for a local kernel
+            km.restarts += 1
+            self.restarts += 1
+            threading.Thread(target=self._restart_remote, args=(km,), daemon=True,
+                             name=f"ipylb-restart-{km.tag}").start()
+            return None
         try:
             km.restart_kernel(now=True)
         except Exception as e:
@@ -266,11 +283,30 @@ class EngineLauncher:
         self.restarts += 1
         return None
 
+    def _restart_remote(self, km: EngineKernelManager) -> None:
+        try:
+            km.restart_kernel(now=True)
+        except Exception as e:
+            self._failed.append((km, e))  # the controller's loop reports it (poll_dead)
+
+    def shutdown(self, km: EngineKernelManager) -> None:
+        """Make sure a hung kernel that is not restarted is gone: at once for a child
+        process; on a thread for a remote provisioner's (signals through its listener, with
+        polls and timeouts: seconds the controller's loop must not wait)."""
+        if _local(km):
+            km.shutdown_kernel(now=True)
+        else:
+            threading.Thread(target=km.shutdown_kernel, kwargs={"now": True}, daemon=True,
+                             name=f"ipylb-shutdown-{km.tag}").start()
+
     def poll_dead(self) -> list[tuple[int | None, str, str]]:
         """Engines whose process has ended since the last call: (engine id or None if it had
         not registered yet, reason, fate).  fate: "restarting it" (the restarter is starting
         a new kernel in the slot), "down" (the restarter gave up: restart_limit reached), or
         "" (restarts are off)."""
+        while self._failed:  # remote restarts that failed on their thread
+            km, e = self._failed.popleft()
+            self._restart_failed(km, e)
         seen = self._seen
         for km in [*self.pending.values(), *self.running.values()]:
             if not _local(km):  # watched by heartbeat
