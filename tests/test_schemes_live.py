@@ -37,7 +37,8 @@ def test_scheme_runs_maps_and_dependencies(scheme_view):
 def test_pure_is_fast_path_without_dependencies():
     with ipylb.Client(engines=2, scheme="pure") as rc:
         view = rc.load_balanced_view()
-        assert rc.scheme == "pure" and rc.cluster_info["hwm"] == 1  # API.md: default 1
+        # the default hwm, "auto" since issue 14 item 2 (it was 1)
+        assert rc.scheme == "pure" and rc.cluster_info["hwm"] == "auto"
         assert view.map_sync(lambda x: -x, range(50)) == [-x for x in range(50)]
         ar = view.apply_async(lambda: 1)
         for flags in ({"after": ar}, {"follow": ar}, {"retries": 1}, {"timeout": 3}):

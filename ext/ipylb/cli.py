@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     from .client.local import SCHEMES
+    from .core.pipeline import DEFAULT_HWM
 
     fmt = HelpFormatter
     p = argparse.ArgumentParser(prog="ipylb", formatter_class=fmt)
@@ -137,10 +138,10 @@ def _parser() -> argparse.ArgumentParser:
                             "until `ipylb engine add -n K`")
     start.add_argument("--scheme", default="leastload", choices=SCHEMES,
                        help="how the scheduler picks an engine for each task")
-    start.add_argument("--hwm", type=_hwm, default=1,
-                       help="at most this many tasks outstanding per engine (0: no limit; "
-                            "auto: enough to hide the round trip, queued tasks stolen back "
-                            "for idle engines)")
+    start.add_argument("--hwm", type=_hwm, default=DEFAULT_HWM,
+                       help="tasks outstanding per engine: auto (enough to hide the round "
+                            "trip, measured; queued tasks stolen back for idle engines), or at "
+                            "most this many (1: one at a time; 0: no limit)")
     start.add_argument("--ip", default="127.0.0.1",
                        help="address the controller listens on (127.0.0.1: this machine only; "
                             "0.0.0.0: every interface, for engines and clients on other hosts)")

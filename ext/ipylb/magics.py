@@ -89,6 +89,10 @@ class LbMagics(Magics):
     @argument("--scheme", default="leastload",
               help="load-balancing scheme: leastload (the default), lru, plainrandom, twobin, "
                    "weighted, pure")
+    @argument("--hwm", default=None,
+              help="tasks outstanding per engine: auto (the default: enough to hide the round "
+                   "trip, queued tasks stolen back for idle engines), or at most this many "
+                   "(1: one at a time; 0: no limit)")
     @argument("-o", "--out", metavar="NAME",
               help="also bind the magics' ipylb.Client to NAME (for rc.queue_status() etc.)")
     @line_magic
@@ -101,7 +105,7 @@ class LbMagics(Magics):
                   "nothing changed. `%lb_stop` it first to start another.")
             return
         try:
-            client = Client(engines=args.engines, scheme=args.scheme)
+            client = Client(engines=args.engines, scheme=args.scheme, hwm=args.hwm)
         except ValueError as e:
             raise UsageError(str(e).replace("engines must", "-n must", 1)) from None
         self._adopt(client, owned=True)

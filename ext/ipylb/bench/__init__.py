@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..cli import HelpFormatter
+from ..core.pipeline import DEFAULT_HWM
 
 # What each mode reads; any other option given with it would be ignored, so it is refused.
 _MODES = {
@@ -34,7 +35,7 @@ def parser() -> argparse.ArgumentParser:
                    help="N real engine kernels: start-up seconds, a --tasks map, controller RSS")
     p.add_argument("--tasks", type=int, default=8000, help="tasks of the --kernels map")
     p.add_argument("--chart", default="schemes.png", help="where --schemes writes its PNG chart")
-    p.add_argument("--hwm", default="1",
+    p.add_argument("--hwm", default=str(DEFAULT_HWM),  # the clusters' own default
                    help="comma-separated hwm of the ipylb clusters (ints, auto), each measured in "
                         "the same alternating rounds; with --schemes, leastload's")
     return p

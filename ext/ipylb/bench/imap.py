@@ -1,6 +1,6 @@
 """imap against map_async over the same no-op items: client peak memory and throughput.
 
-    python -m ipylb.bench.imap --items 1000000 [--engines 2] [--scheme leastload --hwm 1]
+    python -m ipylb.bench.imap --items 1000000 [--engines 2] [--scheme leastload --hwm auto]
         [--rounds 1] [--modes imap,map_async]
 
 Each measurement runs in a fresh client process (so its peak RSS, ``ru_maxrss``, is
@@ -20,6 +20,8 @@ import statistics
 import subprocess
 import sys
 import time
+
+from ..core.pipeline import DEFAULT_HWM, parse_hwm
 
 PROFILE = f"bench-imap-{os.getpid()}"
 
@@ -58,7 +60,7 @@ def _ipylb(*args: str) -> None:
         raise RuntimeError(f"ipylb {' '.join(args)} failed: {done.stderr.strip()}")
 
 
-def measure(mode: str, items: int, engines: int, scheme: str, hwm: int) -> dict:
+def measure(mode: str, items: int, engines: int, scheme: str, hwm: int | str) -> dict:
     """Start a cluster, run one child measurement against it, stop the cluster."""
     _ipylb("cluster", "start", "-n", str(engines), "--scheme", scheme, "--hwm", str(hwm),
            "--profile", PROFILE, "--daemon")
@@ -81,7 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--items", type=int, default=1_000_000, help="items per run (default 1000000)")
     p.add_argument("--engines", type=int, default=2, help="engines (default 2)")
     p.add_argument("--scheme", default="leastload", help="cluster scheme (default leastload)")
-    p.add_argument("--hwm", type=int, default=1, help="cluster hwm (default 1)")
+    p.add_argument("--hwm", type=parse_hwm, default=DEFAULT_HWM,
+                   help=f"cluster hwm (default {DEFAULT_HWM})")
     p.add_argument("--rounds", type=int, default=1, help="alternating rounds (default 1)")
     p.add_argument("--modes", default="imap,map_async", help="default imap,map_async")
     p.add_argument("--child", help=argparse.SUPPRESS)

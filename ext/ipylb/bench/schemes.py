@@ -15,6 +15,7 @@ import statistics
 import time
 from typing import Any
 
+from ..core.pipeline import DEFAULT_HWM
 from .farm import Farm, Ipylb, Ipyparallel, quiet
 from .workloads import noop, sleep
 
@@ -73,14 +74,16 @@ def measure(farm: Farm, engines: int, tasks: list[float]) -> tuple[float, float]
 def main(rounds: int = 3, engines: int = 2, reference: bool = True, chart: str = "schemes.png",
          hwms: list[int | str] | None = None) -> None:
     """Run every scheme ``rounds`` times; print medians; write the chart.  ``hwms``: leastload
-    runs once per value (default [1]), side by side in the same rounds."""
+    runs once per value (default: the clusters' default hwm), side by side in the same
+    rounds; the other schemes run at the default hwm (pure at 0)."""
     tasks = durations()
     farms: list[Farm] = []
     for s in SCHEMES:
         if s == "leastload":
-            for h in hwms or [1]:
+            for h in hwms or [DEFAULT_HWM]:
                 f = Ipylb(scheme=s, hwm=h)
-                f.name = f"ipylb {s}" + ("" if h == 1 else f" hwm={h}")
+                f.name = f"ipylb {s}" + ("" if hwms is None or hwms == [DEFAULT_HWM]
+                                         else f" hwm={h}")
                 farms.append(f)
         else:  # pure as it is meant to be used for throughput: with no pipeline limit (hwm=0)
             f = Ipylb(scheme=s, hwm=0 if s == "pure" else None)

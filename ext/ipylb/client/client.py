@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import connection, limits, wire
+from ..core.pipeline import DEFAULT_HWM
 from ..error import ClientClosed, ControllerGone, NoCluster
 from .asyncresult import AsyncResult, wait_seconds
 from .link import LOCAL_URLS, Link
@@ -66,8 +67,10 @@ class Client(Submitting, Link, TaskRecords):
         restart: bool | tuple[int, float] | None = None,
         kernel: str | None = None,
     ) -> None:
-        """``scheme`` (default leastload), ``hwm`` (default 1; ``"auto"``: see README
-        "Pipelining"), ``heartbeat_timeout``
+        """``scheme`` (default leastload), ``hwm`` (tasks outstanding per engine: default
+        ``"auto"``, as many as hide the round trip, measured, with queued tasks stolen back
+        for idle engines (README "Pipelining"); an int >= 1: at most that many; 0: no limit;
+        ValueError otherwise), ``heartbeat_timeout``
         (default 10 s) and ``restart`` configure the cluster ``engines=N`` starts; a running
         cluster has its own, set by ``ipylb cluster start``.  ``restart``: True (the default:
         an engine whose kernel dies is restarted through jupyter_client's KernelRestarter, a
@@ -91,7 +94,8 @@ class Client(Submitting, Link, TaskRecords):
             if hint:
                 warnings.warn(hint, RuntimeWarning, stacklevel=2)
             progress = limits.StartProgress(engines)  # its clock starts with the cluster's
-            self._local = LocalCluster(engines, scheme or "leastload", 1 if hwm is None else hwm,
+            self._local = LocalCluster(engines, scheme or "leastload",
+                                       DEFAULT_HWM if hwm is None else hwm,
                                        10.0 if heartbeat_timeout is None else heartbeat_timeout,
                                        restart=True if restart is None else restart,
                                        kernel=kernel)

@@ -23,6 +23,7 @@ from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
 from .. import connection, limits, shm
 from ..connection import KERNEL_NAME
+from ..core.pipeline import DEFAULT_HWM, parse_hwm
 
 SCHEMES = ("leastload", "lru", "plainrandom", "twobin", "weighted", "pure")
 # How long a new controller has to say it is ready (it launches engines, it does not wait for them).
@@ -100,15 +101,14 @@ def _restart_policy(restart: object) -> list[str]:
 class LocalCluster:
     """A controller child process plus its engines, owned by one client."""
 
-    def __init__(self, engines: int, scheme: str = "leastload", hwm: int | str = 1,
+    def __init__(self, engines: int, scheme: str = "leastload", hwm: int | str = DEFAULT_HWM,
                  heartbeat_timeout: float = 10.0,
                  restart: bool | tuple[int, float] = True, kernel: str | None = None) -> None:
         # The caller has shown its warning, if any; 0: engines join later (the swarm bench).
         limits.check_engine_count(engines, minimum=0)
         if scheme not in SCHEMES:
             raise ValueError(f"unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
-        if hwm != "auto" and (not isinstance(hwm, int) or isinstance(hwm, bool) or hwm < 0):
-            raise ValueError(f"hwm must be an int >= 0 (0: no limit) or 'auto', got {hwm!r}")
+        hwm = parse_hwm(hwm)  # ValueError that says what is allowed
         policy = _restart_policy(restart)
         check_kernelspec(kernel)
         self.connection_file: Path = (

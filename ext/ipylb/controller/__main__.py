@@ -17,7 +17,7 @@ import zmq
 
 from .. import connection, limits, wire
 from ..connection import KERNEL_NAME
-from ..core.pipeline import parse_hwm
+from ..core.pipeline import DEFAULT_HWM, parse_hwm
 from ..error import NoCluster
 from .gcpolicy import GCPolicy
 from .hub import FORGET_AFTER_S, MAX_FRAME_BYTES, Controller, stop_on_signals
@@ -31,9 +31,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--connection-file", required=True)
     p.add_argument("--engines", "-n", type=int, default=0)
     p.add_argument("--scheme", default="leastload")
-    p.add_argument("--hwm", type=parse_hwm, default=1,
+    p.add_argument("--hwm", type=parse_hwm, default=DEFAULT_HWM,
                    help="max outstanding tasks per engine, 0: no limit, auto: adaptive with "
-                        "stealing (default 1)")
+                        f"stealing (default {DEFAULT_HWM})")
     p.add_argument("--ip", default="127.0.0.1")
     p.add_argument("--location", default=None,
                    help="host name or address other hosts reach this one at (default: "

@@ -32,6 +32,7 @@ import zmq
 
 from .. import compat, connection, shm, wire
 from ..core import events as ev
+from ..core.pipeline import DEFAULT_HWM
 from ..core.scheduler import Scheduler
 from .activity import Activity
 from .clients import ClientTraffic
@@ -70,7 +71,7 @@ class Controller(ClientTraffic, EngineTraffic, Dispatch, LiveOutput, Housekeepin
         key: bytes,
         ip: str = "127.0.0.1",
         scheme: str = "leastload",
-        hwm: int | str = 1,
+        hwm: int | str = DEFAULT_HWM,
         launcher: EngineLauncher | None = None,
         parent_pid: int | None = None,
         heartbeat_timeout: float = 10.0,

@@ -62,9 +62,15 @@ from typing import Any
 from .events import ABORTED, Assign, Cancel, Command, Steal, StealAnswered
 from .task import ASSIGNED, Engine, Task, by_key, unrestricted
 
-__all__ = ["AUTO", "MAX_DEPTH", "Pipe", "Pipelining", "depth_for", "parse_hwm"]
+__all__ = ["AUTO", "DEFAULT_HWM", "MAX_DEPTH", "Pipe", "Pipelining", "depth_for", "parse_hwm"]
 
 AUTO = "auto"
+# The hwm of a cluster started without one: Client(engines=N), %lb_start, `ipylb cluster
+# start`, the controller, `ipylb bench` (issue 14 item 2: the adaptive pipeline became the
+# default once its makespan and API.md's "never queued behind a running task while another
+# engine is idle" held; hwm=1 stays available).  The core's Scheduler keeps hwm=1 as its
+# own default: that is the shell's choice to make.
+DEFAULT_HWM: int | str = AUTO
 START_DEPTH = 1  # slow start: nothing pipelined before the round trip is measured
 MAX_DEPTH = 16  # tasks outstanding per engine at most (trivial tasks)
 ALPHA = 0.2  # EWMA weight of a new sample
