@@ -19,6 +19,7 @@ from ipylb.core.free import FreeEngines
 class Eng:
     def __init__(self, i: int, key: int) -> None:
         self.id, self.key, self.load, self.alive, self.pos = i, key, 0, True, -1
+        self.held = False  # (hwm="auto": held engines are never free)
 
     def __repr__(self) -> str:
         return f"<{self.id} load={self.load} key={self.key}>"

@@ -34,8 +34,10 @@ from ipylb.core.events import (
     StealAnswered,
     TaskDone,
     TaskSubmitted,
+    TaskUnmet,
+    Tick,
 )
-from ipylb.core.pipeline import EVERY, MAX_DEPTH, START_DEPTH, depth_for, parse_hwm
+from ipylb.core.pipeline import EVERY, MAX_DEPTH, MIN_HOLD, START_DEPTH, depth_for, parse_hwm
 from ipylb.core.scheduler import Scheduler
 
 
@@ -271,6 +273,71 @@ def test_after_dependencies_and_retries_survive_a_steal():
     assert c.s._tasks["q"].retries == 1  # a steal uses no retry
 
 
+# ---------------------------------------------------------------------------- holding
+
+
+def test_a_long_running_task_holds_its_engine_and_what_waits_behind_it_goes_back():
+    """Once a running task has run for the hold time its engine takes nothing more, and
+    the task queued behind it waits in the controller (unassigned), as with hwm=1."""
+    c = auto(2)
+    assert c.run("long") == 0 and c.run("x") == 1
+    assert c.submit("q") == [Assign("q", 0)]  # behind long (both engines at load 1)
+    assert c.s.next_deadline() == pytest.approx(MIN_HOLD)  # no measurement: the floor
+    assert c.tick(MIN_HOLD / 2) == []
+    assert c.tick(MIN_HOLD) == [Steal("q", 0)]  # both held; q asked back
+    assert c.s.pipeline_status()["holds"] == 2 and c.s.next_deadline() is None
+    assert answer(c, "q", 0, True) == []  # back in the controller: no engine takes tasks
+    assert c.s.queue_status() == {0: {"queue": 0, "completed": 0, "tasks": 1},
+                                  1: {"queue": 0, "completed": 0, "tasks": 1}, "unassigned": 1}
+    assert c.submit("new") == []
+    assert c.s.story("q")[-1][3] == "recalled from held engine 0"
+    assert c.submit("f", targets=[1]) == []  # constrained placement skips held engines too
+    assert done(c, "x", 1) == [Deliver("x"), Assign("q", 1), Assign("new", 1)]  # unheld
+    assert c.s.next_deadline() == pytest.approx(2 * MIN_HOLD)  # engine 1's new running task
+    assert done(c, "long", 0) == [Deliver("long"), Steal("new", 1)]  # (f may only use 1)
+    assert answer(c, "new", 1, True) == [Assign("new", 0), Assign("f", 1)]
+    assert done(c, "q", 1) == [Deliver("q")]
+    assert c.s.pipeline_status()["stolen"] == 2
+
+
+def test_a_too_late_recall_leaves_the_task_and_its_engine_is_checked_again():
+    c = auto(1)
+    c.run("a")
+    c.run("b")
+    assert c.tick(MIN_HOLD) == [Steal("b", 0)]
+    assert answer(c, "b", 0, False) == []  # a had ended there: b runs
+    assert done(c, "a", 0) == [Deliver("a")]  # unheld, b running: timed from now
+    assert c.s.next_deadline() == pytest.approx(2 * MIN_HOLD)
+    assert c.run("c") == 0 and c.tick(2 * MIN_HOLD) == [Steal("c", 0)]
+
+
+def test_a_refused_running_task_unholds_its_engine():
+    c = auto(1)
+    c.run("a")
+    c.tick(MIN_HOLD)
+    assert c(TaskUnmet("a", 0, c.now)) == [Assign("a", 0)] or c.state("a") == "failed"
+    c2 = auto(2)
+    c2.run("a")
+    c2.run("b")
+    c2.tick(MIN_HOLD)
+    assert c2.submit("w") == []  # both held
+    out = c2(TaskUnmet("a", 0, c2.now))  # engine 0 is free again: a (refused there) waits
+    assert out == [Assign("w", 0)]
+
+
+def test_the_hold_time_follows_the_measurements():
+    c = Core(1, hwm="auto")
+    probes(c, 16, 0.005, 0.2)  # 200 ms tasks, 5 ms round trip: held after 4 task times
+    assert c.s._pipe.hold_time() == pytest.approx(0.8, rel=0.05)
+    assert c.run("a") == 0
+    due = c.now + c.s._pipe.hold_time()
+    while (d := c.s.next_deadline()) < due - 1e-9:  # an earlier timer is re-armed lazily
+        assert c.tick(d) == []
+    assert d == pytest.approx(due)
+    assert c.submit("b") == [Assign("b", 0)]  # depth 2 (1 + ceil(5 ms / 200 ms)): behind a
+    assert c.tick(due) == [Steal("b", 0)]  # a has run 4 task times: its engine is held
+
+
 def test_fixed_hwm_never_steals():
     c = Core(2, hwm=2)
     setup_long_and_shorts(c)
@@ -370,6 +437,11 @@ class Sim:
         for when, tid in aborts:
             self.at(when, ("abort", None, tid))
         while self.q:
+            due = self.core.next_deadline()  # the shell's Ticks (hold timers)
+            if due is not None and due < self.q[0][0]:
+                self.now = max(due, self.now)
+                self.feed(Tick(self.now))
+                continue
             t, _, (kind, e, tid) = heapq.heappop(self.q)
             assert t < until, "the simulation does not end"
             self.now = t

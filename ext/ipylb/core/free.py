@@ -30,7 +30,8 @@ when it reaches the top; the heap is rebuilt from the live engines when stale
 entries outnumber them, so its size stays O(engines).
 
 Engines are the scheduler's ``_Engine`` records; this module reads their
-``alive``, ``load`` and ``key`` and owns their ``pos`` (index in the free list, -1
+``alive``, ``load``, ``key`` and ``held`` (hwm="auto": not free while held, see
+:mod:`.pipeline`) and owns their ``pos`` (index in the free list, -1
 when not listed).  Pure: no I/O, no clock.
 """
 
@@ -85,7 +86,7 @@ class FreeEngines:
 
     def update(self, e: Any) -> None:
         """Engine ``e``'s load, key or registration changed: index it again."""
-        free = e.alive and e.load < self.cap
+        free = e.alive and e.load < self.cap and not e.held
         if self._heap is not None:
             if free:
                 h = self._heap
@@ -130,7 +131,7 @@ class FreeEngines:
         by_load = self._by_load
         while h:
             first, key, _, e = h[0]
-            if (e.alive and e.load < cap and e.key == key
+            if (e.alive and e.load < cap and e.key == key and not e.held
                     and (not by_load or e.load == first)):
                 return e
             heapq.heappop(h)
@@ -142,7 +143,7 @@ class FreeEngines:
         fresh = []
         for entry in self._heap:  # type: ignore[union-attr]
             e = entry[-1]
-            if e.alive and e.load < cap and id(e) not in seen:
+            if e.alive and e.load < cap and not e.held and id(e) not in seen:
                 seen.add(id(e))
                 fresh.append(self._entry(e))
         heapq.heapify(fresh)
@@ -254,7 +255,7 @@ class FreeEngines:
         keys = [e.key for e in engines]
         if keys != sorted(keys) or len(set(keys)) != len(keys):
             return f"LRU keys {keys} do not follow the LRU order"
-        free = [e for e in engines if e.load < self.cap]
+        free = [e for e in engines if e.load < self.cap and not e.held]
         if self._heap is not None:
             top = self._pick_min(random.Random(0))
             want = (min(free, key=lambda e: (e.load, e.key) if self._by_load else e.key)

@@ -44,6 +44,18 @@ so a lost request or answer costs only the steal, never the task: if the busy en
 dies meanwhile, the task is re-queued as any task queued behind a dead engine's
 running one.  One request per idle engine is out at a time.
 
+Holding.  Queueing a task behind a running one pays only if that one ends soon.  An
+engine whose running task has run for ``hold_time = max(HOLD * max(task_time, rtt),
+MIN_HOLD)`` seconds (timed from when the controller saw it become the engine's running
+task) is *held*: it takes no task until that one ends, and the tasks queued behind it
+are asked back (a Steal with no thief; "cancelled" puts the task back in the
+controller's queue, no retry used, for whichever engine frees first; "too late": it
+had started after all).  So, as with ``hwm=1``, what waits for a long task waits in the
+controller (``queue_status()["unassigned"]``), and the pipeline holds only tasks due to
+start within a few task times.  The shell learns when to look from
+:meth:`~ipylb.core.scheduler.Scheduler.next_deadline` (a Tick then): one timer per busy
+engine, re-armed lazily, so its cost does not grow with the tasks.
+
 Aborts.  A task aborted while it waits, queued, on an engine is asked back the same
 way (a Steal with no thief): "cancelled" fails it ABORTED at once (it never ran; its
 slot is free without waiting for the running task); "too late" sends the engine a
@@ -56,6 +68,7 @@ Pure: no clock, no I/O; time comes with the events.  The state lives in
 
 from __future__ import annotations
 
+import heapq
 import math
 from typing import Any
 
@@ -74,6 +87,8 @@ DEFAULT_HWM: int | str = AUTO
 START_DEPTH = 1  # slow start: nothing pipelined before the round trip is measured
 MAX_DEPTH = 16  # tasks outstanding per engine at most (trivial tasks)
 ALPHA = 0.2  # EWMA weight of a new sample
+HOLD = 4  # a running task is long once it has run this many task times (or round trips)
+MIN_HOLD = 0.1  # ... and at least this many seconds
 EVERY = 8  # samples between two recomputations of the depth
 NEGLIGIBLE = 0.01  # a round trip under 1% of the task time is not worth a queued task
 
@@ -108,7 +123,8 @@ class Pipe:
     """The measurements and the steal bookkeeping of ``hwm="auto"``."""
 
     __slots__ = ("rtt", "task_time", "samples", "depth", "new_depth", "probes", "stealing",
-                 "thieves", "late", "idle", "loaded", "dirty", "steals", "stolen")
+                 "thieves", "late", "idle", "loaded", "dirty", "steals", "stolen", "since",
+                 "timers", "timed", "holds")
 
     def __init__(self) -> None:
         self.rtt: float | None = None  # EWMA, seconds
@@ -127,6 +143,15 @@ class Pipe:
         self.dirty = False  # an engine became idle, or free to steal for again
         self.steals = 0  # requests sent
         self.stolen = 0  # ... answered "cancelled"
+        self.since: dict[Engine, float] = {}  # when its running task became its running one
+        self.timers: list[tuple[float, int, Engine]] = []  # (when, tie, engine): hold checks
+        self.timed: set[Engine] = set()  # busy engines with a timer in ``timers``
+        self.holds = 0  # engines held so far
+
+    def hold_time(self) -> float:
+        """Seconds a running task may run before its engine is held."""
+        longest = max(self.task_time or 0.0, self.rtt or 0.0)
+        return max(HOLD * longest, MIN_HOLD)
 
     def became_idle(self, e: Engine) -> None:
         self.idle.add(e)
@@ -149,7 +174,7 @@ class Pipe:
     def status(self) -> dict[str, Any]:
         """The pipeline's state for monitoring (seconds)."""
         return {"depth": self.depth, "rtt": self.rtt, "task_time": self.task_time,
-                "steals": self.steals, "stolen": self.stolen}
+                "steals": self.steals, "stolen": self.stolen, "holds": self.holds}
 
 
 class Pipelining:
@@ -175,6 +200,15 @@ class Pipelining:
         if ran is not None and ran >= 0:
             p.sample(ran, rtt)
 
+    def _pipe_next_head(self, e: Engine) -> None:
+        """``e``'s running task left it (ended, refused) with more queued: the next one
+        starts now; its engine's hold timer runs (it stopped if the engine was held)."""
+        p: Pipe = self._pipe  # type: ignore[assignment]
+        now = p.since[e] = self._now
+        if e not in p.timed:
+            p.timed.add(e)
+            heapq.heappush(p.timers, (now + p.hold_time(), id(e), e))
+
     def _pipe_unsteal(self, t: Task) -> None:
         p: Pipe = self._pipe  # type: ignore[assignment]
         rec = p.stealing.pop(t, None)
@@ -187,6 +221,8 @@ class Pipelining:
         by the caller); a steal for it still places the task once answered."""
         p: Pipe = self._pipe  # type: ignore[assignment]
         p.probes.pop(e, None)
+        p.since.pop(e, None)
+        p.timed.discard(e)  # (its timer is dropped when it comes due)
         p.idle.discard(e)
         p.loaded.discard(e)
         p.thieves.discard(e)  # its requests stand: the answer places the task elsewhere
@@ -230,7 +266,8 @@ class Pipelining:
             self._fail(t, ABORTED, f"task {t.id} was aborted before it ran", out,
                        why=f"{t.id} was aborted")
             return
-        self._requeue(t, f"stolen back from engine {victim.id}")
+        self._requeue(t, f"stolen back from engine {victim.id}" if thief is not None else
+                      f"recalled from held engine {victim.id}")
         if thief is not None and thief.alive and thief.load < self._cap and (x is None or unrestricted(x)
                                                        or self._eligible(t, thief)):
             self._assign(t, thief, out)
@@ -267,7 +304,12 @@ class Pipelining:
                 e = engines.get(c.engine_id)
                 if e is None:
                     continue
-                idle.discard(e)
+                if e in idle:  # busy again: its first task starts now
+                    idle.discard(e)
+                    p.since[e] = now
+                    if e not in p.timed:  # check on its running task later
+                        p.timed.add(e)
+                        heapq.heappush(p.timers, (now + p.hold_time(), id(e), e))
                 if e.load == 1:
                     p.probes[e] = (e.queue[0], now)
                 else:
@@ -296,6 +338,43 @@ class Pipelining:
                                         f"{thief.id}, asked engine {victim.id}", now))
                     out.append(Steal(t.id, victim.id))
                     break
+
+    def _expire_holds(self, now: float, out: list[Command]) -> None:
+        """The due hold timers: an engine whose running task has run for the hold time is
+        held and its queued tasks asked back; a busy one whose running task is younger gets
+        its timer again; an idle or gone one loses it (the next assignment re-arms it)."""
+        p: Pipe = self._pipe  # type: ignore[assignment]
+        timers = p.timers
+        hold = p.hold_time()
+        while timers and timers[0][0] <= now:
+            _, _, e = heapq.heappop(timers)
+            if not e.alive or not e.load or e.held:
+                p.timed.discard(e)
+                continue
+            due = p.since.get(e, now) + hold
+            if due > now:
+                heapq.heappush(timers, (due, id(e), e))
+                continue
+            p.timed.discard(e)
+            e.held = True
+            p.holds += 1
+            self._free.update(e)
+            head = e.queue[0]
+            self._story.append((head.id, ASSIGNED, ASSIGNED, f"has run {now - p.since[e]:.3g} s "
+                                f"on engine {e.id}: the engine takes nothing more until it ends",
+                                now))
+            for i in range(1, e.load):
+                t = e.queue[i]
+                if t in p.stealing or p.late.get(t) is e:
+                    continue
+                x = t.x
+                if x is not None and (x.aborted or x.started is not None):
+                    continue
+                p.stealing[t] = (e, None)
+                p.steals += 1
+                self._story.append((t.id, ASSIGNED, ASSIGNED, f"recall: asked held engine "
+                                    f"{e.id} for it back", now))
+                out.append(Steal(t.id, e.id))
 
     def _stealable(self, victim: Engine, thief: Engine) -> Task | None:
         """The oldest task queued on ``victim`` behind its running one that ``thief`` may

@@ -155,7 +155,7 @@ class Placement:
                 self._assign(t, e, out)
             return
         cap = self._cap
-        free = [e for e in self._candidates(t) if e.load < cap]
+        free = [e for e in self._candidates(t) if e.load < cap and not e.held]
         if free:
             self._assign(t, self._choose(free), out)
 
@@ -170,7 +170,7 @@ class Placement:
             return
         cands = self._candidates(t)
         cap = self._cap
-        free = [e for e in cands if e.load < cap]
+        free = [e for e in cands if e.load < cap and not e.held]
         if free:
             self._assign(t, self._choose(free), out)
         else:
@@ -223,9 +223,10 @@ class Placement:
         return True
 
     def _fill(self, e: Engine, out: list[Command]) -> None:
-        """Engine ``e`` has free slots: give it the oldest eligible ready tasks."""
+        """Engine ``e`` has free slots: give it the oldest eligible ready tasks (none while it
+        is held: hwm="auto", :mod:`.pipeline`)."""
         cap = self._cap
-        while e.load < cap:
+        while e.load < cap and not e.held:
             t = self._next_for(e)
             if t is None:
                 return
@@ -280,6 +281,10 @@ class Placement:
         q = e.queue
         if q[0] is t:
             q.popleft()
+            if e.held:  # its long task is over: it takes tasks again
+                e.held = False
+            if q and self._pipe is not None:
+                self._pipe_next_head(e)
         else:
             q.remove(t)
         if e.load == self._cap:

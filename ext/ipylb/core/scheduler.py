@@ -252,18 +252,22 @@ class Scheduler(Placement, Dependencies, Failures, Deadlines, Pipelining, Valida
             self._expire_walltimes(now, out)
             if self._fresh or self._freed:
                 self._settle(out)
+        p = self._pipe
+        if p is not None and p.timers and p.timers[0][0] <= now:
+            self._expire_holds(now, out)
         handler(event, out)
         if self._fresh or self._freed:
             self._settle(out)
-        if self._pipe is not None:
+        if p is not None:
             self._pipe_settle(out)
         if self._validate:
             self.validate()
         return out
 
     def next_deadline(self) -> float | None:
-        """The earliest time a waiting task times out or a running one reaches its walltime
-        or grace period (send a Tick then), or None."""
+        """The earliest time a waiting task times out, a running one reaches its walltime or
+        grace period, or (hwm="auto") an engine's hold timer is due (send a Tick then), or
+        None."""
         dl = self._deadlines
         first = None
         while dl:
@@ -274,7 +278,10 @@ class Scheduler(Placement, Dependencies, Failures, Deadlines, Pipelining, Valida
             heapq.heappop(dl)
         wt = self._walltimes.next(wt_live)
         if wt is not None and (first is None or wt < first):
-            return wt
+            first = wt
+        p = self._pipe
+        if p is not None and p.timers and (first is None or p.timers[0][0] < first):
+            return p.timers[0][0]  # (a Tick then clears every timer due)
         return first
 
     def queue_status(self, verbose: bool = False) -> dict[Any, Any]:

@@ -30,7 +30,7 @@ class Engine:
     """One registered engine: its FIFO of outstanding tasks and its private queue."""
 
     __slots__ = ("id", "alive", "load", "completed", "queue", "heap", "followers",
-                 "key", "pos")
+                 "key", "pos", "held")
 
     def __init__(self, engine_id: int) -> None:
         self.id = engine_id
@@ -42,6 +42,8 @@ class Engine:
         self.followers: set[Task] = set()  # unfinished tasks whose follow deps ran here
         self.key = 0  # LRU key: lower = assigned longer ago (see .free)
         self.pos = -1  # owned by the FreeEngines index
+        # hwm="auto": its running task has run long, it takes no task until that one ends
+        self.held = False
 
     def __repr__(self) -> str:
         return f"<engine {self.id} load={self.load}{'' if self.alive else ' dead'}>"

@@ -37,13 +37,18 @@ class Validation:
         if self._pipe is not None:
             idle = {e for e in self._engines.values() if not e.load}
             need(self._pipe.idle == idle, f"idle engines {self._pipe.idle} != {idle}")
+            for e in self._engines.values():  # a busy engine is held, or will be checked
+                need(not e.held or e.load >= 1, f"{e} held with nothing running")
+                need(not e.load or e.held or e in self._pipe.timed, f"{e} busy with no timer")
+        else:
+            need(not any(e.held for e in self._engines.values()), "an engine held at a fixed hwm")
         wrong = self._free.check(self._by_lru())
         need(wrong is None, f"free-engine index: {wrong}")
         plain_ids = {id(t) for t in self._plain} | {id(t) for _, t in self._plain_late}
         heap_entries = {(e.id, id(t), g) for e in self._engines.values() for _, g, t in e.heap}
         unassigned = 0
         n_assigned = 0
-        free = [e for e in self._engines.values() if e.load < cap]
+        free = [e for e in self._engines.values() if e.load < cap and not e.held]
         for t in self._tasks.values():
             s = t.state
             if s is WAITING or s is READY:
@@ -71,7 +76,7 @@ class Validation:
                     need(id(t) in plain_ids, f"{t} ready but not in the global queue")
                 else:
                     cands = self._candidates(t)
-                    need(not any(e.load < cap for e in cands),
+                    need(not any(e.load < cap and not e.held for e in cands),
                          f"{t} ready while its candidate engines {cands} have free slots")
                     for e in cands:
                         need((e.id, id(t), t.x.gen) in heap_entries, f"{t} missing from {e}'s queue")
