@@ -36,7 +36,7 @@ def test_bench_kernels_options_refused_with_a_reason(argv, said, capsys):
 
 @pytest.mark.slow
 def test_64_engine_kernels_register_and_run_an_8000_task_map():
-    # Issue 14 item 7: on this 2-core machine they register in 12.5-17 s at load 10-35 (20 s
+    # Issue 14 item 7: on this 2-core machine they register in 13-18.5 s at load 4-35 (20 s
     # is the aim; the assertion leaves room for a more loaded one); measure() checks all 64
     # registered and every result of the map.
     lines: list[str] = []
