@@ -6,7 +6,7 @@ queued task, a :class:`~ipylb.controller.records.Record` per task kept): a milli
 tasks are about three million objects the cyclic collector tracks.  CPython's default
 policy (3.11) runs a full collection each time the objects that survived younger ones grow
 by a quarter of those that survived the last full one, and every full collection walks all
-of them: with a million tasks queued, a per-event cost about 1.25x that of the same core with
+of them: with a million tasks queued, a per-event cost 1.2-1.4x that of the same core with
 the collector paused, and pauses of 0.3-1.4 s each (``ipylb bench --core``; issue 14 item 5).
 The records cannot simply be left untracked: CPython tracks every instance of a class with
 ``__slots__`` (and they hold references to one another: a task's engine, its dependents).
