@@ -31,21 +31,28 @@ def gate():
 
 
 def test_short_tasks_do_not_wait_behind_a_long_one(gate):
-    """One long task and many short ones on 2 engines: the short ones all finish while the
-    long one is held at the gate, on the other engine (the one queued behind the long task
-    at depth 2 is stolen back)."""
+    """One long task and many short ones on 2 engines, on a cluster whose pipeline has grown:
+    the short ones all finish while the long one is held at the gate, all on the other
+    engine (those queued behind the long task are taken back: stolen for the idle engine,
+    or recalled once the long one has run for the hold time)."""
     with ipylb.Client(engines=2, hwm="auto") as rc:
         assert rc.cluster_info["hwm"] == "auto"
         view = rc.load_balanced_view()
+        assert rc.controller_stats()["pipeline"]["depth"] == 1  # nothing measured yet
+        view.map_sync(abs, range(200))  # trivial tasks: the depth grows (slow start)
+        assert rc.controller_stats()["pipeline"]["depth"] >= 2
         long = view.apply_async(wait_at_gate, gate.port)
+        shorts = [view.apply_async(time.sleep, 0.01) for _ in range(20)]  # some behind long
         conn = gate.running()
-        shorts = [view.apply_async(time.sleep, 0.01) for _ in range(20)]
         for ar in shorts:
             assert ar.get(TIMEOUT) is None  # while the long one is still at the gate
         assert not long.ready()
         conn.sendall(b"go")
         assert long.get(TIMEOUT) == "go"
         assert {ar.engine_id for ar in shorts} == set(rc.ids) - {long.engine_id}
+        # long ran past the hold time (0.1 s at least) while the shorts ran: its engine was
+        # held, and whatever was queued behind it was taken back (stolen or recalled)
+        assert rc.controller_stats()["pipeline"]["holds"] >= 1
         # follow holds with auto: b runs where a ran, even with the other engine idle
         a = view.apply_async(os.getpid)
         held = rc.load_balanced_view()

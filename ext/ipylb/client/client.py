@@ -301,7 +301,13 @@ class Client(Submitting, Link, TaskRecords):
         ``messages_received`` (their sum), and ``gc``, its garbage collector's state:
         ``policy`` ("freeze survivors of full collections" for a controller started by
         ipylb, see :mod:`ipylb.controller.gcpolicy`), ``frozen`` (objects full collections
-        skip), ``full_collections``, ``thaws``, ``thaw_every_s``, ``thresholds``.
+        skip), ``full_collections``, ``thaws``, ``thaw_every_s``, ``thresholds``; and
+        ``pipeline`` (hwm="auto", README "Pipelining"; None at a fixed hwm): ``depth`` (tasks
+        each engine may hold now), ``rtt`` and ``task_time`` (the measured moving averages,
+        seconds; None until measured), ``steals`` (requests for queued tasks sent to
+        engines: for idle engines, aborts and held engines), ``stolen`` (of those, answered
+        "cancelled": the task had not started and went elsewhere), ``holds`` (times an
+        engine was held behind a long task).
         TimeoutError if the controller does not answer within ``timeout`` seconds."""
         return self._request("stats", None, timeout)
 

@@ -51,12 +51,13 @@ class Requests:
                 "records": len(self.store.records), "engines": len(self.engine_ident)}
 
     def _req_stats(self, _client: bytes, _arg: Any) -> dict[str, Any]:
-        """``rc.controller_stats()``: messages received by kind, and the process's GC policy
-        and collector state (see :meth:`ipylb.Client.controller_stats`)."""
+        """``rc.controller_stats()``: messages received by kind, the process's GC policy and
+        collector state, and the pipeline's state (see :meth:`ipylb.Client.controller_stats`)."""
         messages = {KIND_NAMES.get(kind, str(kind)): n for kind, n in sorted(self.received.items())}
         policy = GCPolicy.installed()
         gc_state = policy.stats() if policy is not None else GCPolicy.default_stats()
-        return {"messages": messages, "messages_received": sum(messages.values()), "gc": gc_state}
+        return {"messages": messages, "messages_received": sum(messages.values()), "gc": gc_state,
+                "pipeline": self.core.pipeline_status()}
 
     def _req_queue_status(self, _client: bytes, verbose: Any) -> dict[Any, Any]:
         status = self.core.queue_status(verbose=verbose is True)
