@@ -1011,21 +1011,36 @@ def test_a_task_that_breaks_what_its_engine_reads_with_leaves_no_task_unanswered
     assert view.apply_async(opens_files).get(60) == b"opened\n"
 
 
-def test_a_task_that_breaks_what_its_engine_captures_with_gets_an_answer_and_a_new_engine(lone):
+@pytest.mark.parametrize("path", ["dup2", "set_blocking"])
+def test_a_task_that_replaces_what_output_capture_uses_breaks_nothing(view, path):
     """os.dup2 = None broke the end of every task on the engine: each was answered with "could
-    not report" for good.  Now the first is, and then the engine is restarted."""
+    not report" for good; then (s17) the engine was restarted.  Capture binds them now."""
+    ar = view.apply_async(clobbers, "os", path)
+    assert ar.get(60) == "replaced"
+    with view.temp_flags(follow=ar):
+        after = view.apply_async(every_stream)
+        assert after.get(60) == (1, 2)
+        assert after.stdout == "py \u00e9\nfd\nchild\n" and after.stderr == "err\n"
+        view.apply_async(unclobbers).get(60)
+    assert after.engine_id == ar.engine_id
 
-    def breaks_dup2():
-        import os
 
-        os.dup2 = None
+def test_a_task_that_breaks_what_its_engine_captures_with_gets_an_answer_and_a_new_engine(lone):
+    """What ends a task's capture broken (here ipylb's own: the pipes' byte sinks): every task
+    on the engine was answered "could not report", for good.  Now the first is, and then the
+    engine is restarted."""
+
+    def breaks_capture():
+        from ipylb.engine import capture
+
+        capture._Sink.take = None
         return "broken"
 
     view = lone.load_balanced_view()
     old = lone.ids[0]
     with pytest.raises(RemoteError, match="the engine could not report the outcome of task .*; "
                        "the engine is restarted"):
-        view.apply_async(breaks_dup2).get(60)
+        view.apply_async(breaks_capture).get(60)
     new_engine(lone, old)
     assert view.apply_async(every_stream).get(60) == (1, 2)
 

@@ -49,8 +49,10 @@ _CHUNK = 65536
 _BATCH_S = 0.005
 _BAD = select.POLLERR | select.POLLNVAL
 # Bound now: a task that patches os or time (``time.sleep = None``) must not stop the reader
-# thread (a task printing more than the pipe holds would then block for good).
+# thread (a task printing more than the pipe holds would then block for good), nor the end
+# of every later task (``os.dup2 = None``).
 _read, _write, _sleep = os.read, os.write, time.sleep
+_dup2, _set_blocking, _ioctl = os.dup2, os.set_blocking, fcntl.ioctl
 
 
 class TaskStream(io.TextIOWrapper):
@@ -201,7 +203,7 @@ def live_text(data: bytes | bytearray, start: int, limit: int,
 
 def _pending(fd: int) -> int:
     """Bytes waiting in a pipe."""
-    return int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"), sys.byteorder)
+    return int.from_bytes(_ioctl(fd, termios.FIONREAD, b"\0\0\0\0"), sys.byteorder)
 
 
 class Capture:
@@ -335,14 +337,14 @@ class Capture:
                 broken = True
         if not broken:  # fds 1 and 2 are our pipes again, whatever the task did to them
             try:
-                os.dup2(self._writes[0], 1)
-                os.dup2(self._writes[1], 2)
+                _dup2(self._writes[0], 1)
+                _dup2(self._writes[1], 2)
                 # and blocking: O_NONBLOCK a task set on them (os.set_blocking(1, False),
                 # asyncio's connect_write_pipe(sys.stdout)) is the pipes' own, and made a
                 # later task's print of more than the pipe holds fail with BlockingIOError.
                 # One F_GETFL each when unchanged.
-                os.set_blocking(self._writes[0], True)
-                os.set_blocking(self._writes[1], True)
+                _set_blocking(self._writes[0], True)
+                _set_blocking(self._writes[1], True)
             except OSError:
                 broken = True
         if broken:
