@@ -453,3 +453,56 @@ def test_lb_walltime_interrupts_the_cell(lb):
     assert type(r.error_in_exec).__name__ == "WalltimeExceeded", r.error_in_exec
     assert "walltime of 1s" in str(r.error_in_exec)
     assert ok(lb, "%%lb --walltime 5\n6 * 7") == 42
+
+
+def held_then_python(port):
+    """Wait for the test's word, then run Python bytecode: a SIGINT that reached the engine
+    while it waited in recv (on another thread: recv went on) is raised here."""
+    import socket
+
+    word = socket.create_connection(("127.0.0.1", port)).recv(64)
+    for _ in range(100_000):
+        pass
+    return word
+
+
+def test_lb_interrupt_stops_only_the_magics_task_not_the_one_in_front(shell, capsys):
+    """An engine may hold a cell's task queued behind a task it runs for another client
+    (hwm > 1 or "auto"): %lb_interrupt interrupted that engine, so the other client's task
+    failed with KeyboardInterrupt and the cell's ran anyway.  Now the engine is told which
+    task: the one in front goes on; the cell's, once it runs, is the one interrupted."""
+    from test_pending import Gate
+
+    gate = Gate()
+    rc = ipylb.Client(engines=1, hwm=2)  # one engine: the cell's task queues behind
+    try:
+        other = ipylb.Client(rc._local.connection_file)
+        front = other.load_balanced_view().apply_async(held_then_python, gate.port)
+        conn = gate.running()  # the other client's task runs on the only engine
+        shell.user_ns["rc"] = rc
+        ok(shell, "%lb_use rc")
+        ok(shell, f"%%lb --noblock -o queued\nimport socket\n"
+                  f"socket.create_connection(('127.0.0.1', {gate.port})).recv(64)")
+        queued = shell.user_ns["queued"]
+        deadline = time.monotonic() + 30
+        while rc.queue_status()[rc.ids[0]]["queue"] < 1:  # queued behind the running one
+            assert time.monotonic() < deadline, rc.queue_status()
+            time.sleep(0.01)
+        ok(shell, "%lb_interrupt")
+        capsys.readouterr()
+        conn.sendall(b"front")  # the task in front was not interrupted: it ends as it would
+        assert front.get(30) == b"front"
+        gate.running()  # the cell's task runs now
+        ok(shell, "%lb_interrupt")
+        assert re.search(r"interrupted engine\(s\) \d+, where 1 unfinished task\(s\) of the magics",
+                         capsys.readouterr().out)
+        with pytest.raises(RemoteError, match="KeyboardInterrupt"):
+            queued.get(30)
+        assert rc.load_balanced_view().apply_sync(lambda: 6 * 7) == 42  # the engine serves on
+        with pytest.raises(ValueError, match="engine_ids or jobs"):
+            rc.interrupt([0], jobs=queued)
+        other.close()
+    finally:
+        ok(shell, "%lb_stop")
+        gate.close()
+        rc.shutdown()

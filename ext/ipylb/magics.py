@@ -205,20 +205,20 @@ class LbMagics(Magics):
 
     @line_magic
     def lb_interrupt(self, line: str = "") -> None:
-        """Interrupt the engines running tasks the magics submitted (%%lb, %lbmap), like
+        """Interrupt the tasks the magics submitted (%%lb, %lbmap) that run now, like
         Jupyter's Kernel > Interrupt: a running task raises KeyboardInterrupt and fails;
-        the engines serve on."""
+        the engines serve on, and a task running in front of one of ours is not touched."""
         _no_arguments("%lb_interrupt", line)
         client = self._need_client()
         self.submitted = [ar for ar in self.submitted if not ar.ready()]
         outstanding = client.outstanding
         running = [m for ar in self.submitted for m in ar.msg_ids if m in outstanding]
-        engines = sorted({e for e in map(lambda m: _engine_of(client, m), running)
-                          if e is not None})
+        # By task, not by engine: an engine may hold one of ours queued behind a task it
+        # runs for someone else (hwm="auto"), which an interrupt of the engine would stop.
+        engines = client.interrupt(jobs=running) if running else []
         if not engines:
             print("ipylb: no task of the magics is running: nothing to interrupt")
             return
-        client.interrupt(engines)
         print(f"ipylb: interrupted engine(s) {', '.join(map(str, engines))}, where "
               f"{len(running)} unfinished task(s) of the magics were")
 
@@ -368,15 +368,6 @@ def _no_arguments(magic: str, line: str) -> None:
     """A magic that takes no arguments refuses them rather than ignoring them."""
     if line.strip():
         raise UsageError(f"{magic} takes no arguments, got {line.strip()!r}")
-
-
-def _engine_of(client: Client, msg_id: str) -> int | None:
-    """The engine a task was last assigned to (from its story), or None."""
-    engine = None
-    for _task, _from, to, detail, _t in client.story(msg_id):
-        if to == "assigned" and type(detail) is int:
-            engine = detail
-    return engine
 
 
 def _two_expressions(text: str) -> tuple[str, str]:

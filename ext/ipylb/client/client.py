@@ -425,11 +425,23 @@ class Client(Submitting, Link, TaskRecords):
         (``jupyter console --existing FILE`` attaches to it)."""
         return self._request("engine_info")
 
-    def interrupt(self, engine_ids: list[int] | None = None) -> list[int]:
+    def interrupt(self, engine_ids: list[int] | None = None, *, jobs: Any = None) -> list[int]:
         """Interrupt engines (default: all) like Jupyter's Kernel > Interrupt: a running
         task raises KeyboardInterrupt and fails; the engine serves on.  Engines of
         ``ipylb engine join`` are interrupted by that process, on their own host.  Returns
-        the ids interrupted; KeyError for an engine no one can interrupt."""
+        the ids interrupted; KeyError for an engine no one can interrupt.
+
+        **(ipylb)** ``jobs`` (AsyncResults or msg_ids, instead of ``engine_ids``): interrupt
+        those tasks where they run, and nothing else.  An engine may hold tasks queued
+        behind its running one (``hwm="auto"`` or > 1): interrupting the engine of a queued
+        task would stop the task in front of it, maybe another user's; with ``jobs`` the
+        engine is told which task, and acts only if that task is the one running.  Returns
+        the engines asked; tasks not on an engine now are left alone.  KeyError for an
+        unknown task."""
+        if jobs is not None:
+            if engine_ids is not None:
+                raise ValueError("interrupt takes engine_ids or jobs, not both")
+            return self._request("interrupt_tasks", job_ids(jobs, self.history))
         return self._request("interrupt", engine_ids)
 
     def relay_interrupts(self, tags: list[str],

@@ -168,6 +168,7 @@ class Controller(ClientTraffic, EngineTraffic, Dispatch, LiveOutput, Housekeepin
             "story": lambda _c, task_id: self.core.story(task_id),
             "engine_info": lambda _c, _a: dict(self.engine_info),
             "interrupt": self._req_interrupt,
+            "interrupt_tasks": self._req_interrupt_tasks,
             "relay_interrupts": self._req_relay_interrupts,
             "add_engines": self._req_add_engines,
             "get_result": self._req_get_result,

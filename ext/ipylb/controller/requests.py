@@ -26,6 +26,10 @@ KIND_NAMES = {getattr(wire, name): name.lower() for name in (
     "HEALTH", "OUTPUT", "LEAVING", "STOLEN")}
 
 
+# Why an engine cannot be interrupted from here (for the KeyError of an interrupt request).
+_UNREACHABLE = ("was started neither by this controller nor by an `ipylb engine join` still "
+                "connected to it: interrupt it through the kernel manager that started it")
+
 class Requests:
     """The ``_req_*`` handlers (and :meth:`validate`) of
     :class:`~ipylb.controller.hub.Controller`."""
@@ -250,11 +254,27 @@ class Requests:
         done = []
         for engine_id in engine_ids or self._engine_list():
             if not self._interrupt(engine_id, None):
-                raise KeyError(f"engine {engine_id} was started neither by this controller nor "
-                               "by an `ipylb engine join` still connected to it: interrupt it "
-                               "through the kernel manager that started it")
+                raise KeyError(f"engine {engine_id} {_UNREACHABLE}")
             done.append(engine_id)
         return done
+
+    def _req_interrupt_tasks(self, _client: bytes, msg_ids: list[str]) -> list[int]:
+        """Interrupt these tasks where they run, and nothing else: each task on an engine is
+        named in the interrupt (``ipylb_interrupt_request``), which that engine acts on only
+        if the task is the one running there.  With tasks queued on engines (``hwm="auto"``
+        or > 1) a task may wait behind another task, which an interrupt of its whole engine
+        would stop in its place.  Returns the engines asked (sorted); a task not on an
+        engine now (waiting in the controller, or finished) is left alone."""
+        self._known(msg_ids)
+        asked = set()
+        for m in msg_ids:
+            engine_id = self.core.engine_of(m)
+            if engine_id is None:
+                continue
+            if not self._interrupt(engine_id, m):
+                raise KeyError(f"task {m!r} runs on engine {engine_id}, which {_UNREACHABLE}")
+            asked.add(engine_id)
+        return sorted(asked)
 
     def _req_relay_interrupts(self, client: bytes, tags: Any) -> int:
         """A process that starts engines itself (``ipylb engine join``, with jupyter_client's
