@@ -5,11 +5,13 @@ workloads, the same code ``ipylb bench`` runs)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import threading
 import time
+from collections.abc import Iterator
 
 import ipylb
 import numpy as np
@@ -25,6 +27,28 @@ def victim(path: str) -> int:
     os.close(fd)
     time.sleep(120)
     return -1
+
+
+@contextlib.contextmanager
+def longest_request(rc: ipylb.Client) -> Iterator[list[float]]:
+    """Ask the controller for its queue status every 0.05 s while the block runs; the list
+    of how long each request took (round trips, seconds)."""
+    stalls, done = [0.0], threading.Event()
+
+    def ask() -> None:
+        while not done.is_set():
+            t = time.monotonic()
+            rc.queue_status(timeout=60)
+            stalls.append(time.monotonic() - t)
+            done.wait(0.05)
+
+    asker = threading.Thread(target=ask)
+    asker.start()
+    try:
+        yield stalls
+    finally:
+        done.set()
+        asker.join()
 
 
 def scenario(path: str, mark: str, restarted: bool = False) -> dict:
@@ -57,26 +81,19 @@ def scenario(path: str, mark: str, restarted: bool = False) -> dict:
         killed = int(open(mark).read())
         # While the remote engine is found dead and restarted, how long the controller
         # keeps a request waiting at most (its loop must not wait for a remote restart).
-        stalls, done = [0.0], threading.Event()
-
-        def ask() -> None:
-            while not done.is_set():
-                t = time.monotonic()
-                rc.queue_status(timeout=60)
-                stalls.append(time.monotonic() - t)
-                done.wait(0.05)
-
-        asker = threading.Thread(target=ask)
-        os.kill(killed, 9)
-        t0 = time.monotonic()
-        asker.start()
-        out["retried_on"] = ar.get(60)
-        out["noticed_s"] = time.monotonic() - t0
-        if restarted:  # the controller's own engines: wait until its restart is over
-            rc.wait_for_engines(2, 60)
-        done.set()
-        asker.join()
+        with longest_request(rc) as stalls:
+            os.kill(killed, 9)
+            t0 = time.monotonic()
+            out["retried_on"] = ar.get(60)
+            out["noticed_s"] = time.monotonic() - t0
+            if restarted:  # the controller's own engines: wait until its restart is over
+                rc.wait_for_engines(2, 60)
         out["longest_request_s"] = max(stalls)
+        if restarted:  # `ipylb engine add` over the same provisioner: nor for a remote start
+            with longest_request(rc) as stalls:
+                rc.add_engines(1)
+                rc.wait_for_engines(3, 60)
+            out["longest_request_adding_s"] = max(stalls)
         out["killed"] = killed
         out["ids_after"] = rc.ids
     return out
