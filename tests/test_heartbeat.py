@@ -55,3 +55,34 @@ def test_one_socket_pings_every_engine_and_each_echo_marks_only_its_own_engine()
         hb.close()
         for c in chans:
             c.close(0)
+
+
+def test_an_engine_whose_health_reports_stop_while_its_heartbeat_answers_is_frozen():
+    """Engines alive by heartbeat whose health reports (a Python thread's) stopped are named
+    once per interval; one that never reported (ipylb.bench.swarm's) is not watched; one
+    whose heartbeat is silent too is the heartbeat's business."""
+    ctx = zmq.Context.instance()
+    chan = ctx.socket(zmq.ROUTER)
+    hb = Heartbeats(ctx, interval=1.0, timeout=10.0)
+    try:
+        url = f"tcp://127.0.0.1:{chan.bind_to_random_port('tcp://127.0.0.1')}"
+        hb.add(0, url, now=0.0)
+        hb.add(1, url, now=0.0)  # never reports
+        hb.reported(0, 1.0, None)
+        hb.reported(0, 2.0, "t1")
+        hb.last_answer[0] = hb.last_answer[1] = 25.0  # heartbeats answered
+        assert hb.frozen(10.0, 20.0) == []
+        assert hb.frozen(10.5, 20.0) == []  # (checked once per interval)
+        assert hb.frozen(23.0, 20.0) == [(0, "t1", 21.0)]
+        assert hb.warn_once(0) and not hb.warn_once(0)
+        hb.reported(0, 23.5, None)  # it came back
+        assert hb.frozen(24.0, 20.0) == [] and hb.warn_once(0)
+        hb.last_answer[0] = 30.0
+        assert hb.frozen(50.0, 20.0) == []  # its heartbeat is silent too: not this
+        hb.remove(0)
+        assert hb.frozen(51.0, 0.0) == []
+    finally:
+        for e in list(hb.peers):
+            hb.remove(e)
+        hb.close()
+        chan.close(0)

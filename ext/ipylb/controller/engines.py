@@ -132,6 +132,8 @@ class EngineTraffic:
                                 meta.get("heartbeat_key"))
         except zmq.ZMQError as e:
             raise wire.WireError(f"a registration with a heartbeat url zmq refuses: {e}") from None
+        if meta.get("watchdog"):  # an engine kernel's health thread reports: watched from now
+            self.heartbeats.reported(engine_id, time.monotonic(), None)
         self._next_engine += 1
         self.engine_ident[engine_id] = ident
         self.held[engine_id] = OrderedDict()

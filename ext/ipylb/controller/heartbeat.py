@@ -50,7 +50,8 @@ class Heartbeats:
         self.peers: dict[int, tuple[bytes, str, zmq.Socket]] = {}
         self.engine_of: dict[bytes, int] = {}  # routing id -> engine id
         self.last_answer: dict[int, float] = {}
-        # engine id -> [its last health report (when), the task it named, warned already]
+        # engine id -> [its last health report (when), the task it named, warned already],
+        # from its first report on
         self.reports: dict[int, list] = {}
         self._next_ping = 0.0
         self._next_frozen = 0.0
@@ -72,13 +73,12 @@ class Heartbeats:
         self.peers[engine_id] = (rid, url, sock)
         self.engine_of[rid] = engine_id
         self.last_answer[engine_id] = now
-        self.reports[engine_id] = [now, None, False]
 
     def reported(self, engine_id: int, now: float, task: str | None) -> None:
-        """A health report from an engine (its Python runs), naming the task it runs."""
-        report = self.reports.get(engine_id)
-        if report is not None:
-            report[0], report[1], report[2] = now, task, False
+        """A health report from an engine (its Python runs), naming the task it runs (or its
+        registration).  Only engines that report are watched (not ``ipylb.bench.swarm``'s)."""
+        if engine_id in self.peers:
+            self.reports[engine_id] = [now, task, False]
 
     def frozen(self, now: float, limit: float) -> list[tuple[int, str | None, float]]:
         """Engines whose heartbeat answers but whose health reports stopped over ``limit``
