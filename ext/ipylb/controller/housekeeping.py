@@ -97,7 +97,7 @@ class Housekeeping:
             if km is None or not self.launcher.autorestart:  # type: ignore[union-attr]
                 self._engine_gone(engine_id, reason, now)
                 if km is not None:  # ours but hung: make sure it is really gone
-                    self.launcher.shutdown(km)  # type: ignore[union-attr]
+                    km.shutdown_kernel(now=True)
                 continue
             failed = self.launcher.restart(engine_id)  # type: ignore[union-attr]  # hung: a new kernel
             self._engine_gone(engine_id, f"{reason}; {failed or 'restarting it'}", now)

@@ -13,14 +13,11 @@ import logging
 import os
 import signal
 import sys
-import threading
 import uuid
-from collections import deque
 from typing import Any
 
 import zmq
 from jupyter_client import KernelManager
-from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.restarter import KernelRestarter
 from traitlets import Bool, Unicode
 
@@ -109,21 +106,12 @@ def _local(km: KernelManager) -> bool:
     return getattr(km.provisioner, "process", None) is not None
 
 
-def _remote_spec(kernel_name: str) -> bool:
-    """Whether kernelspec ``kernel_name`` names a provisioner other than jupyter_client's
-    local one (its kernels are then not child processes here, and start over a network).
-    jupyter_client's NoSuchKernel if there is no such kernelspec."""
-    if kernel_name == KERNEL_NAME:
-        return False
-    spec = KernelSpecManager().get_kernel_spec(kernel_name)
-    provisioner = (spec.metadata or {}).get("kernel_provisioner") or {}
-    return provisioner.get("provisioner_name", "local-provisioner") != "local-provisioner"
-
-
 def _check_curve_kernelspec() -> None:
     """RuntimeError, saying what to do, if the installed ``ipylb-engine`` kernelspec does not
     declare CurveZMQ support (one installed by an ipylb older than that support):
     jupyter_client refuses ``transport_encryption="required"`` for it, in its own words."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
     spec = KernelSpecManager().get_kernel_spec(KERNEL_NAME)
     if "curve" not in (spec.metadata or {}).get("supported_encryption", []):
         raise RuntimeError(
@@ -173,79 +161,49 @@ class EngineLauncher:
         self._controls: dict[int, Any] = {}
         # What the restarters' callbacks saw during one poll: (engine id, reason, fate).
         self._seen: list[tuple[int | None, str, str]] = []
-        # Starts and restarts of remote kernels that failed on their thread: (manager,
-        # exception, "starting" or "restarting").
-        self._failed: deque[tuple[EngineKernelManager, Exception, str]] = deque()
 
     def start(self, n: int, kernel_name: str | None = None) -> None:
         """Start ``n`` engines (from kernelspec ``kernel_name``, default this launcher's);
-        they boot in parallel and register themselves.  Kernels of a provisioner other than
-        jupyter_client's local one (SSH, a batch system, Kubernetes) are started one after
-        another on a thread: each start is a remote login and a wait for the kernel's
-        connection info, seconds the controller's loop must not wait (``ipylb engine add
-        --kernel`` on a running cluster); a failed start puts its slot down at the next
-        :meth:`poll_dead`."""
+        they boot in parallel and register themselves."""
         kernel_name = kernel_name or self.kernel_name
         encryption = "disabled"
         if self.curve:
             encryption = "required" if kernel_name == KERNEL_NAME else "auto"
             if kernel_name == KERNEL_NAME:
                 _check_curve_kernelspec()
-        if _remote_spec(kernel_name):
-            kms = [self._manager(kernel_name, encryption) for _ in range(n)]
-            for km in kms:
-                self.pending[km.tag] = km  # registers when it is up
-            threading.Thread(target=self._start_remote, args=(kms,), daemon=True,
-                             name="ipylb-start-engines").start()
-            return
         for _ in range(n):
-            km = self._manager(kernel_name, encryption)
-            self._start(km)
-            self.pending[km.tag] = km
-
-    def _manager(self, kernel_name: str, encryption: str) -> EngineKernelManager:
-        """A KernelManager for a new engine slot, not started yet."""
-        # The tag is also the kernel id: what remote provisioners pass on to the engine
-        # (a full uuid, as they expect); short for ours (it names unix socket paths).
-        tag = uuid.uuid4().hex[:12] if kernel_name == KERNEL_NAME else str(uuid.uuid4())
-        # Local engines talk to Jupyter frontends over unix sockets in the private runtime
-        # dir, next to their connection files (`jupyter console --existing` finds them).
-        base = runtime_dir() / f"kernel-ipylb-{tag}"
-        if kernel_name != KERNEL_NAME:
-            # Another kernelspec: its provisioner (local, SSH, Kubernetes, a batch system)
-            # decides where the kernel runs and how its channels are reached.
-            return EngineKernelManager(kernel_name=kernel_name, tag=tag,
-                                       autorestart=self.autorestart,
-                                       transport_encryption=encryption)
-        if self.ip is None:
-            return EngineKernelManager(kernel_name=kernel_name, transport="ipc",
-                                       ip=str(base), connection_file=f"{base}.json", tag=tag,
-                                       autorestart=self.autorestart,
-                                       transport_encryption=encryption)
-        # the controller (another host) pings their heartbeat over tcp
-        return EngineKernelManager(kernel_name=kernel_name, transport="tcp",
-                                   ip=self.ip, connection_file=f"{base}.json", tag=tag,
-                                   autorestart=self.autorestart,
-                                   transport_encryption=encryption)
-
-    def _start(self, km: EngineKernelManager) -> None:
-        tag = km.tag
-        env = {**os.environ, "IPYLB_CLUSTER_FILE": self.cluster_file, "IPYLB_ENGINE_TAG": tag}
-        # The engine's own stdout goes where our log goes: our stdout is a pipe that
-        # the process which started us closes once we are ready.
-        km.start_kernel(kernel_id=tag, env=env, cwd=self.cwd, stdout=sys.stderr.fileno())
-        r = km._restarter
-        if r is not None:
-            r.restart_limit, r.stable_start_time = self.restart_limit, self.stable_start_time
-            r.add_callback(lambda km=km: self._died(km, "restarting it"), "restart")
-            r.add_callback(lambda km=km: self._died(km, "down"), "dead")
-
-    def _start_remote(self, kms: list[EngineKernelManager]) -> None:
-        for km in kms:
-            try:
-                self._start(km)
-            except Exception as e:
-                self._failed.append((km, e, "starting"))  # the controller's loop reports it
+            # The tag is also the kernel id: what remote provisioners pass on to the engine
+            # (a full uuid, as they expect); short for ours (it names unix socket paths).
+            tag = uuid.uuid4().hex[:12] if kernel_name == KERNEL_NAME else str(uuid.uuid4())
+            # Local engines talk to Jupyter frontends over unix sockets in the private runtime
+            # dir, next to their connection files (`jupyter console --existing` finds them).
+            base = runtime_dir() / f"kernel-ipylb-{tag}"
+            if kernel_name != KERNEL_NAME:
+                # Another kernelspec: its provisioner (local, SSH, Kubernetes, a batch system)
+                # decides where the kernel runs and how its channels are reached.
+                km = EngineKernelManager(kernel_name=kernel_name, tag=tag,
+                                         autorestart=self.autorestart,
+                                         transport_encryption=encryption)
+            elif self.ip is None:
+                km = EngineKernelManager(kernel_name=kernel_name, transport="ipc",
+                                         ip=str(base), connection_file=f"{base}.json", tag=tag,
+                                         autorestart=self.autorestart,
+                                         transport_encryption=encryption)
+            else:  # the controller (another host) pings their heartbeat over tcp
+                km = EngineKernelManager(kernel_name=kernel_name, transport="tcp",
+                                         ip=self.ip, connection_file=f"{base}.json", tag=tag,
+                                         autorestart=self.autorestart,
+                                         transport_encryption=encryption)
+            env = {**os.environ, "IPYLB_CLUSTER_FILE": self.cluster_file, "IPYLB_ENGINE_TAG": tag}
+            # The engine's own stdout goes where our log goes: our stdout is a pipe that
+            # the process which started us closes once we are ready.
+            km.start_kernel(kernel_id=tag, env=env, cwd=self.cwd, stdout=sys.stderr.fileno())
+            r = km._restarter
+            if r is not None:
+                r.restart_limit, r.stable_start_time = self.restart_limit, self.stable_start_time
+                r.add_callback(lambda km=km: self._died(km, "restarting it"), "restart")
+                r.add_callback(lambda km=km: self._died(km, "down"), "dead")
+            self.pending[tag] = km
 
     def registered(self, tag: str, engine_id: int) -> int | None:
         """An engine we started has registered as ``engine_id``; returns how many times its
@@ -295,22 +253,9 @@ class EngineLauncher:
 
     def restart(self, engine_id: int) -> str | None:
         """Restart the kernel of ``engine_id`` now (KernelManager.restart_kernel; for a task
-        past its walltime, or a hung engine): the slot waits for the new kernel to register.
-        Returns why the restart failed (the slot is then down), or None.
-
-        A kernel that is not a child process here (a remote provisioner's, e.g. over SSH) is
-        restarted on a thread of its own: that takes signals through the provisioner's
-        listener, an SSH login and the remote kernel's boot, seconds during which the
-        controller's loop would answer no one (its clients give up a controller silent for
-        10 s).  A failure then puts the slot down at the next :meth:`poll_dead`."""
+        past its walltime): the slot waits for the new kernel to register.  Returns why the
+        restart failed (the slot is then down), or None."""
         km = self._let_go(engine_id)
-        if not _local(km):
-            self.pending[km.tag] = km  # registers when it is up, as for a local kernel
-            km.restarts += 1
-            self.restarts += 1
-            threading.Thread(target=self._restart_remote, args=(km,), daemon=True,
-                             name=f"ipylb-restart-{km.tag}").start()
-            return None
         try:
             km.restart_kernel(now=True)
         except Exception as e:
@@ -321,29 +266,11 @@ class EngineLauncher:
         self.restarts += 1
         return None
 
-    def _restart_remote(self, km: EngineKernelManager) -> None:
-        try:
-            km.restart_kernel(now=True)
-        except Exception as e:
-            self._failed.append((km, e, "restarting"))  # the controller's loop reports it
-
-    def shutdown(self, km: EngineKernelManager) -> None:
-        """Make sure a hung kernel that is not restarted is gone: at once for a child
-        process; on a thread for a remote provisioner's (signals through its listener, with
-        polls and timeouts: seconds the controller's loop must not wait)."""
-        if _local(km):
-            km.shutdown_kernel(now=True)
-        else:
-            threading.Thread(target=km.shutdown_kernel, kwargs={"now": True}, daemon=True,
-                             name=f"ipylb-shutdown-{km.tag}").start()
-
     def poll_dead(self) -> list[tuple[int | None, str, str]]:
         """Engines whose process has ended since the last call: (engine id or None if it had
         not registered yet, reason, fate).  fate: "restarting it" (the restarter is starting
         a new kernel in the slot), "down" (the restarter gave up: restart_limit reached), or
         "" (restarts are off)."""
-        while self._failed:  # remote starts and restarts that failed on their thread
-            self._restart_failed(*self._failed.popleft())
         seen = self._seen
         for km in [*self.pending.values(), *self.running.values()]:
             if not _local(km):  # watched by heartbeat
@@ -359,13 +286,12 @@ class EngineLauncher:
         self._seen = []
         return seen
 
-    def _restart_failed(self, km: EngineKernelManager, e: Exception,
-                        what: str = "restarting") -> None:
-        log.error("%s an engine kernel failed: %s: %s", what, type(e).__name__, e)
+    def _restart_failed(self, km: EngineKernelManager, e: Exception) -> None:
+        log.error("restarting an engine kernel failed: %s: %s", type(e).__name__, e)
         km.stop_restarter()
         self.pending.pop(km.tag, None)
         km.cleanup_resources()
-        self._seen.append((None, f"{what} an engine's kernel failed: {type(e).__name__}: {e}",
+        self._seen.append((None, f"restarting an engine's kernel failed: {type(e).__name__}: {e}",
                            "down"))
 
     def _died(self, km: EngineKernelManager, fate: str) -> None:
