@@ -40,6 +40,7 @@ def _remove(path: str) -> None:
     except OSError:
         pass
 
+
 # What a registration may carry, and the types of the fields (others are kept as they come);
 # pid and heartbeat are required: an engine nobody can watch could hold its tasks forever.
 _REGISTER_FIELDS = {"connection_file": str, "pid": int, "hostname": str, "tag": str,
