@@ -202,6 +202,11 @@ class EngineTraffic:
     def _on_done(self, ident: bytes, meta: tuple, bufs: list[Any], bufs_mac: bytes) -> None:
         engine_id = self.engine_of.get(ident)
         if engine_id is None:
+            if type(meta) is tuple and len(meta) > 1 and meta[1] == "unmet":
+                # An engine that asked to be restarted (LEAVING) refuses the tasks queued
+                # on it after that (hwm "auto" or > 1: up to 15): they never ran there and
+                # were placed again when it left.  Nothing is lost: no warning per task.
+                return
             raise wire.WireError(f"a result from an unregistered engine {ident!r}")
         if type(meta) is not tuple or len(meta) < 7 or type(meta[0]) is not str:
             raise wire.WireError("a malformed result")
