@@ -9,6 +9,7 @@ housekeeping instead of a tornado timer.  A restarted kernel registers as a new 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -19,6 +20,7 @@ from typing import Any
 import zmq
 from jupyter_client import KernelManager
 from jupyter_client.restarter import KernelRestarter
+from jupyter_core.utils import ensure_event_loop
 from traitlets import Bool, Unicode
 
 from ..connection import KERNEL_NAME, runtime_dir
@@ -161,6 +163,9 @@ class EngineLauncher:
         self._controls: dict[int, Any] = {}
         # What the restarters' callbacks saw during one poll: (engine id, reason, fate).
         self._seen: list[tuple[int | None, str, str]] = []
+        # Restarts of remote kernels in progress: tag -> (manager, its restart as a task on
+        # this thread's event loop, which poll_dead advances a step at a time).
+        self._restarting: dict[str, tuple[EngineKernelManager, asyncio.Task]] = {}
 
     def start(self, n: int, kernel_name: str | None = None) -> None:
         """Start ``n`` engines (from kernelspec ``kernel_name``, default this launcher's);
@@ -256,6 +261,18 @@ class EngineLauncher:
         past its walltime): the slot waits for the new kernel to register.  Returns why the
         restart failed (the slot is then down), or None."""
         km = self._let_go(engine_id)
+        if not _local(km):
+            # A remote provisioner's restart is signals through its listener, a remote login
+            # and a wait for the new kernel's connection info: seconds the controller's loop
+            # must not wait (its clients give a controller silent for 10 s up).  So it runs
+            # as a task on the event loop jupyter_client uses in this thread (where such a
+            # provisioner also receives the connection info), advanced by poll_dead.
+            task = ensure_event_loop().create_task(km._async_restart_kernel(now=True))
+            self._restarting[km.tag] = (km, task)
+            self.pending[km.tag] = km
+            km.restarts += 1
+            self.restarts += 1
+            return None
         try:
             km.restart_kernel(now=True)
         except Exception as e:
@@ -271,6 +288,14 @@ class EngineLauncher:
         not registered yet, reason, fate).  fate: "restarting it" (the restarter is starting
         a new kernel in the slot), "down" (the restarter gave up: restart_limit reached), or
         "" (restarts are off)."""
+        if self._restarting:  # a step of each remote restart (no waiting: I/O polled)
+            ensure_event_loop().run_until_complete(asyncio.sleep(0))
+            for tag, (km, task) in list(self._restarting.items()):
+                if task.done():
+                    del self._restarting[tag]
+                    e = None if task.cancelled() else task.exception()
+                    if e is not None:
+                        self._restart_failed(km, e)  # type: ignore[arg-type]
         seen = self._seen
         for km in [*self.pending.values(), *self.running.values()]:
             if not _local(km):  # watched by heartbeat
