@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections.abc import Iterator
 from typing import Any
 
 from .events import ABORTED, Assign, Cancel, Command, Steal, StealAnswered
@@ -323,21 +324,31 @@ class Pipelining:
         if not loaded:
             return
         thieves = p.thieves
-        idle = sorted((e for e in idle if e not in thieves), key=by_key)  # LRU first
-        if not idle:
+        free = [e for e in idle if e not in thieves]
+        if not free:
             return
-        victims = sorted(loaded, key=lambda e: (-e.load, e.key))
-        for thief in idle:
-            for victim in victims:
-                t = self._stealable(victim, thief)
-                if t is not None:
-                    p.stealing[t] = (victim, thief)
-                    p.thieves.add(thief)
-                    p.steals += 1
-                    self._story.append((t.id, ASSIGNED, ASSIGNED, f"steal: for engine "
-                                        f"{thief.id}, asked engine {victim.id}", now))
-                    out.append(Steal(t.id, victim.id))
-                    break
+        free.sort(key=by_key)  # LRU first
+        # Each queued task that may be stolen goes to the first free thief that may run it,
+        # the most loaded victims' oldest first: one pass over the queued tasks, however
+        # many engines are idle (a thief per task, not every victim per thief).
+        for victim in sorted(loaded, key=lambda e: (-e.load, e.key)):
+            for t in self._stealables(victim):
+                x = t.x
+                if x is None or unrestricted(x):
+                    thief = free.pop(0)
+                else:
+                    j = next((k for k, e in enumerate(free) if self._eligible(t, e)), -1)
+                    if j < 0:
+                        continue
+                    thief = free.pop(j)
+                p.stealing[t] = (victim, thief)
+                thieves.add(thief)
+                p.steals += 1
+                self._story.append((t.id, ASSIGNED, ASSIGNED, f"steal: for engine "
+                                    f"{thief.id}, asked engine {victim.id}", now))
+                out.append(Steal(t.id, victim.id))
+                if not free:
+                    return
 
     def _expire_holds(self, now: float, out: list[Command]) -> None:
         """The due hold timers: an engine whose running task has run for the hold time is
@@ -376,9 +387,9 @@ class Pipelining:
                                     f"{e.id} for it back", now))
                 out.append(Steal(t.id, e.id))
 
-    def _stealable(self, victim: Engine, thief: Engine) -> Task | None:
-        """The oldest task queued on ``victim`` behind its running one that ``thief`` may
-        run and that is not being stolen, known started or aborted; or None."""
+    def _stealables(self, victim: Engine) -> Iterator[Task]:
+        """The tasks queued on ``victim`` behind its running one, oldest first, that are not
+        being stolen, known started or aborted."""
         p: Pipe = self._pipe  # type: ignore[assignment]
         q = victim.queue
         for i in range(1, len(q)):
@@ -386,11 +397,16 @@ class Pipelining:
             if t in p.stealing or p.late.get(t) is victim:
                 continue
             x = t.x
-            if x is None:
-                return t
-            if x.aborted or x.started is not None:
-                continue
-            if unrestricted(x) or self._eligible(t, thief):
+            if x is None or not (x.aborted or x.started is not None):
+                yield t
+
+    def _stealable(self, victim: Engine, thief: Engine) -> Task | None:
+        """The oldest of :meth:`_stealables` that ``thief`` may run, or None: what an idle
+        ``thief`` with no request out must never leave behind (API.md's promise; the
+        property tests check it after every event)."""
+        for t in self._stealables(victim):
+            x = t.x
+            if x is None or unrestricted(x) or self._eligible(t, thief):
                 return t
         return None
 
