@@ -300,6 +300,25 @@ def test_a_long_running_task_holds_its_engine_and_what_waits_behind_it_goes_back
     assert c.s.pipeline_status()["stolen"] == 2
 
 
+def test_an_engine_removed_when_its_hold_is_due_gets_no_command():
+    """The hold timers (like deadlines and walltimes) expire before the event is handled: an
+    EngineRemoved arriving once engine 0's hold was due asked the dying engine for its queued
+    task back (Steal("b", 0)) in the same output that removed it; the controller, which had
+    already forgotten the engine, failed on it (KeyError) and dropped the rest of that output
+    (a task then waited for good).  Commands to an engine removed by the event are dropped."""
+    c = auto(2)
+    c.run("a")  # engine 0
+    c.run("x")  # engine 1
+    assert c.submit("b") == [Assign("b", 0)]  # queued behind a
+    c.now = MIN_HOLD  # both holds due, not yet ticked
+    out = c.remove(0)
+    assert [o for o in out if getattr(o, "engine_id", None) == 0
+            and type(o) in (Assign, Steal, Cancel)] == []
+    assert Steal("b", 0) not in out
+    assert c.s.queue_status()["unassigned"] == 1  # b waits for engine 1, held now
+    assert done(c, "x", 1)[-1] == Assign("b", 1)
+
+
 def test_a_too_late_recall_leaves_the_task_and_its_engine_is_checked_again():
     c = auto(1)
     c.run("a")

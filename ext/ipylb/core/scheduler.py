@@ -126,6 +126,7 @@ from .events import (
     Deliver,
     EngineAdded,
     EngineRemoved,
+    Steal,
     StealAnswered,
     TaskDone,
     TaskForgotten,
@@ -155,6 +156,10 @@ from .task import (
 from .validation import Validation
 
 __all__ = ["Scheduler", "WAITING", "READY", "ASSIGNED", "DONE", "FAILED"]
+
+# Commands that need an engine's address (engine_id): void once it is removed.  (An
+# Interrupt goes through its kernel's manager, which outlives it until a restart.)
+_TO_ENGINE = frozenset({Assign, Steal, Cancel})
 
 
 class Scheduler(Placement, Dependencies, Failures, Deadlines, Pipelining, Validation):
@@ -210,6 +215,7 @@ class Scheduler(Placement, Dependencies, Failures, Deadlines, Pipelining, Valida
         self._dl_count = 0
         self._fresh: list[Task] = []  # made ready by this event, to place in _settle
         self._freed: list[Engine] = []  # got a free slot in this event, to fill in _settle
+        self._dropped: list[int] = []  # engines removed in this event (see _void_commands)
         self._work: list[Task] = []  # finished tasks whose dependents still need telling
         self._draining = False
         self._story: deque[tuple[Any, ...]] = deque(maxlen=story_size)
@@ -260,9 +266,21 @@ class Scheduler(Placement, Dependencies, Failures, Deadlines, Pipelining, Valida
             self._settle(out)
         if p is not None:
             self._pipe_settle(out)
+        if self._dropped:
+            self._void_commands(out)
         if self._validate:
             self.validate()
         return out
+
+    def _void_commands(self, out: list[Command]) -> None:
+        """Engines were removed in this event: drop what ``out`` sends them.  The expiries
+        run before the event (hold timers, deadlines, walltimes) may have addressed an
+        engine the event then removed (a Steal, an Assign, a Cancel); its tasks are placed
+        again by the removal, and the shell no longer knows its address.
+        Once removed, an engine is addressed by nothing else (its ids are never reused)."""
+        gone = set(self._dropped)
+        self._dropped.clear()
+        out[:] = [c for c in out if c.__class__ not in _TO_ENGINE or c.engine_id not in gone]
 
     def next_deadline(self) -> float | None:
         """The earliest time a waiting task times out, a running one reaches its walltime or
@@ -539,6 +557,7 @@ class Scheduler(Placement, Dependencies, Failures, Deadlines, Pipelining, Valida
         if e.load < self._cap:
             self._nfree -= 1
         e.alive = False
+        self._dropped.append(e.id)
         if self._pipe is not None:
             self._pipe_engine_gone(e)
         self._free.unregistered(e)
