@@ -39,3 +39,57 @@ def test_tasks_queued_behind_os_exit_run_once_and_their_refusals_are_not_warned(
     err = capfd.readouterr().err
     assert "restarted: the task called os._exit(3)" in err  # (what happened is said)
     assert "result from an unregistered engine" not in err
+
+
+def busy_3ms(i):
+    """Python bytecode for 3 ms (a SIGINT raises in it at once), then ``i``."""
+    import time
+
+    t = time.perf_counter()
+    while time.perf_counter() - t < 0.003:
+        pass
+    return i
+
+
+def test_a_flood_of_interrupts_stops_tasks_and_nothing_else(capfd):
+    """rc.interrupt() sent while engines take queued tasks one after another: a SIGINT that
+    was pending as the engine installed its task handler raised before the task's try, left
+    that handler in place between tasks, and a later interrupt then broke the engine's
+    reporting: it was restarted, blaming a task ('it could not report a task's outcome
+    (KeyboardInterrupt)'), a task failed with that message, and (a KeyError on the way, since
+    fixed in the core) one was never answered.  Every task ends with its value or
+    KeyboardInterrupt, and no engine is restarted."""
+    import threading
+
+    from ipylb.error import RemoteError
+
+    with ipylb.Client(engines=2) as rc:
+        ids = rc.ids
+        view = rc.load_balanced_view()
+        other = ipylb.Client(rc._local.connection_file)
+        stop = threading.Event()
+
+        def flood():
+            while not stop.is_set():
+                other.interrupt()
+
+        ars = [view.apply_async(busy_3ms, i) for i in range(1500)]
+        flooder = threading.Thread(target=flood)
+        flooder.start()
+        try:
+            outcomes = []
+            for i, ar in enumerate(ars):
+                try:
+                    outcomes.append(ar.get(120) == i)
+                except RemoteError as e:
+                    assert e.ename == "KeyboardInterrupt" and e.evalue == "", e
+                    outcomes.append("interrupted")
+        finally:
+            stop.set()
+            flooder.join()
+            other.close()
+        assert False not in outcomes
+        assert "interrupted" in outcomes  # the flood did reach tasks
+        status = rc.queue_status()
+        assert rc.ids == ids and all(status[e]["restarts"] == 0 for e in ids), status
+    assert "could not report" not in capfd.readouterr().err

@@ -533,11 +533,17 @@ class TaskChannel(HealthReports):
             if walltime:  # its clock starts when the controller hears this
                 wire.send(self.sock, self.signer.pack(wire.STARTED, msg_id))
             self.running_since = started
-            self.running = msg_id
             if self.watchdog_armed:  # the idle watchdog (guard.IdleWatchdog): not idle now
                 self.watchdog_armed = False
                 _cancel_watchdog()
             previous = _set_sigint(self._sigint)
+            # Only now, and with nothing between it and the try that can run a signal
+            # handler: a SIGINT pending as the handler is installed is ignored (nothing
+            # runs), and one from here on raises inside the try, whose finally puts the
+            # handler back.  Set before, such a SIGINT raised out of this frame and left the
+            # handler raising between tasks: a later interrupt then broke reporting (the
+            # engine was restarted, blaming a task) or dropped a result (never answered).
+            self.running = msg_id
             try:
                 # Unpickling the function and arguments is part of the task, like making its
                 # result: a slow or hanging __setstate__ meets the walltime and rc.interrupt().
@@ -548,11 +554,13 @@ class TaskChannel(HealthReports):
                 # a slow __reduce__, and what that prints is the task's output.
                 result = pickle_result(msg_id, value, f, args)
             finally:
+                # First, before any call (where a pending signal's handler runs): a SIGINT
+                # landing from here on finds no task running and is ignored, so nothing
+                # raises out of this finally before the handler is put back.
+                self.running = None
                 if walltime:  # an interrupt() racing this end has signalled, or never will
                     with self._lock:
-                        self.running = self.interrupt_for = None
-                else:  # nothing targets a task without a walltime
-                    self.running = None
+                        self.interrupt_for = None
                 # A task that blocked SIGINT (pthread_sigmask) would leave every later task
                 # deaf to interrupts, walltime ones included.  Unblocking delivers one that
                 # is pending to our handler (running is None now: ignored) before it goes.
