@@ -89,6 +89,11 @@ def scenario(path: str, mark: str, restarted: bool = False) -> dict:
             if restarted:  # the controller's own engines: wait until its restart is over
                 rc.wait_for_engines(2, 60)
         out["longest_request_s"] = max(stalls)
+        if restarted:  # `ipylb engine add` over the same provisioner: nor for a remote start
+            with longest_request(rc) as stalls:
+                rc.add_engines(1)
+                rc.wait_for_engines(3, 60)
+            out["longest_request_adding_s"] = max(stalls)
         out["killed"] = killed
         out["ids_after"] = rc.ids
     return out

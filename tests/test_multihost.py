@@ -144,9 +144,12 @@ def test_engines_in_b_over_ssh_by_a_kernel_provisioner(hosts, ssh_env, curve):
     assert seen["retried_on"] == survivor[0]
     # The controller restarts the remote kernel (signals through the provisioner's listener,
     # an SSH login, the new kernel's connection info) as a task on its event loop, a step
-    # per housekeeping turn: 0.3-0.5 s at most without an answer here at load 7 (the SSH
+    # per housekeeping turn: 0.2-0.5 s at most without an answer here at load 7 (the SSH
     # login, paramiko's, is synchronous).  Run to completion on the loop it held it 1.9-2.2 s,
-    # and under load 31 past the 10 s after which clients give their controller up.
+    # and under load 31 past the 10 s after which clients give their controller up.  The
+    # same for `engine add` of such engines (1.5 s before, 0.16 s after).
     print(f"\n{profile}: longest request while the remote engine restarted: "
-          f"{seen['longest_request_s']:.2f} s")
+          f"{seen['longest_request_s']:.2f} s, while one was added: "
+          f"{seen['longest_request_adding_s']:.2f} s")
     assert seen["longest_request_s"] < 1.5, seen["longest_request_s"]
+    assert seen["longest_request_adding_s"] < 1.5, seen["longest_request_adding_s"]  # the same

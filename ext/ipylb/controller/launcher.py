@@ -19,6 +19,7 @@ from typing import Any
 
 import zmq
 from jupyter_client import KernelManager
+from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.restarter import KernelRestarter
 from jupyter_core.utils import ensure_event_loop
 from traitlets import Bool, Unicode
@@ -108,12 +109,21 @@ def _local(km: KernelManager) -> bool:
     return getattr(km.provisioner, "process", None) is not None
 
 
+def _remote_spec(kernel_name: str) -> bool:
+    """Whether kernelspec ``kernel_name`` names a provisioner other than jupyter_client's
+    local one (its kernels are not child processes here, and start over a network).
+    jupyter_client's NoSuchKernel if there is no such kernelspec."""
+    if kernel_name == KERNEL_NAME:
+        return False
+    spec = KernelSpecManager().get_kernel_spec(kernel_name)
+    provisioner = (spec.metadata or {}).get("kernel_provisioner") or {}
+    return provisioner.get("provisioner_name", "local-provisioner") != "local-provisioner"
+
+
 def _check_curve_kernelspec() -> None:
     """RuntimeError, saying what to do, if the installed ``ipylb-engine`` kernelspec does not
     declare CurveZMQ support (one installed by an ipylb older than that support):
     jupyter_client refuses ``transport_encryption="required"`` for it, in its own words."""
-    from jupyter_client.kernelspec import KernelSpecManager
-
     spec = KernelSpecManager().get_kernel_spec(KERNEL_NAME)
     if "curve" not in (spec.metadata or {}).get("supported_encryption", []):
         raise RuntimeError(
@@ -163,19 +173,25 @@ class EngineLauncher:
         self._controls: dict[int, Any] = {}
         # What the restarters' callbacks saw during one poll: (engine id, reason, fate).
         self._seen: list[tuple[int | None, str, str]] = []
-        # Restarts of remote kernels in progress: tag -> (manager, its restart as a task on
-        # this thread's event loop, which poll_dead advances a step at a time).
-        self._restarting: dict[str, tuple[EngineKernelManager, asyncio.Task]] = {}
+        # Starts and restarts of remote kernels in progress: tag -> (manager, the start or
+        # restart as a task on this thread's event loop, which poll_dead advances a step at
+        # a time, "starting" or "restarting").
+        self._restarting: dict[str, tuple[EngineKernelManager, asyncio.Task, str]] = {}
 
-    def start(self, n: int, kernel_name: str | None = None) -> None:
+    def start(self, n: int, kernel_name: str | None = None, wait: bool = True) -> None:
         """Start ``n`` engines (from kernelspec ``kernel_name``, default this launcher's);
-        they boot in parallel and register themselves."""
+        they boot in parallel and register themselves.  ``wait=False`` (``ipylb engine
+        add`` on a serving controller): kernels of a provisioner other than jupyter_client's
+        local one (SSH, a batch system) are started as tasks on this thread's event loop,
+        advanced by :meth:`poll_dead`, as their restarts are: each start is a remote login
+        and a wait for the kernel's connection info, seconds the loop must not wait."""
         kernel_name = kernel_name or self.kernel_name
         encryption = "disabled"
         if self.curve:
             encryption = "required" if kernel_name == KERNEL_NAME else "auto"
             if kernel_name == KERNEL_NAME:
                 _check_curve_kernelspec()
+        remote = not wait and _remote_spec(kernel_name)
         for _ in range(n):
             # The tag is also the kernel id: what remote provisioners pass on to the engine
             # (a full uuid, as they expect); short for ours (it names unix socket paths).
@@ -202,13 +218,23 @@ class EngineLauncher:
             env = {**os.environ, "IPYLB_CLUSTER_FILE": self.cluster_file, "IPYLB_ENGINE_TAG": tag}
             # The engine's own stdout goes where our log goes: our stdout is a pipe that
             # the process which started us closes once we are ready.
+            if remote:
+                task = ensure_event_loop().create_task(km._async_start_kernel(
+                    kernel_id=tag, env=env, cwd=self.cwd, stdout=sys.stderr.fileno()))
+                self._restarting[tag] = (km, task, "starting")
+                self.pending[tag] = km
+                continue
             km.start_kernel(kernel_id=tag, env=env, cwd=self.cwd, stdout=sys.stderr.fileno())
-            r = km._restarter
-            if r is not None:
-                r.restart_limit, r.stable_start_time = self.restart_limit, self.stable_start_time
-                r.add_callback(lambda km=km: self._died(km, "restarting it"), "restart")
-                r.add_callback(lambda km=km: self._died(km, "down"), "dead")
+            self._watch(km)
             self.pending[tag] = km
+
+    def _watch(self, km: EngineKernelManager) -> None:
+        """Give a started kernel's restarter this launcher's policy and callbacks."""
+        r = km._restarter
+        if r is not None:
+            r.restart_limit, r.stable_start_time = self.restart_limit, self.stable_start_time
+            r.add_callback(lambda km=km: self._died(km, "restarting it"), "restart")
+            r.add_callback(lambda km=km: self._died(km, "down"), "dead")
 
     def registered(self, tag: str, engine_id: int) -> int | None:
         """An engine we started has registered as ``engine_id``; returns how many times its
@@ -268,7 +294,7 @@ class EngineLauncher:
             # as a task on the event loop jupyter_client uses in this thread (where such a
             # provisioner also receives the connection info), advanced by poll_dead.
             task = ensure_event_loop().create_task(km._async_restart_kernel(now=True))
-            self._restarting[km.tag] = (km, task)
+            self._restarting[km.tag] = (km, task, "restarting")
             self.pending[km.tag] = km
             km.restarts += 1
             self.restarts += 1
@@ -290,12 +316,14 @@ class EngineLauncher:
         "" (restarts are off)."""
         if self._restarting:  # a step of each remote restart (no waiting: I/O polled)
             ensure_event_loop().run_until_complete(asyncio.sleep(0))
-            for tag, (km, task) in list(self._restarting.items()):
+            for tag, (km, task, what) in list(self._restarting.items()):
                 if task.done():
                     del self._restarting[tag]
                     e = None if task.cancelled() else task.exception()
                     if e is not None:
-                        self._restart_failed(km, e)  # type: ignore[arg-type]
+                        self._restart_failed(km, e, what)
+                    elif what == "starting":
+                        self._watch(km)
         seen = self._seen
         for km in [*self.pending.values(), *self.running.values()]:
             if not _local(km):  # watched by heartbeat
@@ -311,12 +339,13 @@ class EngineLauncher:
         self._seen = []
         return seen
 
-    def _restart_failed(self, km: EngineKernelManager, e: Exception) -> None:
-        log.error("restarting an engine kernel failed: %s: %s", type(e).__name__, e)
+    def _restart_failed(self, km: EngineKernelManager, e: BaseException,
+                        what: str = "restarting") -> None:
+        log.error("%s an engine kernel failed: %s: %s", what, type(e).__name__, e)
         km.stop_restarter()
         self.pending.pop(km.tag, None)
         km.cleanup_resources()
-        self._seen.append((None, f"restarting an engine's kernel failed: {type(e).__name__}: {e}",
+        self._seen.append((None, f"{what} an engine's kernel failed: {type(e).__name__}: {e}",
                            "down"))
 
     def _died(self, km: EngineKernelManager, fate: str) -> None:

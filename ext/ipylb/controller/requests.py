@@ -301,5 +301,5 @@ class Requests:
         limits.check_engine_count(n, "the number of engines to add")
         if kernel is not None and not isinstance(kernel, str):
             raise ValueError(f"a kernelspec name is a str, got {kernel!r}")
-        self.launcher.start(n, kernel)
+        self.launcher.start(n, kernel, wait=False)  # remote kernels: off this loop
         return n
