@@ -533,18 +533,18 @@ class TaskChannel(HealthReports):
             if walltime:  # its clock starts when the controller hears this
                 wire.send(self.sock, self.signer.pack(wire.STARTED, msg_id))
             self.running_since = started
+            self.running = msg_id  # before the watchdog check (guard.IdleWatchdog.arm)
             if self.watchdog_armed:  # the idle watchdog (guard.IdleWatchdog): not idle now
                 self.watchdog_armed = False
                 _cancel_watchdog()
-            previous = _set_sigint(self._sigint)
-            # Only now, and with nothing between it and the try that can run a signal
-            # handler: a SIGINT pending as the handler is installed is ignored (nothing
-            # runs), and one from here on raises inside the try, whose finally puts the
-            # handler back.  Set before, such a SIGINT raised out of this frame and left the
-            # handler raising between tasks: a later interrupt then broke reporting (the
-            # engine was restarted, blaming a task) or dropped a result (never answered).
-            self.running = msg_id
+            previous = _signal.getsignal(_SIGINT_SET[0])
             try:
+                # Installed inside the try: a SIGINT pending as it is installed raises here,
+                # and the finally puts the handler back.  Installed before the try, such a
+                # SIGINT raised out of this frame and left the handler raising between
+                # tasks: a later interrupt then broke reporting (the engine was restarted,
+                # blaming a task) or dropped a result (never answered).
+                _set_sigint(self._sigint)
                 # Unpickling the function and arguments is part of the task, like making its
                 # result: a slow or hanging __setstate__ meets the walltime and rc.interrupt().
                 f = self._function(fkey, msg_id)
