@@ -93,3 +93,14 @@ def test_a_flood_of_interrupts_stops_tasks_and_nothing_else(capfd):
         status = rc.queue_status()
         assert rc.ids == ids and all(status[e]["restarts"] == 0 for e in ids), status
     assert "could not report" not in capfd.readouterr().err
+
+
+def test_a_cluster_stopped_leaves_no_watchdog_file(monkeypatch, tmp_path):
+    """Each engine kernel keeps its idle watchdog's file (ipylb-<ident>-frozen.txt, empty
+    unless the watchdog fires) in the Jupyter runtime directory; every shutdown left one per
+    engine there (114 in one afternoon of this session's runs)."""
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path))
+    with ipylb.Client(engines=2) as rc:
+        assert rc.load_balanced_view().apply_sync(pow, 2, 5) == 32
+        assert len(list(tmp_path.glob("ipylb-*-frozen.txt"))) == 2  # (what is checked is made)
+    assert list(tmp_path.glob("ipylb-*-frozen.txt")) == []

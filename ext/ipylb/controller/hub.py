@@ -37,7 +37,7 @@ from ..core.scheduler import Scheduler
 from .activity import Activity
 from .clients import ClientTraffic
 from .dispatch import Dispatch
-from .engines import EngineTraffic
+from .engines import EngineTraffic, _remove
 from .heartbeat import Heartbeats
 from .housekeeping import FORGET_SWEEP_S, HOUSEKEEPING_S, Housekeeping
 from .launcher import EngineLauncher
@@ -272,6 +272,9 @@ class Controller(ClientTraffic, EngineTraffic, Dispatch, LiveOutput, Housekeepin
         self._broadcast(("shutdown", self.stop_reason))
         if self.launcher is not None:
             self.launcher.stop_all()
+        for info in self.engine_info.values():  # engines stopped now: their idle watchdogs'
+            if info.get("watchdog"):  # files (guard.IdleWatchdog), else left in the runtime dir
+                _remove(info["watchdog"])
         for ident in list(self.engine_ident.values()):
             try:
                 wire.send(self.engines, [ident, *self.signer.pack(wire.STOP, None, to=ident)])
