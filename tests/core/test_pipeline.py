@@ -37,7 +37,16 @@ from ipylb.core.events import (
     TaskUnmet,
     Tick,
 )
-from ipylb.core.pipeline import EVERY, MAX_DEPTH, MIN_HOLD, START_DEPTH, depth_for, parse_hwm
+from ipylb.core.pipeline import (
+    EVERY,
+    MAX_DEPTH,
+    MAX_HOLD,
+    MIN_HOLD,
+    START_DEPTH,
+    Pipe,
+    depth_for,
+    parse_hwm,
+)
 from ipylb.core.scheduler import Scheduler
 
 
@@ -346,15 +355,19 @@ def test_a_refused_running_task_unholds_its_engine():
 
 def test_the_hold_time_follows_the_measurements():
     c = Core(1, hwm="auto")
-    probes(c, 16, 0.005, 0.2)  # 200 ms tasks, 5 ms round trip: held after 4 task times
-    assert c.s._pipe.hold_time() == pytest.approx(0.8, rel=0.05)
+    probes(c, 16, 0.002, 0.04)  # 40 ms tasks, 2 ms round trip: held after 4 task times
+    assert c.s._pipe.hold_time() == pytest.approx(0.16, rel=0.05)
     assert c.run("a") == 0
     due = c.now + c.s._pipe.hold_time()
     while (d := c.s.next_deadline()) < due - 1e-9:  # an earlier timer is re-armed lazily
         assert c.tick(d) == []
     assert d == pytest.approx(due)
-    assert c.submit("b") == [Assign("b", 0)]  # depth 2 (1 + ceil(5 ms / 200 ms)): behind a
+    assert c.submit("b") == [Assign("b", 0)]  # depth 2 (1 + ceil(2 ms / 40 ms)): behind a
     assert c.tick(due) == [Steal("b", 0)]  # a has run 4 task times: its engine is held
+    long = Pipe()
+    long.sample(1.0, 0.02)  # 1 s tasks: 4 task times is 4 s, but never more than MAX_HOLD
+    assert long.hold_time() == MAX_HOLD
+    assert Pipe().hold_time() == MIN_HOLD  # nothing measured
 
 
 def test_fixed_hwm_never_steals():

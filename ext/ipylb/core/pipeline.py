@@ -45,9 +45,10 @@ dies meanwhile, the task is re-queued as any task queued behind a dead engine's
 running one.  One request per idle engine is out at a time.
 
 Holding.  Queueing a task behind a running one pays only if that one ends soon.  An
-engine whose running task has run for ``hold_time = max(HOLD * max(task_time, rtt),
-MIN_HOLD)`` seconds (timed from when the controller saw it become the engine's running
-task) is *held*: it takes no task until that one ends, and the tasks queued behind it
+engine whose running task has run for ``hold_time = HOLD * max(task_time, rtt)``
+seconds, kept between ``MIN_HOLD`` and ``MAX_HOLD`` (a round trip of a few ms is under 1%
+of a task that has run 0.2 s: queueing behind it saves next to nothing),
+timed from when the controller saw it become the engine's running task, is *held*: it takes no task until that one ends, and the tasks queued behind it
 are asked back (a Steal with no thief; "cancelled" puts the task back in the
 controller's queue, no retry used, for whichever engine frees first; "too late": it
 had started after all).  So, as with ``hwm=1``, what waits for a long task waits in the
@@ -90,6 +91,7 @@ MAX_DEPTH = 16  # tasks outstanding per engine at most (trivial tasks)
 ALPHA = 0.2  # EWMA weight of a new sample
 HOLD = 4  # a running task is long once it has run this many task times (or round trips)
 MIN_HOLD = 0.1  # ... and at least this many seconds
+MAX_HOLD = 0.2  # ... and at most: behind a task that long, queueing saves about 1% at most
 EVERY = 8  # samples between two recomputations of the depth
 NEGLIGIBLE = 0.01  # a round trip under 1% of the task time is not worth a queued task
 
@@ -152,7 +154,7 @@ class Pipe:
     def hold_time(self) -> float:
         """Seconds a running task may run before its engine is held."""
         longest = max(self.task_time or 0.0, self.rtt or 0.0)
-        return max(HOLD * longest, MIN_HOLD)
+        return min(max(HOLD * longest, MIN_HOLD), MAX_HOLD)
 
     def became_idle(self, e: Engine) -> None:
         self.idle.add(e)
