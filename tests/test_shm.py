@@ -166,7 +166,7 @@ def test_inline_reads_segments_under_a_mac_over_their_bytes(prefix):
                                                         to=b"remote"))
     remote.check_bufs(frames, fmac)
     assert bytes(frames[1]) == data
-    frames[1] = bytes(frames[1][:-1]) + b"\x01"
+    frames[1] = bytes(frames[1][:-1]) + bytes([frames[1][-1] ^ 1])  # always a change
     with pytest.raises(WireError, match="fail authentication"):
         remote.check_bufs(frames, fmac)
 
