@@ -91,16 +91,12 @@ class GCPolicy:
         """The collector's state under this policy: ``policy`` (its name), ``frozen`` (objects
         in the permanent generation now), ``full_collections`` (since the process started),
         ``thaws``, ``thaw_every_s``, ``thresholds`` (``gc.get_threshold()``)."""
-        return {"policy": self.NAME, "frozen": gc.get_freeze_count(),
-                "full_collections": gc.get_stats()[2]["collections"], "thaws": self.thaws,
-                "thaw_every_s": self.thaw_every, "thresholds": gc.get_threshold()}
+        return _stats(self.NAME, self.thaws, self.thaw_every)
 
     @staticmethod
     def default_stats() -> dict[str, Any]:
         """:meth:`stats`' keys for a process without a policy (CPython's default)."""
-        return {"policy": "default", "frozen": gc.get_freeze_count(),
-                "full_collections": gc.get_stats()[2]["collections"], "thaws": 0,
-                "thaw_every_s": None, "thresholds": gc.get_threshold()}
+        return _stats("default", 0, None)
 
     def _after(self, phase: str, info: dict[str, int]) -> None:
         if phase != "stop" or info["generation"] != 2:
@@ -112,3 +108,10 @@ class GCPolicy:
             gc.unfreeze()  # the next full collection walks everything once
         else:
             gc.freeze()
+
+
+def _stats(policy: str, thaws: int, thaw_every: float | None) -> dict[str, Any]:
+    """The collector's state now, under ``policy`` (see :meth:`GCPolicy.stats`)."""
+    return {"policy": policy, "frozen": gc.get_freeze_count(),
+            "full_collections": gc.get_stats()[2]["collections"], "thaws": thaws,
+            "thaw_every_s": thaw_every, "thresholds": gc.get_threshold()}
